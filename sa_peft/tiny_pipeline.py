@@ -1,0 +1,93 @@
+"""A seeded, offline, tiny Stable Diffusion pipeline for tests, smoke runs and benchmarks."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .tokenizer import write_clip_tokenizer
+
+TINY_WORDS = (
+    "a photo of an the man woman person middle aged wearing clothes brad pitt nudity naked cat dog "
+    "car tree house red blue green painting style van gogh handwritten digit zero one two three four "
+    "five six seven eight nine noise"
+).split()
+
+
+def build_tiny_pipeline(
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    sample_size: int = 32,
+    num_train_timesteps: int = 1000,
+) -> StableDiffusionPipeline:
+    """Build a randomly initialised, deterministic ``StableDiffusionPipeline`` of about 0.3 M parameters.
+
+    ``sample_size`` is the image side in pixels; the VAE downsamples by 2, so latents are
+    ``sample_size // 2``. ``prediction_type`` is ``"epsilon"`` or ``"v_prediction"`` (SD 2.x style).
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_clip_tokenizer(tmp, TINY_WORDS)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        steps_offset=1,
+        clip_sample=False,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
