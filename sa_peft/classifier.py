@@ -1,0 +1,301 @@
+"""Image classifiers that score generated samples: which concept does an image show, and how surely.
+
+Evaluation needs three things from a classifier: class probabilities (does the forgotten concept
+still appear? are retained prompts still right?), penultimate-layer features (a Fréchet distance to
+real images) and, where it has them, real held-out images (off-manifold rate). ``ImageClassifier``
+is that interface; ``DigitsClassifier`` is the built-in CNN for ``builtin:digits`` and
+``ClipZeroShotClassifier`` scores Stable Diffusion samples against label texts with a local CLIP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .models import resolve_model_path
+
+DIGITS_ARCHITECTURE = "sa-peft-digits-cnn"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+REFERENCE_NAME = "reference_images.safetensors"
+
+# ITU-R BT.601 luma: how the grayscale digits model sees a colour image.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Convert ``N×C×H×W`` images in [0, 1] to ``channels`` (1 or 3); an alpha channel is dropped."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images shaped N×C×H×W, got {tuple(images.shape)}")
+    if images.shape[1] == 4:
+        images = images[:, :3]
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 3 and channels == 1:
+        weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        return (images * weights).sum(dim=1, keepdim=True)
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1)
+    raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize square-ish ``N×C×H×W`` images to ``size×size`` (antialiased bilinear; a no-op if already there)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+class ImageClassifier:
+    """What evaluation needs from a classifier.
+
+    Images are float tensors ``N×C×H×W`` in [0, 1], as a diffusers pipeline returns them with
+    ``output_type="pt"``; implementations convert channels and resize internally.
+    """
+
+    labels: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[N, K]`` (rows sum to 1), in the order of ``labels``."""
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer features ``[N, D]``, for a Fréchet distance between image sets."""
+        raise NotImplementedError
+
+    def reference_images(self) -> torch.Tensor:
+        """Real held-out images ``[M, C, H, W]`` in [0, 1]; raises ``NotImplementedError`` when there are none."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference images")
+
+    def reference_labels(self) -> torch.Tensor:
+        """Labels ``[M]`` of ``reference_images()`` (indices into ``labels``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference images")
+
+    def has_reference_images(self) -> bool:
+        try:
+            self.reference_images()
+        except NotImplementedError:
+            return False
+        return True
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Most probable class index per image, ``[N]``."""
+        return self.predict_proba(images).argmax(dim=1)
+
+
+class DigitsCNN(torch.nn.Module):
+    """Three 3×3 conv layers and a 64-wide penultimate layer: about 90 k parameters for 16×16 digits."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 16,
+                 channels: Sequence[int] = (16, 32, 64), feature_dim: int = 64, dropout: float = 0.2):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.conv = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, c1, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(c1, c2, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(c2, c3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.fc = torch.nn.Linear(c3 * side * side, feature_dim)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Post-ReLU penultimate activations (the head's input)."""
+        return F.relu(self.fc(self.conv(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+
+class DigitsClassifier(ImageClassifier):
+    """The built-in CNN for the ``builtin:digits`` model: grayscale 16×16 inputs, labels ``zero``…``nine``.
+
+    Inputs are mapped from [0, 1] to [-1, 1] (the range it was trained on); colour images are
+    converted to luma and other sizes are resized, so pipeline outputs can be passed as they are.
+    """
+
+    def __init__(self, net: DigitsCNN, labels: Sequence[str], image_size: int = 16, in_channels: int = 1,
+                 reference_images: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None,
+                 batch_size: int = 512):
+        self.net = net.eval()
+        self.labels = list(labels)
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.batch_size = batch_size
+        self._reference_images = reference_images
+        self._reference_labels = reference_labels
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        images = to_channels(images.float(), self.in_channels)
+        images = resize_images(images, self.image_size)
+        device = next(self.net.parameters()).device
+        return (images.clamp(0, 1) * 2 - 1).to(device)
+
+    @torch.no_grad()
+    def _batched(self, fn, images: torch.Tensor) -> torch.Tensor:
+        outs = [fn(self._prepare(images[i : i + self.batch_size])).cpu() for i in range(0, len(images), self.batch_size)]
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised class scores ``[N, K]``."""
+        return self._batched(self.net, images)
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(images).softmax(dim=1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._batched(self.net.features, images)
+
+    def reference_images(self) -> torch.Tensor:
+        if self._reference_images is None:
+            raise NotImplementedError("this DigitsClassifier was loaded without reference_images.safetensors")
+        return self._reference_images
+
+    def reference_labels(self) -> torch.Tensor:
+        if self._reference_labels is None:
+            raise NotImplementedError("this DigitsClassifier was loaded without reference_images.safetensors")
+        return self._reference_labels
+
+    def config(self) -> dict:
+        net = self.net
+        return {
+            "architecture": DIGITS_ARCHITECTURE,
+            "labels": self.labels,
+            "image_size": self.image_size,
+            "in_channels": self.in_channels,
+            "channels": [net.conv[0].out_channels, net.conv[2].out_channels, net.conv[5].out_channels],
+            "feature_dim": net.fc.out_features,
+            "input_range": [-1.0, 1.0],
+        }
+
+    def save(self, folder: str | os.PathLike, extra_config: dict | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` and (if present) ``reference_images.safetensors``.
+
+        Each file is written beside its final name and renamed, so a crash never leaves a torn file.
+        """
+        from .io_utils import atomic_path, write_json_atomic
+
+        os.makedirs(folder, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        with atomic_path(os.path.join(folder, WEIGHTS_NAME)) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
+        if self._reference_images is not None:
+            ref = {"images": self._reference_images.float().contiguous()}
+            if self._reference_labels is not None:
+                ref["labels"] = self._reference_labels.long().contiguous()
+            with atomic_path(os.path.join(folder, REFERENCE_NAME)) as tmp:
+                save_file(ref, tmp)
+        write_json_atomic(os.path.join(folder, CONFIG_NAME), {**self.config(), **(extra_config or {})})
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> DigitsClassifier:
+        """Load a folder written by ``save`` (safetensors only)."""
+        folder = Path(folder)
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        if config.get("architecture") != DIGITS_ARCHITECTURE:
+            raise ValueError(f"{folder}: config.json architecture is {config.get('architecture')!r}, "
+                             f"expected {DIGITS_ARCHITECTURE!r}")
+        net = DigitsCNN(num_classes=len(config["labels"]), in_channels=config["in_channels"],
+                        image_size=config["image_size"], channels=config["channels"], feature_dim=config["feature_dim"])
+        net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        ref_images = ref_labels = None
+        if (folder / REFERENCE_NAME).is_file():
+            ref = load_file(str(folder / REFERENCE_NAME))
+            ref_images, ref_labels = ref["images"], ref.get("labels")
+        return cls(net, config["labels"], image_size=config["image_size"], in_channels=config["in_channels"],
+                   reference_images=ref_images, reference_labels=ref_labels)
+
+
+class ClipZeroShotClassifier(ImageClassifier):
+    """Zero-shot classification with a local CLIP: p(label | image) = softmax of scaled cosine similarities.
+
+    For Stable Diffusion concepts (e.g. labels ``["a photo of Brad Pitt", "a photo of a man"]``).
+    Features are CLIP image embeddings. It has no reference images unless given some.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, label_texts: Sequence[str], labels: Sequence[str] | None = None,
+                 reference_images: torch.Tensor | None = None, device: str | torch.device = "cpu", batch_size: int = 64):
+        from transformers import CLIPModel, CLIPProcessor
+
+        if not os.path.isdir(model_path):
+            raise FileNotFoundError(f"CLIP folder {str(model_path)!r} does not exist (only local folders are supported)")
+        if len(label_texts) < 2:
+            raise ValueError("a zero-shot classifier needs at least two label texts")
+        self.model = CLIPModel.from_pretrained(model_path, use_safetensors=True).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(model_path)
+        self.label_texts = list(label_texts)
+        self.labels = list(labels) if labels is not None else list(label_texts)
+        if len(self.labels) != len(self.label_texts):
+            raise ValueError("labels and label_texts must have the same length")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self._reference_images = reference_images
+        with torch.no_grad():
+            tokens = self.processor.tokenizer(self.label_texts, padding=True, return_tensors="pt").to(self.device)
+            text = self.model.get_text_features(**tokens)
+            text = getattr(text, "pooler_output", text)
+        self._text = F.normalize(text.float(), dim=-1)
+
+    def _pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        # CLIPImageProcessor's resize / crop / normalise, done on tensors so nothing round-trips through PIL.
+        proc = self.processor.image_processor
+        crop = proc.crop_size
+        size = crop["height"] if isinstance(crop, dict) else int(crop)
+        images = resize_images(to_channels(images.float().clamp(0, 1), 3), size)
+        mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
+        return ((images - mean) / std).to(self.device)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(images), self.batch_size):
+            emb = self.model.get_image_features(pixel_values=self._pixel_values(images[i : i + self.batch_size]))
+            outs.append(getattr(emb, "pooler_output", emb).float().cpu())
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(self.features(images), dim=-1)
+        scale = self.model.logit_scale.exp().float().cpu()
+        return (scale * feats @ self._text.cpu().T).softmax(dim=1)
+
+    def reference_images(self) -> torch.Tensor:
+        if self._reference_images is None:
+            raise NotImplementedError("ClipZeroShotClassifier was given no reference images")
+        return self._reference_images
+
+
+def load_classifier(name_or_path: str | os.PathLike) -> ImageClassifier:
+    """Load ``builtin:digits-classifier`` or a folder written by ``DigitsClassifier.save``.
+
+    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` for a folder that is not a
+    classifier in safetensors format (pickled checkpoints are refused on purpose).
+    """
+    folder = resolve_model_path(name_or_path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"classifier {str(name_or_path)!r}: no such folder")
+    config_path = os.path.join(folder, CONFIG_NAME)
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(config_path):
+        raise ValueError(f"classifier folder {folder!r} has no {CONFIG_NAME}")
+    if not os.path.isfile(weights_path):
+        others = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+        hint = f" (found {', '.join(others)}; only safetensors weights are loaded)" if others else ""
+        raise ValueError(f"classifier folder {folder!r} has no {WEIGHTS_NAME}{hint}")
+    with open(config_path) as f:
+        architecture = json.load(f).get("architecture")
+    if architecture != DIGITS_ARCHITECTURE:
+        raise ValueError(f"classifier folder {folder!r}: unknown architecture {architecture!r}")
+    return DigitsClassifier.from_folder(folder)

@@ -1,0 +1,59 @@
+"""``sa-peft fisher``: estimate and store the diagonal Fisher of the weights a forget LoRA adapts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from ..conditioning import encode_prompts
+from ..data import generate_replay_set, load_image_set
+from ..fisher import ESTIMATORS, estimate_fisher, save_fisher
+from ..lora import LORA_TARGET_PRESETS, resolve_lora_targets
+from ..prompts import read_prompts_file
+from .common import add_generation_arguments, add_model_arguments, load_pipeline_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("fisher", help="estimate the Fisher of the base UNet weights",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", required=True, help="Fisher file to write (.safetensors)")
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts_file", default=None, help="prompts the frozen model samples for the Fisher")
+    source.add_argument("--data_dir", default=None, help="an existing replay set to use instead of sampling")
+    parser.add_argument("--samples_dir", default=None, help="where sampled images are cached (default: beside --output)")
+    parser.add_argument("--fisher_num_samples", type=int, default=64, help="samples (with --prompts_file: per prompt round-robin)")
+    parser.add_argument("--fisher_estimator", choices=ESTIMATORS, default="fast", help="reference: all T timesteps; fast: K stratified")
+    parser.add_argument("--fisher_num_timesteps", type=int, default=8, help="K for the fast estimator")
+    parser.add_argument("--lora_target", default="all", help=f"modules covered: a preset ({', '.join(LORA_TARGET_PRESETS)}) or names")
+    parser.add_argument("--factored_only", action="store_true", help="store only row/column sums (low-rank penalty)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.output.endswith(".safetensors"):
+        raise ValueError(f"--output {args.output!r} must end in .safetensors")
+    if args.fisher_num_samples <= 0:
+        raise ValueError(f"--fisher_num_samples must be a positive integer, got {args.fisher_num_samples}")
+    prompts = read_prompts_file(args.prompts_file, "--prompts_file") if args.prompts_file else None
+    pipe = load_pipeline_from_args(args)
+    modules = resolve_lora_targets(pipe.unet, args.lora_target)
+    if prompts is not None:
+        per_prompt = -(-args.fisher_num_samples // len(prompts))
+        samples_dir = args.samples_dir or os.path.splitext(args.output)[0] + "-samples"
+        data = generate_replay_set(pipe, samples_dir, prompts, per_prompt, seed=args.seed, resolution=args.resolution,
+                                   guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps)
+    else:
+        data = load_image_set(args.data_dir)
+    latents, sample_prompts = data.latents[: args.fisher_num_samples], data.prompts[: args.fisher_num_samples]
+    conditioning = encode_prompts(pipe, sample_prompts, args.resolution)
+    prompt_ids = type(data)(latents, sample_prompts, []).prompt_ids(conditioning.prompts)
+    start = time.perf_counter()
+    fisher = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, modules,
+                             estimator=args.fisher_estimator, num_timesteps=args.fisher_num_timesteps, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    save_fisher(fisher, args.output, factored_only=args.factored_only)
+    print(f"Fisher over {len(modules)} modules from {len(latents)} samples ({args.fisher_estimator}, "
+          f"{fisher.metadata['unet_passes']} UNet passes) in {elapsed:.1f} s -> {args.output}")

@@ -1,0 +1,50 @@
+"""``sa-peft generate``: build a surrogate or replay set with the frozen pipeline."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..data import generate_replay_set, generate_surrogate_set
+from ..prompts import read_prompts_file
+from .common import add_generation_arguments, add_model_arguments, load_pipeline_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate a surrogate or replay set (latents + PNG previews)",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("kind", choices=["surrogate", "replay"], help="which set to build")
+    parser.add_argument("--output_dir", required=True, help="folder of the set; an interrupted run resumes there")
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+    parser.add_argument("--forget_prompt", action="append", default=[], help="forget prompt (repeatable; surrogate)")
+    parser.add_argument("--surrogate_prompt", default=None, help="prompt whose images stand in for the concept")
+    parser.add_argument("--surrogate_data_dir", default=None, help="folder of your own stand-in images")
+    parser.add_argument("--surrogate_type", default=None, choices=["noise", "uniform_noise", "gaussian_noise"],
+                        help="noise images as surrogate")
+    parser.add_argument("--num_surrogate_images", type=int, default=64, help="surrogate images")
+    parser.add_argument("--replay_prompts_file", default=None, help="text file, one prompt per line (replay)")
+    parser.add_argument("--num_replay_images_per_prompt", type=int, default=8, help="replay images per prompt")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.kind == "surrogate":
+        if not args.forget_prompt:
+            raise ValueError("--forget_prompt is required for a surrogate set")
+        pipe = load_pipeline_from_args(args)
+        result = generate_surrogate_set(
+            pipe, args.output_dir, args.forget_prompt, args.num_surrogate_images,
+            surrogate_prompt=args.surrogate_prompt, surrogate_data_dir=args.surrogate_data_dir,
+            surrogate_type=args.surrogate_type, seed=args.seed, resolution=args.resolution,
+            guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+        )
+    else:
+        if args.replay_prompts_file is None:
+            raise ValueError("--replay_prompts_file is required for a replay set")
+        prompts = read_prompts_file(args.replay_prompts_file, "--replay_prompts_file")
+        pipe = load_pipeline_from_args(args)
+        result = generate_replay_set(
+            pipe, args.output_dir, prompts, args.num_replay_images_per_prompt, seed=args.seed,
+            resolution=args.resolution, guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+        )
+    print(f"{args.kind} set: {len(result.latents)} images in {args.output_dir}")

@@ -1,0 +1,69 @@
+"""Text conditioning of a fixed prompt set, encoded once so the text encoders can leave the device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PromptConditioning:
+    """UNet conditioning for a list of unique prompts; rows are picked per sample by prompt index.
+
+    ``text_embeds`` and ``time_ids`` are only set for SDXL (pooled embeddings and ``add_time_ids``).
+    """
+
+    prompts: list[str]
+    encoder_hidden_states: torch.Tensor  # [P, L, D]
+    text_embeds: torch.Tensor | None = None  # [P, D_pooled]
+    time_ids: torch.Tensor | None = None  # [P, 6]
+
+    def index_of(self, prompt: str) -> int:
+        try:
+            return self.prompts.index(prompt)
+        except ValueError:
+            raise KeyError(f"prompt {prompt!r} was not encoded") from None
+
+    def unet_kwargs(self, prompt_ids: torch.Tensor, dtype: torch.dtype | None = None) -> dict:
+        """Keyword arguments for ``unet(noisy, t, **kwargs)`` for a batch of prompt indices."""
+        ids = prompt_ids.to(self.encoder_hidden_states.device)
+        hidden = self.encoder_hidden_states[ids]
+        kwargs: dict = {"encoder_hidden_states": hidden if dtype is None else hidden.to(dtype)}
+        if self.text_embeds is not None:
+            text_embeds, time_ids = self.text_embeds[ids], self.time_ids[ids]
+            if dtype is not None:
+                text_embeds, time_ids = text_embeds.to(dtype), time_ids.to(dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return kwargs
+
+    def to(self, device: torch.device | str) -> "PromptConditioning":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PromptConditioning(
+            self.prompts, move(self.encoder_hidden_states), move(self.text_embeds), move(self.time_ids)
+        )
+
+
+def is_sdxl(pipe) -> bool:
+    """True for pipelines with two text encoders and pooled embeddings (SDXL)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str], resolution: int | None = None) -> PromptConditioning:
+    """Encode each unique prompt once with the pipeline's own ``encode_prompt`` (no guidance)."""
+    unique = list(dict.fromkeys(prompts))
+    if not unique:
+        raise ValueError("no prompts to encode")
+    device = pipe.text_encoder.device if pipe.text_encoder is not None else pipe.unet.device
+    if is_sdxl(pipe):
+        hidden, _, pooled, _ = pipe.encode_prompt(
+            prompt=unique, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        size = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+        # add_time_ids = original size, crop top-left, target size, as SDXL was trained.
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=hidden.dtype, device=hidden.device)
+        return PromptConditioning(unique, hidden, pooled, time_ids.repeat(len(unique), 1))
+    hidden, _ = pipe.encode_prompt(unique, device, 1, False)
+    return PromptConditioning(unique, hidden)

@@ -1,0 +1,41 @@
+"""The diffusion training loss ℓ, written once for the objective and the Fisher."""
+
+from __future__ import annotations
+
+import torch
+
+
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """ε for epsilon-prediction schedulers, v = α·ε − σ·x₀ for v-prediction (SD 2.x)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def per_sample_diffusion_loss(
+    unet: torch.nn.Module,
+    scheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    unet_kwargs: dict,
+) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target, averaged over latent elements: one value per sample."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, **unet_kwargs, return_dict=False)[0]
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    return (prediction.float() - target.float()).square().flatten(1).mean(1)
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), as diffusers' training scripts apply them."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma) / snr
+    if scheduler.config.prediction_type == "v_prediction":
+        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)
+    return weights

@@ -1,0 +1,109 @@
+"""Elastic-weight-consolidation penalties on LoRA layers, in the full-weight and the low-rank space.
+
+With frozen base weights θ*, a LoRA layer moves its weight by ΔW = s·B·A, so the EWC term
+Σ F ⊙ (θ − θ*)² becomes Σ F ⊙ ΔW² (full space, exact). The low-rank space replaces F by the rank-one
+F̂ = u vᵀ / S built from F's row sums u, column sums v and total S, which gives
+    Σ F̂ ⊙ ΔW² = (s²/S) · Σ (Bᵀ diag(u) B) ⊙ (A diag(v) Aᵀ)
+at O(r²(m+n)) cost without ever forming ΔW (see shared/reference/lowrank-fisher-penalty.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from .fisher import FisherInfo
+from .lora import iter_adapted_layers
+
+EwcSpace = Literal["full", "lowrank"]
+
+
+def full_space_penalty(fisher: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Σ_ij F_ij (s·(B A))_ij² for ``F`` of shape m×n, ``A`` r×n, ``B`` m×r."""
+    delta = scale * (lora_b @ lora_a)
+    return (fisher * delta.square()).sum()
+
+
+def lowrank_space_penalty(
+    row_sums: torch.Tensor, col_sums: torch.Tensor, total: torch.Tensor | float,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """(s²/S) · Σ (Bᵀ diag(u) B) ⊙ (A diag(v) Aᵀ): the penalty under the rank-one Fisher u vᵀ / S."""
+    left = lora_b.t() @ (row_sums[:, None] * lora_b)  # r×r
+    right = (lora_a * col_sums[None, :]) @ lora_a.t()  # r×r
+    return (scale * scale) * (left * right).sum() / total
+
+
+class EWCPenalty(torch.nn.Module):
+    """Σ over a model's LoRA layers of the EWC penalty, with the Fisher held as buffers on the model's device.
+
+    The Fisher is divided by its mean over the adapted weights (``normalization="mean"``, the default)
+    so that λ means the same for any model size and estimator scaling; ``"none"`` keeps raw values
+    (the official code's λ = 50 for SD assumes its own raw scaling). Penalties are computed in
+    float32 outside autocast, whatever the training precision.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        fisher: FisherInfo,
+        space: EwcSpace = "full",
+        adapter: str = "default",
+        normalization: Literal["mean", "none"] = "mean",
+    ) -> None:
+        super().__init__()
+        if space not in ("full", "lowrank"):
+            raise ValueError(f"--ewc_space must be 'full' or 'lowrank', got {space!r}")
+        self.space = space
+        self.layers = list(iter_adapted_layers(model, adapter))
+        if not self.layers:
+            raise ValueError("the model has no LoRA layers for the EWC penalty; add the forget adapter first")
+        keys = [layer.name + ".weight" for layer in self.layers]
+        missing = [k for k in keys if k not in fisher.shapes]
+        if missing:
+            raise ValueError(
+                f"the Fisher file does not cover {len(missing)} adapted module(s), e.g. {missing[:3]}; recompute it "
+                "with the same --lora_target (or delete --fisher_path so it is recomputed)"
+            )
+        if space == "full" and not fisher.diagonal:
+            raise ValueError("this Fisher file is factored-only; use --ewc_space lowrank or recompute it in full")
+        if normalization == "mean":
+            total = sum(float(fisher.row_sums[k].double().sum()) for k in keys)
+            mean = total / sum(math.prod(fisher.shapes[k]) for k in keys)
+            if not mean > 0:
+                raise ValueError("the Fisher is zero on every adapted weight; it cannot weight the penalty")
+            self.normalizer = 1.0 / mean
+        elif normalization == "none":
+            self.normalizer = 1.0
+        else:
+            raise ValueError(f"normalization must be 'mean' or 'none', got {normalization!r}")
+        device = self.layers[0].lora_a.device
+        as_buffer = lambda t: (t.to(device=device, dtype=torch.float32) * self.normalizer)  # noqa: E731
+        for i, key in enumerate(keys):
+            if space == "full":
+                f = fisher.diagonal[key]
+                self.register_buffer(f"fisher_{i}", as_buffer(f.reshape(f.shape[0], -1)), persistent=False)
+            else:
+                rows = as_buffer(fisher.row_sums[key])
+                self.register_buffer(f"rows_{i}", rows, persistent=False)
+                self.register_buffer(f"cols_{i}", as_buffer(fisher.col_sums[key]), persistent=False)
+                self.register_buffer(f"total_{i}", rows.sum(), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        device_type = self.layers[0].lora_a.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            parts = []
+            for i, layer in enumerate(self.layers):
+                a, b = layer.lora_a.float(), layer.lora_b.float()
+                if self.space == "full":
+                    parts.append(full_space_penalty(getattr(self, f"fisher_{i}"), a, b, layer.scale))
+                else:
+                    parts.append(
+                        lowrank_space_penalty(
+                            getattr(self, f"rows_{i}"), getattr(self, f"cols_{i}"), getattr(self, f"total_{i}"),
+                            a, b, layer.scale,
+                        )
+                    )
+            return torch.stack(parts).sum()

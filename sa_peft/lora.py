@@ -1,0 +1,127 @@
+"""Which UNet modules a forget LoRA adapts, and access to the adapted layers' factors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+# Presets follow the official Selective Amnesia / ESD code: "noxattn" (used for nudity) trains
+# everything but cross-attention, the output layer and the time embedding; "all" (celebrities)
+# trains every linear and conv layer.
+LORA_TARGET_PRESETS = ("xattn", "attn", "noxattn", "all")
+
+
+def _is_adaptable(module: torch.nn.Module) -> bool:
+    return type(module) in (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def resolve_lora_targets(unet: torch.nn.Module, target: str | Sequence[str]) -> list[str]:
+    """Turn a preset name or an explicit list of module names/regexes into full module names.
+
+    Explicit entries match a module whose full name equals the entry, ends with ``.<entry>``, or
+    fully matches it as a regular expression. Raises ``ValueError`` naming unknown entries.
+    """
+    adaptable = [name for name, module in unet.named_modules() if _is_adaptable(module)]
+    if isinstance(target, str) and target in LORA_TARGET_PRESETS:
+        attn = re.compile(r".*\.attn([12])\.(to_q|to_k|to_v|to_out\.0)$")
+        if target == "xattn":
+            names = [n for n in adaptable if (m := attn.match(n)) and m.group(1) == "2"]
+        elif target == "attn":
+            names = [n for n in adaptable if attn.match(n)]
+        elif target == "noxattn":
+            names = [
+                n
+                for n in adaptable
+                if ".attn2." not in n and not n.startswith(("time_embedding.", "conv_out", "add_embedding."))
+            ]
+        else:
+            names = adaptable
+        if not names:
+            raise ValueError(f"--lora_target {target!r} matches no Linear/Conv2d module of this UNet")
+        return names
+    entries = [target] if isinstance(target, str) else list(target)
+    entries = [e.strip() for part in entries for e in part.split(",") if e.strip()]
+    if not entries:
+        raise ValueError(f"--lora_target is empty; use one of {LORA_TARGET_PRESETS} or module names")
+    names: list[str] = []
+    for entry in entries:
+        pattern = re.compile(entry) if any(c in entry for c in "*[]()|^$+?\\") else None
+        hits = [
+            n
+            for n in adaptable
+            if n == entry or n.endswith("." + entry) or (pattern is not None and pattern.fullmatch(n))
+        ]
+        if not hits:
+            raise ValueError(
+                f"--lora_target entry {entry!r} matches no Linear/Conv2d module of the UNet; presets are "
+                f"{', '.join(LORA_TARGET_PRESETS)}, or give names such as 'attn2.to_k' or a regex"
+            )
+        names.extend(h for h in hits if h not in names)
+    return names
+
+
+def make_lora_config(
+    target_modules: Sequence[str], rank: int, alpha: float | None = None, use_rslora: bool = False
+) -> LoraConfig:
+    """A peft ``LoraConfig`` for a forget adapter; ``B`` starts at zero so the adapter starts as a no-op."""
+    if rank <= 0:
+        raise ValueError(f"--rank must be a positive integer, got {rank}")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+        use_rslora=use_rslora,
+    )
+
+
+@dataclass
+class AdaptedLayer:
+    """One LoRA-adapted weight: ΔW = scale · B · A with weights flattened to matrices."""
+
+    name: str  # base module name, as in the un-adapted UNet (Fisher keys are ``name + ".weight"``)
+    module: LoraLayer
+    adapter: str
+
+    @property
+    def lora_a(self) -> torch.Tensor:
+        """A as an r×(n·k·k) matrix (a k×k conv n→r for Conv2d layers)."""
+        w = self.module.lora_A[self.adapter].weight
+        return w.reshape(w.shape[0], -1)
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        """B as an m×r matrix (a 1×1 conv r→m for Conv2d layers)."""
+        w = self.module.lora_B[self.adapter].weight
+        return w.reshape(w.shape[0], -1)
+
+    @property
+    def scale(self) -> float:
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.module.get_base_layer().weight.shape
+
+    def delta_weight(self) -> torch.Tensor:
+        """Materialised ΔW as an m×(n·k·k) matrix (for the full-space penalty and tests)."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+
+def iter_adapted_layers(model: torch.nn.Module, adapter: str = "default") -> Iterator[AdaptedLayer]:
+    """Yield every Linear/Conv2d LoRA layer of ``model`` that carries ``adapter``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            base = module.get_base_layer()
+            if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
+                raise TypeError(f"{name}: only Linear and Conv2d LoRA layers are supported, got {type(base)}")
+            if isinstance(base, torch.nn.Conv2d) and module.lora_B[adapter].weight.shape[2:] != (1, 1):
+                raise TypeError(f"{name}: conv LoRA with a non-1×1 B is not supported")
+            yield AdaptedLayer(name=name, module=module, adapter=adapter)

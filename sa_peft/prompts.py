@@ -1,0 +1,28 @@
+"""Reading and checking prompt lists."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+
+def read_prompts_file(path: str | os.PathLike, flag: str) -> list[str]:
+    """One prompt per line; blank lines are skipped. ``flag`` names the option in error messages."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist; give a text file with one prompt per line")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"{flag} {path!r} has no prompts; write one prompt per line")
+    return prompts
+
+
+def check_prompts(prompts: Sequence[str], flag: str) -> list[str]:
+    """Strip prompts and reject an empty list or empty prompts, naming ``flag``."""
+    cleaned = [p.strip() for p in prompts]
+    if not cleaned:
+        raise ValueError(f"{flag}: no prompts given")
+    if any(not p for p in cleaned):
+        raise ValueError(f"{flag}: empty prompt in the list")
+    return cleaned
