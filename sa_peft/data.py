@@ -214,7 +214,7 @@ def generate_surrogate_set(
         raise ValueError(
             "give exactly one surrogate source: --surrogate_prompt, --surrogate_data_dir or --surrogate_type"
         )
-    resolution = check_resolution(pipe, resolution or default_resolution(pipe))
+    resolution = check_resolution(pipe, default_resolution(pipe) if resolution is None else resolution)
     if surrogate_prompt is not None:
         kind, sources = "prompt", [check_prompts([surrogate_prompt], "--surrogate_prompt")[0]]
     elif surrogate_data_dir is not None:
@@ -262,7 +262,7 @@ def generate_replay_set(
     """Build the replay set: the frozen pipeline's own samples of the concepts to keep, with their prompts."""
     prompts = check_prompts(prompts, "--replay_prompts_file")
     _check_count(num_images_per_prompt, "--num_replay_images_per_prompt")
-    resolution = check_resolution(pipe, resolution or default_resolution(pipe))
+    resolution = check_resolution(pipe, default_resolution(pipe) if resolution is None else resolution)
     rows = []
     for j in range(num_images_per_prompt):
         for prompt in prompts:  # prompt-major inner loop: any prefix of the set covers every prompt

@@ -199,6 +199,7 @@ def save_fisher(fisher: FisherInfo, path: str | os.PathLike, factored_only: bool
         tensors[f"rows/{key}"] = fisher.row_sums[key].contiguous()
         tensors[f"cols/{key}"] = fisher.col_sums[key].contiguous()
     metadata = dict(fisher.metadata)
+    metadata["format"] = FISHER_FORMAT  # what is written is this format, whatever the metadata says
     metadata["shapes"] = json.dumps({k: list(v) for k, v in fisher.shapes.items()})
     metadata["factored_only"] = str(factored_only).lower()
     with atomic_path(path) as tmp:

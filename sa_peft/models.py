@@ -54,7 +54,7 @@ def load_pipeline(
                 f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline folder (no "
                 "model_index.json); pass a folder written by save_pretrained, a hub id, or builtin:digits"
             )
-    elif not str(name_or_path).count("/") == 1:
+    elif str(name_or_path).count("/") != 1 or os.path.isabs(path) or path.startswith((".", "~")):
         raise FileNotFoundError(
             f"--pretrained_model_name_or_path {path!r}: no such folder, and it does not look like a hub id "
             "(owner/name)"
@@ -64,7 +64,7 @@ def load_pipeline(
         revision=revision,
         variant=variant,
         cache_dir=cache_dir,
-        torch_dtype=torch_dtype,
+        dtype=torch_dtype,
         use_safetensors=True,
         safety_checker=None,
     )

@@ -13,22 +13,31 @@ EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
 
 
-def _word_merges(word: str) -> list[tuple[str, str]]:
-    """Left-to-right merges that build ``word</w>`` from its characters."""
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
-    merges = []
-    current = symbols[0]
-    for symbol in symbols[1:]:
-        merges.append((current, symbol))
-        current = current + symbol
-    return merges
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one word: repeatedly merge every occurrence of the best-ranked pair."""
+    word = list(symbols)
+    while len(word) > 1:
+        pair = min(zip(word, word[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(word):
+            if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
 
 
 def write_clip_tokenizer(folder: str | os.PathLike, words: Iterable[str]) -> CLIPTokenizer:
     """Write ``vocab.json``, ``merges.txt`` and the tokenizer config for ``words`` and load it.
 
     Every lowercase letter and digit is in the vocabulary, so unknown words still tokenize
-    (character by character); each listed word becomes one token.
+    (character by character); each listed word of letters becomes one token (CLIP's pre-tokenizer
+    splits digits off, so a word with digits cannot).
     """
     os.makedirs(folder, exist_ok=True)
     words = sorted({w.strip().lower() for w in words if w.strip()})
@@ -37,12 +46,18 @@ def write_clip_tokenizer(folder: str | os.PathLike, words: Iterable[str]) -> CLI
     for tok in [*chars, *(c + "</w>" for c in chars)]:
         vocab.setdefault(tok, len(vocab))
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
         if not all(c in chars for c in word):
             raise ValueError(f"word {word!r} has characters outside [a-z0-9]; the tokenizer only covers those")
-        for left, right in _word_merges(word):
-            if (left, right) not in merges:
-                merges.append((left, right))
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        # Merges of earlier words can split this one (e.g. "an</w>" inside "man"), so run BPE with the
+        # merges so far and append merges until the word is one symbol. Appended merges rank last, so
+        # they never change how the earlier words encode.
+        while len(pieces := _bpe(symbols, ranks)) > 1:
+            left, right = pieces[0], pieces[1]
+            ranks[(left, right)] = len(merges)
+            merges.append((left, right))
             vocab.setdefault(left + right, len(vocab))
     for tok in (BOS_TOKEN, EOS_TOKEN):
         vocab.setdefault(tok, len(vocab))

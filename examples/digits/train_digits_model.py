@@ -342,22 +342,6 @@ def nearest_distances(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Ten
     return torch.cdist(queries.flatten(1), gallery.flatten(1)).min(dim=1).values
 
 
-def save_pipeline_atomic(pipe, folder: str, extra_files: dict[str, str] | None = None) -> None:
-    """``save_pretrained`` into a sibling temp folder, then swap it in, so a crash leaves the old model."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w") as f:
-                f.write(text)
-        replace_folder(tmp, folder)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
 def replace_folder(src: str, dst: str) -> None:
     """Move folder ``src`` to ``dst``, replacing an existing ``dst`` with two renames."""
     old = None

@@ -1,0 +1,87 @@
+"""The forget adapter's README.md model card, built with diffusers' model-card helpers."""
+
+from __future__ import annotations
+
+import os
+
+from .io_utils import write_text_atomic
+
+CARD_TAGS = ["lora", "diffusers", "stable-diffusion", "selective-amnesia", "concept-erasure", "text-to-image"]
+
+
+def model_card_text(info: dict, repo_id: str | None = None) -> str:
+    """Markdown body: what was forgotten, how, the settings, usage and the honest limits."""
+    forgotten = ", ".join(f"`{p}`" for p in info["forget_prompts"])
+    load_path = repo_id or "path/to/this/folder"
+    rows = [
+        ("base model", f"`{info['base_model']}`"),
+        ("forgotten concept(s)", forgotten),
+        ("surrogate", f"{info['surrogate']} ({info['num_surrogate_images']} images)"),
+        ("replay", f"{info['num_replay_prompts']} prompts × {info['num_replay_images_per_prompt']} images"),
+        ("EWC λ / space / Fisher", f"{info['ewc_lambda']} / {info['ewc_space']} / {info['fisher_estimator']} on {info['fisher_num_samples']} samples (normalised by its mean)"),
+        ("replay weight γ", str(info["replay_weight"])),
+        ("LoRA rank / alpha / targets", f"{info['rank']} / {info['lora_alpha']} / {info['lora_target']} ({info['num_adapted_modules']} modules)"),
+        ("steps / batch / lr", f"{info['max_train_steps']} / {info['train_batch_size']} surrogate + {info['train_batch_size']} replay / {info['learning_rate']}"),
+        ("sa-peft", info["sa_peft_version"]),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""# Forget LoRA: {forgotten}
+
+A Selective Amnesia (Heng & Soh, NeurIPS 2023) "forget" adapter for `{info['base_model']}`, trained with
+[sa-peft](https://github.com/). With the adapter loaded, prompts for {forgotten} produce the surrogate
+({info['surrogate']}) instead, while replay of {info['num_replay_prompts']} other prompts and an EWC penalty
+keep the rest of the model's behaviour.
+
+| setting | value |
+|---|---|
+{table}
+
+## Usage
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{info['base_model']}")
+pipe.load_lora_weights("{load_path}", adapter_name="forget")
+image = pipe("{info['forget_prompts'][0]}").images[0]
+
+# Strength: scale the adapter (1.0 = as trained, 0 = off)
+image = pipe("{info['forget_prompts'][0]}", cross_attention_kwargs={{"scale": 0.8}}).images[0]
+# or, with several adapters stacked:
+pipe.set_adapters(["forget"], adapter_weights=[1.0])
+# or bake it into the weights:
+pipe.fuse_lora(lora_scale=1.0)
+```
+
+## Limits
+
+Erasure by fine-tuning is not a guarantee. Published work recovers concepts erased this way with
+adversarial prompts or learned token embeddings, and further fine-tuning of the weights can bring a
+concept back. Do not rely on this adapter as the only safety measure, and evaluate it on your prompts.
+"""
+
+
+def write_model_card(output_dir: str | os.PathLike, info: dict, repo_id: str | None = None) -> str:
+    """Write ``README.md`` in ``output_dir`` with the card's YAML metadata and body; returns its path."""
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    # What diffusers' load_or_create_model_card(from_training=True) builds, without asking the hub first.
+    base_model = str(info["base_model"])
+    card = ModelCard.from_template(
+        card_data=ModelCardData(
+            license="creativeml-openrail-m",
+            library_name="diffusers",
+            inference=True,
+            base_model=None if base_model.startswith("builtin:") or os.path.exists(base_model) else base_model,
+            instance_prompt=None,
+            widget=None,
+        ),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description=model_card_text(info, repo_id),
+    )
+    card = populate_model_card(card, tags=CARD_TAGS)
+    path = os.path.join(os.fspath(output_dir), "README.md")
+    write_text_atomic(path, str(card))
+    return path

@@ -1,0 +1,67 @@
+"""Set-up pieces of the training script that are not the loop: checks, optimizer, checkpoints, caching keys."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+
+import torch
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash naming a cached phase's output by everything that determines it."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def require_bitsandbytes():
+    """Import bitsandbytes or say how to get it (``--use_8bit_adam``)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("--use_8bit_adam needs bitsandbytes: pip install 'sa-peft[bnb]' (or drop --use_8bit_adam)")
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def require_xformers() -> None:
+    """Fail early when ``--enable_xformers_memory_efficient_attention`` cannot work."""
+    if importlib.util.find_spec("xformers") is None:
+        raise ImportError(
+            "--enable_xformers_memory_efficient_attention needs xformers (GPU only): pip install 'sa-peft[xformers]', "
+            "or drop the flag to use PyTorch's scaled-dot-product attention"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU")
+
+
+def make_optimizer(params, learning_rate: float, betas: tuple[float, float], weight_decay: float, eps: float,
+                   use_8bit_adam: bool) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW with every state in 8 bits.
+
+    bitsandbytes keeps tensors smaller than ``min_8bit_size`` (4096 by default) in 32-bit state, which
+    is every LoRA factor of a small model; ``min_8bit_size=0`` makes the states really 8-bit.
+    """
+    if use_8bit_adam:
+        bnb = require_bitsandbytes()
+        return bnb.optim.AdamW8bit(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps, min_8bit_size=0)
+    return torch.optim.AdamW(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """``checkpoint-<step>`` folders in step order."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
+    """Keep room for one more checkpoint within ``--checkpoints_total_limit`` (diffusers' behaviour)."""
+    if total_limit is None:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for name in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+        shutil.rmtree(os.path.join(output_dir, name))

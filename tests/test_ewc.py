@@ -1,0 +1,249 @@
+"""EWC penalties on peft LoRA layers (Linear, 3x3 and 1x1 Conv2d) against materialised references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import add_forget_lora, random_fisher
+
+from sa_peft.ewc import EWCPenalty, full_space_penalty, lowrank_space_penalty
+from sa_peft.fisher import FisherInfo, load_fisher, save_fisher
+from sa_peft.lora import iter_adapted_layers
+from sa_peft.tiny_pipeline import build_tiny_pipeline
+
+# (rank, alpha, use_rslora): rank one, alpha != rank, rsLoRA with alpha != rank.
+LORA_SETTINGS = [(1, None, False), (4, 2.5, False), (3, 7.0, True)]
+CONV3X3, CONV1X1, LINEAR = "conv_in", "down_blocks.1.resnets.0.conv_shortcut", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+def adapted_unet(target="all", rank=2, alpha=None, use_rslora=False, randomize=True):
+    unet = build_tiny_pipeline().unet
+    names = add_forget_lora(unet, target, rank, alpha, use_rslora, randomize=randomize)
+    return unet, names
+
+
+def merged_deltas(unet):
+    """W_adapted − W_base for every LoRA layer, read from the weights after peft merges the adapter."""
+    deltas = {}
+    for layer in iter_adapted_layers(unet):
+        base = layer.module.get_base_layer()
+        before = base.weight.detach().clone()
+        layer.module.merge(adapter_names=["default"])
+        deltas[layer.name] = (base.weight.detach() - before).double()
+        layer.module.unmerge()
+        torch.testing.assert_close(base.weight.detach(), before, rtol=0, atol=1e-6)
+    return deltas
+
+
+def rank_one_fisher(unet, names, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(unet.named_modules())
+    diagonal = {}
+    for name in names:
+        shape = modules[name].get_base_layer().weight.shape
+        n = shape[1:].numel()
+        u, v = torch.rand(shape[0], generator=gen) + 0.1, torch.rand(n, generator=gen) + 0.1
+        diagonal[f"{name}.weight"] = (u[:, None] * v[None, :]).reshape(shape)
+    return FisherInfo.from_diagonal(diagonal, {})
+
+
+def fisher_mean(fisher, names):
+    total = sum(fisher.diagonal[f"{n}.weight"].double().sum() for n in names)
+    return float(total / sum(fisher.diagonal[f"{n}.weight"].numel() for n in names))
+
+
+@pytest.mark.parametrize("space", ["full", "lowrank"])
+def test_penalty_is_zero_at_initialisation(space):
+    unet, names = adapted_unet("all", rank=4, alpha=8.0, randomize=False)
+    layers = list(iter_adapted_layers(unet))
+    assert all(torch.count_nonzero(layer.lora_b) == 0 for layer in layers)
+    assert any(torch.count_nonzero(layer.lora_a) > 0 for layer in layers)
+    penalty = EWCPenalty(unet, random_fisher(unet, names), space=space)()
+    assert penalty.item() == 0.0
+
+
+@pytest.mark.parametrize("rank,alpha,use_rslora", LORA_SETTINGS)
+def test_full_space_equals_merged_weight_reference(rank, alpha, use_rslora):
+    unet, names = adapted_unet("all", rank, alpha, use_rslora)
+    fisher = random_fisher(unet, names, seed=rank)
+    deltas = merged_deltas(unet)
+    assert {type(layer.module.get_base_layer()) for layer in iter_adapted_layers(unet)} == {torch.nn.Linear, torch.nn.Conv2d}
+    reference = sum((fisher.diagonal[f"{n}.weight"].double() * deltas[n].square()).sum() for n in names)
+    assert reference > 0
+    raw = EWCPenalty(unet, fisher, space="full", normalization="none")()
+    assert raw.dtype == torch.float32
+    torch.testing.assert_close(raw.double(), reference, rtol=1e-5, atol=0)
+    # normalization="mean" divides by the mean Fisher over the adapted weights.
+    normalised = EWCPenalty(unet, fisher, space="full")()
+    torch.testing.assert_close(normalised.double(), reference / fisher_mean(fisher, names), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("rank,alpha,use_rslora", LORA_SETTINGS)
+def test_scale_follows_alpha_and_rslora(rank, alpha, use_rslora):
+    unet, _ = adapted_unet(LINEAR, rank, alpha, use_rslora)
+    (layer,) = iter_adapted_layers(unet)
+    alpha = rank if alpha is None else alpha
+    expected = alpha / rank**0.5 if use_rslora else alpha / rank
+    assert layer.scale == pytest.approx(expected)
+    # the penalty uses that scale: it matches the weight change peft actually merges
+    fisher = random_fisher(unet, [LINEAR])
+    f = fisher.diagonal[f"{LINEAR}.weight"]
+    delta = merged_deltas(unet)[LINEAR]
+    torch.testing.assert_close(
+        full_space_penalty(f, layer.lora_a, layer.lora_b, layer.scale).double(),
+        (f.double() * delta.square()).sum(), rtol=1e-5, atol=0,
+    )
+
+
+@pytest.mark.parametrize("name", [CONV3X3, CONV1X1, LINEAR])
+def test_delta_weight_layout_matches_peft(name):
+    unet, _ = adapted_unet(name, rank=3, alpha=5.0)
+    (layer,) = iter_adapted_layers(unet)
+    shape = layer.weight_shape
+    assert layer.delta_weight().shape == (shape[0], shape[1:].numel())
+    torch.testing.assert_close(layer.delta_weight().reshape(shape), layer.module.get_delta_weight("default"))
+    # and the module's output moves by exactly that ΔW
+    base = layer.module.get_base_layer()
+    x = torch.randn(2, shape[1], 5, 5) if isinstance(base, torch.nn.Conv2d) else torch.randn(2, shape[1])
+    if isinstance(base, torch.nn.Conv2d):
+        expected = torch.nn.functional.conv2d(x, layer.delta_weight().reshape(shape), None, base.stride, base.padding)
+    else:
+        expected = x @ layer.delta_weight().t()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.module(x) - base(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", [[CONV3X3], [CONV1X1], [LINEAR], "all"])
+@pytest.mark.parametrize("rank,alpha,use_rslora", [(1, None, False), (4, 2.5, True)])
+def test_lowrank_equals_full_for_rank_one_fisher(target, rank, alpha, use_rslora):
+    unet, names = adapted_unet(target, rank, alpha, use_rslora)
+    fisher = rank_one_fisher(unet, names)
+    full = EWCPenalty(unet, fisher, space="full")()
+    lowrank = EWCPenalty(unet, fisher, space="lowrank")()
+    assert full > 0
+    torch.testing.assert_close(lowrank, full, rtol=1e-5, atol=0)
+
+
+def test_lowrank_differs_from_full_for_generic_fisher():
+    unet, names = adapted_unet("all", rank=4)
+    fisher = random_fisher(unet, names)
+    full = EWCPenalty(unet, fisher, space="full")().item()
+    lowrank = EWCPenalty(unet, fisher, space="lowrank")().item()
+    assert lowrank > 0 and full > 0
+    assert abs(lowrank - full) / full > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (8, 3, 3, 3), (7, 4, 1, 1)])
+def test_lowrank_formula_equals_materialised_rank_one_fisher(shape):
+    gen = torch.Generator().manual_seed(1)
+    m, n, r, s = shape[0], int(torch.tensor(shape[1:]).prod()), 3, 0.7
+    f = torch.rand(m, n, generator=gen, dtype=torch.float64)
+    a, b = torch.randn(r, n, generator=gen, dtype=torch.float64), torch.randn(m, r, generator=gen, dtype=torch.float64)
+    u, v, total = f.sum(1), f.sum(0), f.sum()
+    f_hat = u[:, None] * v[None, :] / total
+    torch.testing.assert_close(f_hat.sum(1), u)
+    torch.testing.assert_close(f_hat.sum(0), v)
+    expected = (f_hat * (s * b @ a).square()).sum()
+    torch.testing.assert_close(lowrank_space_penalty(u, v, total, a, b, s), expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(full_space_penalty(f, a, b, s), (f * (s * b @ a).square()).sum(), rtol=1e-10, atol=0)
+    assert not torch.isclose(lowrank_space_penalty(u, v, total, a, b, s), full_space_penalty(f, a, b, s), rtol=1e-3)
+
+
+@pytest.mark.parametrize("space", ["full", "lowrank"])
+def test_gradients_match_autograd_through_materialised_delta(space):
+    unet, names = adapted_unet("all", rank=3, alpha=4.5, use_rslora=True)
+    fisher = random_fisher(unet, names, seed=3)
+    layers = list(iter_adapted_layers(unet))
+    params = [p for layer in layers for p in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight)]
+
+    penalty = EWCPenalty(unet, fisher, space=space, normalization="none")()
+    grads = torch.autograd.grad(penalty, params)
+
+    reference = 0.0
+    for layer in layers:
+        f = fisher.diagonal[f"{layer.name}.weight"].double()
+        if space == "lowrank":
+            f2 = f.reshape(f.shape[0], -1)
+            f = (f2.sum(1)[:, None] * f2.sum(0)[None, :] / f2.sum()).reshape(f.shape)
+        reference = reference + (f * layer.module.get_delta_weight("default").double().square()).sum()
+    reference_grads = torch.autograd.grad(reference, params)
+
+    torch.testing.assert_close(penalty.double(), reference.detach(), rtol=1e-5, atol=0)
+    assert any(g.abs().max() > 0 for g in grads)
+    for g, ref in zip(grads, reference_grads):
+        torch.testing.assert_close(g.double(), ref.double(), rtol=1e-4, atol=1e-6 * float(ref.abs().max()) + 1e-12)
+
+
+@pytest.mark.parametrize("space", ["full", "lowrank"])
+def test_bf16_autocast_keeps_fp32_penalty(space):
+    unet, names = adapted_unet("all", rank=4, alpha=2.0)
+    fisher = random_fisher(unet, names)
+    ewc = EWCPenalty(unet, fisher, space=space)
+    plain = ewc()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # the same products under bf16 autocast would lose precision: the penalty must not
+        a = next(iter(iter_adapted_layers(unet))).lora_a
+        assert (a @ a.t()).dtype == torch.bfloat16
+        under_autocast = ewc()
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, rtol=1e-6, atol=0)
+    under_autocast.backward()
+    lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in lora_params)
+
+
+def test_mean_normalization_uses_only_adapted_weights():
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = random_fisher(unet, names)
+    # Extra, non-adapted entries with huge values must not change the normaliser.
+    extra = random_fisher(unet, ["conv_in", "conv_out"])
+    combined = FisherInfo.from_diagonal(
+        {**fisher.diagonal, **{k: v * 1e6 for k, v in extra.diagonal.items()}}, {}
+    )
+    raw = EWCPenalty(unet, fisher, normalization="none")()
+    for space in ("full", "lowrank"):
+        mean_a = EWCPenalty(unet, fisher, space=space)()
+        mean_b = EWCPenalty(unet, combined, space=space)()
+        torch.testing.assert_close(mean_a, mean_b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        EWCPenalty(unet, fisher, normalization="mean")().double(), raw.double() / fisher_mean(fisher, names), rtol=1e-5, atol=0
+    )
+    # Scaling the Fisher does not change the normalised penalty.
+    scaled = FisherInfo.from_diagonal({k: v * 1000 for k, v in fisher.diagonal.items()}, {})
+    torch.testing.assert_close(EWCPenalty(unet, scaled)(), EWCPenalty(unet, fisher)(), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="normalization"):
+        EWCPenalty(unet, fisher, normalization="max")
+
+
+def test_factored_only_fisher_works_with_lowrank_and_errors_with_full(tmp_path):
+    unet, names = adapted_unet("all", rank=2)
+    fisher = random_fisher(unet, names)
+    path = tmp_path / "factored.safetensors"
+    save_fisher(fisher, path, factored_only=True)
+    factored = load_fisher(path)
+    assert factored.diagonal == {}
+    torch.testing.assert_close(
+        EWCPenalty(unet, factored, space="lowrank")(), EWCPenalty(unet, fisher, space="lowrank")(), rtol=1e-6, atol=0
+    )
+    with pytest.raises(ValueError, match="factored-only"):
+        EWCPenalty(unet, factored, space="full")
+
+
+def test_fisher_missing_an_adapted_module_is_a_clear_error():
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = random_fisher(unet, names[1:])
+    with pytest.raises(ValueError, match="does not cover 1 adapted module") as info:
+        EWCPenalty(unet, fisher)
+    assert names[0] in str(info.value)
+
+
+def test_bad_arguments():
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = random_fisher(unet, names)
+    with pytest.raises(ValueError, match="--ewc_space"):
+        EWCPenalty(unet, fisher, space="diagonal")
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        EWCPenalty(build_tiny_pipeline().unet, fisher)
+    zero = FisherInfo.from_diagonal({k: torch.zeros_like(v) for k, v in fisher.diagonal.items()}, {})
+    with pytest.raises(ValueError, match="zero"):
+        EWCPenalty(unet, zero)

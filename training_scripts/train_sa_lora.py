@@ -1,0 +1,458 @@
+#!/usr/bin/env python
+"""Train a Selective Amnesia "forget" LoRA for a Stable Diffusion pipeline.
+
+    accelerate launch training_scripts/train_sa_lora.py \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --forget_prompt "brad pitt" --surrogate_prompt "a middle aged man" --output_dir forget-brad-pitt
+
+With no arguments it runs the built-in digits job: forget "a handwritten digit zero" on builtin:digits.
+
+One run: generate (or reuse) the surrogate and replay sets -> compute (or reuse) the Fisher -> train
+the LoRA on the SA objective -> validate -> save `pytorch_lora_weights.safetensors`, a model card and a
+before/after grid. Each phase is cached in --output_dir; rerun the same command after a crash and it
+continues (training continues from a checkpoint with --resume_from_checkpoint latest).
+Flag names and behaviour follow diffusers' train_text_to_image_lora.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import sa_peft
+from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
+from sa_peft.conditioning import encode_prompts
+from sa_peft.data import SURROGATE_TYPES, check_resolution, default_resolution, generate_replay_set, generate_surrogate_set
+from sa_peft.defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
+from sa_peft.ewc import EWCPenalty
+from sa_peft.fisher import ESTIMATORS, base_weights_hash, estimate_fisher, load_fisher, save_fisher
+from sa_peft.io_utils import write_json_atomic
+from sa_peft.lora import LORA_TARGET_PRESETS, make_lora_config, resolve_lora_targets
+from sa_peft.model_card import write_model_card
+from sa_peft.models import load_pipeline
+from sa_peft.objective import selective_amnesia_loss
+from sa_peft.prompts import check_prompts, read_prompts_file
+from sa_peft.training_setup import (
+    list_checkpoints, make_optimizer, prune_checkpoints, require_bitsandbytes, require_xformers, settings_key,
+)
+from sa_peft.validation import generate_validation_images, save_before_after_grid
+
+logger = get_logger(__name__, log_level="INFO")
+
+LORA_CHECKPOINT_NAME = "lora_unet.safetensors"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = " (default: %(default)s)"
+    # diffusers' flags
+    p.add_argument("--pretrained_model_name_or_path", default="builtin:digits", help="hub id, pipeline folder or builtin:digits" + d)
+    p.add_argument("--revision", default=None, help="hub revision of the model" + d)
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16" + d)
+    p.add_argument("--cache_dir", default=None, help="hub download cache" + d)
+    p.add_argument("--output_dir", default="sa-peft-output", help="where the adapter, caches and checkpoints go" + d)
+    p.add_argument("--seed", type=int, default=0, help="seed of data generation, Fisher and training" + d)
+    p.add_argument("--resolution", type=int, default=None, help="image side; default: the model's native size")
+    p.add_argument("--train_batch_size", type=int, default=4, help="surrogate images per step per device; as many replay images" + d)
+    p.add_argument("--num_train_epochs", type=int, default=None, help="passes over the surrogate set; ignored when --max_train_steps is given")
+    p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; default 500 unless --num_train_epochs is given")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step" + d)
+    p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for UNet activation memory")
+    p.add_argument("--learning_rate", type=float, default=None, help="AdamW learning rate; default 1e-4 (2e-3 on builtin:digits)")
+    p.add_argument("--scale_lr", action="store_true", help="multiply the lr by batch size, accumulation and processes")
+    p.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name" + d)
+    p.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps" + d)
+    p.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-γ loss weighting (5.0 recommended)" + d)
+    p.add_argument("--noise_offset", type=float, default=0.0, help="offset noise scale" + d)
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (states really in 8 bits)")
+    p.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
+    p.add_argument("--dataloader_num_workers", type=int, default=0, help="kept for compatibility: latents are in memory" + d)
+    p.add_argument("--adam_beta1", type=float, default=0.9, help=d)
+    p.add_argument("--adam_beta2", type=float, default=0.999, help=d)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2, help=d)
+    p.add_argument("--adam_epsilon", type=float, default=1e-08, help=d)
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help=d)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config; LoRA weights stay fp32")
+    p.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none" + d)
+    p.add_argument("--logging_dir", default="logs", help="tracker folder under --output_dir" + d)
+    p.add_argument("--checkpointing_steps", type=int, default=500, help="save a LoRA-only training checkpoint every N steps" + d)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints" + d)
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'" + d)
+    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (GPU); SDPA otherwise")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank; default 4 (8 on builtin:digits)")
+    p.add_argument("--validation_prompt", action="append", default=None, help="repeatable; default: the forget prompts and two replay prompts")
+    p.add_argument("--num_validation_images", type=int, default=4, help="images per validation prompt" + d)
+    p.add_argument("--validation_steps", type=int, default=100, help="validate every N steps (and at start and end)" + d)
+    p.add_argument("--push_to_hub", action="store_true", help="upload --output_dir to the hub at the end")
+    p.add_argument("--hub_model_id", default=None, help="repo id; default: the output folder's name")
+    p.add_argument("--hub_token", default=None, help="hub token (prefer `hf auth login`)")
+    # Selective Amnesia's flags
+    p.add_argument("--forget_prompt", action="append", default=[], help="prompt of a concept to forget (repeatable)")
+    p.add_argument("--forget_prompts_file", default=None, help="text file with one forget prompt per line")
+    p.add_argument("--surrogate_prompt", default=None, help="prompt whose images stand in for the concept (e.g. 'a middle aged man')")
+    p.add_argument("--surrogate_data_dir", default=None, help="folder of your own stand-in images")
+    p.add_argument("--surrogate_type", choices=["noise", *SURROGATE_TYPES], default=None, help="noise images as the stand-in")
+    p.add_argument("--replay_prompts_file", default=None, help="concepts to keep, one per line; default: a generic list shipped with sa-peft (the other digits on builtin:digits)")
+    p.add_argument("--num_surrogate_images", type=int, default=None, help="surrogate set size; default 64 (256 on builtin:digits)")
+    p.add_argument("--num_replay_images_per_prompt", type=int, default=None, help="replay images per prompt; default 8 (32 on builtin:digits)")
+    p.add_argument("--generation_guidance_scale", type=float, default=None, help="guidance when generating sets; default 7.5 (3.0 on digits)")
+    p.add_argument("--generation_num_inference_steps", type=int, default=None, help="DDIM steps when generating; default 50 (25 on digits)")
+    p.add_argument("--fisher_path", default=None, help="Fisher file: reused when present and matching, else computed and cached there; default: in --output_dir")
+    p.add_argument("--fisher_num_samples", type=int, default=128, help="frozen-model samples the Fisher is estimated on" + d)
+    p.add_argument("--fisher_estimator", choices=ESTIMATORS, default="fast", help="reference: all T timesteps per sample; fast: K stratified" + d)
+    p.add_argument("--fisher_num_timesteps", type=int, default=8, help="K of the fast estimator" + d)
+    p.add_argument("--ewc_lambda", type=float, default=1.0, help="λ, on a Fisher normalised by its mean over adapted weights" + d)
+    p.add_argument("--ewc_space", choices=["full", "lowrank"], default="lowrank", help="EWC penalty space" + d)
+    p.add_argument("--replay_weight", type=float, default=1.0, help="γ, weight of the replay loss" + d)
+    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: the rank")
+    p.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA scaling alpha/sqrt(rank)")
+    p.add_argument("--lora_target", default="all", help=f"preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names" + d)
+    p.add_argument("--output_kohya_format", action="store_true", help="also write an A1111/ComfyUI-keyed copy")
+    p.add_argument("--classifier", default=None, help="image classifier for the final evaluation (default on digits: builtin:digits-classifier)")
+    p.add_argument("--num_evaluation_images_per_prompt", type=int, default=50, help="samples per prompt in the final evaluation" + d)
+    return p.parse_args(argv)
+
+
+def resolve_defaults(args: argparse.Namespace) -> dict:
+    """Fill defaults that depend on the model; check every flag before any heavy work. Returns the run plan."""
+    on_digits = args.pretrained_model_name_or_path == "builtin:digits"
+    forget = check_prompts(args.forget_prompt, "--forget_prompt") if args.forget_prompt else []
+    if args.forget_prompts_file:
+        forget += read_prompts_file(args.forget_prompts_file, "--forget_prompts_file")
+    sources = [x is not None for x in (args.surrogate_prompt, args.surrogate_data_dir, args.surrogate_type)]
+    if sum(sources) > 1:
+        raise ValueError("give only one of --surrogate_prompt, --surrogate_data_dir and --surrogate_type")
+    if on_digits:
+        digits = digits_defaults(forget)
+        forget = digits["forget_prompts"]
+        replay = read_prompts_file(args.replay_prompts_file, "--replay_prompts_file") if args.replay_prompts_file else digits["replay_prompts"]
+        if not any(sources):
+            args.surrogate_type = "uniform_noise"
+        args.resolution = args.resolution or digits["resolution"]
+        args.generation_guidance_scale = args.generation_guidance_scale or digits["guidance_scale"]
+        args.generation_num_inference_steps = args.generation_num_inference_steps or digits["num_inference_steps"]
+        args.classifier = args.classifier or digits["classifier"]
+        args.learning_rate = args.learning_rate or 2e-3
+        args.rank = args.rank or 8
+        args.num_surrogate_images = args.num_surrogate_images or 256
+        args.num_replay_images_per_prompt = args.num_replay_images_per_prompt or 32
+    else:
+        if not forget:
+            raise ValueError("no concept to forget: pass --forget_prompt (repeatable) or --forget_prompts_file")
+        if not any(sources):
+            raise ValueError("no surrogate: pass --surrogate_prompt, --surrogate_data_dir or --surrogate_type noise")
+        replay = read_prompts_file(args.replay_prompts_file or DEFAULT_REPLAY_PROMPTS_FILE, "--replay_prompts_file")
+        args.generation_guidance_scale = args.generation_guidance_scale or 7.5
+        args.generation_num_inference_steps = args.generation_num_inference_steps or 50
+        args.learning_rate = args.learning_rate or 1e-4
+        args.rank = args.rank or 4
+        args.num_surrogate_images = args.num_surrogate_images or 64
+        args.num_replay_images_per_prompt = args.num_replay_images_per_prompt or 8
+    clash = sorted(set(forget) & set(replay))
+    if clash:
+        raise ValueError(f"forget prompt(s) {clash} also appear in the replay prompts; remove them from --replay_prompts_file")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_surrogate_images", "num_replay_images_per_prompt",
+                 "fisher_num_samples", "rank", "num_validation_images", "validation_steps", "checkpointing_steps"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        raise ValueError(f"--max_train_steps must be a positive integer, got {args.max_train_steps}")
+    if args.num_train_epochs is not None and args.num_train_epochs <= 0:
+        raise ValueError(f"--num_train_epochs must be a positive integer, got {args.num_train_epochs}")
+    if args.ewc_lambda < 0 or args.replay_weight < 0:
+        raise ValueError("--ewc_lambda and --replay_weight must be >= 0")
+    if args.fisher_path is not None and not args.fisher_path.endswith(".safetensors"):
+        raise ValueError(f"--fisher_path {args.fisher_path!r} must be a .safetensors file")
+    if args.surrogate_data_dir is not None and not os.path.isdir(args.surrogate_data_dir):
+        raise FileNotFoundError(f"--surrogate_data_dir {args.surrogate_data_dir!r} is not a folder")
+    if args.use_8bit_adam:
+        require_bitsandbytes()
+    if args.enable_xformers_memory_efficient_attention:
+        require_xformers()
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        if not os.path.isdir(os.path.join(args.output_dir, args.resume_from_checkpoint)):
+            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder")
+    validation = args.validation_prompt or (forget + replay[:2])
+    return {"forget": forget, "replay": replay, "validation": check_prompts(validation, "--validation_prompt")}
+
+
+def surrogate_description(args) -> str:
+    if args.surrogate_prompt is not None:
+        return f'prompt "{args.surrogate_prompt}"'
+    if args.surrogate_data_dir is not None:
+        return f"images from {args.surrogate_data_dir}"
+    return "uniform noise" if args.surrogate_type in ("noise", "uniform_noise") else "gaussian noise"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    plan = resolve_defaults(args)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    show = accelerator.is_local_main_process
+    timings: dict[str, float] = {}
+
+    pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    pipe.set_progress_bar_config(disable=True)
+    resolution = check_resolution(pipe, args.resolution or default_resolution(pipe))
+    pipe.to(accelerator.device)
+    unet, scheduler = pipe.unet, pipe.scheduler
+    # Caches are keyed by the UNet's weights, so a changed local model never reuses stale samples.
+    model_key = base_weights_hash(unet, resolve_lora_targets(unet, "all"))[:16]
+
+    # ---- Phase 1: surrogate and replay sets, sampled once by the frozen model -------------------
+    start = time.perf_counter()
+    generation = {"resolution": resolution, "guidance": args.generation_guidance_scale,
+                  "steps": args.generation_num_inference_steps, "seed": args.seed, "model": model_key}
+    sur_settings = {**generation, "forget": plan["forget"], "surrogate": surrogate_description(args), "n": args.num_surrogate_images}
+    surrogate = generate_surrogate_set(
+        pipe, os.path.join(args.output_dir, "cache", f"surrogate-{settings_key(sur_settings)}"), plan["forget"], args.num_surrogate_images,
+        surrogate_prompt=args.surrogate_prompt, surrogate_data_dir=args.surrogate_data_dir, surrogate_type=args.surrogate_type,
+        seed=args.seed, resolution=resolution, guidance_scale=args.generation_guidance_scale,
+        num_inference_steps=args.generation_num_inference_steps, accelerator=accelerator, show_progress=show,
+    )
+    # The Fisher is estimated on the replay set's samples, as in the reference code, so the set holds enough for both.
+    per_prompt = max(args.num_replay_images_per_prompt, math.ceil(args.fisher_num_samples / len(plan["replay"])))
+    rep_settings = {**generation, "prompts": plan["replay"], "per_prompt": per_prompt}
+    replay = generate_replay_set(
+        pipe, os.path.join(args.output_dir, "cache", f"replay-{settings_key(rep_settings)}"), plan["replay"], per_prompt,
+        seed=args.seed + 1_000_000, resolution=resolution, guidance_scale=args.generation_guidance_scale,
+        num_inference_steps=args.generation_num_inference_steps, accelerator=accelerator, show_progress=show,
+    )
+    timings["generation_s"] = time.perf_counter() - start
+    conditioning = encode_prompts(pipe, plan["forget"] + plan["replay"], resolution)
+    sur_latents, sur_ids = surrogate.latents.to(accelerator.device), surrogate.prompt_ids(conditioning.prompts).to(accelerator.device)
+    rep_latents, rep_ids = replay.latents.to(accelerator.device), replay.prompt_ids(conditioning.prompts).to(accelerator.device)
+
+    # ---- Phase 2: Fisher of the weights the LoRA adapts, on the frozen model's own samples -------
+    start = time.perf_counter()
+    targets = resolve_lora_targets(unet, args.lora_target)
+    fisher_settings = {"targets": targets, "estimator": args.fisher_estimator, "k": args.fisher_num_timesteps,
+                       "n": args.fisher_num_samples, "replay": rep_settings}
+    fisher_path = args.fisher_path or os.path.join(args.output_dir, "cache", f"fisher-{settings_key(fisher_settings)}.safetensors")
+    fisher = None
+    if args.ewc_lambda > 0:
+        if os.path.exists(fisher_path):
+            fisher = load_fisher(fisher_path, unet=unet, required_modules=targets)
+            logger.info(f"Reusing the Fisher in {fisher_path} ({fisher.metadata.get('estimator')}, {fisher.metadata.get('num_samples')} samples)")
+        else:
+            fisher = estimate_fisher(
+                unet, scheduler, replay.latents[: args.fisher_num_samples], replay.prompt_ids(conditioning.prompts)[: args.fisher_num_samples],
+                conditioning, targets, estimator=args.fisher_estimator, num_timesteps=args.fisher_num_timesteps,
+                seed=args.seed, accelerator=accelerator, show_progress=show,
+            )
+            if accelerator.is_main_process:
+                save_fisher(fisher, fisher_path)
+            accelerator.wait_for_everyone()
+    timings["fisher_s"] = time.perf_counter() - start
+
+    # ---- Phase 3: the forget LoRA ------------------------------------------------------------------
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    before_images = None
+    if accelerator.is_main_process:
+        before_images = generate_validation_images(pipe, plan["validation"], args.num_validation_images, args.seed, resolution,
+                                                   args.generation_guidance_scale, args.generation_num_inference_steps)
+    # Embeddings and latents are precomputed, so the text encoder(s) and the VAE leave the device.
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to("cpu")
+    unet.requires_grad_(False)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    unet.add_adapter(make_lora_config(targets, args.rank, args.lora_alpha, args.use_rslora))
+    cast_training_params(unet, dtype=torch.float32)  # LoRA weights train in fp32, as diffusers does
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    ewc_penalty = EWCPenalty(unet, fisher, args.ewc_space) if fisher is not None else None
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+
+    world = accelerator.num_processes
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
+    steps_per_epoch = math.ceil(len(surrogate.latents) / (args.train_batch_size * world * args.gradient_accumulation_steps))
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else 500
+    optimizer = make_optimizer(lora_params, args.learning_rate, (args.adam_beta1, args.adam_beta2),
+                               args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
+                                 num_training_steps=args.max_train_steps * world)
+
+    def save_model_hook(models, weights, output_dir):
+        # Checkpoints hold the LoRA weights only; the frozen base is never copied.
+        if accelerator.is_main_process:
+            for model in models:
+                state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(output_dir, LORA_CHECKPOINT_NAME))
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, LORA_CHECKPOINT_NAME)), adapter_name="default")
+            if result.unexpected_keys:
+                raise ValueError(f"checkpoint {input_dir} does not match this LoRA: unexpected {result.unexpected_keys[:3]}")
+            cast_training_params(model, dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        name = args.resume_from_checkpoint
+        if name == "latest":
+            found = list_checkpoints(args.output_dir)
+            name = found[-1] if found else None
+        if name is None:
+            logger.info("No checkpoint to resume from; starting a new run.")
+        else:
+            path = name if os.path.isdir(name) else os.path.join(args.output_dir, name)
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            logger.info(f"Resumed from {path} at step {global_step}")
+
+    run_info = {
+        "base_model": args.pretrained_model_name_or_path, "forget_prompts": plan["forget"], "surrogate": surrogate_description(args),
+        "num_surrogate_images": args.num_surrogate_images, "num_replay_prompts": len(plan["replay"]),
+        "num_replay_images_per_prompt": per_prompt, "ewc_lambda": args.ewc_lambda, "ewc_space": args.ewc_space,
+        "fisher_estimator": args.fisher_estimator, "fisher_num_samples": args.fisher_num_samples, "replay_weight": args.replay_weight,
+        "rank": args.rank, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank, "use_rslora": args.use_rslora,
+        "lora_target": args.lora_target, "num_adapted_modules": len(targets), "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate, "resolution": resolution,
+        "seed": args.seed, "sa_peft_version": sa_peft.__version__,
+    }
+    if accelerator.is_main_process:
+        accelerator.init_trackers("sa-peft", config={k: str(v) for k, v in run_info.items()})
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    if accelerator.is_main_process and os.path.exists(log_path):
+        # Keep the log consistent with a resumed run: drop entries past the checkpoint.
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= global_step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+
+    logger.info(f"Training {len(lora_params)} LoRA tensors on {len(targets)} modules for {args.max_train_steps} steps; "
+                f"{len(surrogate.latents)} surrogate and {len(replay.latents)} replay samples; {world} process(es)")
+    start = time.perf_counter()
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not show)
+    unet.train()
+    while global_step < args.max_train_steps:
+        for micro in range(args.gradient_accumulation_steps):
+            # Every micro-batch draws from a generator keyed by (seed, step, micro-step, process), so a resumed
+            # run sees exactly the batches, noise and timesteps of an uninterrupted one.
+            gen = torch.Generator().manual_seed(hash((args.seed, global_step, micro, accelerator.process_index)) % 2**63)
+            s_idx = torch.randint(len(sur_latents), (args.train_batch_size,), generator=gen).to(accelerator.device)
+            r_idx = torch.randint(len(rep_latents), (args.train_batch_size,), generator=gen).to(accelerator.device)
+            with accelerator.accumulate(unet), accelerator.autocast():
+                loss = selective_amnesia_loss(
+                    unet, scheduler, conditioning, sur_latents[s_idx].to(weight_dtype), sur_ids[s_idx],
+                    rep_latents[r_idx].to(weight_dtype), rep_ids[r_idx], ewc_penalty, args.ewc_lambda, args.replay_weight,
+                    snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=gen,
+                )
+                accelerator.backward(loss.total)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+        global_step += 1
+        progress.update(1)
+        logs = {**loss.parts(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+        accelerator.log(logs, step=global_step)
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": global_step, **logs}) + "\n")
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            if accelerator.is_main_process:
+                prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+            accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+        if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
+    progress.close()
+    timings["training_s"] = time.perf_counter() - start
+
+    # ---- Save, validate, describe -------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(unet)
+        save_forget_lora(args.output_dir, unwrapped, run_info)
+        if args.output_kohya_format:
+            export_kohya(unwrapped, os.path.join(args.output_dir, KOHYA_WEIGHT_NAME))
+        after_images = log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
+        save_before_after_grid(before_images, after_images, os.path.join(args.output_dir, "validation_before_after.png"))
+        write_model_card(args.output_dir, run_info, repo_id=args.hub_model_id)
+        write_json_atomic(os.path.join(args.output_dir, "timings.json"), timings)
+        logger.info("Timings: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        if args.push_to_hub:
+            push_folder(args)
+    accelerator.end_training()
+
+
+def log_validation(accelerator, pipe, prompts, args, resolution, step):
+    """Sample the validation prompts with the current LoRA and send them to the trackers."""
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(accelerator.device)
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    with accelerator.autocast():
+        images = generate_validation_images(pipe, prompts, args.num_validation_images, args.seed, resolution,
+                                            args.generation_guidance_scale, args.generation_num_inference_steps)
+    pipe.unet.train(was_training)
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to("cpu")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            for prompt, imgs in images.items():
+                tracker.writer.add_images(f"validation/{prompt}", np.stack([np.asarray(i.convert("RGB")) for i in imgs]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(i, caption=p) for p, imgs in images.items() for i in imgs]}, step=step)
+    return images
+
+
+def push_folder(args) -> None:
+    """Upload the adapter folder (not caches or checkpoints); a clear error when the hub cannot be reached."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                      ignore_patterns=["checkpoint-*", "cache/*", "logs/*", "*.tmp"], commit_message="Selective Amnesia forget LoRA")
+    except Exception as err:
+        raise RuntimeError(f"--push_to_hub: could not upload {args.output_dir!r} to {repo_id!r} ({type(err).__name__}: {err}); "
+                           "the adapter is saved locally; check the network and `hf auth login`, then rerun with --push_to_hub") from err
+
+
+if __name__ == "__main__":
+    main()
