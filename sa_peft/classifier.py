@@ -145,8 +145,8 @@ class DigitsClassifier(ImageClassifier):
 
     @torch.no_grad()
     def _batched(self, fn, images: torch.Tensor) -> torch.Tensor:
-        outs = [fn(self._prepare(images[i : i + self.batch_size])).cpu() for i in range(0, len(images), self.batch_size)]
-        return torch.cat(outs) if outs else torch.empty(0)
+        starts = range(0, len(images), self.batch_size) if len(images) else [0]
+        return torch.cat([fn(self._prepare(images[i : i + self.batch_size])).cpu() for i in starts])
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Unnormalised class scores ``[N, K]``."""

@@ -323,7 +323,7 @@ def report_markdown(metrics_before: dict, metrics_after: dict | None = None) -> 
     lines = [
         "# Evaluation",
         "",
-        f"{s['num_per_prompt']} samples per prompt, seed {s['seed']}, {s['sampler']} {s['num_inference_steps']} steps, "
+        f"{s['num_per_prompt']} samples per prompt, seed {s['seed']}, {s['sampler']}, {s['num_inference_steps']} steps, "
         f"guidance {s['guidance_scale']}. Forget prompts: {', '.join(f'`{p}`' for p in s['forget_prompts']) or 'none'}; "
         f"forgotten classes: {', '.join(labels[c] for c in s['forgotten_labels']) or 'none'}.",
         "",

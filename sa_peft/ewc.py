@@ -93,10 +93,10 @@ class EWCPenalty(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         device_type = self.layers[0].lora_a.device.type
-        if True:
+        with torch.autocast(device_type=device_type, enabled=False):
             parts = []
             for i, layer in enumerate(self.layers):
-                a, b = layer.lora_a, layer.lora_b
+                a, b = layer.lora_a.float(), layer.lora_b.float()
                 if self.space == "full":
                     parts.append(full_space_penalty(getattr(self, f"fisher_{i}"), a, b, layer.scale))
                 else:

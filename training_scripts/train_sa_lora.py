@@ -197,7 +197,8 @@ def surrogate_description(args) -> str:
     return "uniform noise" if args.surrogate_type in ("noise", "uniform_noise") else "gaussian noise"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """Run the whole job; returns the pipeline with the trained adapter loaded (for programmatic use)."""
     args = parse_args(argv)
     plan = resolve_defaults(args)
     accelerator = Accelerator(
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             getattr(pipe, name).to("cpu")
     unet.requires_grad_(False)
     unet.to(accelerator.device, dtype=weight_dtype)
+    torch.manual_seed(args.seed)  # LoRA A's init must not depend on what the cached phases consumed
     unet.add_adapter(make_lora_config(targets, args.rank, args.lora_alpha, args.use_rslora))
     cast_training_params(unet, dtype=torch.float32)  # LoRA weights train in fp32, as diffusers does
     if args.gradient_checkpointing:
@@ -411,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.push_to_hub:
             push_folder(args)
     accelerator.end_training()
+    return pipe
 
 
 def log_validation(accelerator, pipe, prompts, args, resolution, step):

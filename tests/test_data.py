@@ -1,0 +1,230 @@
+"""Surrogate and replay sets: sources, metadata, determinism, resume and input checks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import sa_peft.data as data_module
+from sa_peft.data import check_resolution, generate_replay_set, generate_surrogate_set, load_image_set
+from sa_peft.prompts import check_prompts, read_prompts_file
+
+FAST = dict(num_inference_steps=2, show_progress=False)
+REAL_LATENTS_FOR_ROWS = data_module._latents_for_rows
+
+
+def read_metadata(folder):
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_surrogate_from_prompt(tiny_pipe, tmp_path):
+    out = tmp_path / "surrogate"
+    result = generate_surrogate_set(tiny_pipe, out, ["brad pitt", "pitt"], 3, surrogate_prompt="a middle aged man", seed=4, **FAST)
+    assert result.latents.shape == (3, 4, 16, 16)
+    assert result.prompts == ["brad pitt", "pitt", "brad pitt"]
+    rows = read_metadata(out)
+    assert rows == [
+        {"file_name": f"images/{i:05d}.png", "prompt": p, "seed": 4 + i, "kind": "prompt", "source": "a middle aged man"}
+        for i, p in enumerate(result.prompts)
+    ]
+    for row in rows:
+        assert Image.open(out / row["file_name"]).size == (32, 32)
+    assert json.loads((out / "settings.json").read_text())["set"] == "surrogate"
+    # image i is the frozen pipeline's DDIM sample of the surrogate prompt with seed + i
+    assert not torch.equal(result.latents[0], result.latents[2])
+    loaded = load_image_set(out)
+    assert torch.equal(loaded.latents, result.latents) and loaded.prompts == result.prompts
+
+
+def test_generation_is_deterministic_for_a_seed(tiny_pipe, tmp_path):
+    kwargs = dict(surrogate_prompt="a middle aged man", **FAST)
+    a = generate_surrogate_set(tiny_pipe, tmp_path / "a", ["brad pitt"], 2, seed=0, **kwargs)
+    b = generate_surrogate_set(tiny_pipe, tmp_path / "b", ["brad pitt"], 2, seed=0, **kwargs)
+    c = generate_surrogate_set(tiny_pipe, tmp_path / "c", ["brad pitt"], 2, seed=1, **kwargs)
+    assert torch.equal(a.latents, b.latents)
+    assert not torch.allclose(a.latents, c.latents)
+    # seed + i per image: image 1 of seed 0 is image 0 of seed 1
+    torch.testing.assert_close(a.latents[1], c.latents[0], rtol=1e-4, atol=1e-5)
+
+
+def test_surrogate_from_image_folder(tiny_pipe, tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 48), (200, 30, 30)).save(folder / "b.png")
+    Image.new("RGB", (48, 40), (20, 30, 220)).save(folder / "sub" / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    result = generate_surrogate_set(tiny_pipe, tmp_path / "out", ["brad pitt"], 3, surrogate_data_dir=folder, **FAST)
+    rows = read_metadata(tmp_path / "out")
+    assert [r["kind"] for r in rows] == ["images"] * 3
+    assert [os.path.basename(r["source"]) for r in rows] == ["b.png", "a.png", "b.png"]
+    assert all(r["prompt"] == "brad pitt" for r in rows)
+    assert torch.equal(result.latents[0], result.latents[2])  # the same image cycled round
+    assert not torch.allclose(result.latents[0], result.latents[1])
+
+
+@pytest.mark.parametrize("surrogate_type,kind", [("noise", "uniform_noise"), ("uniform_noise", "uniform_noise"),
+                                                  ("gaussian_noise", "gaussian_noise")])
+def test_surrogate_from_noise(tiny_pipe, tmp_path, surrogate_type, kind):
+    result = generate_surrogate_set(tiny_pipe, tmp_path / "out", ["nudity"], 2, surrogate_type=surrogate_type, **FAST)
+    rows = read_metadata(tmp_path / "out")
+    assert [r["kind"] for r in rows] == [kind, kind]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert result.latents.shape == (2, 4, 16, 16)
+    assert not torch.allclose(result.latents[0], result.latents[1])
+
+
+def test_uniform_and_gaussian_noise_differ(tiny_pipe, tmp_path):
+    u = generate_surrogate_set(tiny_pipe, tmp_path / "u", ["nudity"], 1, surrogate_type="uniform_noise", **FAST)
+    g = generate_surrogate_set(tiny_pipe, tmp_path / "g", ["nudity"], 1, surrogate_type="gaussian_noise", **FAST)
+    assert not torch.allclose(u.latents, g.latents)
+
+
+def test_replay_set(tiny_pipe, tmp_path):
+    out = tmp_path / "replay"
+    result = generate_replay_set(tiny_pipe, out, ["a photo of a cat", "a red car"], 2, seed=10, **FAST)
+    assert result.latents.shape == (4, 4, 16, 16)
+    assert result.prompts == ["a photo of a cat", "a red car"] * 2
+    rows = read_metadata(out)
+    assert rows == [
+        {"file_name": f"images/{i:05d}.png", "prompt": p, "seed": 10 + i, "kind": "replay"}
+        for i, p in enumerate(result.prompts)
+    ]
+    assert torch.equal(result.prompt_ids(["a red car", "a photo of a cat"]), torch.tensor([1, 0, 1, 0]))
+
+
+def count_shard_generations(monkeypatch, fail_after=None):
+    calls = []
+    original = REAL_LATENTS_FOR_ROWS
+
+    def wrapped(*args, **kwargs):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise RuntimeError("simulated kill")
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "_latents_for_rows", wrapped)
+    return calls
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_set(tiny_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "SHARD_SIZE", 2)
+    prompts = ["a photo of a cat", "a red car", "a dog"]
+    full = generate_replay_set(tiny_pipe, tmp_path / "full", prompts, 2, **FAST)  # 6 images, 3 shards
+
+    # a run killed during its second shard
+    count_shard_generations(monkeypatch, fail_after=1)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        generate_replay_set(tiny_pipe, tmp_path / "killed", prompts, 2, **FAST)
+    assert sorted(p.name for p in (tmp_path / "killed").glob("latents-*")) == ["latents-00000.safetensors"]
+    assert not (tmp_path / "killed" / "metadata.jsonl").exists()
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        load_image_set(tmp_path / "killed")
+
+    calls = count_shard_generations(monkeypatch)
+    resumed = generate_replay_set(tiny_pipe, tmp_path / "killed", prompts, 2, **FAST)
+    assert len(calls) == 2  # only the missing shards are generated
+    assert torch.equal(resumed.latents, full.latents)
+    assert resumed.prompts == full.prompts
+    assert read_metadata(tmp_path / "killed") == read_metadata(tmp_path / "full")
+
+    # a finished set is loaded, not regenerated
+    generate_replay_set(tiny_pipe, tmp_path / "killed", prompts, 2, **FAST)
+    assert len(calls) == 2
+
+
+def test_resume_after_losing_the_last_shard(tiny_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "SHARD_SIZE", 2)
+    out = tmp_path / "s"
+    kwargs = dict(surrogate_prompt="a middle aged man", seed=3, **FAST)
+    full = generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 5, **kwargs)
+    first_shard = (out / "latents-00000.safetensors").read_bytes()
+    os.remove(out / "latents-00002.safetensors")
+    os.remove(out / "metadata.jsonl")
+    calls = count_shard_generations(monkeypatch)
+    again = generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 5, **kwargs)
+    assert len(calls) == 1
+    assert torch.equal(again.latents, full.latents)
+    assert (out / "latents-00000.safetensors").read_bytes() == first_shard
+
+
+def test_settings_mismatch_is_an_error(tiny_pipe, tmp_path):
+    out = tmp_path / "s"
+    generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_type="noise", seed=0, **FAST)
+    for change in (dict(seed=1), dict(num_images=3), dict(surrogate_type="gaussian_noise"), dict(forget_prompts=["nudity"])):
+        kwargs = dict(forget_prompts=["brad pitt"], num_images=2, surrogate_type="noise", seed=0, **FAST)
+        kwargs.update(change)
+        with pytest.raises(ValueError, match="other settings"):
+            generate_surrogate_set(tiny_pipe, out, **kwargs)
+
+
+def test_bad_inputs_name_the_flag(tiny_pipe, tmp_path):
+    out = tmp_path / "s"
+    noise = dict(surrogate_type="noise", **FAST)
+    with pytest.raises(ValueError, match="--forget_prompt"):
+        generate_surrogate_set(tiny_pipe, out, [], 2, **noise)
+    with pytest.raises(ValueError, match="--forget_prompt"):
+        generate_surrogate_set(tiny_pipe, out, ["brad pitt", "  "], 2, **noise)
+    for n in (0, -3):
+        with pytest.raises(ValueError, match="--num_surrogate_images"):
+            generate_surrogate_set(tiny_pipe, out, ["brad pitt"], n, **noise)
+        with pytest.raises(ValueError, match="--num_replay_images_per_prompt"):
+            generate_replay_set(tiny_pipe, out, ["a cat"], n, **FAST)
+    with pytest.raises(ValueError, match="exactly one surrogate source"):
+        generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, **FAST)
+    with pytest.raises(ValueError, match="exactly one surrogate source"):
+        generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_prompt="a man", **noise)
+    with pytest.raises(ValueError, match="--surrogate_type"):
+        generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_type="pink_noise", **FAST)
+    with pytest.raises(ValueError, match="--surrogate_prompt"):
+        generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_prompt=" ", **FAST)
+    for resolution in (33, 0, -4):
+        with pytest.raises(ValueError, match="--resolution"):
+            generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, resolution=resolution, **noise)
+        with pytest.raises(ValueError, match="--resolution"):
+            generate_replay_set(tiny_pipe, out, ["a cat"], 1, resolution=resolution, **FAST)
+    with pytest.raises(ValueError, match="--replay_prompts_file"):
+        generate_replay_set(tiny_pipe, out, [], 1, **FAST)
+    with pytest.raises(FileNotFoundError, match="--surrogate_data_dir"):
+        generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_data_dir=tmp_path / "missing", **FAST)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--surrogate_data_dir"):
+        generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_data_dir=tmp_path / "empty", **FAST)
+    assert not out.exists()  # nothing is written before the inputs are checked
+
+
+def test_check_resolution(tiny_pipe):
+    assert tiny_pipe.vae_scale_factor == 2
+    assert check_resolution(tiny_pipe, 16) == 16
+    with pytest.raises(ValueError, match="--resolution 17 .* multiple of 2"):
+        check_resolution(tiny_pipe, 17)
+
+
+def test_other_resolution(tiny_pipe, tmp_path):
+    result = generate_replay_set(tiny_pipe, tmp_path / "r", ["a cat"], 1, resolution=16, **FAST)
+    assert result.latents.shape == (1, 4, 8, 8)
+
+
+def test_read_prompts_file(tmp_path):
+    good = tmp_path / "prompts.txt"
+    good.write_text("a photo of a cat\n\n  a red car  \n")
+    assert read_prompts_file(good, "--prompts_file") == ["a photo of a cat", "a red car"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n")
+    with pytest.raises(ValueError, match="--prompts_file .* has no prompts"):
+        read_prompts_file(empty, "--prompts_file")
+    with pytest.raises(FileNotFoundError, match="--replay_prompts_file .* does not exist"):
+        read_prompts_file(tmp_path / "missing.txt", "--replay_prompts_file")
+    assert check_prompts([" a ", "b"], "--x") == ["a", "b"]
+
+
+def test_load_image_set_rejects_incomplete_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        load_image_set(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="no latents shards"):
+        load_image_set(tmp_path)

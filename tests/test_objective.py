@@ -1,0 +1,136 @@
+"""The Selective Amnesia objective: forget + γ·replay + λ·EWC, targets, Min-SNR weighting, gradient flow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import add_forget_lora, random_fisher
+from diffusers.training_utils import compute_snr
+
+from sa_peft.conditioning import encode_prompts
+from sa_peft.ewc import EWCPenalty
+from sa_peft.objective import selective_amnesia_loss
+from sa_peft.tiny_pipeline import build_tiny_pipeline
+
+PROMPTS = ["brad pitt", "a photo of a cat", "a red car"]
+
+
+def setup(prediction_type="epsilon"):
+    pipe = build_tiny_pipeline(prediction_type=prediction_type)
+    conditioning = encode_prompts(pipe, PROMPTS)
+    names = add_forget_lora(pipe.unet, "xattn", rank=2)
+    ewc = EWCPenalty(pipe.unet, random_fisher(pipe.unet, names))
+    gen = torch.Generator().manual_seed(0)
+    batch = dict(
+        surrogate_latents=torch.randn(2, 4, 16, 16, generator=gen),
+        surrogate_prompt_ids=torch.tensor([0, 0]),
+        replay_latents=torch.randn(2, 4, 16, 16, generator=gen),
+        replay_prompt_ids=torch.tensor([1, 2]),
+    )
+    return pipe, conditioning, ewc, batch
+
+
+def loss(pipe, conditioning, batch, ewc, ewc_lambda=2.0, replay_weight=0.5, seed=11, **kwargs):
+    return selective_amnesia_loss(pipe.unet, pipe.scheduler, conditioning, **batch, ewc_penalty=ewc, ewc_lambda=ewc_lambda,
+                                  replay_weight=replay_weight, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def hand_losses(pipe, conditioning, latents, prompt_ids, seed, target="auto"):
+    """Per-sample losses with the same draws the objective makes: noise first, then timesteps."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=gen)
+    timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    with torch.no_grad():
+        prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states[prompt_ids]).sample
+    if target == "auto":
+        target = pipe.scheduler.config.prediction_type
+    expected = pipe.scheduler.get_velocity(latents, noise, timesteps) if target == "v_prediction" else noise
+    return (prediction - expected).square().mean(dim=(1, 2, 3)), timesteps
+
+
+def test_total_is_forget_plus_weighted_replay_plus_weighted_ewc():
+    pipe, conditioning, ewc, batch = setup()
+    out = loss(pipe, conditioning, batch, ewc, ewc_lambda=2.0, replay_weight=0.5)
+    latents = torch.cat([batch["surrogate_latents"], batch["replay_latents"]])
+    ids = torch.cat([batch["surrogate_prompt_ids"], batch["replay_prompt_ids"]])
+    per_sample, _ = hand_losses(pipe, conditioning, latents, ids, seed=11)
+    torch.testing.assert_close(out.forget, per_sample[:2].mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.replay, per_sample[2:].mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.ewc, ewc().detach(), rtol=1e-6, atol=0)
+    assert out.ewc > 0 and out.replay > 0
+    torch.testing.assert_close(out.total, out.forget + 0.5 * out.replay + 2.0 * out.ewc, rtol=1e-6, atol=0)
+    assert out.total.requires_grad and not out.forget.requires_grad
+    parts = out.parts()
+    assert set(parts) == {"loss", "forget", "replay", "ewc"}
+    assert parts["loss"] == pytest.approx(out.total.item())
+
+
+def test_zero_weights_drop_terms():
+    pipe, conditioning, ewc, batch = setup()
+    calls = []
+    counting = lambda: calls.append(1) or ewc()  # noqa: E731
+
+    no_replay = loss(pipe, conditioning, batch, counting, ewc_lambda=2.0, replay_weight=0.0)
+    assert no_replay.replay.item() == 0.0
+    per_sample, _ = hand_losses(pipe, conditioning, batch["surrogate_latents"], batch["surrogate_prompt_ids"], seed=11)
+    torch.testing.assert_close(no_replay.forget, per_sample.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(no_replay.total, no_replay.forget + 2.0 * no_replay.ewc, rtol=1e-6, atol=0)
+    assert calls == [1]
+
+    no_ewc = loss(pipe, conditioning, batch, counting, ewc_lambda=0.0, replay_weight=0.5)
+    assert no_ewc.ewc.item() == 0.0 and calls == [1]  # the penalty is not even evaluated
+    torch.testing.assert_close(no_ewc.total, no_ewc.forget + 0.5 * no_ewc.replay, rtol=1e-6, atol=0)
+
+    none = selective_amnesia_loss(pipe.unet, pipe.scheduler, conditioning, batch["surrogate_latents"],
+                                  batch["surrogate_prompt_ids"], None, None, None, ewc_lambda=5.0, replay_weight=1.0,
+                                  generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(none.total, no_replay.forget, rtol=1e-6, atol=0)
+    assert none.replay.item() == 0.0 and none.ewc.item() == 0.0
+
+
+def test_v_prediction_target_is_used():
+    pipe, conditioning, ewc, batch = setup(prediction_type="v_prediction")
+    out = loss(pipe, conditioning, batch, ewc, replay_weight=0.0)
+    lat, ids = batch["surrogate_latents"], batch["surrogate_prompt_ids"]
+    v_loss, _ = hand_losses(pipe, conditioning, lat, ids, seed=11, target="v_prediction")
+    eps_loss, _ = hand_losses(pipe, conditioning, lat, ids, seed=11, target="epsilon")
+    torch.testing.assert_close(out.forget, v_loss.mean(), rtol=1e-5, atol=0)
+    assert not torch.isclose(out.forget, eps_loss.mean(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_snr_gamma_weights_the_per_sample_losses(prediction_type):
+    pipe, conditioning, ewc, batch = setup(prediction_type)
+    gamma = 0.5
+    plain = loss(pipe, conditioning, batch, ewc)
+    weighted = loss(pipe, conditioning, batch, ewc, snr_gamma=gamma)
+    latents = torch.cat([batch["surrogate_latents"], batch["replay_latents"]])
+    ids = torch.cat([batch["surrogate_prompt_ids"], batch["replay_prompt_ids"]])
+    per_sample, timesteps = hand_losses(pipe, conditioning, latents, ids, seed=11)
+    snr = compute_snr(pipe.scheduler, timesteps)
+    weights = snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    assert not torch.allclose(weights, torch.ones_like(weights))
+    torch.testing.assert_close(weighted.forget, (per_sample[:2] * weights[:2]).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(weighted.replay, (per_sample[2:] * weights[2:]).mean(), rtol=1e-5, atol=0)
+    assert not torch.isclose(plain.total, weighted.total, rtol=1e-6)
+
+
+def test_noise_offset_changes_the_loss():
+    pipe, conditioning, ewc, batch = setup()
+    plain = loss(pipe, conditioning, batch, ewc)
+    offset = loss(pipe, conditioning, batch, ewc, noise_offset=0.5)
+    assert not torch.isclose(plain.forget, offset.forget, rtol=1e-4)
+
+
+def test_gradients_reach_only_lora_parameters():
+    pipe, conditioning, ewc, batch = setup()
+    out = loss(pipe, conditioning, batch, ewc)
+    out.total.backward()
+    lora = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert lora
+    assert all(p.grad is not None for p in lora.values())
+    assert all(p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+    assert all(p.grad is None for n, p in pipe.unet.named_parameters() if n not in lora)
+    assert all(p.grad is None for p in pipe.text_encoder.parameters())
+    assert all(p.grad is None for p in pipe.vae.parameters())
