@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,12 +48,13 @@ class ImageSet:
 
 
 def check_resolution(pipe, resolution: int) -> int:
-    """Reject sizes the VAE cannot take (not a positive multiple of its downsampling factor)."""
-    factor = pipe.vae_scale_factor
+    """Reject sizes the pipeline cannot take: not a positive multiple of the VAE's downsampling factor
+    (and of 8, which diffusers' Stable Diffusion pipelines require)."""
+    factor = math.lcm(8, pipe.vae_scale_factor)
     if resolution <= 0 or resolution % factor:
         raise ValueError(
-            f"--resolution {resolution} is not a positive multiple of {factor}, the VAE's downsampling "
-            f"factor; use e.g. {max(factor, round(max(resolution, 1) / factor) * factor)}"
+            f"--resolution {resolution} is not a positive multiple of {factor} (the VAE's downsampling "
+            f"factor and 8); use e.g. {max(factor, round(max(resolution, 1) / factor) * factor)}"
         )
     return resolution
 

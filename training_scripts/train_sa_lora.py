@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -126,6 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _set_default(args: argparse.Namespace, name: str, value) -> None:
+    if getattr(args, name) is None:
+        setattr(args, name, value)
+
+
 def resolve_defaults(args: argparse.Namespace) -> dict:
     """Fill defaults that depend on the model; check every flag before any heavy work. Returns the run plan."""
     on_digits = args.pretrained_model_name_or_path == "builtin:digits"
@@ -141,26 +147,26 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         replay = read_prompts_file(args.replay_prompts_file, "--replay_prompts_file") if args.replay_prompts_file else digits["replay_prompts"]
         if not any(sources):
             args.surrogate_type = "uniform_noise"
-        args.resolution = args.resolution or digits["resolution"]
-        args.generation_guidance_scale = args.generation_guidance_scale or digits["guidance_scale"]
-        args.generation_num_inference_steps = args.generation_num_inference_steps or digits["num_inference_steps"]
-        args.classifier = args.classifier or digits["classifier"]
-        args.learning_rate = args.learning_rate or 2e-3
-        args.rank = args.rank or 8
-        args.num_surrogate_images = args.num_surrogate_images or 256
-        args.num_replay_images_per_prompt = args.num_replay_images_per_prompt or 32
+        _set_default(args, "resolution", digits["resolution"])
+        _set_default(args, "generation_guidance_scale", digits["guidance_scale"])
+        _set_default(args, "generation_num_inference_steps", digits["num_inference_steps"])
+        _set_default(args, "classifier", digits["classifier"])
+        _set_default(args, "learning_rate", 2e-3)
+        _set_default(args, "rank", 8)
+        _set_default(args, "num_surrogate_images", 256)
+        _set_default(args, "num_replay_images_per_prompt", 32)
     else:
         if not forget:
             raise ValueError("no concept to forget: pass --forget_prompt (repeatable) or --forget_prompts_file")
         if not any(sources):
             raise ValueError("no surrogate: pass --surrogate_prompt, --surrogate_data_dir or --surrogate_type noise")
         replay = read_prompts_file(args.replay_prompts_file or DEFAULT_REPLAY_PROMPTS_FILE, "--replay_prompts_file")
-        args.generation_guidance_scale = args.generation_guidance_scale or 7.5
-        args.generation_num_inference_steps = args.generation_num_inference_steps or 50
-        args.learning_rate = args.learning_rate or 1e-4
-        args.rank = args.rank or 4
-        args.num_surrogate_images = args.num_surrogate_images or 64
-        args.num_replay_images_per_prompt = args.num_replay_images_per_prompt or 8
+        _set_default(args, "generation_guidance_scale", 7.5)
+        _set_default(args, "generation_num_inference_steps", 50)
+        _set_default(args, "learning_rate", 1e-4)
+        _set_default(args, "rank", 4)
+        _set_default(args, "num_surrogate_images", 64)
+        _set_default(args, "num_replay_images_per_prompt", 8)
     clash = sorted(set(forget) & set(replay))
     if clash:
         raise ValueError(f"forget prompt(s) {clash} also appear in the replay prompts; remove them from --replay_prompts_file")
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None):
     """Run the whole job; returns the pipeline with the trained adapter loaded (for programmatic use)."""
     args = parse_args(argv)
     plan = resolve_defaults(args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

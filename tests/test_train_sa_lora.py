@@ -1,0 +1,235 @@
+"""The training script end to end on the tiny pipeline: outputs, reload, resume, DDP, precision, bad flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sa_peft.adapter_io import read_adapter_metadata
+from sa_peft.tiny_pipeline import build_tiny_pipeline
+
+SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_sa_lora.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_sa_lora", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps a process-wide singleton."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def replay_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "replay.txt"
+    path.write_text("a photo of a cat\na photo of a dog\n")
+    return path
+
+
+def tiny_args(model_dir, replay_file, output_dir, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+        "--forget_prompt", "brad pitt", "--replay_prompts_file", str(replay_file),
+        "--num_surrogate_images", "8", "--num_replay_images_per_prompt", "4", "--fisher_num_samples", "8",
+        "--generation_num_inference_steps", "2", "--num_validation_images", "1", "--validation_steps", "1000",
+        "--train_batch_size", "2", *extra,
+    ]
+
+
+def sample(pipe, prompt="brad pitt"):
+    return pipe(prompt, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_end_to_end_outputs_reload_identically(train, tiny_pipe_dir, replay_file, tmp_path):
+    out = tmp_path / "run"
+    pipe = train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man",
+                                "--max_train_steps", "6", "--learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "2",
+                                "--output_kohya_format", "--checkpointing_steps", "4"))
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
+                 "validation_before_after.png", "train_log.jsonl", "timings.json", "checkpoint-4/lora_unet.safetensors"):
+        assert (out / name).exists(), name
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 7))
+    assert all({"forget", "replay", "ewc", "loss"} <= set(e) for e in log)
+    assert log[-1]["ewc"] > 0  # the adapter moved, so the penalty is live
+    trained = sample(pipe)
+    fresh = build_tiny_pipeline()
+    base = sample(fresh)
+    fresh.load_lora_weights(str(out))
+    reloaded = sample(fresh)
+    assert np.abs(trained - base).max() > 1e-3, "training changed nothing"
+    np.testing.assert_array_equal(reloaded, trained)  # alpha (2) != rank (4) must round-trip
+    kohya = build_tiny_pipeline()
+    kohya.load_lora_weights(str(out), weight_name="pytorch_lora_weights_kohya.safetensors")
+    np.testing.assert_allclose(sample(kohya), trained, atol=1e-5)
+    meta = read_adapter_metadata(out)
+    assert meta["sa_peft"]["forget_prompts"] == ["brad pitt"]
+    assert meta["sa_peft"]["lora_alpha"] == 2.0 and meta["lora_adapter_metadata"]["unet.lora_alpha"] == 2.0
+    card = (out / "README.md").read_text()
+    assert "selective-amnesia" in card and "load_lora_weights" in card and "brad pitt" in card
+    assert "adversarial prompts" in card and "further fine-tuning" in card  # the honest limits
+
+
+def test_phases_are_cached_and_reused(train, tiny_pipe_dir, replay_file, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "2")
+    train.main(args)
+    cache = sorted(p.name for p in (out / "cache").iterdir())
+    fisher = next((out / "cache").glob("fisher-*.safetensors"))
+    mtime = fisher.stat().st_mtime_ns
+    first = load_file(out / "pytorch_lora_weights.safetensors")
+    train.main(args)
+    assert sorted(p.name for p in (out / "cache").iterdir()) == cache
+    assert fisher.stat().st_mtime_ns == mtime  # reused, not recomputed
+    second = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_fisher_path_of_another_model_is_refused(train, tiny_pipe_dir, replay_file, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "1",
+                     "--fisher_path", str(tmp_path / "fisher.safetensors"))
+    train.main(args)
+    other = tmp_path / "other-model"
+    build_tiny_pipeline(seed=7).save_pretrained(other)
+    with pytest.raises(ValueError, match="another base model"):
+        train.main(tiny_args(other, replay_file, tmp_path / "run2", "--surrogate_type", "noise", "--max_train_steps", "1",
+                             "--fisher_path", str(tmp_path / "fisher.safetensors")))
+
+
+def test_bf16_mixed_precision_keeps_lora_in_fp32(train, tiny_pipe_dir, replay_file, tmp_path):
+    out = tmp_path / "run"
+    pipe = train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "2",
+                                "--mixed_precision", "bf16", "--ewc_space", "full"))
+    lora = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert pipe.unet.conv_in.base_layer.weight.dtype == torch.bfloat16
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(e["loss"]) for e in log)
+
+
+def test_8bit_adam_states_are_8bit(train, tiny_pipe_dir, replay_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from sa_peft.training_setup import make_optimizer
+
+    param = torch.nn.Parameter(torch.randn(4, 8))
+    opt = make_optimizer([param], 1e-3, (0.9, 0.999), 0.0, 1e-8, use_8bit_adam=True)
+    param.sum().backward()
+    opt.step()
+    assert opt.state[param]["state1"].dtype == torch.uint8
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "2", "--use_8bit_adam"))
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--surrogate_prompt", "a man", "--surrogate_type", "noise"], "only one of"),
+        ([], "no surrogate"),
+        (["--surrogate_type", "noise", "--forget_prompt", "a photo of a cat"], "also appear in the replay"),
+        (["--surrogate_type", "noise", "--rank", "0"], "--rank"),
+        (["--surrogate_type", "noise", "--num_surrogate_images", "0"], "--num_surrogate_images"),
+        (["--surrogate_type", "noise", "--fisher_path", "fisher.pt"], ".safetensors"),
+        (["--surrogate_type", "noise", "--resume_from_checkpoint", "checkpoint-99"], "no such checkpoint"),
+        (["--surrogate_data_dir", "/nonexistent/folder"], "--surrogate_data_dir"),
+    ],
+)
+def test_invalid_flags_fail_before_heavy_work(train, replay_file, tmp_path, extra, message):
+    # The model path does not exist: every one of these must fail before any model is loaded.
+    args = tiny_args(tmp_path / "no-model-here", replay_file, tmp_path / "out", *extra)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.resolve_defaults(train.parse_args(args))
+
+
+def test_missing_forget_prompt_and_empty_replay_file(train, tmp_path):
+    with pytest.raises(ValueError, match="--forget_prompt"):
+        train.resolve_defaults(train.parse_args(["--pretrained_model_name_or_path", "x/y", "--surrogate_type", "noise"]))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        train.resolve_defaults(train.parse_args(["--pretrained_model_name_or_path", "x/y", "--forget_prompt", "a",
+                                                 "--surrogate_type", "noise", "--replay_prompts_file", str(empty)]))
+
+
+def test_optional_backends_give_clear_errors(train, replay_file, tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("bitsandbytes", "xformers") else real_find_spec(name, *a))
+    base = tiny_args(tmp_path, replay_file, tmp_path / "out", "--surrogate_type", "noise")
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        train.resolve_defaults(train.parse_args(base + ["--use_8bit_adam"]))
+    with pytest.raises(ImportError, match="xformers"):
+        train.resolve_defaults(train.parse_args(base + ["--enable_xformers_memory_efficient_attention"]))
+
+
+def test_bad_resolution_is_refused(train, tiny_pipe_dir, replay_file, tmp_path):
+    with pytest.raises(ValueError, match="--resolution 30"):
+        train.main(tiny_args(tiny_pipe_dir, replay_file, tmp_path / "out", "--surrogate_type", "noise", "--resolution", "30"))
+
+
+def _launch(args, env_extra=None, num_processes=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + [str(SCRIPT), *args], env
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_pipe_dir, replay_file, tmp_path):
+    out = tmp_path / "ddp"
+    cmd, env = _launch(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "3"), num_processes=2)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    fresh = build_tiny_pipeline()
+    fresh.load_lora_weights(str(out))
+    assert sample(fresh).shape == (1, 32, 32, 3)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_pipe_dir, replay_file, tmp_path):
+    common = ["--surrogate_type", "noise", "--max_train_steps", "40", "--checkpointing_steps", "10"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd, env = _launch(tiny_args(tiny_pipe_dir, replay_file, killed, *common))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-20" / "lora_unet.safetensors").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "pytorch_lora_weights.safetensors").exists(), "the run finished before the kill"
+    cmd, env = _launch(tiny_args(tiny_pipe_dir, replay_file, killed, *common, "--resume_from_checkpoint", "latest"))
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    cmd, env = _launch(tiny_args(tiny_pipe_dir, replay_file, full, *common))
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    a = load_file(full / "pytorch_lora_weights.safetensors")
+    b = load_file(killed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
