@@ -80,30 +80,41 @@ class EWCPenalty(torch.nn.Module):
         else:
             raise ValueError(f"normalization must be 'mean' or 'none', got {normalization!r}")
         device = self.layers[0].lora_a.device
-        as_buffer = lambda t: (t.to(device=device, dtype=torch.float32) * self.normalizer)  # noqa: E731
-        for i, key in enumerate(keys):
+        # Layers with the same (m, n, r) are stacked and computed with one batched matmul, so the penalty
+        # costs a few kernels per distinct shape instead of several per layer (hundreds of layers in SD).
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            m, n, r = layer.lora_b.shape[0], layer.lora_a.shape[1], layer.lora_a.shape[0]
+            groups.setdefault((m, n, r), []).append(i)
+        self.groups = list(groups.values())
+        for g, members in enumerate(self.groups):
+            scales = torch.tensor([self.layers[i].scale for i in members], dtype=torch.float32, device=device)
+            self.register_buffer(f"scale_sq_{g}", scales.square(), persistent=False)
+            stack = lambda tensors: torch.stack([t.reshape(t.shape[0], -1) if t.dim() > 1 else t for t in tensors]).to(  # noqa: E731
+                device=device, dtype=torch.float32) * self.normalizer
+            member_keys = [keys[i] for i in members]
             if space == "full":
-                f = fisher.diagonal[key]
-                self.register_buffer(f"fisher_{i}", as_buffer(f.reshape(f.shape[0], -1)), persistent=False)
+                self.register_buffer(f"fisher_{g}", stack([fisher.diagonal[k] for k in member_keys]), persistent=False)
             else:
-                rows = as_buffer(fisher.row_sums[key])
-                self.register_buffer(f"rows_{i}", rows, persistent=False)
-                self.register_buffer(f"cols_{i}", as_buffer(fisher.col_sums[key]), persistent=False)
-                self.register_buffer(f"total_{i}", rows.sum(), persistent=False)
+                rows = stack([fisher.row_sums[k] for k in member_keys])
+                self.register_buffer(f"rows_{g}", rows, persistent=False)
+                self.register_buffer(f"cols_{g}", stack([fisher.col_sums[k] for k in member_keys]), persistent=False)
+                # A layer whose Fisher is all zero has u = v = 0: keep its penalty 0 rather than 0/0 = NaN.
+                self.register_buffer(f"total_{g}", rows.sum(1).clamp_min(torch.finfo(torch.float32).tiny), persistent=False)
 
     def forward(self) -> torch.Tensor:
         device_type = self.layers[0].lora_a.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             parts = []
-            for i, layer in enumerate(self.layers):
-                a, b = layer.lora_a.float(), layer.lora_b.float()
+            for g, members in enumerate(self.groups):
+                a = torch.stack([self.layers[i].lora_a for i in members]).float()  # G×r×n
+                b = torch.stack([self.layers[i].lora_b for i in members]).float()  # G×m×r
+                scale_sq = getattr(self, f"scale_sq_{g}")
                 if self.space == "full":
-                    parts.append(full_space_penalty(getattr(self, f"fisher_{i}"), a, b, layer.scale))
+                    delta_sq = torch.bmm(b, a).square()
+                    parts.append((scale_sq * (getattr(self, f"fisher_{g}") * delta_sq).sum((1, 2))).sum())
                 else:
-                    parts.append(
-                        lowrank_space_penalty(
-                            getattr(self, f"rows_{i}"), getattr(self, f"cols_{i}"), getattr(self, f"total_{i}"),
-                            a, b, layer.scale,
-                        )
-                    )
+                    left = torch.bmm(b.transpose(1, 2), getattr(self, f"rows_{g}")[:, :, None] * b)  # G×r×r
+                    right = torch.bmm(a * getattr(self, f"cols_{g}")[:, None, :], a.transpose(1, 2))  # G×r×r
+                    parts.append((scale_sq * (left * right).sum((1, 2)) / getattr(self, f"total_{g}")).sum())
             return torch.stack(parts).sum()

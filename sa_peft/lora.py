@@ -18,8 +18,18 @@ ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_TARGET_PRESETS = ("xattn", "attn", "noxattn", "all")
 
 
-def _is_adaptable(module: torch.nn.Module) -> bool:
-    return type(module) in (torch.nn.Linear, torch.nn.Conv2d)
+def _adaptable_modules(unet: torch.nn.Module) -> list[str]:
+    """Names of Linear/Conv2d layers, counting an already LoRA-wrapped layer once under its own name."""
+    names = []
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            if isinstance(module.get_base_layer(), (torch.nn.Linear, torch.nn.Conv2d)):
+                names.append(name)
+        elif type(module) in (torch.nn.Linear, torch.nn.Conv2d) and not any(
+            part == "base_layer" or part.startswith("lora_") for part in name.split(".")
+        ):
+            names.append(name)
+    return names
 
 
 def resolve_lora_targets(unet: torch.nn.Module, target: str | Sequence[str]) -> list[str]:
@@ -28,7 +38,7 @@ def resolve_lora_targets(unet: torch.nn.Module, target: str | Sequence[str]) -> 
     Explicit entries match a module whose full name equals the entry, ends with ``.<entry>``, or
     fully matches it as a regular expression. Raises ``ValueError`` naming unknown entries.
     """
-    adaptable = [name for name, module in unet.named_modules() if _is_adaptable(module)]
+    adaptable = _adaptable_modules(unet)
     if isinstance(target, str) and target in LORA_TARGET_PRESETS:
         attn = re.compile(r".*\.attn([12])\.(to_q|to_k|to_v|to_out\.0)$")
         if target == "xattn":
