@@ -249,10 +249,14 @@ class ClipZeroShotClassifier(ImageClassifier):
         self._text = F.normalize(text.float(), dim=-1)
 
     def _pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        # CLIPImageProcessor's resize / crop / normalise, done on tensors so nothing round-trips through PIL.
+        # CLIPImageProcessor's normalisation on tensors, so nothing round-trips through PIL; samples are
+        # square, so resizing straight to the crop size equals its resize-then-centre-crop.
         proc = self.processor.image_processor
         crop = proc.crop_size
-        size = crop["height"] if isinstance(crop, dict) else int(crop)
+        if isinstance(crop, int):
+            size = crop
+        else:  # a dict in transformers 4, a SizeDict in 5
+            size = crop["height"] if isinstance(crop, dict) else crop.height
         images = resize_images(to_channels(images.float().clamp(0, 1), 3), size)
         mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(proc.image_std).view(1, 3, 1, 1)

@@ -1,12 +1,15 @@
-"""A seeded, offline, tiny Stable Diffusion pipeline for tests, smoke runs and benchmarks."""
+"""Seeded, offline, tiny Stable Diffusion (1.x/2.x-style) and SDXL pipelines for tests, smoke runs and benchmarks."""
 
 from __future__ import annotations
 
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .tokenizer import write_clip_tokenizer
 
@@ -15,6 +18,45 @@ TINY_WORDS = (
     "car tree house red blue green painting style van gogh handwritten digit zero one two three four "
     "five six seven eight nine noise"
 ).split()
+
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+
+
+def _tiny_vae(sample_size: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+
+
+def _tiny_tokenizer():
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_clip_tokenizer(tmp, TINY_WORDS)
+
+
+def _tiny_text_config(tokenizer, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
 
 
 def build_tiny_pipeline(
@@ -28,8 +70,7 @@ def build_tiny_pipeline(
     ``sample_size`` is the image side in pixels; the VAE downsamples by 2, so latents are
     ``sample_size // 2``. ``prediction_type`` is ``"epsilon"`` or ``"v_prediction"`` (SD 2.x style).
     """
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    _check_prediction_type(prediction_type)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size // 2,
@@ -44,32 +85,10 @@ def build_tiny_pipeline(
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = write_clip_tokenizer(tmp, TINY_WORDS)
+    vae = _tiny_vae(sample_size)
+    tokenizer = _tiny_tokenizer()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
     scheduler = DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="scaled_linear",
@@ -88,6 +107,75 @@ def build_tiny_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_SDXL_TIME_EMBED_DIM = 8
+TINY_SDXL_PROJECTION_DIM = 32
+
+
+def build_tiny_sdxl_pipeline(
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    sample_size: int = 32,
+    num_train_timesteps: int = 1000,
+) -> StableDiffusionXLPipeline:
+    """Build a randomly initialised, deterministic ``StableDiffusionXLPipeline`` shaped like SDXL, only tiny.
+
+    Two CLIP text encoders (the second a ``CLIPTextModelWithProjection`` giving the pooled embedding),
+    their penultimate hidden states concatenated as the cross-attention context (32 + 32 = 64), and a
+    UNet with ``addition_embed_type="text_time"`` whose added-conditioning input is
+    6 · ``addition_time_embed_dim`` (the ``add_time_ids``) + the pooled projection dim. The first block
+    has no attention and the transformers use linear projections, as in SDXL. The scheduler is
+    ``EulerDiscreteScheduler``, which real SDXL folders ship. The native resolution is ``sample_size``
+    (SDXL's 1024 default scaled down); the VAE downsamples by 2.
+    """
+    _check_prediction_type(prediction_type)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + TINY_SDXL_PROJECTION_DIM,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(sample_size)
+    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, projection_dim=TINY_SDXL_PROJECTION_DIM))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

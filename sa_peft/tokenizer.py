@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's byte-pair encoding of one word: repeatedly merge every occurrence of the best-ranked pair."""
     word = list(symbols)
     while len(word) > 1:
-        pair = min(zip(word, word[1:]), key=lambda p: ranks.get(p, float("inf")))
+        pair = min(itertools.pairwise(word), key=lambda p: ranks.get(p, float("inf")))
         if pair not in ranks:
             break
         merged, i = [], 0
