@@ -47,7 +47,7 @@ def layer_totals(fisher) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:digits")
+    parser.add_argument("--model", default="builtin:digits", help="pipeline path/alias, or tiny for a smoke run")
     parser.add_argument("--lora_target", default="all")
     parser.add_argument("--reference_samples", type=int, default=32)
     parser.add_argument("--fast", nargs="+", default=["1x128", "4x128", "8x128", "8x32", "16x32"],
@@ -57,7 +57,12 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.model)
+    if args.model == "tiny":  # smoke runs: the tiny pipeline with a short schedule keeps the reference cheap
+        from sa_peft.tiny_pipeline import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(num_train_timesteps=50)
+    else:
+        pipe = load_pipeline(args.model)
     prompts = list(DIGIT_PROMPTS) if args.model == "builtin:digits" else ["a photo of a cat", "a photo of a dog"]
     fast = [tuple(int(v) for v in spec.split("x")) for spec in args.fast]
     n_max = max([args.reference_samples] + [n for _, n in fast])
