@@ -220,7 +220,7 @@ def generate_surrogate_set(
     if surrogate_prompt is not None:
         kind, sources = "prompt", [check_prompts([surrogate_prompt], "--surrogate_prompt")[0]]
     elif surrogate_data_dir is not None:
-        folder = os.fspath(surrogate_data_dir)
+        folder = os.path.abspath(os.fspath(surrogate_data_dir))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"--surrogate_data_dir {folder!r} is not a folder")
         sources = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if p.lower().endswith(IMAGE_EXTENSIONS))

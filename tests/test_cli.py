@@ -33,26 +33,72 @@ def run(argv, capsys):
 
 def test_generate_surrogate(tmp_path, model_args, capsys):
     out_dir = tmp_path / "surrogate"
-    code, out, err = run(["generate", "surrogate", "--output_dir", out_dir, *model_args, "--forget_prompt", "brad pitt",
-                          "--surrogate_prompt", "a middle aged man", "--num_surrogate_images", 2, "--seed", 5], capsys)
+    code, out, err = run(
+        [
+            "generate",
+            "surrogate",
+            "--output_dir",
+            out_dir,
+            *model_args,
+            "--forget_prompt",
+            "brad pitt",
+            "--surrogate_prompt",
+            "a middle aged man",
+            "--num_surrogate_images",
+            2,
+            "--seed",
+            5,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "2 images" in out
     rows = [json.loads(line) for line in (out_dir / "metadata.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"], r["kind"], r["source"]) for r in rows] == [
-        ("brad pitt", 5, "prompt", "a middle aged man"), ("brad pitt", 6, "prompt", "a middle aged man")]
+        ("brad pitt", 5, "prompt", "a middle aged man"),
+        ("brad pitt", 6, "prompt", "a middle aged man"),
+    ]
     settings = json.loads((out_dir / "settings.json").read_text())
     assert settings["num_inference_steps"] == 2 and settings["resolution"] == 32
 
 
 def test_generate_replay_and_fisher_from_it(tmp_path, model_args, prompts_file, capsys, tiny_pipe_dir):
     replay = tmp_path / "replay"
-    code, out, err = run(["generate", "replay", "--output_dir", replay, *model_args, "--replay_prompts_file", prompts_file,
-                          "--num_replay_images_per_prompt", 1], capsys)
+    code, out, err = run(
+        [
+            "generate",
+            "replay",
+            "--output_dir",
+            replay,
+            *model_args,
+            "--replay_prompts_file",
+            prompts_file,
+            "--num_replay_images_per_prompt",
+            1,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "2 images" in out
     fisher_path = tmp_path / "fisher.safetensors"
-    code, out, err = run(["fisher", "--output", fisher_path, *model_args, "--data_dir", replay, "--fisher_num_samples", 2,
-                          "--fisher_num_timesteps", 2, "--lora_target", "attn2.to_k", "--factored_only"], capsys)
+    code, out, err = run(
+        [
+            "fisher",
+            "--output",
+            fisher_path,
+            *model_args,
+            "--data_dir",
+            replay,
+            "--fisher_num_samples",
+            2,
+            "--fisher_num_timesteps",
+            2,
+            "--lora_target",
+            "attn2.to_k",
+            "--factored_only",
+        ],
+        capsys,
+    )
     assert code == 0, err
     unet = load_pipeline(tiny_pipe_dir).unet
     targets = resolve_lora_targets(unet, "attn2.to_k")
@@ -63,15 +109,35 @@ def test_generate_replay_and_fisher_from_it(tmp_path, model_args, prompts_file, 
 
 def test_fisher_from_prompts_file(tmp_path, model_args, prompts_file, capsys, tiny_pipe_dir):
     fisher_path = tmp_path / "out" / "fisher.safetensors"
-    code, out, err = run(["fisher", "--output", fisher_path, *model_args, "--prompts_file", prompts_file,
-                          "--fisher_num_samples", 3, "--fisher_num_timesteps", 2, "--lora_target", "xattn"], capsys)
+    code, out, err = run(
+        [
+            "fisher",
+            "--output",
+            fisher_path,
+            *model_args,
+            "--prompts_file",
+            prompts_file,
+            "--fisher_num_samples",
+            3,
+            "--fisher_num_timesteps",
+            2,
+            "--lora_target",
+            "xattn",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert str(fisher_path) in out and "16 modules from 3 samples" in out
     unet = load_pipeline(tiny_pipe_dir).unet
     targets = resolve_lora_targets(unet, "xattn")
     fisher = load_fisher(fisher_path, unet=unet, required_modules=targets)
     meta = fisher.metadata
-    assert (meta["num_samples"], meta["estimator"], meta["num_timesteps"], meta["unet_passes"]) == ("3", "fast", "2", "6")
+    assert (meta["num_samples"], meta["estimator"], meta["num_timesteps"], meta["unet_passes"]) == (
+        "3",
+        "fast",
+        "2",
+        "6",
+    )
     assert all(torch.isfinite(d).all() and d.sum() > 0 for d in fisher.diagonal.values())
     # the sampled images are cached beside the output: 2 per prompt, round-robin
     samples = tmp_path / "out" / "fisher-samples"
@@ -79,7 +145,9 @@ def test_fisher_from_prompts_file(tmp_path, model_args, prompts_file, capsys, ti
 
 
 def test_missing_forget_prompt(tmp_path, model_args, capsys):
-    code, _, err = run(["generate", "surrogate", "--output_dir", tmp_path / "s", *model_args, "--surrogate_type", "noise"], capsys)
+    code, _, err = run(
+        ["generate", "surrogate", "--output_dir", tmp_path / "s", *model_args, "--surrogate_type", "noise"], capsys
+    )
     assert code == 2
     assert "--forget_prompt is required" in err
 
@@ -87,7 +155,9 @@ def test_missing_forget_prompt(tmp_path, model_args, capsys):
 def test_empty_prompts_file(tmp_path, model_args, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    code, _, err = run(["generate", "replay", "--output_dir", tmp_path / "r", *model_args, "--replay_prompts_file", empty], capsys)
+    code, _, err = run(
+        ["generate", "replay", "--output_dir", tmp_path / "r", *model_args, "--replay_prompts_file", empty], capsys
+    )
     assert code == 2 and "--replay_prompts_file" in err and "has no prompts" in err
     code, _, err = run(["fisher", "--output", tmp_path / "f.safetensors", *model_args, "--prompts_file", empty], capsys)
     assert code == 2 and "--prompts_file" in err and "has no prompts" in err
@@ -96,15 +166,43 @@ def test_empty_prompts_file(tmp_path, model_args, capsys):
 
 
 def test_fisher_bad_inputs(tmp_path, model_args, prompts_file, capsys):
-    code, _, err = run(["fisher", "--output", tmp_path / "fisher.pt", *model_args, "--prompts_file", prompts_file], capsys)
+    code, _, err = run(
+        ["fisher", "--output", tmp_path / "fisher.pt", *model_args, "--prompts_file", prompts_file], capsys
+    )
     assert code == 2 and "--output" in err and ".safetensors" in err
-    code, _, err = run(["fisher", "--output", tmp_path / "f.safetensors", *model_args, "--prompts_file", prompts_file,
-                        "--fisher_num_samples", 0], capsys)
+    code, _, err = run(
+        [
+            "fisher",
+            "--output",
+            tmp_path / "f.safetensors",
+            *model_args,
+            "--prompts_file",
+            prompts_file,
+            "--fisher_num_samples",
+            0,
+        ],
+        capsys,
+    )
     assert code == 2 and "--fisher_num_samples" in err
-    code, _, err = run(["fisher", "--output", tmp_path / "f.safetensors", *model_args, "--prompts_file", prompts_file,
-                        "--fisher_num_samples", 1, "--lora_target", "attn9.to_q"], capsys)
+    code, _, err = run(
+        [
+            "fisher",
+            "--output",
+            tmp_path / "f.safetensors",
+            *model_args,
+            "--prompts_file",
+            prompts_file,
+            "--fisher_num_samples",
+            1,
+            "--lora_target",
+            "attn9.to_q",
+        ],
+        capsys,
+    )
     assert code == 2 and "'attn9.to_q'" in err
-    code, _, err = run(["fisher", "--output", tmp_path / "f.safetensors", *model_args, "--data_dir", tmp_path / "nothing"], capsys)
+    code, _, err = run(
+        ["fisher", "--output", tmp_path / "f.safetensors", *model_args, "--data_dir", tmp_path / "nothing"], capsys
+    )
     assert code == 2 and "metadata.jsonl" in err
     assert not (tmp_path / "f.safetensors").exists()
 
@@ -120,9 +218,23 @@ def test_bad_surrogate_inputs(tmp_path, model_args, capsys):
 
 
 def test_missing_model(tmp_path, capsys):
-    code, _, err = run(["generate", "surrogate", "--output_dir", tmp_path / "s", "--device", "cpu",
-                        "--pretrained_model_name_or_path", tmp_path / "no" / "model", "--forget_prompt", "x",
-                        "--surrogate_type", "noise"], capsys)
+    code, _, err = run(
+        [
+            "generate",
+            "surrogate",
+            "--output_dir",
+            tmp_path / "s",
+            "--device",
+            "cpu",
+            "--pretrained_model_name_or_path",
+            tmp_path / "no" / "model",
+            "--forget_prompt",
+            "x",
+            "--surrogate_type",
+            "noise",
+        ],
+        capsys,
+    )
     assert code == 2 and "no such folder" in err
 
 

@@ -24,12 +24,20 @@ def read_metadata(folder):
 
 def test_surrogate_from_prompt(tiny_pipe, tmp_path):
     out = tmp_path / "surrogate"
-    result = generate_surrogate_set(tiny_pipe, out, ["brad pitt", "pitt"], 3, surrogate_prompt="a middle aged man", seed=4, **FAST)
+    result = generate_surrogate_set(
+        tiny_pipe, out, ["brad pitt", "pitt"], 3, surrogate_prompt="a middle aged man", seed=4, **FAST
+    )
     assert result.latents.shape == (3, 4, 16, 16)
     assert result.prompts == ["brad pitt", "pitt", "brad pitt"]
     rows = read_metadata(out)
     assert rows == [
-        {"file_name": f"images/{i:05d}.png", "prompt": p, "seed": 4 + i, "kind": "prompt", "source": "a middle aged man"}
+        {
+            "file_name": f"images/{i:05d}.png",
+            "prompt": p,
+            "seed": 4 + i,
+            "kind": "prompt",
+            "source": "a middle aged man",
+        }
         for i, p in enumerate(result.prompts)
     ]
     for row in rows:
@@ -67,8 +75,10 @@ def test_surrogate_from_image_folder(tiny_pipe, tmp_path):
     assert not torch.allclose(result.latents[0], result.latents[1])
 
 
-@pytest.mark.parametrize("surrogate_type,kind", [("noise", "uniform_noise"), ("uniform_noise", "uniform_noise"),
-                                                  ("gaussian_noise", "gaussian_noise")])
+@pytest.mark.parametrize(
+    "surrogate_type,kind",
+    [("noise", "uniform_noise"), ("uniform_noise", "uniform_noise"), ("gaussian_noise", "gaussian_noise")],
+)
 def test_surrogate_from_noise(tiny_pipe, tmp_path, surrogate_type, kind):
     result = generate_surrogate_set(tiny_pipe, tmp_path / "out", ["nudity"], 2, surrogate_type=surrogate_type, **FAST)
     rows = read_metadata(tmp_path / "out")
@@ -155,7 +165,12 @@ def test_resume_after_losing_the_last_shard(tiny_pipe, tmp_path, monkeypatch):
 def test_settings_mismatch_is_an_error(tiny_pipe, tmp_path):
     out = tmp_path / "s"
     generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_type="noise", seed=0, **FAST)
-    for change in (dict(seed=1), dict(num_images=3), dict(surrogate_type="gaussian_noise"), dict(forget_prompts=["nudity"])):
+    for change in (
+        dict(seed=1),
+        dict(num_images=3),
+        dict(surrogate_type="gaussian_noise"),
+        dict(forget_prompts=["nudity"]),
+    ):
         kwargs = dict(forget_prompts=["brad pitt"], num_images=2, surrogate_type="noise", seed=0, **FAST)
         kwargs.update(change)
         with pytest.raises(ValueError, match="other settings"):
@@ -200,8 +215,9 @@ def test_bad_inputs_name_the_flag(tiny_pipe, tmp_path):
 def test_check_resolution(tiny_pipe):
     assert tiny_pipe.vae_scale_factor == 2
     assert check_resolution(tiny_pipe, 16) == 16
-    with pytest.raises(ValueError, match="--resolution 17 .* multiple of 2"):
-        check_resolution(tiny_pipe, 17)
+    for bad in (17, 12, 0, -16):  # 12 is a multiple of the VAE factor but not of 8, which the pipelines need
+        with pytest.raises(ValueError, match=f"--resolution {bad} is not a positive multiple"):
+            check_resolution(tiny_pipe, bad)
 
 
 def test_other_resolution(tiny_pipe, tmp_path):

@@ -13,7 +13,11 @@ from sa_peft.tiny_pipeline import build_tiny_pipeline
 
 # (rank, alpha, use_rslora): rank one, alpha != rank, rsLoRA with alpha != rank.
 LORA_SETTINGS = [(1, None, False), (4, 2.5, False), (3, 7.0, True)]
-CONV3X3, CONV1X1, LINEAR = "conv_in", "down_blocks.1.resnets.0.conv_shortcut", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+CONV3X3, CONV1X1, LINEAR = (
+    "conv_in",
+    "down_blocks.1.resnets.0.conv_shortcut",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+)
 
 
 def adapted_unet(target="all", rank=2, alpha=None, use_rslora=False, randomize=True):
@@ -67,7 +71,10 @@ def test_full_space_equals_merged_weight_reference(rank, alpha, use_rslora):
     unet, names = adapted_unet("all", rank, alpha, use_rslora)
     fisher = random_fisher(unet, names, seed=rank)
     deltas = merged_deltas(unet)
-    assert {type(layer.module.get_base_layer()) for layer in iter_adapted_layers(unet)} == {torch.nn.Linear, torch.nn.Conv2d}
+    assert {type(layer.module.get_base_layer()) for layer in iter_adapted_layers(unet)} == {
+        torch.nn.Linear,
+        torch.nn.Conv2d,
+    }
     reference = sum((fisher.diagonal[f"{n}.weight"].double() * deltas[n].square()).sum() for n in names)
     assert reference > 0
     raw = EWCPenalty(unet, fisher, space="full", normalization="none")()
@@ -91,7 +98,9 @@ def test_scale_follows_alpha_and_rslora(rank, alpha, use_rslora):
     delta = merged_deltas(unet)[LINEAR]
     torch.testing.assert_close(
         full_space_penalty(f, layer.lora_a, layer.lora_b, layer.scale).double(),
-        (f.double() * delta.square()).sum(), rtol=1e-5, atol=0,
+        (f.double() * delta.square()).sum(),
+        rtol=1e-5,
+        atol=0,
     )
 
 
@@ -154,7 +163,9 @@ def test_gradients_match_autograd_through_materialised_delta(space):
     unet, names = adapted_unet("all", rank=3, alpha=4.5, use_rslora=True)
     fisher = random_fisher(unet, names, seed=3)
     layers = list(iter_adapted_layers(unet))
-    params = [p for layer in layers for p in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight)]
+    params = [
+        p for layer in layers for p in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight)
+    ]
 
     penalty = EWCPenalty(unet, fisher, space=space, normalization="none")()
     grads = torch.autograd.grad(penalty, params)
@@ -197,16 +208,17 @@ def test_mean_normalization_uses_only_adapted_weights():
     fisher = random_fisher(unet, names)
     # Extra, non-adapted entries with huge values must not change the normaliser.
     extra = random_fisher(unet, ["conv_in", "conv_out"])
-    combined = FisherInfo.from_diagonal(
-        {**fisher.diagonal, **{k: v * 1e6 for k, v in extra.diagonal.items()}}, {}
-    )
+    combined = FisherInfo.from_diagonal({**fisher.diagonal, **{k: v * 1e6 for k, v in extra.diagonal.items()}}, {})
     raw = EWCPenalty(unet, fisher, normalization="none")()
     for space in ("full", "lowrank"):
         mean_a = EWCPenalty(unet, fisher, space=space)()
         mean_b = EWCPenalty(unet, combined, space=space)()
         torch.testing.assert_close(mean_a, mean_b, rtol=1e-6, atol=0)
     torch.testing.assert_close(
-        EWCPenalty(unet, fisher, normalization="mean")().double(), raw.double() / fisher_mean(fisher, names), rtol=1e-5, atol=0
+        EWCPenalty(unet, fisher, normalization="mean")().double(),
+        raw.double() / fisher_mean(fisher, names),
+        rtol=1e-5,
+        atol=0,
     )
     # Scaling the Fisher does not change the normalised penalty.
     scaled = FisherInfo.from_diagonal({k: v * 1000 for k, v in fisher.diagonal.items()}, {})
@@ -247,3 +259,34 @@ def test_bad_arguments():
     zero = FisherInfo.from_diagonal({k: torch.zeros_like(v) for k, v in fisher.diagonal.items()}, {})
     with pytest.raises(ValueError, match="zero"):
         EWCPenalty(unet, zero)
+
+
+def test_layer_with_zero_fisher_adds_nothing_in_either_space():
+    unet, names = adapted_unet("xattn", rank=2)
+    diagonal = dict(random_fisher(unet, names).diagonal)
+    diagonal[f"{names[0]}.weight"] = torch.zeros_like(diagonal[f"{names[0]}.weight"])
+    fisher = FisherInfo.from_diagonal(diagonal, {})
+    layers = list(iter_adapted_layers(unet))
+    for space in ("full", "lowrank"):
+        penalty = EWCPenalty(unet, fisher, space=space, normalization="none")()
+        expected = 0.0
+        for layer in layers[1:]:
+            key = f"{layer.name}.weight"
+            if space == "full":
+                expected += full_space_penalty(
+                    fisher.diagonal[key].reshape(layer.lora_b.shape[0], -1), layer.lora_a, layer.lora_b, layer.scale
+                )
+            else:
+                expected += lowrank_space_penalty(
+                    fisher.row_sums[key],
+                    fisher.col_sums[key],
+                    fisher.row_sums[key].sum(),
+                    layer.lora_a,
+                    layer.lora_b,
+                    layer.scale,
+                )
+        assert torch.isfinite(penalty)
+        torch.testing.assert_close(penalty, expected, rtol=1e-5, atol=0)
+        penalty.backward()
+        assert all(torch.isfinite(p.grad).all() for n, p in unet.named_parameters() if "lora_" in n)
+        unet.zero_grad()

@@ -61,8 +61,18 @@ def test_fast_estimator_is_mean_of_squared_per_sample_gradients(prediction_type)
         offsets = torch.rand(K, generator=generator)
         return (torch.arange(K, dtype=torch.float32) * width + offsets * width).long(), T / K
 
-    fisher = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES,
-                             estimator="fast", num_timesteps=K, seed=seed, show_progress=False)
+    fisher = estimate_fisher(
+        pipe.unet,
+        pipe.scheduler,
+        latents,
+        prompt_ids,
+        conditioning,
+        MODULES,
+        estimator="fast",
+        num_timesteps=K,
+        seed=seed,
+        show_progress=False,
+    )
     grads = hand_per_sample_grads(pipe, conditioning, latents, prompt_ids, MODULES, stratified, seed)
     assert fisher.metadata["prediction_type"] == prediction_type
     for i, name in enumerate(MODULES):
@@ -83,8 +93,9 @@ def test_v_prediction_differs_from_epsilon_on_the_same_weights():
     torch.testing.assert_close(eps[0].unet.conv_in.weight, v[0].unet.conv_in.weight)
     results = []
     for pipe, conditioning, latents, prompt_ids in (eps, v):
-        f = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES,
-                            num_timesteps=2, show_progress=False)
+        f = estimate_fisher(
+            pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES, num_timesteps=2, show_progress=False
+        )
         assert all(torch.isfinite(t).all() and t.sum() > 0 for t in f.diagonal.values())
         results.append(f.diagonal["conv_in.weight"])
     assert not torch.allclose(results[0], results[1], rtol=1e-2)
@@ -92,12 +103,25 @@ def test_v_prediction_differs_from_epsilon_on_the_same_weights():
 
 def test_reference_estimator_matches_hand_loop_over_all_timesteps():
     pipe, conditioning, latents, prompt_ids = setup(num_samples=2, num_train_timesteps=50)
-    fisher = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:2],
-                             estimator="reference", seed=3, show_progress=False)
-    grads = hand_per_sample_grads(pipe, conditioning, latents, prompt_ids, MODULES[:2], lambda g: (torch.arange(50), 1.0), 3)
+    fisher = estimate_fisher(
+        pipe.unet,
+        pipe.scheduler,
+        latents,
+        prompt_ids,
+        conditioning,
+        MODULES[:2],
+        estimator="reference",
+        seed=3,
+        show_progress=False,
+    )
+    grads = hand_per_sample_grads(
+        pipe, conditioning, latents, prompt_ids, MODULES[:2], lambda g: (torch.arange(50), 1.0), 3
+    )
     for i, name in enumerate(MODULES[:2]):
         expected = (grads[0][i].square() + grads[1][i].square()) / 2
-        torch.testing.assert_close(fisher.diagonal[f"{name}.weight"], expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
+        torch.testing.assert_close(
+            fisher.diagonal[f"{name}.weight"], expected, rtol=1e-4, atol=1e-6 * float(expected.max())
+        )
     assert fisher.metadata["estimator"] == "reference"
     assert fisher.metadata["num_timesteps"] == "50"
     assert fisher.metadata["unet_passes"] == str(2 * 50)
@@ -118,8 +142,17 @@ def record_timesteps(monkeypatch):
 def test_reference_estimator_covers_every_timestep(monkeypatch):
     pipe, conditioning, latents, prompt_ids = setup(num_samples=2, num_train_timesteps=50)
     seen = record_timesteps(monkeypatch)
-    fisher = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:1],
-                             estimator="reference", timestep_batch_size=16, show_progress=False)
+    fisher = estimate_fisher(
+        pipe.unet,
+        pipe.scheduler,
+        latents,
+        prompt_ids,
+        conditioning,
+        MODULES[:1],
+        estimator="reference",
+        timestep_batch_size=16,
+        show_progress=False,
+    )
     assert [len(t) for t in seen] == [16, 16, 16, 2] * 2
     everything = torch.cat(seen)
     assert torch.equal(everything[:50], torch.arange(50)) and torch.equal(everything[50:], torch.arange(50))
@@ -129,8 +162,17 @@ def test_reference_estimator_covers_every_timestep(monkeypatch):
 def test_fast_estimator_draws_one_timestep_per_bin(monkeypatch):
     pipe, conditioning, latents, prompt_ids = setup(num_samples=3)
     seen = record_timesteps(monkeypatch)
-    estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:1],
-                    estimator="fast", num_timesteps=8, show_progress=False)
+    estimate_fisher(
+        pipe.unet,
+        pipe.scheduler,
+        latents,
+        prompt_ids,
+        conditioning,
+        MODULES[:1],
+        estimator="fast",
+        num_timesteps=8,
+        show_progress=False,
+    )
     assert len(seen) == 3
     for timesteps in seen:
         assert torch.equal(timesteps // 125, torch.arange(8))  # T = 1000, 8 bins of 125
@@ -138,8 +180,17 @@ def test_fast_estimator_draws_one_timestep_per_bin(monkeypatch):
     # K = T gives every timestep exactly once
     seen.clear()
     small = setup(num_samples=1, num_train_timesteps=50)
-    estimate_fisher(small[0].unet, small[0].scheduler, small[2], small[3], small[1], MODULES[:1],
-                    estimator="fast", num_timesteps=50, show_progress=False)
+    estimate_fisher(
+        small[0].unet,
+        small[0].scheduler,
+        small[2],
+        small[3],
+        small[1],
+        MODULES[:1],
+        estimator="fast",
+        num_timesteps=50,
+        show_progress=False,
+    )
     assert torch.equal(torch.cat(seen), torch.arange(50))
 
 
@@ -160,8 +211,11 @@ def test_sharded_estimate_sums_to_single_process_result():
     halves = []
     for rank in (0, 1):
         accelerator = StubAccelerator(rank, 2)
-        halves.append(estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES,
-                                      accelerator=accelerator, **kwargs))
+        halves.append(
+            estimate_fisher(
+                pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES, accelerator=accelerator, **kwargs
+            )
+        )
         assert accelerator.reductions == ["sum"]
     for key, expected in single.diagonal.items():
         a, b = halves[0].diagonal[key], halves[1].diagonal[key]
@@ -178,7 +232,9 @@ def test_estimate_restores_training_state_and_requires_grad():
     unet.requires_grad_(False)
     unet.conv_out.weight.requires_grad_(True)
     before = {n: p.requires_grad for n, p in unet.named_parameters()}
-    estimate_fisher(unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES, num_timesteps=1, show_progress=False)
+    estimate_fisher(
+        unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES, num_timesteps=1, show_progress=False
+    )
     assert unet.training
     assert {n: p.requires_grad for n, p in unet.named_parameters()} == before
     assert all(p.grad is None for p in unet.parameters())
@@ -204,8 +260,9 @@ def test_estimate_rejects_bad_arguments():
 def estimated():
     pipe, conditioning, latents, prompt_ids = setup(num_samples=2)
     modules = resolve_lora_targets(pipe.unet, "xattn") + ["conv_in"]
-    fisher = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, modules,
-                             num_timesteps=2, show_progress=False)
+    fisher = estimate_fisher(
+        pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, modules, num_timesteps=2, show_progress=False
+    )
     return pipe, modules, fisher
 
 
@@ -238,7 +295,7 @@ def test_save_load_round_trip(tmp_path, estimated):
 
 
 def test_factored_only_round_trip(tmp_path, estimated):
-    pipe, modules, fisher = estimated
+    pipe, _, fisher = estimated
     path = tmp_path / "factored.safetensors"
     save_fisher(fisher, path, factored_only=True)
     loaded = load_fisher(path, unet=pipe.unet)

@@ -38,8 +38,12 @@ def test_presets(unet):
     nox = set(targets["noxattn"])
     assert not any(".attn2." in n for n in nox)
     assert "conv_out" not in nox and not any(n.startswith("time_embedding.") for n in nox)
-    assert {"conv_in", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-            "mid_block.resnets.0.conv1", "mid_block.resnets.0.time_emb_proj"} <= nox
+    assert {
+        "conv_in",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "mid_block.resnets.0.conv1",
+        "mid_block.resnets.0.time_emb_proj",
+    } <= nox
     excluded = set(everything) - nox
     assert excluded == {n for n in everything if ".attn2." in n or n == "conv_out" or n.startswith("time_embedding.")}
     assert {"time_embedding.linear_1", "time_embedding.linear_2", "conv_out"} <= excluded
@@ -57,8 +61,15 @@ def test_explicit_names(unet):
     assert all(n.endswith(".to_k") for n in resolve_lora_targets(unet, "to_k"))
 
 
-@pytest.mark.parametrize("target,bad", [("attn3.to_q", "attn3.to_q"), (["conv_in", "nonexistent"], "nonexistent"),
-                                        ("conv_in,  time_embed", "time_embed"), ("norm1", "norm1")])
+@pytest.mark.parametrize(
+    "target,bad",
+    [
+        ("attn3.to_q", "attn3.to_q"),
+        (["conv_in", "nonexistent"], "nonexistent"),
+        ("conv_in,  time_embed", "time_embed"),
+        ("norm1", "norm1"),
+    ],
+)
 def test_unknown_entries_are_named(unet, target, bad):
     with pytest.raises(ValueError, match=re.escape(repr(bad))):
         resolve_lora_targets(unet, target)

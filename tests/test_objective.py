@@ -31,8 +31,17 @@ def setup(prediction_type="epsilon"):
 
 
 def loss(pipe, conditioning, batch, ewc, ewc_lambda=2.0, replay_weight=0.5, seed=11, **kwargs):
-    return selective_amnesia_loss(pipe.unet, pipe.scheduler, conditioning, **batch, ewc_penalty=ewc, ewc_lambda=ewc_lambda,
-                                  replay_weight=replay_weight, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return selective_amnesia_loss(
+        pipe.unet,
+        pipe.scheduler,
+        conditioning,
+        **batch,
+        ewc_penalty=ewc,
+        ewc_lambda=ewc_lambda,
+        replay_weight=replay_weight,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
 
 
 def hand_losses(pipe, conditioning, latents, prompt_ids, seed, target="auto"):
@@ -42,7 +51,9 @@ def hand_losses(pipe, conditioning, latents, prompt_ids, seed, target="auto"):
     timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
     with torch.no_grad():
-        prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states[prompt_ids]).sample
+        prediction = pipe.unet(
+            noisy, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states[prompt_ids]
+        ).sample
     if target == "auto":
         target = pipe.scheduler.config.prediction_type
     expected = pipe.scheduler.get_velocity(latents, noise, timesteps) if target == "v_prediction" else noise
@@ -69,7 +80,10 @@ def test_total_is_forget_plus_weighted_replay_plus_weighted_ewc():
 def test_zero_weights_drop_terms():
     pipe, conditioning, ewc, batch = setup()
     calls = []
-    counting = lambda: calls.append(1) or ewc()  # noqa: E731
+
+    def counting():
+        calls.append(1)
+        return ewc()
 
     no_replay = loss(pipe, conditioning, batch, counting, ewc_lambda=2.0, replay_weight=0.0)
     assert no_replay.replay.item() == 0.0
@@ -82,9 +96,19 @@ def test_zero_weights_drop_terms():
     assert no_ewc.ewc.item() == 0.0 and calls == [1]  # the penalty is not even evaluated
     torch.testing.assert_close(no_ewc.total, no_ewc.forget + 0.5 * no_ewc.replay, rtol=1e-6, atol=0)
 
-    none = selective_amnesia_loss(pipe.unet, pipe.scheduler, conditioning, batch["surrogate_latents"],
-                                  batch["surrogate_prompt_ids"], None, None, None, ewc_lambda=5.0, replay_weight=1.0,
-                                  generator=torch.Generator().manual_seed(11))
+    none = selective_amnesia_loss(
+        pipe.unet,
+        pipe.scheduler,
+        conditioning,
+        batch["surrogate_latents"],
+        batch["surrogate_prompt_ids"],
+        None,
+        None,
+        None,
+        ewc_lambda=5.0,
+        replay_weight=1.0,
+        generator=torch.Generator().manual_seed(11),
+    )
     torch.testing.assert_close(none.total, no_replay.forget, rtol=1e-6, atol=0)
     assert none.replay.item() == 0.0 and none.ewc.item() == 0.0
 

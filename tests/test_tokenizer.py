@@ -30,16 +30,21 @@ def test_lengths_and_special_ids_match_the_text_encoder(tiny_pipe):
     assert config.vocab_size == len(tok)
     padded = tok("a photo of a cat", padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
     assert len(padded) == 77
-    long = tok(" ".join(["cat"] * 200), padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+    long = tok(
+        " ".join(["cat"] * 200), padding="max_length", max_length=tok.model_max_length, truncation=True
+    ).input_ids
     assert len(long) == 77 and long[-1] == tok.eos_token_id
 
 
-@pytest.mark.parametrize("words", [
-    ["an", "man", "woman", "human"],            # "an</w>" must not split "man"
-    ["he", "the", "there", "here", "ere"],
-    ["ab", "ba", "aba", "bab", "abab", "baba"],  # overlapping merges
-    ["photo", "house", "three", "tree", "re"],
-])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["an", "man", "woman", "human"],  # "an</w>" must not split "man"
+        ["he", "the", "there", "here", "ere"],
+        ["ab", "ba", "aba", "bab", "abab", "baba"],  # overlapping merges
+        ["photo", "house", "three", "tree", "re"],
+    ],
+)
 def test_words_whose_merges_overlap_stay_one_token(tmp_path, words):
     tok = write_clip_tokenizer(tmp_path, words)
     for word in words:

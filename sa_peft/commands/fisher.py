@@ -8,6 +8,7 @@ import time
 
 from ..conditioning import encode_prompts
 from ..data import generate_replay_set, load_image_set
+from ..diffusion_loss import noise_scheduler_for
 from ..fisher import ESTIMATORS, estimate_fisher, save_fisher
 from ..lora import LORA_TARGET_PRESETS, resolve_lora_targets
 from ..prompts import read_prompts_file
@@ -42,16 +43,20 @@ def run(args: argparse.Namespace) -> None:
     modules = resolve_lora_targets(pipe.unet, args.lora_target)
     if prompts is not None:
         per_prompt = -(-args.fisher_num_samples // len(prompts))
-        samples_dir = args.samples_dir or os.path.splitext(args.output)[0] + "-samples"
+        # The folder is named by what it holds, so a rerun with other counts gets its own set.
+        samples_dir = args.samples_dir or f"{os.path.splitext(args.output)[0]}-samples-{per_prompt}x{args.seed}"
         data = generate_replay_set(pipe, samples_dir, prompts, per_prompt, seed=args.seed, resolution=args.resolution,
                                    guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps)
     else:
         data = load_image_set(args.data_dir)
+    if len(data.latents) < args.fisher_num_samples:
+        raise ValueError(f"--data_dir {args.data_dir!r} holds {len(data.latents)} samples, fewer than --fisher_num_samples "
+                         f"{args.fisher_num_samples}; lower --fisher_num_samples or generate a larger set")
     latents, sample_prompts = data.latents[: args.fisher_num_samples], data.prompts[: args.fisher_num_samples]
     conditioning = encode_prompts(pipe, sample_prompts, args.resolution)
     prompt_ids = type(data)(latents, sample_prompts, []).prompt_ids(conditioning.prompts)
     start = time.perf_counter()
-    fisher = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, modules,
+    fisher = estimate_fisher(pipe.unet, noise_scheduler_for(pipe.scheduler), latents, prompt_ids, conditioning, modules,
                              estimator=args.fisher_estimator, num_timesteps=args.fisher_num_timesteps, seed=args.seed)
     elapsed = time.perf_counter() - start
     save_fisher(fisher, args.output, factored_only=args.factored_only)
