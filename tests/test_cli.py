@@ -140,7 +140,7 @@ def test_fisher_from_prompts_file(tmp_path, model_args, prompts_file, capsys, ti
     )
     assert all(torch.isfinite(d).all() and d.sum() > 0 for d in fisher.diagonal.values())
     # the sampled images are cached beside the output: 2 per prompt, round-robin
-    samples = tmp_path / "out" / "fisher-samples"
+    samples = tmp_path / "out" / "fisher-samples-2x0"  # named by images per prompt and seed
     assert len((samples / "metadata.jsonl").read_text().splitlines()) == 4
 
 
