@@ -133,6 +133,24 @@ def _match_reference(images: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     return resize_images(images, reference.shape[-1])
 
 
+def _retained_reference(classifier: ImageClassifier, retained_labels: Sequence[int]) -> tuple[torch.Tensor, list[str] | None]:
+    """The reference images of the retained prompts' classes (all of them if the labels are unknown).
+
+    Comparing samples of nine digits with real images of ten would count the missing class as
+    damage, so the Fréchet distance only sees the classes the samples are meant to show.
+    """
+    reference = classifier.reference_images()
+    try:
+        ref_labels = classifier.reference_labels()
+    except NotImplementedError:
+        return reference, None
+    classes = sorted({int(c) for c in retained_labels})
+    mask = torch.isin(ref_labels, torch.tensor(classes, dtype=ref_labels.dtype))
+    if int(mask.sum()) < 4:
+        return reference, None
+    return reference[mask], [classifier.labels[c] for c in classes]
+
+
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
 
@@ -183,8 +201,9 @@ def evaluate_pipeline(
     Returns a dict with ``per_prompt`` (accuracy, ``p_forgotten`` = mean P(y ∈ forgotten), mean
     entropy of p(y|x) in nats, predicted-class histogram), ``retained`` (mean / worst accuracy
     over retained prompts), ``forget`` (means over forget prompts), ``quality`` (Fréchet distance
-    of retained samples to the classifier's real reference images in its feature space, and the
-    pixel-space off-manifold rate; ``None`` when the classifier has no reference images),
+    of retained samples to the classifier's real reference images of the retained classes in its
+    feature space, and the pixel-space off-manifold rate against the same images; ``None`` when the
+    classifier has no reference images),
     ``settings``, ``timing`` and ``samples`` (``{prompt: [n, C, H, W]}`` in [0, 1], for grids).
     """
     labels = list(classifier.labels)
@@ -235,7 +254,7 @@ def evaluate_pipeline(
 
     quality = None
     if retained and classifier.has_reference_images():
-        reference = classifier.reference_images()
+        reference, reference_classes = _retained_reference(classifier, [label_for_prompt[p] for p in retained])
         kept = torch.cat([samples[p] for p in retained])
         ref_feats = classifier.features(reference)
         half_a, half_b = _reference_halves(ref_feats)
@@ -248,6 +267,7 @@ def evaluate_pipeline(
             "off_manifold_space": "pixels",
             "num_samples": len(kept),
             "num_reference": len(reference),
+            "reference_classes": reference_classes,
         }
     t2 = time.time()
     return {
@@ -323,14 +343,19 @@ def report_markdown(metrics_before: dict, metrics_after: dict | None = None) -> 
     lines = [
         "# Evaluation",
         "",
-        f"{s['num_per_prompt']} samples per prompt, seed {s['seed']}, {s['sampler']}, {s['num_inference_steps']} steps, "
-        f"guidance {s['guidance_scale']}. Forget prompts: {', '.join(f'`{p}`' for p in s['forget_prompts']) or 'none'}; "
-        f"forgotten classes: {', '.join(labels[c] for c in s['forgotten_labels']) or 'none'}.",
+        (
+            f"{s['num_per_prompt']} samples per prompt, seed {s['seed']}, {s['sampler']}, {s['num_inference_steps']} "
+            f"steps, guidance {s['guidance_scale']}. Forget prompts: "
+            f"{', '.join(f'`{p}`' for p in s['forget_prompts']) or 'none'}; "
+            f"forgotten classes: {', '.join(labels[c] for c in s['forgotten_labels']) or 'none'}."
+        ),
         "",
-        "P(forgotten) is the mean classifier probability of the forgotten class(es); entropy is the mean entropy of "
-        "p(y|x) in nats. The Fréchet distance uses the classifier's penultimate features against its real held-out "
-        "images; a sample is off-manifold when its pixel distance to the nearest real image exceeds the real images' "
-        "95th percentile (about 0.05 for real images).",
+        (
+            "P(forgotten) is the mean classifier probability of the forgotten class(es); entropy is the mean entropy "
+            "of p(y|x) in nats. The Fréchet distance uses the classifier's penultimate features against its real "
+            "held-out images of the retained classes; a sample is off-manifold when its pixel distance to the "
+            "nearest of those real images exceeds the real images' 95th percentile (about 0.05 for real images)."
+        ),
         "",
         "## Summary",
         "",
@@ -350,8 +375,13 @@ def report_markdown(metrics_before: dict, metrics_after: dict | None = None) -> 
             lines.append(f"| `{p}` | {m['role']} | {_fmt(m['accuracy'])} | {_fmt(m['p_forgotten'])} | "
                          f"{_fmt(m['entropy'])} | {_histogram_text(m['histogram'], labels)} |")
     else:
-        lines += ["| prompt | role | accuracy before | after | P(forgotten) before | after | entropy before | after "
-                  "| predicted before | predicted after |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            (
+                "| prompt | role | accuracy before | after | P(forgotten) before | after | entropy before | after "
+                "| predicted before | predicted after |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         empty = {"role": "", "accuracy": None, "p_forgotten": None, "entropy": None, "histogram": []}
         for p in prompts:
             b = before["per_prompt"].get(p, empty)

@@ -106,7 +106,7 @@ def _tiny_clip(folder) -> None:
 
     from sa_peft.tokenizer import write_clip_tokenizer
 
-    tokenizer = write_clip_tokenizer(folder, "a photo of cat dog".split())
+    tokenizer = write_clip_tokenizer(folder, ["a", "photo", "of", "cat", "dog"])
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,

@@ -128,8 +128,8 @@ def run(args: argparse.Namespace) -> dict:
     prompts = list(dict.fromkeys(args.prompt or DIGIT_PROMPTS))
     mapping, forgotten = resolve_labels(prompts, args.label, args.forget_prompt, args.forget_label, classifier.labels)
     pipe = load_pipeline_from_args(args)
-    common = dict(num_per_prompt=args.num_images_per_prompt, seed=args.seed, num_inference_steps=args.num_inference_steps,
-                  guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+    common = {"num_per_prompt": args.num_images_per_prompt, "seed": args.seed, "batch_size": args.batch_size,
+              "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
     before = evaluate_pipeline(pipe, classifier, prompts, mapping, args.forget_prompt, forgotten, **common)
     _print_summary("base", before)
     after = None

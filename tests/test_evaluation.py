@@ -1,0 +1,178 @@
+"""Sampling, metrics, the evaluation report and the ``evaluate`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from sa_peft.classifier import load_classifier
+from sa_peft.commands import evaluate as evaluate_command
+from sa_peft.evaluation import (
+    evaluate_pipeline,
+    frechet_distance,
+    generate_samples,
+    off_manifold_rate,
+    write_evaluation_report,
+)
+from sa_peft.models import load_pipeline
+
+PROMPTS = ["a handwritten digit zero", "a handwritten digit one", "a handwritten digit seven"]
+FAST = {"num_inference_steps": 5, "guidance_scale": 3.0}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("builtin:digits")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier("builtin:digits-classifier")
+
+
+def test_frechet_distance_real_vs_real_small_noise_vs_real_large(classifier):
+    ref = classifier.reference_images()
+    half = len(ref) // 2
+    real = frechet_distance(classifier.features(ref[:half]), classifier.features(ref[half:]))
+    noise = frechet_distance(classifier.features(torch.rand(half, 1, 16, 16)), classifier.features(ref[half:]))
+    assert frechet_distance(classifier.features(ref), classifier.features(ref)) == pytest.approx(0.0, abs=1e-6)
+    assert noise > 10 * real
+    assert real < 0.2 * noise
+
+
+def test_frechet_distance_matches_closed_form_for_gaussians():
+    torch.manual_seed(0)
+    a = torch.randn(4000, 3)
+    b = torch.randn(4000, 3) * 2 + 1  # mean shift 1 per dim, std 2: FD = 3 + 3 * (1 + 4 - 2 * 2) = 6
+    assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
+
+
+def test_off_manifold_rate_real_about_five_percent_noise_all(classifier):
+    ref = classifier.reference_images()
+    real = off_manifold_rate(ref[:120], ref)
+    assert real["rate"] <= 0.2
+    assert off_manifold_rate(torch.rand(50, 1, 16, 16), ref)["rate"] == 1.0
+    # Colour and size are matched to the reference before measuring.
+    assert off_manifold_rate(torch.rand(5, 3, 32, 32), ref)["rate"] == 1.0
+
+
+def test_generate_samples_deterministic_and_batch_size_free(pipe):
+    scheduler = pipe.scheduler
+    a = generate_samples(pipe, PROMPTS[:2], 3, seed=1, batch_size=3, **FAST)
+    b = generate_samples(pipe, PROMPTS[:2], 3, seed=1, batch_size=2, **FAST)
+    c = generate_samples(pipe, PROMPTS[:1], 3, seed=2, batch_size=3, **FAST)
+    assert pipe.scheduler is scheduler  # restored
+    assert list(a) == PROMPTS[:2]
+    assert a[PROMPTS[0]].shape == (3, 1, 16, 16)
+    assert 0 <= a[PROMPTS[0]].min() and a[PROMPTS[0]].max() <= 1
+    for p in a:
+        assert torch.allclose(a[p], b[p], atol=1e-5)
+    assert not torch.allclose(a[PROMPTS[0]], c[PROMPTS[0]])
+
+
+@pytest.fixture(scope="module")
+def metrics(pipe, classifier):
+    labels = {p: classifier.labels.index(p.split()[-1]) for p in PROMPTS}
+    return evaluate_pipeline(pipe, classifier, PROMPTS[1:], labels, [PROMPTS[0]], [0], num_per_prompt=4, seed=0,
+                             batch_size=4, **FAST)
+
+
+def test_evaluate_pipeline_metrics(metrics):
+    assert list(metrics["per_prompt"]) == [*PROMPTS[1:], PROMPTS[0]]
+    zero = metrics["per_prompt"][PROMPTS[0]]
+    assert zero["role"] == "forget" and zero["label"] == 0
+    assert len(zero["histogram"]) == 10 and sum(zero["histogram"]) == 4
+    for m in metrics["per_prompt"].values():
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["p_forgotten"] <= 1
+        assert 0 <= m["entropy"] <= torch.log(torch.tensor(10.0)).item() + 1e-6
+    assert metrics["retained"]["prompts"] == PROMPTS[1:]
+    assert metrics["retained"]["worst_accuracy"] <= metrics["retained"]["mean_accuracy"]
+    assert metrics["forget"]["forgotten_labels"] == ["zero"]
+    q = metrics["quality"]
+    assert q["num_samples"] == 8 and q["frechet_distance"] >= 0 and 0 <= q["off_manifold_rate"] <= 1
+    # Retained samples are compared with real images of the retained classes only.
+    assert q["reference_classes"] == ["one", "seven"] and q["num_reference"] < 100
+    assert set(metrics["samples"]) == set(PROMPTS)
+    assert metrics["samples"][PROMPTS[1]].shape == (4, 1, 16, 16)
+
+
+def test_evaluate_pipeline_requires_labels_for_retained_prompts(pipe, classifier):
+    with pytest.raises(ValueError, match="no class label"):
+        evaluate_pipeline(pipe, classifier, PROMPTS, {}, [], [], num_per_prompt=1, seed=0, **FAST)
+
+
+def test_write_evaluation_report(metrics, tmp_path):
+    paths = write_evaluation_report(metrics, metrics, tmp_path)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(data) == {"before", "after"} and "samples" not in data["before"]
+    report = (tmp_path / "report.md").read_text()
+    assert "accuracy before" in report and "a handwritten digit seven" in report
+    from PIL import Image
+
+    grid = Image.open(paths["grid"])
+    assert grid.size[1] >= 3 * 16 and grid.size[0] > 2 * 4 * 16
+    only = write_evaluation_report(metrics, None, tmp_path / "single")
+    with open(only["report"]) as f:
+        assert "| prompt | role | accuracy |" in f.read()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    evaluate_command.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _save_random_lora(folder) -> None:
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    lora_pipe = load_pipeline("builtin:digits")
+    torch.manual_seed(0)
+    lora_pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(lora_pipe.unet),
+                                              safe_serialization=True)
+
+
+def test_evaluate_command_with_lora(tmp_path):
+    lora = tmp_path / "lora"
+    _save_random_lora(lora)
+    out = tmp_path / "eval"
+    args = _parser().parse_args([
+        "evaluate", "--prompt", PROMPTS[1], "--prompt", PROMPTS[2], "--forget_prompt", PROMPTS[0],
+        "--lora", str(lora), "--lora_weight", "1.0", "--num_images_per_prompt", "2", "--num_inference_steps", "3",
+        "--output_dir", str(out), "--device", "cpu",
+    ])
+    result = args.func(args)
+    assert (out / "metrics.json").is_file() and (out / "report.md").is_file() and (out / "samples_grid.png").is_file()
+    before, after = result["before"], result["after"]
+    assert before["settings"]["forgotten_labels"] == [0]
+    assert not torch.allclose(before["samples"][PROMPTS[1]], after["samples"][PROMPTS[1]])
+    assert "| before | after |" in (out / "report.md").read_text()
+
+
+def test_evaluate_command_label_resolution_and_errors(tmp_path):
+    labels = [f"c{i}" for i in range(3)]
+    mapping, forgotten = evaluate_command.resolve_labels(["x c1", "y"], ["c1", "2"], ["z c0"], None, labels)
+    assert mapping == {"x c1": 1, "y": 2, "z c0": 0} and forgotten == [0]
+    with pytest.raises(ValueError, match="--label"):
+        evaluate_command.resolve_labels(["a photo of a cat"], None, [], None, labels)
+    with pytest.raises(ValueError, match="one per prompt"):
+        evaluate_command.resolve_labels(["x c1", "y c2"], ["c1"], [], None, labels)
+    with pytest.raises(ValueError, match="--forget_label"):
+        evaluate_command.resolve_labels(["x c1"], None, ["brad pitt"], None, labels)
+    _, forgotten = evaluate_command.resolve_labels(["x c1"], None, ["brad pitt"], ["c2"], labels)
+    assert forgotten == [2]
+    bad = tmp_path / "lora.bin"
+    bad.write_bytes(b"x")
+    with pytest.raises(ValueError, match="safetensors"):
+        evaluate_command.apply_loras(None, [str(bad)], [])
+    with pytest.raises(FileNotFoundError):
+        evaluate_command.apply_loras(None, [str(tmp_path / "missing")], [])
+    with pytest.raises(ValueError, match="--lora_weight"):
+        evaluate_command.apply_loras(None, [str(bad)], [1.0, 2.0])
