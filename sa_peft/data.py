@@ -92,7 +92,7 @@ def _load_image(path: str, resolution: int, channels: int) -> torch.Tensor:
 def _latents_for_rows(pipe, rows: list[dict], resolution: int, guidance_scale: float, num_inference_steps: int) -> torch.Tensor:
     kind = rows[0]["kind"]
     channels = pipe.vae.config.in_channels
-    if kind == "prompt":
+    if kind in ("prompt", "replay"):
         generators = [torch.Generator().manual_seed(r["seed"]) for r in rows]
         return pipe(
             [r["source"] for r in rows],
@@ -105,7 +105,7 @@ def _latents_for_rows(pipe, rows: list[dict], resolution: int, guidance_scale: f
         ).images
     if kind == "images":
         images = torch.stack([_load_image(r["source"], resolution, channels) for r in rows])
-    else:
+    elif kind in SURROGATE_TYPES:
         shape = (channels, resolution, resolution)
         noise = []
         for r in rows:
@@ -115,6 +115,8 @@ def _latents_for_rows(pipe, rows: list[dict], resolution: int, guidance_scale: f
             else:
                 noise.append((torch.randn(shape, generator=g) * 0.5).clamp(-1, 1))
         images = torch.stack(noise)
+    else:
+        raise ValueError(f"unknown image-set kind {kind!r}")
     return _encode_images(pipe, images)
 
 

@@ -244,3 +244,21 @@ def test_load_image_set_rejects_incomplete_folders(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match="no latents shards"):
         load_image_set(tmp_path)
+
+
+def test_replay_and_prompt_surrogate_latents_are_the_pipelines_own_samples(tiny_pipe, tmp_path):
+    """Each stored latent is exactly what the frozen pipeline samples (DDIM) for its prompt and seed."""
+    from diffusers import DDIMScheduler
+
+    replay = generate_replay_set(tiny_pipe, tmp_path / "replay", ["a photo of a cat", "a photo of a dog"], 2,
+                                 seed=5, num_inference_steps=3, guidance_scale=2.0, show_progress=False)
+    surrogate = generate_surrogate_set(tiny_pipe, tmp_path / "surrogate", ["brad pitt"], 2, surrogate_prompt="a man",
+                                       seed=9, num_inference_steps=3, guidance_scale=2.0, show_progress=False)
+    original = tiny_pipe.scheduler
+    tiny_pipe.scheduler = DDIMScheduler.from_config(original.config)
+    for image_set in (replay, surrogate):
+        for i, row in enumerate(image_set.rows):
+            expected = tiny_pipe(row["source"], num_inference_steps=3, guidance_scale=2.0, output_type="latent",
+                                 generator=torch.Generator().manual_seed(row["seed"])).images[0]
+            torch.testing.assert_close(image_set.latents[i], expected, rtol=1e-4, atol=1e-5)
+    tiny_pipe.scheduler = original
