@@ -5,6 +5,21 @@ from __future__ import annotations
 import torch
 
 
+def noise_scheduler_for(scheduler):
+    """The DDPM scheduler with ``scheduler``'s config, for noising training samples.
+
+    Pipelines ship inference schedulers: ``add_noise`` of SDXL's ``EulerDiscreteScheduler`` returns
+    x₀ + σ·ε (the UNet expects √ᾱ·x₀ + √(1−ᾱ)·ε) and indexes the inference timesteps, and PNDM has no
+    ``get_velocity``. Training and the Fisher therefore noise with DDPM built from the same betas and
+    ``prediction_type``, as diffusers' training scripts do; for DDPM/DDIM configs nothing changes.
+    """
+    from diffusers import DDPMScheduler
+
+    if type(scheduler) is DDPMScheduler:
+        return scheduler
+    return DDPMScheduler.from_config(scheduler.config)
+
+
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """ε for epsilon-prediction schedulers, v = α·ε − σ·x₀ for v-prediction (SD 2.x)."""
     kind = scheduler.config.prediction_type

@@ -41,3 +41,40 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--output_dir") -> Iterator[str]:
+    """Yield a temporary folder beside ``path``; on success it takes ``path``'s place.
+
+    An existing ``path`` is refused unless ``overwrite`` (then it is replaced only once the new folder is
+    complete). On an error the temporary folder is removed and ``path`` is left as it was.
+    """
+    import shutil
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{flag} {path!r} already exists; choose a new folder or pass --overwrite")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

@@ -7,6 +7,24 @@ import os
 from .io_utils import write_text_atomic
 
 CARD_TAGS = ["lora", "diffusers", "stable-diffusion", "selective-amnesia", "concept-erasure", "text-to-image"]
+SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
+SD_TAGS = ["stable-diffusion-diffusers"]
+
+
+def card_tags(info: dict) -> list[str]:
+    """The hub tags: ours, plus the family tags diffusers' own LoRA scripts use (SDXL or SD 1.x/2.x)."""
+    sdxl = info.get("base_pipeline") == "StableDiffusionXLPipeline"
+    return CARD_TAGS + (SDXL_TAGS if sdxl else SD_TAGS)
+
+
+def hub_base_model(base_model: str) -> str | None:
+    """``base_model`` for the card's metadata: only a hub id (owner/name); local paths and built-ins are omitted,
+    since the hub rejects cards whose base_model is not a repository."""
+    base_model = str(base_model)
+    if base_model.startswith("builtin:") or os.path.exists(base_model) or os.path.isabs(base_model):
+        return None
+    parts = base_model.split("/")
+    return base_model if len(parts) == 2 and all(parts) and not base_model.startswith((".", "~")) else None
 
 
 def model_card_text(info: dict, repo_id: str | None = None) -> str:
@@ -48,11 +66,15 @@ image = pipe("{info['forget_prompts'][0]}").images[0]
 
 # Strength: scale the adapter (1.0 = as trained, 0 = off)
 image = pipe("{info['forget_prompts'][0]}", cross_attention_kwargs={{"scale": 0.8}}).images[0]
-# or, with several adapters stacked:
+# or, with several adapters stacked (each keeps its own concept forgotten):
+# pipe.load_lora_weights("path/to/another/forget-lora", adapter_name="forget_2")
 pipe.set_adapters(["forget"], adapter_weights=[1.0])
 # or bake it into the weights:
 pipe.fuse_lora(lora_scale=1.0)
 ```
+
+`pytorch_lora_weights_kohya.safetensors`, when present, holds the same adapter with kohya keys for
+AUTOMATIC1111/ComfyUI (`sa-peft export --format kohya` writes it from the diffusers file).
 
 ## Limits
 
@@ -68,20 +90,20 @@ def write_model_card(output_dir: str | os.PathLike, info: dict, repo_id: str | N
     from huggingface_hub import ModelCard, ModelCardData
 
     # What diffusers' load_or_create_model_card(from_training=True) builds, without asking the hub first.
-    base_model = str(info["base_model"])
+    sdxl = info.get("base_pipeline") == "StableDiffusionXLPipeline"
     card = ModelCard.from_template(
         card_data=ModelCardData(
-            license="creativeml-openrail-m",
+            license="openrail++" if sdxl else "creativeml-openrail-m",  # the base families' licenses
             library_name="diffusers",
             inference=True,
-            base_model=None if base_model.startswith("builtin:") or os.path.exists(base_model) else base_model,
+            base_model=hub_base_model(info["base_model"]),
             instance_prompt=None,
             widget=None,
         ),
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=model_card_text(info, repo_id),
     )
-    card = populate_model_card(card, tags=CARD_TAGS)
+    card = populate_model_card(card, tags=card_tags(info))
     path = os.path.join(os.fspath(output_dir), "README.md")
     write_text_atomic(path, str(card))
     return path

@@ -38,6 +38,7 @@ from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
 from sa_peft.conditioning import encode_prompts
 from sa_peft.data import SURROGATE_TYPES, check_resolution, default_resolution, generate_replay_set, generate_surrogate_set
 from sa_peft.defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
+from sa_peft.diffusion_loss import noise_scheduler_for
 from sa_peft.ewc import EWCPenalty
 from sa_peft.fisher import ESTIMATORS, base_weights_hash, estimate_fisher, load_fisher, save_fisher
 from sa_peft.io_utils import write_json_atomic
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None):
     pipe.set_progress_bar_config(disable=True)
     resolution = check_resolution(pipe, args.resolution or default_resolution(pipe))
     pipe.to(accelerator.device)
-    unet, scheduler = pipe.unet, pipe.scheduler
+    unet, scheduler = pipe.unet, noise_scheduler_for(pipe.scheduler)  # DDPM noising, whatever the pipeline samples with
     # Caches are keyed by the UNet's weights, so a changed local model never reuses stale samples.
     model_key = base_weights_hash(unet, resolve_lora_targets(unet, "all"))[:16]
 
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None):
         "rank": args.rank, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank, "use_rslora": args.use_rslora,
         "lora_target": args.lora_target, "num_adapted_modules": len(targets), "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate, "resolution": resolution,
-        "seed": args.seed, "sa_peft_version": sa_peft.__version__,
+        "seed": args.seed, "sa_peft_version": sa_peft.__version__, "base_pipeline": type(pipe).__name__,
     }
     if accelerator.is_main_process:
         accelerator.init_trackers("sa-peft", config={k: str(v) for k, v in run_info.items()})
@@ -409,18 +410,48 @@ def main(argv: list[str] | None = None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(unet)
-        save_forget_lora(args.output_dir, unwrapped, run_info)
-        if args.output_kohya_format:
-            export_kohya(unwrapped, os.path.join(args.output_dir, KOHYA_WEIGHT_NAME))
+        lora_file = save_forget_lora(args.output_dir, unwrapped, run_info)
+        if args.output_kohya_format:  # the same code as `sa-peft export --format kohya`, from the saved file
+            export_kohya(lora_file, os.path.join(args.output_dir, KOHYA_WEIGHT_NAME))
         after_images = log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
         save_before_after_grid(before_images, after_images, os.path.join(args.output_dir, "validation_before_after.png"))
         write_model_card(args.output_dir, run_info, repo_id=args.hub_model_id)
+        if args.classifier:
+            start = time.perf_counter()
+            evaluate_forgetting(accelerator, pipe, plan, args)
+            timings["evaluation_s"] = time.perf_counter() - start
         write_json_atomic(os.path.join(args.output_dir, "timings.json"), timings)
         logger.info("Timings: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
         if args.push_to_hub:
             push_folder(args)
     accelerator.end_training()
     return pipe
+
+
+def evaluate_forgetting(accelerator, pipe, plan, args) -> None:
+    """Score the base model and the adapted one with ``--classifier``; write ``evaluation/report.md``."""
+    from sa_peft.classifier import load_classifier
+    from sa_peft.commands.evaluate import resolve_labels
+    from sa_peft.evaluation import evaluate_pipeline, write_evaluation_report
+
+    classifier = load_classifier(args.classifier)
+    prompts = plan["forget"] + plan["replay"]
+    labels, forgotten = resolve_labels(prompts, None, plan["forget"], None, classifier.labels)
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(accelerator.device)
+    pipe.unet.eval()
+    settings = dict(num_per_prompt=args.num_evaluation_images_per_prompt, seed=args.seed,
+                    num_inference_steps=args.generation_num_inference_steps, guidance_scale=args.generation_guidance_scale)
+    pipe.unet.disable_adapters()
+    before = evaluate_pipeline(pipe, classifier, prompts, labels, plan["forget"], forgotten, **settings)
+    pipe.unet.enable_adapters()
+    after = evaluate_pipeline(pipe, classifier, prompts, labels, plan["forget"], forgotten, **settings)
+    paths = write_evaluation_report(before, after, os.path.join(args.output_dir, "evaluation"))
+    f_before, f_after = before["forget"]["p_forgotten"], after["forget"]["p_forgotten"]
+    r_before, r_after = before["retained"]["mean_accuracy"], after["retained"]["mean_accuracy"]
+    logger.info(f"Evaluation ({args.num_evaluation_images_per_prompt} samples per prompt): P(forgotten) on the forget "
+                f"prompt {f_before:.3f} -> {f_after:.3f}; retained accuracy {r_before:.3f} -> {r_after:.3f}; report {paths['report']}")
 
 
 def log_validation(accelerator, pipe, prompts, args, resolution, step):

@@ -1,0 +1,122 @@
+"""``sa-peft inspect``: what an adapter (or merged checkpoint) file is, from its safetensors header."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..adapter_io import SA_METADATA_KEY, component_configs, load_adapter_file, resolve_adapter_file
+
+# Training-info fields in display order, with their labels.
+FIELDS = (
+    ("base_model", "base model"),
+    ("base_pipeline", "pipeline"),
+    ("forget_prompts", "forgotten concept(s)"),
+    ("surrogate", "surrogate"),
+    ("ewc_lambda", "EWC λ"),
+    ("ewc_space", "EWC space"),
+    ("fisher_estimator", "Fisher estimator"),
+    ("fisher_num_samples", "Fisher samples"),
+    ("replay_weight", "replay weight γ"),
+    ("num_replay_prompts", "replay prompts"),
+    ("rank", "rank"),
+    ("lora_alpha", "alpha"),
+    ("use_rslora", "rsLoRA"),
+    ("lora_target", "targets"),
+    ("num_adapted_modules", "adapted modules"),
+    ("max_train_steps", "steps"),
+    ("learning_rate", "learning rate"),
+    ("resolution", "resolution"),
+    ("sa_peft_version", "sa-peft version"),
+)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect", help="show what a forget adapter file is (base model, concepts, λ, γ, rank, ...)",
+        description="Print the training metadata sa-peft stores in an adapter's safetensors header. "
+                    "Only .safetensors files are read.",
+    )
+    parser.add_argument("path", help="adapter .safetensors file, a training output folder, or a merged --single_file")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Everything ``inspect`` knows about ``path``, as a JSON-able dict."""
+    from ..merge import SINGLE_FILE_KEY
+
+    file = resolve_adapter_file(path, "sa-peft inspect")
+    tensors, header = load_adapter_file(file, "sa-peft inspect")
+    info = json.loads(header[SA_METADATA_KEY]) if SA_METADATA_KEY in header else None
+    out: dict = {"file": os.path.abspath(file), "size_bytes": os.path.getsize(file)}
+    if header.get(SINGLE_FILE_KEY):
+        out.update(format=f"sa-peft merged pipeline checkpoint ({header[SINGLE_FILE_KEY]})",
+                   pipeline=header.get("pipeline_class"), merge=info,
+                   components=sorted({k.split(".")[0] for k in tensors}))
+        return out
+    peft_keys = [k for k in tensors if k.endswith(".lora_A.weight")]
+    kohya_keys = [k for k in tensors if k.endswith(".lora_down.weight")]
+    if peft_keys:
+        out["format"] = "diffusers/peft LoRA (load with pipe.load_lora_weights)"
+        downs = {k: tensors[k] for k in peft_keys}
+    elif kohya_keys:
+        out["format"] = "kohya/A1111 LoRA (lora_unet_… keys; pipe.load_lora_weights reads it too)"
+        downs = {k: tensors[k] for k in kohya_keys}
+    else:
+        raise ValueError(f"sa-peft inspect {file!r}: a safetensors file, but neither a LoRA adapter (no lora_A/lora_down "
+                         "keys) nor an sa-peft merged checkpoint")
+    out["lora_layers"] = len(downs)
+    out["ranks"] = sorted({int(v.shape[0]) for v in downs.values()})
+    out["dtype"] = str(next(iter(downs.values())).dtype).replace("torch.", "")
+    if peft_keys:
+        out["components"] = sorted({k.split(".")[0] for k in peft_keys})
+    else:
+        out["components"] = sorted({k.split("_")[1] for k in kohya_keys})
+    configs = component_configs(header)
+    if "unet" in configs:
+        config = configs["unet"]
+        out["adapter_config"] = {"r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
+                                 "use_rslora": config.get("use_rslora"),
+                                 "target_modules": sorted(config.get("target_modules") or [])}
+    out["sa_peft"] = info
+    return out
+
+
+def _format(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def format_text(summary: dict) -> str:
+    lines = [f"file: {summary['file']} ({summary['size_bytes'] / 1e6:.2f} MB)", f"format: {summary['format']}"]
+    if "merge" in summary:
+        lines.append(f"pipeline: {summary['pipeline']} (load with sa_peft.merge.load_single_file_checkpoint)")
+        merge = summary["merge"] or {}
+        lines.append(f"base model: {merge.get('base_model', '?')}")
+        for lora in merge.get("loras", []):
+            concepts = ", ".join((lora.get("sa_peft") or {}).get("forget_prompts", [])) or "?"
+            lines.append(f"  merged {lora['file']} × {lora['weight']}: forgets {concepts}")
+        return "\n".join(lines)
+    lines.append(f"LoRA layers: {summary['lora_layers']} ({', '.join(summary['components'])}), "
+                 f"rank {_format(summary['ranks'])}, {summary['dtype']}")
+    info = summary.get("sa_peft")
+    if info is None:
+        lines.append("no sa-peft training metadata: this file was not written by sa-peft (or its header was stripped)")
+    else:
+        width = max(len(label) for _, label in FIELDS)
+        for key, label in FIELDS:
+            if key in info:
+                lines.append(f"{label:<{width}}  {_format(info[key])}")
+    config = summary.get("adapter_config")
+    if config:
+        lines.append(f"adapter config: r={config['r']} alpha={config['lora_alpha']} rsLoRA={config['use_rslora']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    summary = describe(args.path)
+    print(json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False) if args.json else format_text(summary))
+    return summary

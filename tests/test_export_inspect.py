@@ -1,0 +1,196 @@
+"""`sa-peft export` (kohya keys, read back by diffusers), `sa-peft inspect`, and sharing on the hub offline."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import add_forget_lora
+from safetensors import safe_open
+from safetensors.torch import load_file
+from train_helpers import load_train_module, run_training, sample
+
+from sa_peft import cli
+from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya, save_forget_lora
+from sa_peft.lora import iter_adapted_layers
+from sa_peft.merge import save_single_file_checkpoint
+from sa_peft.model_card import write_model_card
+from sa_peft.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline
+
+PROMPT = "a photo of a cat"
+LORA_SETTINGS = [{"rank": 4, "alpha": 2, "use_rslora": True}, {"rank": 3, "alpha": 6}]
+
+
+@pytest.mark.parametrize("builder", [build_tiny_pipeline, build_tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+@pytest.mark.parametrize("settings", LORA_SETTINGS, ids=["rslora-alpha2-r4", "alpha6-r3"])
+def test_kohya_export_from_file_reads_back_identically(builder, settings, tmp_path):
+    pipe = builder()
+    add_forget_lora(pipe.unet, "all", **settings)
+    expected = sample(pipe, PROMPT)
+    lora_file = save_forget_lora(tmp_path, pipe.unet, {"base_model": "tiny"})
+    kohya_file = export_kohya(lora_file, tmp_path / KOHYA_WEIGHT_NAME)
+    kohya = load_file(kohya_file)
+    layers = list(iter_adapted_layers(pipe.unet))
+    assert len(kohya) == 3 * len(layers)
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in kohya)
+    for layer in layers:  # kohya readers scale by alpha / rank, so alpha = scale · rank
+        base = layer.name.replace("add_embedding.linear_1", "label_emb.0.0").replace("add_embedding.linear_2", "label_emb.0.2")
+        alpha = kohya["lora_unet_" + base.replace(".", "_") + ".alpha"]
+        assert float(alpha) == pytest.approx(layer.scale * settings["rank"], rel=1e-6)
+    fresh = builder()
+    fresh.load_lora_weights(str(tmp_path), weight_name=KOHYA_WEIGHT_NAME)
+    np.testing.assert_allclose(sample(fresh, PROMPT), expected, atol=1e-6)
+    with safe_open(str(kohya_file), framework="pt") as f:
+        assert json.loads(f.metadata()["sa_peft"])["base_model"] == "tiny"
+
+
+def test_export_from_live_unet_equals_export_from_file(tmp_path):
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "noxattn", rank=2, alpha=5)
+    lora_file = save_forget_lora(tmp_path, pipe.unet, {})
+    from_file = load_file(export_kohya(lora_file, tmp_path / "a.safetensors"))
+    live = load_file(export_kohya(pipe.unet, tmp_path / "b.safetensors"))
+    assert from_file.keys() == live.keys()
+    assert all(torch.equal(from_file[k], live[k]) for k in live)
+
+
+def test_export_command(tmp_path, capsys):
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "attn", rank=2, alpha=1)
+    save_forget_lora(tmp_path, pipe.unet, {})
+    assert cli.main(["export", str(tmp_path), "--format", "kohya"]) == 0
+    default = tmp_path / KOHYA_WEIGHT_NAME  # pytorch_lora_weights.safetensors -> pytorch_lora_weights_kohya.safetensors
+    assert default.exists() and "weight_name=" in capsys.readouterr().out
+    assert cli.main(["export", str(tmp_path / LORA_WEIGHT_NAME)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / LORA_WEIGHT_NAME), "--overwrite"]) == 0
+    assert cli.main(["export", str(tmp_path / LORA_WEIGHT_NAME), "--output", str(tmp_path / LORA_WEIGHT_NAME),
+                     "--overwrite"]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    (tmp_path / "adapter.bin").write_bytes(b"pickle")
+    assert cli.main(["export", str(tmp_path / "adapter.bin")]) == 2
+    assert "not a .safetensors file" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path), "--output", str(tmp_path / "out.pt")]) == 2
+    assert "--output" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pipe_dir, tmp_path_factory):
+    """A training run with --push_to_hub while the hub is unreachable (offline mode): everything is written, then
+    the upload fails with a clear error."""
+    import huggingface_hub.constants
+
+    root = tmp_path_factory.mktemp("inspect")
+    replay = root / "replay.txt"
+    replay.write_text("a photo of a cat\na photo of a dog\n")
+    out = root / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError) as err:
+            run_training(load_train_module(), tiny_pipe_dir, out, replay, "--forget_prompt", "brad pitt",
+                         "--surrogate_type", "noise", "--lora_alpha", "1", "--ewc_lambda", "3", "--replay_weight", "0.5",
+                         "--output_kohya_format", "--push_to_hub", "--hub_model_id", "someone/forget-brad-pitt")
+    return out, str(err.value), time.perf_counter() - start
+
+
+def test_push_to_hub_offline_fails_clearly_after_saving_everything(trained):
+    out, message, seconds = trained
+    for name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, "README.md", "validation_before_after.png"):
+        assert (out / name).exists(), name
+    assert "--push_to_hub" in message and "saved locally" in message and "offline" in message.lower()
+    assert seconds < 60  # no network timeouts
+
+
+def test_push_folder_fails_fast_without_network(monkeypatch, tmp_path):
+    import types
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    train = load_train_module()
+    args = types.SimpleNamespace(hub_model_id=None, output_dir=str(tmp_path / "forget-x"), hub_token=None)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="--push_to_hub: could not upload .* to 'forget-x'.*rerun with --push_to_hub"):
+        train.push_folder(args)
+    assert time.perf_counter() - start < 5
+
+
+def test_model_card_metadata_parses_offline(trained, tmp_path):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained[0] / "README.md")
+    data = card.data.to_dict()
+    assert {"lora", "diffusers", "stable-diffusion", "selective-amnesia", "concept-erasure"} <= set(data["tags"])
+    assert "stable-diffusion-xl" not in data["tags"]
+    assert data["library_name"] == "diffusers" and data["license"] == "creativeml-openrail-m"
+    assert "base_model" not in data  # a local folder is not a hub repo; the hub would reject it
+    assert 'pipe.load_lora_weights("someone/forget-brad-pitt"' in card.text and "brad pitt" in card.text
+    info = json.loads(load_info(trained[0]))
+    info["base_model"] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    write_model_card(tmp_path, info)
+    hub_card = ModelCard.load(tmp_path / "README.md")
+    assert hub_card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert 'DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")' in hub_card.text
+    info["base_pipeline"] = "StableDiffusionXLPipeline"
+    write_model_card(tmp_path, info)
+    xl_card = ModelCard.load(tmp_path / "README.md")
+    assert "stable-diffusion-xl" in xl_card.data.tags and "stable-diffusion" in xl_card.data.tags
+    assert xl_card.data.license == "openrail++"
+
+
+def load_info(folder) -> str:
+    with safe_open(str(folder / LORA_WEIGHT_NAME), framework="pt") as f:
+        return f.metadata()["sa_peft"]
+
+
+def test_inspect_prints_the_training_metadata(trained, tiny_pipe_dir, capsys):
+    out = trained[0]
+    assert cli.main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    for expected in (f"base model            {tiny_pipe_dir}", "brad pitt", "uniform noise", "EWC λ                 3.0",
+                     "replay weight γ       0.5", "lowrank", "rank", "alpha                 1.0", "targets               all",
+                     "steps                 3", "sa-peft version       0.1.0", "StableDiffusionPipeline"):
+        assert expected in text, expected
+    assert cli.main(["inspect", str(out / LORA_WEIGHT_NAME), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    info = summary["sa_peft"]
+    assert info["forget_prompts"] == ["brad pitt"] and info["ewc_lambda"] == 3.0 and info["replay_weight"] == 0.5
+    assert info["ewc_space"] == "lowrank" and info["rank"] == 2 and info["lora_target"] == "all"
+    assert info["max_train_steps"] == 3 and info["sa_peft_version"] == "0.1.0"
+    assert summary["ranks"] == [2] and summary["lora_layers"] == info["num_adapted_modules"]
+    assert summary["adapter_config"]["lora_alpha"] == 1.0
+    # The kohya copy carries the same training info.
+    assert cli.main(["inspect", str(out / KOHYA_WEIGHT_NAME), "--json"]) == 0
+    kohya = json.loads(capsys.readouterr().out)
+    assert kohya["format"].startswith("kohya") and kohya["sa_peft"] == info
+
+
+def test_inspect_merged_checkpoint_and_foreign_files(tmp_path, capsys):
+    path = save_single_file_checkpoint(build_tiny_pipeline(), tmp_path / "merged.safetensors",
+                                       {"base_model": "tiny", "loras": [{"file": "a.safetensors", "weight": 0.5,
+                                                                         "sa_peft": {"forget_prompts": ["x"]}}]})
+    assert cli.main(["inspect", path]) == 0
+    text = capsys.readouterr().out
+    assert "merged pipeline checkpoint" in text and "a.safetensors × 0.5: forgets x" in text
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "attn")
+    pipe.save_lora_weights(tmp_path / "plain", unet_lora_layers=__import__("peft").utils.get_peft_model_state_dict(pipe.unet))
+    assert cli.main(["inspect", str(tmp_path / "plain")]) == 0
+    assert "not written by sa-peft" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("adapter.bin", b"\x80\x04pickle", "is not a .safetensors file; adapters are read only from safetensors"),
+    ("adapter.ckpt", b"PK\x03\x04", "is not a .safetensors file"),
+    ("junk.safetensors", b"not safetensors at all", "is not a valid safetensors file"),
+    ("missing.safetensors", None, "no such file"),
+])
+def test_inspect_refuses_non_safetensors(tmp_path, capsys, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    assert cli.main(["inspect", str(tmp_path / name)]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""Helpers shared by the adapter-ecosystem tests: tiny in-process training runs and sampling."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_sa_lora.py"
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("train_sa_lora_ecosystem", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_training(train, model_dir, output_dir, replay_file, *extra):
+    """One tiny, fast run of the training script in-process; returns the pipeline with the adapter."""
+    from accelerate.state import AcceleratorState
+
+    args = [
+        "--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+        "--replay_prompts_file", str(replay_file), "--num_surrogate_images", "4", "--num_replay_images_per_prompt", "2",
+        "--fisher_num_samples", "4", "--fisher_num_timesteps", "2", "--generation_num_inference_steps", "2",
+        "--num_validation_images", "1", "--validation_steps", "1000", "--train_batch_size", "2",
+        "--max_train_steps", "3", "--learning_rate", "1e-2", "--rank", "2", *extra,
+    ]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return train.main(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def sample(pipe, prompt="brad pitt", steps=3, **kwargs):
+    """Images as a float array, with a fixed seed, so two pipelines can be compared element-wise."""
+    return pipe(prompt, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0),
+                **kwargs).images
