@@ -48,7 +48,7 @@ from sa_peft.models import load_pipeline
 from sa_peft.objective import selective_amnesia_loss
 from sa_peft.prompts import check_prompts, read_prompts_file
 from sa_peft.training_setup import (
-    list_checkpoints, make_optimizer, prune_checkpoints, require_bitsandbytes, require_xformers, settings_key,
+    list_checkpoints, make_optimizer, prune_checkpoints, require_bitsandbytes, save_checkpoint, require_xformers, settings_key,
 )
 from sa_peft.validation import generate_validation_images, save_before_after_grid
 
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None):
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process:
                 prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-            accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            save_checkpoint(accelerator, args.output_dir, global_step)
         if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
     progress.close()
