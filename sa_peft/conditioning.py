@@ -67,3 +67,10 @@ def encode_prompts(pipe, prompts: Sequence[str], resolution: int | None = None) 
         return PromptConditioning(unique, hidden, pooled, time_ids.repeat(len(unique), 1))
     hidden, _ = pipe.encode_prompt(unique, device, 1, False)
     return PromptConditioning(unique, hidden)
+
+
+def tokenize_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids as the pipeline's ``encode_prompt`` makes them (padded to the tokenizer's max length)."""
+    tokenizer = pipe.tokenizer
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids

@@ -29,13 +29,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
+from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import sa_peft
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
-from sa_peft.conditioning import encode_prompts
+from sa_peft.conditioning import PromptConditioning, encode_prompts, is_sdxl, tokenize_prompts
 from sa_peft.data import SURROGATE_TYPES, check_resolution, default_resolution, generate_replay_set, generate_surrogate_set
 from sa_peft.defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
 from sa_peft.diffusion_loss import noise_scheduler_for
@@ -55,6 +56,8 @@ from sa_peft.validation import generate_validation_images, save_before_after_gri
 logger = get_logger(__name__, log_level="INFO")
 
 LORA_CHECKPOINT_NAME = "lora_unet.safetensors"
+TEXT_ENCODER_CHECKPOINT_NAME = "lora_text_encoder.safetensors"
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,12 +119,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fisher_num_samples", type=int, default=128, help="frozen-model samples the Fisher is estimated on" + d)
     p.add_argument("--fisher_estimator", choices=ESTIMATORS, default="fast", help="reference: all T timesteps per sample; fast: K stratified" + d)
     p.add_argument("--fisher_num_timesteps", type=int, default=8, help="K of the fast estimator" + d)
-    p.add_argument("--ewc_lambda", type=float, default=1.0, help="λ, on a Fisher normalised by its mean over adapted weights" + d)
+    p.add_argument("--ewc_lambda", type=float, default=5.0, help="λ, on a Fisher normalised by its mean over adapted weights" + d)
     p.add_argument("--ewc_space", choices=["full", "lowrank"], default="lowrank", help="EWC penalty space" + d)
     p.add_argument("--replay_weight", type=float, default=1.0, help="γ, weight of the replay loss" + d)
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: the rank")
     p.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA scaling alpha/sqrt(rank)")
     p.add_argument("--lora_target", default="all", help=f"preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names" + d)
+    p.add_argument("--train_text_encoder", action="store_true",
+                   help="also train a LoRA on the text encoder's attention (SD 1.x/2.x); the EWC penalty covers the UNet "
+                        "only, so the text encoder is held by replay alone")
     p.add_argument("--output_kohya_format", action="store_true", help="also write an A1111/ComfyUI-keyed copy")
     p.add_argument("--classifier", default=None, help="image classifier for the final evaluation (default on digits: builtin:digits-classifier)")
     p.add_argument("--num_evaluation_images_per_prompt", type=int, default=50, help="samples per prompt in the final evaluation" + d)
@@ -147,7 +153,7 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         forget = digits["forget_prompts"]
         replay = read_prompts_file(args.replay_prompts_file, "--replay_prompts_file") if args.replay_prompts_file else digits["replay_prompts"]
         if not any(sources):
-            args.surrogate_type = "uniform_noise"
+            args.surrogate_prompt = digits["surrogate_prompt"]
         _set_default(args, "resolution", digits["resolution"])
         _set_default(args, "generation_guidance_scale", digits["guidance_scale"])
         _set_default(args, "generation_num_inference_steps", digits["num_inference_steps"])
@@ -226,6 +232,8 @@ def main(argv: list[str] | None = None):
     pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     pipe.set_progress_bar_config(disable=True)
     resolution = check_resolution(pipe, args.resolution or default_resolution(pipe))
+    if args.train_text_encoder and is_sdxl(pipe):
+        raise ValueError("--train_text_encoder supports SD 1.x/2.x pipelines; drop it for SDXL")
     pipe.to(accelerator.device)
     unet, scheduler = pipe.unet, noise_scheduler_for(pipe.scheduler)  # DDPM noising, whatever the pipeline samples with
     # Caches are keyed by the UNet's weights, so a changed local model never reuses stale samples.
@@ -284,9 +292,7 @@ def main(argv: list[str] | None = None):
         before_images = generate_validation_images(pipe, plan["validation"], args.num_validation_images, args.seed, resolution,
                                                    args.generation_guidance_scale, args.generation_num_inference_steps)
     # Embeddings and latents are precomputed, so the text encoder(s) and the VAE leave the device.
-    for name in ("text_encoder", "text_encoder_2", "vae"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to("cpu")
+    move_frozen_encoders(pipe, "cpu", args)
     unet.requires_grad_(False)
     unet.to(accelerator.device, dtype=weight_dtype)
     torch.manual_seed(args.seed)  # LoRA A's init must not depend on what the cached phases consumed
@@ -297,7 +303,14 @@ def main(argv: list[str] | None = None):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     ewc_penalty = EWCPenalty(unet, fisher, args.ewc_space) if fisher is not None else None
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    text_encoder = None
+    if args.train_text_encoder:
+        # peft's inject_adapter_in_model, not transformers' add_adapter: transformers 5.24 asks for peft >= 0.22.
+        text_encoder = pipe.text_encoder
+        text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+        inject_adapter_in_model(make_lora_config(TEXT_ENCODER_TARGETS, args.rank, args.lora_alpha, args.use_rslora), text_encoder, "default")
+        cast_training_params(text_encoder, dtype=torch.float32)
+    lora_params = [p for model in (unet, text_encoder) if model is not None for p in model.parameters() if p.requires_grad]
 
     world = accelerator.num_processes
     if args.scale_lr:
@@ -314,22 +327,29 @@ def main(argv: list[str] | None = None):
         # Checkpoints hold the LoRA weights only; the frozen base is never copied.
         if accelerator.is_main_process:
             for model in models:
-                state = get_peft_model_state_dict(accelerator.unwrap_model(model))
-                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(output_dir, LORA_CHECKPOINT_NAME))
+                model = accelerator.unwrap_model(model)
+                state = get_peft_model_state_dict(model)
+                name = LORA_CHECKPOINT_NAME if model is accelerator.unwrap_model(unet) else TEXT_ENCODER_CHECKPOINT_NAME
+                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(output_dir, name))
         while weights:
             weights.pop()
 
     def load_model_hook(models, input_dir):
         while models:
             model = accelerator.unwrap_model(models.pop())
-            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, LORA_CHECKPOINT_NAME)), adapter_name="default")
+            name = LORA_CHECKPOINT_NAME if model is accelerator.unwrap_model(unet) else TEXT_ENCODER_CHECKPOINT_NAME
+            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, name)), adapter_name="default")
             if result.unexpected_keys:
                 raise ValueError(f"checkpoint {input_dir} does not match this LoRA: unexpected {result.unexpected_keys[:3]}")
             cast_training_params(model, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if text_encoder is not None:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        prompt_tokens = tokenize_prompts(pipe, conditioning.prompts).to(accelerator.device)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
     global_step = 0
     if args.resume_from_checkpoint:
@@ -353,7 +373,7 @@ def main(argv: list[str] | None = None):
         "rank": args.rank, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank, "use_rslora": args.use_rslora,
         "lora_target": args.lora_target, "num_adapted_modules": len(targets), "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate, "resolution": resolution,
-        "seed": args.seed, "sa_peft_version": sa_peft.__version__, "base_pipeline": type(pipe).__name__,
+        "seed": args.seed, "train_text_encoder": args.train_text_encoder, "sa_peft_version": sa_peft.__version__, "base_pipeline": type(pipe).__name__,
     }
     if accelerator.is_main_process:
         accelerator.init_trackers("sa-peft", config={k: str(v) for k, v in run_info.items()})
@@ -377,9 +397,13 @@ def main(argv: list[str] | None = None):
             gen = torch.Generator().manual_seed(hash((args.seed, global_step, micro, accelerator.process_index)) % 2**63)
             s_idx = torch.randint(len(sur_latents), (args.train_batch_size,), generator=gen).to(accelerator.device)
             r_idx = torch.randint(len(rep_latents), (args.train_batch_size,), generator=gen).to(accelerator.device)
-            with accelerator.accumulate(unet), accelerator.autocast():
+            models = (unet,) if text_encoder is None else (unet, text_encoder)
+            with accelerator.accumulate(*models), accelerator.autocast():
+                step_conditioning = conditioning
+                if text_encoder is not None:  # the prompts are re-encoded through the text encoder's LoRA
+                    step_conditioning = PromptConditioning(conditioning.prompts, text_encoder(prompt_tokens)[0])
                 loss = selective_amnesia_loss(
-                    unet, scheduler, conditioning, sur_latents[s_idx].to(weight_dtype), sur_ids[s_idx],
+                    unet, scheduler, step_conditioning, sur_latents[s_idx].to(weight_dtype), sur_ids[s_idx],
                     rep_latents[r_idx].to(weight_dtype), rep_ids[r_idx], ewc_penalty, args.ewc_lambda, args.replay_weight,
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=gen,
                 )
@@ -410,7 +434,12 @@ def main(argv: list[str] | None = None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(unet)
-        lora_file = save_forget_lora(args.output_dir, unwrapped, run_info)
+        te_layers = te_metadata = None
+        if text_encoder is not None:
+            te_layers = get_peft_model_state_dict(accelerator.unwrap_model(text_encoder))
+            te_metadata = accelerator.unwrap_model(text_encoder).peft_config["default"].to_dict()
+        lora_file = save_forget_lora(args.output_dir, unwrapped, run_info, text_encoder_lora_layers=te_layers,
+                                     text_encoder_adapter_metadata=te_metadata)
         if args.output_kohya_format:  # the same code as `sa-peft export --format kohya`, from the saved file
             export_kohya(lora_file, os.path.join(args.output_dir, KOHYA_WEIGHT_NAME))
         after_images = log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
@@ -428,6 +457,13 @@ def main(argv: list[str] | None = None):
     return pipe
 
 
+def move_frozen_encoders(pipe, device, args) -> None:
+    """Move the VAE and the text encoder(s) that are not being trained (they are only needed to sample)."""
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, name, None) is not None and not (name == "text_encoder" and args.train_text_encoder):
+            getattr(pipe, name).to(device)
+
+
 def evaluate_forgetting(accelerator, pipe, plan, args) -> None:
     """Score the base model and the adapted one with ``--classifier``; write ``evaluation/report.md``."""
     from sa_peft.classifier import load_classifier
@@ -437,15 +473,13 @@ def evaluate_forgetting(accelerator, pipe, plan, args) -> None:
     classifier = load_classifier(args.classifier)
     prompts = plan["forget"] + plan["replay"]
     labels, forgotten = resolve_labels(prompts, None, plan["forget"], None, classifier.labels)
-    for name in ("text_encoder", "text_encoder_2", "vae"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to(accelerator.device)
+    move_frozen_encoders(pipe, accelerator.device, args)
     pipe.unet.eval()
     settings = dict(num_per_prompt=args.num_evaluation_images_per_prompt, seed=args.seed,
                     num_inference_steps=args.generation_num_inference_steps, guidance_scale=args.generation_guidance_scale)
-    pipe.unet.disable_adapters()
+    pipe.disable_lora()
     before = evaluate_pipeline(pipe, classifier, prompts, labels, plan["forget"], forgotten, **settings)
-    pipe.unet.enable_adapters()
+    pipe.enable_lora()
     after = evaluate_pipeline(pipe, classifier, prompts, labels, plan["forget"], forgotten, **settings)
     paths = write_evaluation_report(before, after, os.path.join(args.output_dir, "evaluation"))
     f_before, f_after = before["forget"]["p_forgotten"], after["forget"]["p_forgotten"]
@@ -456,18 +490,14 @@ def evaluate_forgetting(accelerator, pipe, plan, args) -> None:
 
 def log_validation(accelerator, pipe, prompts, args, resolution, step):
     """Sample the validation prompts with the current LoRA and send them to the trackers."""
-    for name in ("text_encoder", "text_encoder_2", "vae"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to(accelerator.device)
+    move_frozen_encoders(pipe, accelerator.device, args)
     was_training = pipe.unet.training
     pipe.unet.eval()
     with accelerator.autocast():
         images = generate_validation_images(pipe, prompts, args.num_validation_images, args.seed, resolution,
                                             args.generation_guidance_scale, args.generation_num_inference_steps)
     pipe.unet.train(was_training)
-    for name in ("text_encoder", "text_encoder_2", "vae"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to("cpu")
+    move_frozen_encoders(pipe, "cpu", args)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np

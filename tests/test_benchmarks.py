@@ -1,0 +1,49 @@
+"""Smoke runs: every benchmark script runs end to end on the smallest settings (no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: int = 600) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_penalty_overhead_smoke():
+    out = run("penalty_overhead.py", "--unets", "tiny", "--steps", "1")
+    assert "| tiny |" in out and "overhead" in out
+
+
+def test_fisher_estimators_smoke():
+    out = run("fisher_estimators.py", "--model", "tiny", "--reference_samples", "2", "--fast", "2x2", "--num_inference_steps", "2")
+    assert "| reference (all T) | 2 |" in out and "| fast K=2 | 2 |" in out
+
+
+def test_gpu_memory_smoke_on_cpu():
+    out = run("gpu_memory.py", "--device", "cpu", "--unets", "tiny", "--steps", "1")
+    assert out.count("| tiny |") >= 5
+
+
+def test_memory_smoke():
+    out = run("memory.py", "--unets", "tiny", "--measure", "tiny", "--measure_steps", "1")
+    assert "| tiny |" in out
+
+
+@pytest.mark.parametrize("rows", [["default", "stack"]])
+def test_digits_forgetting_smoke(tmp_path, rows):
+    out = run("digits_forgetting.py", "--rows", *rows, "--num_images_per_prompt", "2", "--durability_steps", "2",
+              "--output", str(tmp_path / "table.md"), "--extra", "--max_train_steps", "2", "--num_surrogate_images", "16",
+              "--num_replay_images_per_prompt", "2", "--fisher_num_samples", "4", "--generation_num_inference_steps", "5")
+    table = (tmp_path / "table.md").read_text()
+    for row in ("| base model |", "| default |", "plain fine-tuning", "| stacked:"):
+        assert row in table and row in out
