@@ -80,41 +80,85 @@ class EWCPenalty(torch.nn.Module):
         else:
             raise ValueError(f"normalization must be 'mean' or 'none', got {normalization!r}")
         device = self.layers[0].lora_a.device
-        # Layers with the same (m, n, r) are stacked and computed with one batched matmul, so the penalty
-        # costs a few kernels per distinct shape instead of several per layer (hundreds of layers in SD).
+        # Layers with the same (m, n, r) are stacked and computed together with batched matmuls: a few
+        # kernels per distinct shape instead of several per layer (hundreds of layers in SD).
         groups: dict[tuple[int, int, int], list[int]] = {}
         for i, layer in enumerate(self.layers):
             m, n, r = layer.lora_b.shape[0], layer.lora_a.shape[1], layer.lora_a.shape[0]
             groups.setdefault((m, n, r), []).append(i)
         self.groups = list(groups.values())
-        for g, members in enumerate(self.groups):
-            scales = torch.tensor([self.layers[i].scale for i in members], dtype=torch.float32, device=device)
-            self.register_buffer(f"scale_sq_{g}", scales.square(), persistent=False)
-            stack = lambda tensors: torch.stack([t.reshape(t.shape[0], -1) if t.dim() > 1 else t for t in tensors]).to(  # noqa: E731
-                device=device, dtype=torch.float32) * self.normalizer
+        stack = lambda tensors: torch.stack([t.reshape(t.shape[0], -1) if t.dim() > 1 else t for t in tensors]).to(  # noqa: E731
+            device=device, dtype=torch.float32) * self.normalizer
+        self.group_buffers: list[tuple[torch.Tensor, ...]] = []
+        for members in self.groups:
             member_keys = [keys[i] for i in members]
+            scale_sq = torch.tensor([self.layers[i].scale for i in members], dtype=torch.float32, device=device).square()
             if space == "full":
-                self.register_buffer(f"fisher_{g}", stack([fisher.diagonal[k] for k in member_keys]), persistent=False)
+                self.group_buffers.append((scale_sq, stack([fisher.diagonal[k] for k in member_keys])))
             else:
                 rows = stack([fisher.row_sums[k] for k in member_keys])
-                self.register_buffer(f"rows_{g}", rows, persistent=False)
-                self.register_buffer(f"cols_{g}", stack([fisher.col_sums[k] for k in member_keys]), persistent=False)
                 # A layer whose Fisher is all zero has u = v = 0: keep its penalty 0 rather than 0/0 = NaN.
-                self.register_buffer(f"total_{g}", rows.sum(1).clamp_min(torch.finfo(torch.float32).tiny), persistent=False)
+                total = rows.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+                self.group_buffers.append((scale_sq / total, rows, stack([fisher.col_sums[k] for k in member_keys])))
+
+    def _apply(self, fn, recurse=True):
+        # Keep the group buffers on the module's device and dtype rules, like registered buffers.
+        result = super()._apply(fn, recurse)
+        self.group_buffers = [tuple(fn(t) for t in group) for group in self.group_buffers]
+        return result
 
     def forward(self) -> torch.Tensor:
-        device_type = self.layers[0].lora_a.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            parts = []
-            for g, members in enumerate(self.groups):
-                a = torch.stack([self.layers[i].lora_a for i in members]).float()  # G×r×n
-                b = torch.stack([self.layers[i].lora_b for i in members]).float()  # G×m×r
-                scale_sq = getattr(self, f"scale_sq_{g}")
-                if self.space == "full":
-                    delta_sq = torch.bmm(b, a).square()
-                    parts.append((scale_sq * (getattr(self, f"fisher_{g}") * delta_sq).sum((1, 2))).sum())
+        params = [p for layer in self.layers for p in (layer.module.lora_A[layer.adapter].weight, layer.module.lora_B[layer.adapter].weight)]
+        return _EWCFunction.apply(self, *params)
+
+
+class _EWCFunction(torch.autograd.Function):
+    """The penalty and its analytic gradient in one pass, without an autograd graph per layer.
+
+    Full space, per layer with D = s·B·A:  P = Σ F ⊙ D²,  ∂P/∂B = 2s (F ⊙ D) Aᵀ,  ∂P/∂A = 2s Bᵀ (F ⊙ D).
+    Low-rank space, with L = Bᵀ diag(u) B and R = A diag(v) Aᵀ (both symmetric) and c = s²/S:
+    P = c Σ L ⊙ R,  ∂P/∂B = 2c diag(u) B R,  ∂P/∂A = 2c L A diag(v).
+    The small UNets' steps are so short that an autograd graph of a dozen kernels per shape group
+    costs more than the UNet's own backward; computing gradients alongside the value halves that.
+    """
+
+    @staticmethod
+    def forward(ctx, penalty: EWCPenalty, *params: torch.Tensor) -> torch.Tensor:
+        layers = penalty.layers
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        with torch.autocast(device_type=params[0].device.type, enabled=False):
+            for members, buffers in zip(penalty.groups, penalty.group_buffers):
+                a = torch.stack([layers[i].lora_a for i in members]).float()  # G×r×n
+                b = torch.stack([layers[i].lora_b for i in members]).float()  # G×m×r
+                if penalty.space == "full":
+                    scale_sq, fisher = buffers
+                    scale = scale_sq.sqrt()[:, None, None]
+                    delta = scale * torch.bmm(b, a)  # D = s·B·A
+                    weighted = fisher * delta  # F ⊙ D
+                    total = total + (weighted * delta).sum()
+                    grad_b = 2 * scale * torch.bmm(weighted, a.transpose(1, 2))
+                    grad_a = 2 * scale * torch.bmm(b.transpose(1, 2), weighted)
                 else:
-                    left = torch.bmm(b.transpose(1, 2), getattr(self, f"rows_{g}")[:, :, None] * b)  # G×r×r
-                    right = torch.bmm(a * getattr(self, f"cols_{g}")[:, None, :], a.transpose(1, 2))  # G×r×r
-                    parts.append((scale_sq * (left * right).sum((1, 2)) / getattr(self, f"total_{g}")).sum())
-            return torch.stack(parts).sum()
+                    coef, rows, cols = buffers
+                    ub = rows[:, :, None] * b
+                    av = a * cols[:, None, :]
+                    left = torch.bmm(b.transpose(1, 2), ub)  # G×r×r
+                    right = torch.bmm(av, a.transpose(1, 2))  # G×r×r
+                    total = total + (coef * (left * right).sum((1, 2))).sum()
+                    c2 = 2 * coef[:, None, None]
+                    grad_b = c2 * torch.bmm(ub, right)
+                    grad_a = c2 * torch.bmm(left, av)
+                for i, ga, gb in zip(members, grad_a.unbind(0), grad_b.unbind(0)):
+                    grads[2 * i] = ga.view(params[2 * i].shape)
+                    grads[2 * i + 1] = gb.view(params[2 * i + 1].shape)
+        ctx.grads = grads
+        ctx.param_dtypes = [p.dtype for p in params]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads = torch._foreach_mul(ctx.grads, grad_output)
+        ctx.grads = None
+        # LoRA factors train in fp32; a half-precision factor gets its gradient in its own dtype.
+        return (None, *(g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.param_dtypes)))

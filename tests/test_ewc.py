@@ -290,3 +290,4 @@ def test_layer_with_zero_fisher_adds_nothing_in_either_space():
         penalty.backward()
         assert all(torch.isfinite(p.grad).all() for n, p in unet.named_parameters() if "lora_" in n)
         unet.zero_grad()
+
