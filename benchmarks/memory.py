@@ -9,8 +9,8 @@ Two parts.
    linear/conv layer): the frozen base in fp16, fp32 LoRA factors with gradients and AdamW moments (or
    8-bit moments), and the Fisher buffers of the penalty (full: one value per adapted weight; low-rank:
    m + n per layer).
-2. Measured peak resident memory (ru_maxrss) of a short CPU training run of each kind on the small
-   UNets, each in its own process, minus the same process's RSS before training.
+2. Measured resident-memory growth of a short CPU training run of each kind on the small UNets, each
+   in its own process (RSS sampled after every forward and backward, minus RSS before training).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -66,8 +67,14 @@ def counted(name: str, rank: int) -> dict:
 
 
 def measure_child(name: str, mode: str, steps: int) -> None:
-    """Run in a child process: train ``steps`` steps the given way; print peak RSS growth in bytes."""
-    import resource
+    """Run in a child process: train ``steps`` steps the given way; print the RSS growth over training in bytes.
+
+    RSS is read after each forward and after each backward (where activations, gradients and optimizer
+    state peak); the lifetime maximum (ru_maxrss) is useless here because loading the model peaks higher.
+    """
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     from sa_peft.conditioning import PromptConditioning
     from sa_peft.diffusion_loss import per_sample_diffusion_loss
@@ -81,7 +88,8 @@ def measure_child(name: str, mode: str, steps: int) -> None:
     size = unet.config.sample_size
     x = torch.randn(2, unet.config.in_channels, size, size)
     cond = PromptConditioning(["a"], torch.randn(1, 77, unet.config.cross_attention_dim))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_rss = rss()
+    peak = base_rss
     targets = resolve_lora_targets(unet, "all")
     if mode == "original":
         theta_star = {n: p.detach().clone() for n, p in unet.named_parameters()}
@@ -106,11 +114,13 @@ def measure_child(name: str, mode: str, steps: int) -> None:
     for i in range(steps):
         t = torch.randint(0, 1000, (2,))
         loss = per_sample_diffusion_loss(unet, scheduler, x, t, torch.randn_like(x), cond.unet_kwargs(torch.zeros(2, dtype=torch.long))).mean()
-        (loss + penalty()).backward()
+        total = loss + penalty()
+        peak = max(peak, rss())
+        total.backward()
         optimizer.step()
+        peak = max(peak, rss())
         optimizer.zero_grad()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rss_growth_bytes": (peak - base_rss) * 1024}))
+    print(json.dumps({"rss_growth_bytes": peak - base_rss}))
 
 
 def main() -> None:
@@ -135,7 +145,7 @@ def main() -> None:
               f"{c['lora_lowrank_bytes'] / MiB:,.0f} MiB | {c['lora_lowrank_8bit_bytes'] / MiB:,.0f} MiB | "
               f"{c['original_bytes'] / c['lora_lowrank_bytes']:.1f}× | {c['fisher_file_full'] / MiB:,.2f} MiB | "
               f"{c['fisher_file_factored'] / MiB:,.3f} MiB |")
-    print(f"\n## Measured peak RSS growth during {args.measure_steps} CPU training steps (fp32, batch 2, own process)\n")
+    print(f"\n## Measured RSS growth (sampled after each forward and backward) during {args.measure_steps} CPU training steps (fp32, batch 2, own process)\n")
     print("| UNet | original SA | SA-LoRA full-space | SA-LoRA low-rank |")
     print("|---|---|---|---|")
     for name in args.measure:
