@@ -76,12 +76,13 @@ def measure_child(name: str, mode: str, steps: int) -> None:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    from diffusers import DDPMScheduler
+
     from sa_peft.conditioning import PromptConditioning
     from sa_peft.diffusion_loss import per_sample_diffusion_loss
     from sa_peft.ewc import EWCPenalty
     from sa_peft.fisher import FisherInfo
     from sa_peft.lora import make_lora_config, resolve_lora_targets
-    from diffusers import DDPMScheduler
 
     unet = build(name)
     scheduler = DDPMScheduler(num_train_timesteps=1000)

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .models import load_pipeline, resolve_model_path  # noqa: E402
+from .models import load_pipeline, resolve_model_path
 
 __all__ = ["__version__", "load_pipeline", "resolve_model_path"]

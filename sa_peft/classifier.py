@@ -9,6 +9,7 @@ is that interface; ``DigitsClassifier`` is the built-in CNN for ``builtin:digits
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections.abc import Sequence
@@ -53,7 +54,11 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-class ImageClassifier:
+class NoReferenceImagesError(LookupError):
+    """The classifier ships no real reference images (needed for the Fréchet distance and off-manifold rate)."""
+
+
+class ImageClassifier(abc.ABC):
     """What evaluation needs from a classifier.
 
     Images are float tensors ``N×C×H×W`` in [0, 1], as a diffusers pipeline returns them with
@@ -66,26 +71,26 @@ class ImageClassifier:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[N, K]`` (rows sum to 1), in the order of ``labels``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features ``[N, D]``, for a Fréchet distance between image sets."""
-        raise NotImplementedError
 
     def reference_images(self) -> torch.Tensor:
-        """Real held-out images ``[M, C, H, W]`` in [0, 1]; raises ``NotImplementedError`` when there are none."""
-        raise NotImplementedError(f"{type(self).__name__} has no reference images")
+        """Real held-out images ``[M, C, H, W]`` in [0, 1]; raises ``NoReferenceImagesError`` when there are none."""
+        raise NoReferenceImagesError(f"{type(self).__name__} has no reference images")
 
     def reference_labels(self) -> torch.Tensor:
         """Labels ``[M]`` of ``reference_images()`` (indices into ``labels``)."""
-        raise NotImplementedError(f"{type(self).__name__} has no reference images")
+        raise NoReferenceImagesError(f"{type(self).__name__} has no reference images")
 
     def has_reference_images(self) -> bool:
         try:
             self.reference_images()
-        except NotImplementedError:
+        except NoReferenceImagesError:
             return False
         return True
 
@@ -160,12 +165,12 @@ class DigitsClassifier(ImageClassifier):
 
     def reference_images(self) -> torch.Tensor:
         if self._reference_images is None:
-            raise NotImplementedError("this DigitsClassifier was loaded without reference_images.safetensors")
+            raise NoReferenceImagesError("this DigitsClassifier was loaded without reference_images.safetensors")
         return self._reference_images
 
     def reference_labels(self) -> torch.Tensor:
         if self._reference_labels is None:
-            raise NotImplementedError("this DigitsClassifier was loaded without reference_images.safetensors")
+            raise NoReferenceImagesError("this DigitsClassifier was loaded without reference_images.safetensors")
         return self._reference_labels
 
     def config(self) -> dict:
@@ -277,7 +282,7 @@ class ClipZeroShotClassifier(ImageClassifier):
 
     def reference_images(self) -> torch.Tensor:
         if self._reference_images is None:
-            raise NotImplementedError("ClipZeroShotClassifier was given no reference images")
+            raise NoReferenceImagesError("ClipZeroShotClassifier was given no reference images")
         return self._reference_images
 
 

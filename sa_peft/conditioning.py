@@ -38,8 +38,8 @@ class PromptConditioning:
             kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
         return kwargs
 
-    def to(self, device: torch.device | str) -> "PromptConditioning":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    def to(self, device: torch.device | str) -> PromptConditioning:
+        move = lambda t: None if t is None else t.to(device)
         return PromptConditioning(
             self.prompts, move(self.encoder_hidden_states), move(self.text_embeds), move(self.time_ids)
         )

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .classifier import ImageClassifier, resize_images, to_channels
+from .classifier import ImageClassifier, NoReferenceImagesError, resize_images, to_channels
 from .io_utils import atomic_path, write_text_atomic
 
 # Per-sample seeds are spread this far apart so (seed, index) pairs of different runs do not collide.
@@ -142,7 +142,7 @@ def _retained_reference(classifier: ImageClassifier, retained_labels: Sequence[i
     reference = classifier.reference_images()
     try:
         ref_labels = classifier.reference_labels()
-    except NotImplementedError:
+    except NoReferenceImagesError:
         return reference, None
     classes = sorted({int(c) for c in retained_labels})
     mask = torch.isin(ref_labels, torch.tensor(classes, dtype=ref_labels.dtype))

@@ -87,7 +87,7 @@ class EWCPenalty(torch.nn.Module):
             m, n, r = layer.lora_b.shape[0], layer.lora_a.shape[1], layer.lora_a.shape[0]
             groups.setdefault((m, n, r), []).append(i)
         self.groups = list(groups.values())
-        stack = lambda tensors: torch.stack([t.reshape(t.shape[0], -1) if t.dim() > 1 else t for t in tensors]).to(  # noqa: E731
+        stack = lambda tensors: torch.stack([t.reshape(t.shape[0], -1) if t.dim() > 1 else t for t in tensors]).to(
             device=device, dtype=torch.float32) * self.normalizer
         self.group_buffers: list[tuple[torch.Tensor, ...]] = []
         for members in self.groups:

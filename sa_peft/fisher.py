@@ -53,7 +53,7 @@ class FisherInfo:
         return sorted(k[: -len(".weight")] for k in self.shapes)
 
     @classmethod
-    def from_diagonal(cls, diagonal: dict[str, torch.Tensor], metadata: dict[str, str]) -> "FisherInfo":
+    def from_diagonal(cls, diagonal: dict[str, torch.Tensor], metadata: dict[str, str]) -> FisherInfo:
         flat = {k: v.reshape(v.shape[0], -1) for k, v in diagonal.items()}
         return cls(
             row_sums={k: v.sum(1) for k, v in flat.items()},

@@ -17,11 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .tokenizer import write_clip_tokenizer
 
-TINY_WORDS = (
-    "a photo of an the man woman person middle aged wearing clothes brad pitt nudity naked cat dog "
-    "car tree house red blue green painting style van gogh handwritten digit zero one two three four "
-    "five six seven eight nine noise"
-).split()
+TINY_WORDS = ["a", "photo", "of", "an", "the", "man", "woman", "person", "middle", "aged", "wearing", "clothes", "brad", "pitt", "nudity", "naked", "cat", "dog", "car", "tree", "house", "red", "blue", "green", "painting", "style", "van", "gogh", "handwritten", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "noise"]
 
 
 

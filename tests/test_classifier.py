@@ -12,6 +12,7 @@ from sa_peft.classifier import (
     DigitsClassifier,
     DigitsCNN,
     ImageClassifier,
+    NoReferenceImagesError,
     load_classifier,
     resize_images,
     to_channels,
@@ -97,7 +98,7 @@ def test_load_classifier_errors(tmp_path):
 def test_classifier_without_reference_images():
     clf = DigitsClassifier(DigitsCNN(), DIGIT_WORDS)
     assert not clf.has_reference_images()
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NoReferenceImagesError):
         clf.reference_images()
 
 

@@ -37,7 +37,13 @@ from tqdm.auto import tqdm
 import sa_peft
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
 from sa_peft.conditioning import PromptConditioning, encode_prompts, is_sdxl, tokenize_prompts
-from sa_peft.data import SURROGATE_TYPES, check_resolution, default_resolution, generate_replay_set, generate_surrogate_set
+from sa_peft.data import (
+    SURROGATE_TYPES,
+    check_resolution,
+    default_resolution,
+    generate_replay_set,
+    generate_surrogate_set,
+)
 from sa_peft.defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
 from sa_peft.diffusion_loss import noise_scheduler_for
 from sa_peft.ewc import EWCPenalty
@@ -49,7 +55,13 @@ from sa_peft.models import load_pipeline
 from sa_peft.objective import selective_amnesia_loss
 from sa_peft.prompts import check_prompts, read_prompts_file
 from sa_peft.training_setup import (
-    list_checkpoints, make_optimizer, prune_checkpoints, require_bitsandbytes, save_checkpoint, require_xformers, settings_key,
+    list_checkpoints,
+    make_optimizer,
+    prune_checkpoints,
+    require_bitsandbytes,
+    require_xformers,
+    save_checkpoint,
+    settings_key,
 )
 from sa_peft.validation import generate_validation_images, save_before_after_grid
 
