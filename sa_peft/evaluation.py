@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .classifier import ImageClassifier, NoReferenceImagesError, resize_images, to_channels
 from .io_utils import atomic_path, write_text_atomic
@@ -40,6 +41,7 @@ def generate_samples(
     num_inference_steps: int = 25,
     guidance_scale: float = 3.0,
     batch_size: int = 50,
+    show_progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Sample ``num_per_prompt`` images per prompt with DDIM (eta 0); returns ``{prompt: [n, C, H, W] in [0, 1]}``.
 
@@ -57,7 +59,7 @@ def generate_samples(
     pipe.scheduler = DDIMScheduler.from_config(original.config)
     try:
         out: dict[str, torch.Tensor] = {}
-        for prompt in dict.fromkeys(prompts):
+        for prompt in tqdm(list(dict.fromkeys(prompts)), desc="evaluation samples", disable=not show_progress):
             chunks = []
             for start in range(0, num_per_prompt, batch_size):
                 n = min(batch_size, num_per_prompt - start)
