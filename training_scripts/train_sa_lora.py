@@ -487,8 +487,8 @@ def evaluate_forgetting(accelerator, pipe, plan, args) -> None:
     labels, forgotten = resolve_labels(prompts, None, plan["forget"], None, classifier.labels)
     move_frozen_encoders(pipe, accelerator.device, args)
     pipe.unet.eval()
-    settings = dict(num_per_prompt=args.num_evaluation_images_per_prompt, seed=args.seed,
-                    num_inference_steps=args.generation_num_inference_steps, guidance_scale=args.generation_guidance_scale)
+    settings = {"num_per_prompt": args.num_evaluation_images_per_prompt, "seed": args.seed,
+                "num_inference_steps": args.generation_num_inference_steps, "guidance_scale": args.generation_guidance_scale}
     pipe.disable_lora()
     before = evaluate_pipeline(pipe, classifier, prompts, labels, plan["forget"], forgotten, **settings)
     pipe.enable_lora()
