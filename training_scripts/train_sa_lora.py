@@ -207,9 +207,11 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         require_bitsandbytes()
     if args.enable_xformers_memory_efficient_attention:
         require_xformers()
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        if not os.path.isdir(os.path.join(args.output_dir, args.resume_from_checkpoint)):
-            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder")
+    checkpoint = args.resume_from_checkpoint
+    if checkpoint not in (None, "latest") and not any(
+        os.path.isdir(p) for p in (checkpoint, os.path.join(args.output_dir, checkpoint))
+    ):
+        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder")
     validation = args.validation_prompt or (forget + replay[:2])
     return {"forget": forget, "replay": replay, "validation": check_prompts(validation, "--validation_prompt")}
 
