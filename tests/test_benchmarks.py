@@ -14,14 +14,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def run(script: str, *args: str, timeout: int = 600) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], check=False, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def test_penalty_overhead_smoke():
-    out = run("penalty_overhead.py", "--unets", "tiny", "--steps", "1")
+    out = run("penalty_overhead.py", "--unets", "tiny", "--steps", "1", "--full_block_sizes", "0", "4096")
     assert "| tiny |" in out and "overhead" in out
+    assert "| UNet | unblocked | 2^12 |" in out and out.count("| tiny |") == 2
 
 
 def test_fisher_estimators_smoke():

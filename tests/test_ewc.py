@@ -158,16 +158,20 @@ def test_lowrank_formula_equals_materialised_rank_one_fisher(shape):
     assert not torch.isclose(lowrank_space_penalty(u, v, total, a, b, s), full_space_penalty(f, a, b, s), rtol=1e-3)
 
 
-@pytest.mark.parametrize("space", ["full", "lowrank"])
-def test_gradients_match_autograd_through_materialised_delta(space):
+# chunk_elements: the device default; several layers or a few rows per block; one row per block.
+@pytest.mark.parametrize(("space", "chunk_elements"), [("full", None), ("full", 5000), ("full", 1), ("lowrank", None)])
+def test_gradients_match_autograd_through_materialised_delta(space, chunk_elements):
     unet, names = adapted_unet("all", rank=3, alpha=4.5, use_rslora=True)
     fisher = random_fisher(unet, names, seed=3)
     layers = list(iter_adapted_layers(unet))
     params = [
         p for layer in layers for p in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight)
     ]
+    if chunk_elements == 5000:  # both blocking paths are taken on this UNet
+        sizes = [layer.lora_b.shape[0] * layer.lora_a.shape[1] for layer in layers]
+        assert min(sizes) * 2 <= chunk_elements < max(sizes)
 
-    penalty = EWCPenalty(unet, fisher, space=space, normalization="none")()
+    penalty = EWCPenalty(unet, fisher, space=space, normalization="none", chunk_elements=chunk_elements)()
     grads = torch.autograd.grad(penalty, params)
 
     reference = 0.0
@@ -254,6 +258,8 @@ def test_bad_arguments():
     fisher = random_fisher(unet, names)
     with pytest.raises(ValueError, match="--ewc_space"):
         EWCPenalty(unet, fisher, space="diagonal")
+    with pytest.raises(ValueError, match="chunk_elements"):
+        EWCPenalty(unet, fisher, chunk_elements=0)
     with pytest.raises(ValueError, match="no LoRA layers"):
         EWCPenalty(build_tiny_pipeline().unet, fisher)
     zero = FisherInfo.from_diagonal({k: torch.zeros_like(v) for k, v in fisher.diagonal.items()}, {})
@@ -291,3 +297,12 @@ def test_layer_with_zero_fisher_adds_nothing_in_either_space():
         assert all(torch.isfinite(p.grad).all() for n, p in unet.named_parameters() if "lora_" in n)
         unet.zero_grad()
 
+
+def test_replaced_adapter_is_a_clear_error_not_a_stale_penalty():
+    unet, names = adapted_unet("xattn", rank=2)
+    ewc = EWCPenalty(unet, random_fisher(unet, names))
+    ewc()
+    unet.delete_adapters("default")
+    add_forget_lora(unet, "xattn", 2)
+    with pytest.raises(RuntimeError, match="replaced after the EWC penalty was built"):
+        ewc()
