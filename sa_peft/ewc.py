@@ -96,7 +96,9 @@ class EWCPenalty(torch.nn.Module):
 
         def stack(tensors: list[torch.Tensor], factors: list[float]) -> torch.Tensor:
             rows = torch.stack([t.reshape(t.shape[0], -1) if t.dim() > 1 else t for t in tensors]).to(device, torch.float32)
-            return rows * (torch.tensor(factors, dtype=torch.float32, device=device) * self.normalizer).view(-1, *[1] * (rows.dim() - 1))
+            scale = torch.tensor(factors, dtype=torch.float32, device=device) * self.normalizer
+            # In place: a scaled copy would briefly hold a full-space group twice on the device.
+            return rows.mul_(scale.view(-1, *[1] * (rows.dim() - 1)))
 
         # Layers whose factors have the same shapes are stacked and computed with batched matmuls: a few
         # kernels per distinct shape instead of several per layer (hundreds of layers in SD). Constants
