@@ -148,13 +148,13 @@ def main() -> None:
     zero = ["a handwritten digit zero"]
     started = time.strftime("%Y-%m-%d %H:%M")
     lines = [
-        f"# Forgetting 'zero' on builtin:digits — {started}, {platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s)",
+        (f"# Forgetting 'zero' on builtin:digits — {started}, {platform.machine()}, torch {torch.__version__}, "
+         f"{torch.get_num_threads()} thread(s)"),
         "",
-        f"{n} samples per prompt (DDIM 25, guidance 3, seed 1234) scored by builtin:digits-classifier. P(0): mean "
-        "classifier probability of 'zero' on samples of the forget prompt; '→0': share classified as zero; retained: "
-        "accuracy over the nine other prompts (mean / worst); FD: Fréchet distance of retained samples to real held-out "
-        "digits in the classifier's feature space; off: off-manifold rate of retained samples.",
+        (f"{n} samples per prompt (DDIM 25, guidance 3, seed 1234) scored by builtin:digits-classifier. P(0): mean "
+         "classifier probability of 'zero' on samples of the forget prompt; '→0': share classified as zero; retained: "
+         "accuracy over the nine other prompts (mean / worst); FD: Fréchet distance of retained samples to real held-out "
+         "digits in the classifier's feature space; off: off-manifold rate of retained samples."),
         "",
         "| run | P(0) | →0 | →surrogate | retained mean | retained worst | FD | off-manifold | train s |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -17,6 +17,7 @@ import importlib.util
 import time
 
 import torch
+from unets import build_unet
 
 from sa_peft.conditioning import PromptConditioning
 from sa_peft.ewc import EWCPenalty
@@ -26,16 +27,6 @@ from sa_peft.objective import selective_amnesia_loss
 from sa_peft.training_setup import make_optimizer
 
 RESOLUTION = {"tiny": 32, "sd15": 512, "sdxl": 1024}
-
-
-def build_unet(name: str):
-    if name == "tiny":
-        from sa_peft.tiny_pipeline import build_tiny_pipeline
-
-        return build_tiny_pipeline().unet
-    from sa_peft.unet_configs import build_unet as build
-
-    return build(name)
 
 
 def run_config(name: str, device: str, steps: int, fp16: bool, checkpointing: bool, adam8: bool, space: str,
@@ -113,7 +104,7 @@ def main() -> None:
     print(f"# SA-LoRA step memory — {gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print("| UNet | px | config | peak GiB | steps/s |")
     print("|---|---|---|---|---|")
-    full = dict(fp16=True, checkpointing=True, adam8=args.device == "cuda", space="lowrank", xformers=False)
+    full = {"fp16": True, "checkpointing": True, "adam8": args.device == "cuda", "space": "lowrank", "xformers": False}
     variants = [("all savings (fp16, ckpt, 8-bit AdamW, SDPA, lowrank EWC)", {})]
     if has_xformers:
         variants.append(("all savings + xformers", {"xformers": True}))

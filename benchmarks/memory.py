@@ -24,28 +24,15 @@ import sys
 import time
 
 import torch
+from unets import build_unet
 
 MiB = 2**20
-
-
-def build(name: str):
-    if name == "tiny":
-        from sa_peft.tiny_pipeline import build_tiny_pipeline
-
-        return build_tiny_pipeline().unet
-    if name == "digits":
-        from sa_peft.models import load_pipeline
-
-        return load_pipeline("builtin:digits").unet
-    from sa_peft.unet_configs import build_unet
-
-    return build_unet(name)
 
 
 def counted(name: str, rank: int) -> dict:
     from sa_peft.lora import resolve_lora_targets
 
-    unet = build(name)
+    unet = build_unet(name)
     total = sum(p.numel() for p in unet.parameters())
     modules = dict(unet.named_modules())
     targets = resolve_lora_targets(unet, "all")
@@ -84,7 +71,7 @@ def measure_child(name: str, mode: str, steps: int) -> None:
     from sa_peft.fisher import FisherInfo
     from sa_peft.lora import make_lora_config, resolve_lora_targets
 
-    unet = build(name)
+    unet = build_unet(name)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     size = unet.config.sample_size
     x = torch.randn(2, unet.config.in_channels, size, size)

@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from unets import build_unet
 
 from sa_peft.conditioning import PromptConditioning
 from sa_peft.ewc import EWCPenalty
@@ -25,26 +26,16 @@ from sa_peft.lora import make_lora_config, resolve_lora_targets
 from sa_peft.objective import selective_amnesia_loss
 from sa_peft.training_setup import make_optimizer
 
+# Latent side per UNet; SD's real architectures get 32×32 latents (256 px) to keep a CPU step affordable.
+LATENT_SIZE = {"tiny": 16, "digits": 8, "sd15": 32, "sdxl": 32}
+
 
 def build(name: str):
-    """(unet, scheduler, latent_size) for a named UNet size."""
+    """(unet, scheduler, latent_size) for a named UNet; every one uses SD's noise schedule, as digits does."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    if name == "tiny":
-        from sa_peft.tiny_pipeline import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline()
-        return pipe.unet, scheduler, 16
-    if name == "digits":
-        from sa_peft.models import load_pipeline
-
-        pipe = load_pipeline("builtin:digits")
-        return pipe.unet, pipe.scheduler, pipe.unet.config.sample_size
-    from sa_peft.unet_configs import build_unet
-
-    # Real architecture, random weights; 32×32 latents (256 px) keep a CPU step affordable.
-    return build_unet(name), scheduler, 32
+    return build_unet(name), scheduler, LATENT_SIZE[name]
 
 
 class _ZeroGradient(torch.autograd.Function):

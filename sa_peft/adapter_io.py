@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .safetensors_header import read_safetensors_header
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 SA_METADATA_KEY = "sa_peft"
@@ -67,7 +69,7 @@ def save_forget_lora(
         written = os.path.join(tmp, LORA_WEIGHT_NAME)
         with safe_open(written, framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         metadata[SA_METADATA_KEY] = json.dumps(training_info, sort_keys=True)
         save_file(tensors, written, metadata=metadata)
         final = os.path.join(output_dir, LORA_WEIGHT_NAME)
@@ -99,12 +101,7 @@ def resolve_adapter_file(path: str | os.PathLike, flag: str = "--lora") -> str:
 
 
 def _header(path: str, flag: str) -> dict[str, str]:
-    try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types for other bytes
-        raise ValueError(f"{flag} {path!r} is not a valid safetensors file ({err}); "
-                         "pass an adapter written by sa-peft or diffusers' save_lora_weights") from None
+    return read_safetensors_header(path, flag, "pass an adapter written by sa-peft or diffusers' save_lora_weights")
 
 
 def load_adapter_file(path: str | os.PathLike, flag: str = "--lora") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -112,7 +109,7 @@ def load_adapter_file(path: str | os.PathLike, flag: str = "--lora") -> tuple[di
     path = resolve_adapter_file(path, flag)
     metadata = _header(path, flag)
     with safe_open(path, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     return tensors, metadata
 
 

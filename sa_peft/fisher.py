@@ -29,6 +29,7 @@ from . import __version__
 from .conditioning import PromptConditioning
 from .diffusion_loss import per_sample_diffusion_loss
 from .io_utils import atomic_path
+from .safetensors_header import read_safetensors_header
 
 FISHER_FORMAT = "sa-peft-fisher/1"
 ESTIMATORS = ("reference", "fast")
@@ -217,16 +218,12 @@ def load_fisher(
         raise FileNotFoundError(f"--fisher_path {path!r} does not exist")
     if not path.endswith(".safetensors"):
         raise ValueError(f"--fisher_path {path!r}: Fisher files are read only from .safetensors files")
-    try:
-        handle = safe_open(path, framework="pt")
-    except Exception as err:  # safetensors raises its own error types for non-safetensors bytes
-        raise ValueError(f"--fisher_path {path!r} is not a valid safetensors file: {err}") from None
-    with handle as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FISHER_FORMAT:
-            raise ValueError(f"--fisher_path {path!r} is not an sa-peft Fisher file (format {metadata.get('format')!r})")
-        shapes = {k: tuple(v) for k, v in json.loads(metadata.pop("shapes")).items()}
-        factored_only = metadata.pop("factored_only", "false") == "true"
+    metadata = read_safetensors_header(path, "--fisher_path")
+    if metadata.get("format") != FISHER_FORMAT:
+        raise ValueError(f"--fisher_path {path!r} is not an sa-peft Fisher file (format {metadata.get('format')!r})")
+    shapes = {k: tuple(v) for k, v in json.loads(metadata.pop("shapes")).items()}
+    factored_only = metadata.pop("factored_only", "false") == "true"
+    with safe_open(path, framework="pt") as f:
         rows = {k: f.get_tensor(f"rows/{k}") for k in shapes}
         cols = {k: f.get_tensor(f"cols/{k}") for k in shapes}
         diagonal = {} if factored_only else {k: f.get_tensor(f"diag/{k}") for k in shapes}

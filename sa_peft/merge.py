@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from .adapter_io import load_adapter_file, read_adapter_metadata, resolve_adapter_file
 from .io_utils import atomic_dir, atomic_path
+from .safetensors_header import read_safetensors_header
 
 SINGLE_FILE_FORMAT = "sa-peft-pipeline/1"
 SINGLE_FILE_KEY = "sa_peft_checkpoint"
@@ -190,13 +191,6 @@ def save_single_file_checkpoint(pipe, path: str | os.PathLike, info: dict | None
     return path
 
 
-def read_single_file_header(path: str | os.PathLike, flag: str = "checkpoint") -> dict[str, str] | None:
-    """The header of an sa-peft single-file checkpoint, or ``None`` for any other safetensors file."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    return metadata if metadata.get(SINGLE_FILE_KEY) else None
-
-
 def _safe_relpath(rel: str, flag: str, path: str) -> str:
     norm = os.path.normpath(rel)
     if os.path.isabs(norm) or norm.startswith("..") or "\\" in rel:
@@ -222,11 +216,8 @@ def load_single_file_checkpoint(path: str | os.PathLike, torch_dtype: torch.dtyp
         raise FileNotFoundError(f"{flag} {path!r}: no such file")
     if not path.endswith(".safetensors"):
         raise ValueError(f"{flag} {path!r} is not a .safetensors file; only safetensors checkpoints are read")
-    try:
-        header = read_single_file_header(path)
-    except Exception as err:
-        raise ValueError(f"{flag} {path!r} is not a valid safetensors file ({err})") from None
-    if header is None or header[SINGLE_FILE_KEY] != SINGLE_FILE_FORMAT:
+    header = read_safetensors_header(path, flag)
+    if header.get(SINGLE_FILE_KEY) != SINGLE_FILE_FORMAT:
         raise ValueError(f"{flag} {path!r} is not an sa-peft single-file checkpoint ({SINGLE_FILE_FORMAT}); "
                          "original-SD (A1111) checkpoints load with StableDiffusionPipeline.from_single_file")
     files = json.loads(header["files"])
@@ -257,7 +248,7 @@ def load_single_file_checkpoint(path: str | os.PathLike, torch_dtype: torch.dtyp
                 state = {}
                 with safe_open(path, framework="pt") as f:
                     prefix = name + "."
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                         if key.startswith(prefix):
                             state[key[len(prefix):]] = f.get_tensor(key)
                 model.load_state_dict(state, strict=True, assign=True)

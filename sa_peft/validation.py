@@ -47,8 +47,8 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Ima
 def save_before_after_grid(before: dict[str, list[Image.Image]], after: dict[str, list[Image.Image]], path: str) -> None:
     """One row per prompt: the base model's images, a gap, then the adapted model's images."""
     rows = []
-    for prompt in before:
-        gap = Image.new("RGB", before[prompt][0].size, "white")
-        rows.append([*before[prompt], gap, *after[prompt]])
+    for prompt, images in before.items():
+        gap = Image.new("RGB", images[0].size, "white")
+        rows.append([*images, gap, *after[prompt]])
     with atomic_path(path) as tmp:
         image_grid(rows).save(tmp, format="PNG")

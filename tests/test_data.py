@@ -13,7 +13,7 @@ import sa_peft.data as data_module
 from sa_peft.data import check_resolution, generate_replay_set, generate_surrogate_set, load_image_set
 from sa_peft.prompts import check_prompts, read_prompts_file
 
-FAST = dict(num_inference_steps=2, show_progress=False)
+FAST = {"num_inference_steps": 2, "show_progress": False}
 REAL_LATENTS_FOR_ROWS = data_module._latents_for_rows
 
 
@@ -166,10 +166,10 @@ def test_settings_mismatch_is_an_error(tiny_pipe, tmp_path):
     out = tmp_path / "s"
     generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_type="noise", seed=0, **FAST)
     for change in (
-        dict(seed=1),
-        dict(num_images=3),
-        dict(surrogate_type="gaussian_noise"),
-        dict(forget_prompts=["nudity"]),
+        {"seed": 1},
+        {"num_images": 3},
+        {"surrogate_type": "gaussian_noise"},
+        {"forget_prompts": ["nudity"]},
     ):
         kwargs = dict(forget_prompts=["brad pitt"], num_images=2, surrogate_type="noise", seed=0, **FAST)
         kwargs.update(change)

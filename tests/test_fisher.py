@@ -206,7 +206,7 @@ class StubAccelerator:
 
 def test_sharded_estimate_sums_to_single_process_result():
     pipe, conditioning, latents, prompt_ids = setup(num_samples=3)
-    kwargs = dict(estimator="fast", num_timesteps=2, seed=5, show_progress=False)
+    kwargs = {"estimator": "fast", "num_timesteps": 2, "seed": 5, "show_progress": False}
     single = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES, **kwargs)
     halves = []
     for rank in (0, 1):

@@ -21,12 +21,12 @@ def setup(prediction_type="epsilon"):
     names = add_forget_lora(pipe.unet, "xattn", rank=2)
     ewc = EWCPenalty(pipe.unet, random_fisher(pipe.unet, names))
     gen = torch.Generator().manual_seed(0)
-    batch = dict(
-        surrogate_latents=torch.randn(2, 4, 16, 16, generator=gen),
-        surrogate_prompt_ids=torch.tensor([0, 0]),
-        replay_latents=torch.randn(2, 4, 16, 16, generator=gen),
-        replay_prompt_ids=torch.tensor([1, 2]),
-    )
+    batch = {
+        "surrogate_latents": torch.randn(2, 4, 16, 16, generator=gen),
+        "surrogate_prompt_ids": torch.tensor([0, 0]),
+        "replay_latents": torch.randn(2, 4, 16, 16, generator=gen),
+        "replay_prompt_ids": torch.tensor([1, 2]),
+    }
     return pipe, conditioning, ewc, batch
 
 
