@@ -284,3 +284,66 @@ class _EWCFunction(torch.autograd.Function):
                 grads[i] = g
         # LoRA factors train in fp32; a half-precision factor gets its gradient in its own dtype.
         return (None, *(g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.param_dtypes)))
+
+
+class Rank1FisherPenalty(torch.nn.Module):
+    """c · (μᵀ Δθ)², the Fisher's curvature along the mean per-sample gradient μ.
+
+    Per-sample gradients of a diffusion model are nearly collinear, so most of the Fisher's mass lies
+    along one direction that the diagonal cannot represent. With LoRA, μᵀ vec(ΔW) = Σ_layers s·⟨M_μ, B A⟩
+    = Σ s·⟨M_μ Aᵀ, B⟩: an m×r product per layer, ΔW is never formed. c makes the rank-1 term carry the
+    same total curvature (trace) as the diagonal one in the same normalised units (Fisher divided by its
+    mean over the adapted weights): c·‖μ‖² = Σ F_ii / mean(F) = the number of adapted weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, fisher: FisherInfo, adapter: str = "default") -> None:
+        super().__init__()
+        self.layers = list(iter_adapted_layers(model, adapter))
+        if not self.layers:
+            raise ValueError("the model has no LoRA layers for the rank-1 Fisher penalty; add the forget adapter first")
+        keys = [layer.name + ".weight" for layer in self.layers]
+        missing = [k for k in keys if k not in fisher.mean_gradient]
+        if missing:
+            raise ValueError(
+                f"the Fisher file has no mean gradient for {len(missing)} adapted module(s), e.g. {missing[:3]} (it was "
+                "written by an older sa-peft or factored-only); recompute it (delete --fisher_path) for --fisher_rank1_weight"
+            )
+        device = self.layers[0].lora_a.device
+        self.directions = [fisher.mean_gradient[k].reshape(fisher.mean_gradient[k].shape[0], -1).to(device, torch.float32)
+                           for k in keys]
+        norm_sq = sum(float(d.double().square().sum()) for d in self.directions)
+        if not norm_sq > 0:
+            raise ValueError("the Fisher's mean gradient is zero on every adapted weight; it cannot weight the penalty")
+        self.coefficient = sum(math.prod(fisher.shapes[k]) for k in keys) / norm_sq
+        self.scales = [layer.scale for layer in self.layers]
+        self.lora_a_params = [layer.module.lora_A[layer.adapter].weight for layer in self.layers]
+        self.lora_b_params = [layer.module.lora_B[layer.adapter].weight for layer in self.layers]
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.directions = [fn(t) for t in self.directions]
+        return result
+
+    def projection(self) -> torch.Tensor:
+        """μᵀ vec(ΔW) over every adapted layer."""
+        total = torch.zeros((), device=self.directions[0].device)
+        for mu, a, b, s in zip(self.directions, self.lora_a_params, self.lora_b_params, self.scales):
+            a = a.float().reshape(a.shape[0], -1)
+            b = b.float().reshape(b.shape[0], -1)
+            total = total + s * ((mu @ a.t()) * b).sum()
+        return total
+
+    def forward(self) -> torch.Tensor:
+        return self.coefficient * self.projection().square()
+
+
+class SumOfPenalties(torch.nn.Module):
+    """Σ wᵢ · penaltyᵢ(): the diagonal EWC term together with the rank-1 one under one λ."""
+
+    def __init__(self, penalties: list[torch.nn.Module], weights: list[float]) -> None:
+        super().__init__()
+        self.penalties = torch.nn.ModuleList(penalties)
+        self.weights = list(weights)
+
+    def forward(self) -> torch.Tensor:
+        return sum(w * p() for p, w in zip(self.penalties, self.weights))

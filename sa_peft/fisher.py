@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,13 +47,17 @@ class FisherInfo:
     shapes: dict[str, tuple[int, ...]]
     diagonal: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # μ, the mean over samples of the per-sample gradient g_n, per weight: the direction of the rank-1
+    # Fisher penalty (ewc.Rank1FisherPenalty). Empty for files written before it existed.
+    mean_gradient: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
         return sorted(k[: -len(".weight")] for k in self.shapes)
 
     @classmethod
-    def from_diagonal(cls, diagonal: dict[str, torch.Tensor], metadata: dict[str, str]) -> FisherInfo:
+    def from_diagonal(cls, diagonal: dict[str, torch.Tensor], metadata: dict[str, str],
+                      mean_gradient: dict[str, torch.Tensor] | None = None) -> FisherInfo:
         flat = {k: v.reshape(v.shape[0], -1) for k, v in diagonal.items()}
         return cls(
             row_sums={k: v.sum(1) for k, v in flat.items()},
@@ -62,6 +65,7 @@ class FisherInfo:
             shapes={k: tuple(v.shape) for k, v in diagonal.items()},
             diagonal=dict(diagonal),
             metadata=dict(metadata),
+            mean_gradient=dict(mean_gradient or {}),
         )
 
 
@@ -139,6 +143,7 @@ def estimate_fisher(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     indices = list(range(rank, len(latents), world))
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+    grad_sums = [torch.zeros_like(s) for s in sums]
     T = scheduler.config.num_train_timesteps
     try:
         for n in tqdm(indices, desc=f"Fisher ({estimator})", disable=not show_progress):
@@ -153,18 +158,20 @@ def estimate_fisher(
                 loss = per_sample_diffusion_loss(unet, scheduler, x0, chunk.to(device), noise, kwargs).sum()
                 for g, d in zip(grads, torch.autograd.grad(loss, params)):
                     g += d.float()
-            for s, g in zip(sums, grads):
+            for s, m, g in zip(sums, grad_sums, grads):
                 s += (weight * g).square()
+                m += weight * g
     finally:
         for p in unet.parameters():
             p.requires_grad_(old_requires_grad[id(p)])
         unet.train(was_training)
 
     if accelerator is not None and world > 1:
-        flat = accelerator.reduce(torch.cat([s.flatten() for s in sums]), reduction="sum")
-        sums = list(flat.split([s.numel() for s in sums]))
-        sums = [f.view(p.shape) for f, p in zip(sums, params)]
+        flat = accelerator.reduce(torch.cat([s.flatten() for s in sums + grad_sums]), reduction="sum")
+        flat = [f.view(p.shape) for f, p in zip(flat.split([s.numel() for s in sums + grad_sums]), params + params)]
+        sums, grad_sums = flat[: len(sums)], flat[len(sums) :]
     diagonal = {f"{name}.weight": (s / len(latents)).cpu() for name, s in zip(module_names, sums)}
+    mean_gradient = {f"{name}.weight": (m / len(latents)).cpu() for name, m in zip(module_names, grad_sums)}
     metadata = {
         "format": FISHER_FORMAT,
         "base_weights_hash": base_weights_hash(unet, module_names),
@@ -186,7 +193,7 @@ def estimate_fisher(
         "seed": str(seed),
         "sa_peft_version": __version__,
     }
-    return FisherInfo.from_diagonal(diagonal, metadata)
+    return FisherInfo.from_diagonal(diagonal, metadata, mean_gradient)
 
 
 def save_fisher(fisher: FisherInfo, path: str | os.PathLike, factored_only: bool = False) -> None:
@@ -199,6 +206,8 @@ def save_fisher(fisher: FisherInfo, path: str | os.PathLike, factored_only: bool
             tensors[f"diag/{key}"] = fisher.diagonal[key].contiguous()
         tensors[f"rows/{key}"] = fisher.row_sums[key].contiguous()
         tensors[f"cols/{key}"] = fisher.col_sums[key].contiguous()
+        if key in fisher.mean_gradient and not factored_only:
+            tensors[f"mean/{key}"] = fisher.mean_gradient[key].contiguous()
     metadata = dict(fisher.metadata)
     metadata["format"] = FISHER_FORMAT  # what is written is this format, whatever the metadata says
     metadata["shapes"] = json.dumps({k: list(v) for k, v in fisher.shapes.items()})
@@ -227,7 +236,9 @@ def load_fisher(
         rows = {k: f.get_tensor(f"rows/{k}") for k in shapes}
         cols = {k: f.get_tensor(f"cols/{k}") for k in shapes}
         diagonal = {} if factored_only else {k: f.get_tensor(f"diag/{k}") for k in shapes}
-    fisher = FisherInfo(rows, cols, shapes, diagonal, metadata)
+        names = set(f.keys())
+        mean_gradient = {k: f.get_tensor(f"mean/{k}") for k in shapes if f"mean/{k}" in names}
+    fisher = FisherInfo(rows, cols, shapes, diagonal, metadata, mean_gradient)
     if required_modules is not None:
         missing = sorted(set(required_modules) - set(fisher.modules))
         if missing:
@@ -245,6 +256,4 @@ def load_fisher(
     return fisher
 
 
-def fisher_num_elements(fisher: FisherInfo) -> int:
-    """Number of weights the Fisher covers."""
-    return sum(math.prod(s) for s in fisher.shapes.values())
+

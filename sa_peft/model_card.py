@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
 
 CARD_TAGS = ["lora", "diffusers", "stable-diffusion", "selective-amnesia", "concept-erasure", "text-to-image"]
@@ -43,6 +44,10 @@ def model_card_text(info: dict, repo_id: str | None = None) -> str:
         ("sa-peft", info["sa_peft_version"]),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    verdict = ""
+    if info.get("forgetting"):
+        verdict = "\n## Did it forget?\n\nMeasured by sa-peft's classifier-free forgetting signal on held-out images " \
+                  "(see `sa-peft inspect`):\n\n" + "\n".join(f"- {line}" for line in verdict_lines(info["forgetting"])) + "\n"
     return f"""# Forget LoRA: {forgotten}
 
 A Selective Amnesia (Heng & Soh, NeurIPS 2023) "forget" adapter for `{info['base_model']}`, trained with
@@ -53,7 +58,7 @@ keep the rest of the model's behaviour.
 | setting | value |
 |---|---|
 {table}
-
+{verdict}
 ## Usage
 
 ```python

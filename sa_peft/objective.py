@@ -5,16 +5,41 @@
 ℓ is the diffusion loss (ε- or v-prediction MSE, mean over latent elements, one uniform timestep and
 one noise draw per sample), optionally Min-SNR-γ weighted and with offset noise as in diffusers'
 scripts. The EWC term is an ``EWCPenalty`` over the forget adapter's LoRA layers.
+
+Replay as distillation (``replay_target="distill"``): the replay term's target is the frozen model's
+own prediction on the same noised replay latent, ‖ε_θ(x_t, c) − ε_θ*(x_t, c)‖², instead of the
+sampled noise. The frozen model is the same UNet with its adapters switched off, so nothing is copied.
+Its expectation is the replay loss minus an irreducible part that does not depend on θ, with far less
+variance: a replay batch no longer says "denoise this image" but "predict what you predicted before".
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from .conditioning import PromptConditioning
-from .diffusion_loss import per_sample_diffusion_loss, snr_weights
+from .diffusion_loss import prediction_target, snr_weights
+
+REPLAY_TARGETS = ("noise", "distill")
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run ``model`` as the frozen base: every LoRA layer of every adapter switched off, then restored."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m.disable_adapters for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m, was_disabled in zip(layers, previous):
+            m.enable_adapters(not was_disabled)
 
 
 @dataclass
@@ -44,12 +69,20 @@ def selective_amnesia_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     generator: torch.Generator | None = None,
+    replay_target: str = "noise",
+    base_unet: torch.nn.Module | None = None,
+    base_conditioning: PromptConditioning | None = None,
 ) -> SALoss:
     """Evaluate L on one surrogate batch (paired with forget prompts) and one replay batch.
 
     Both batches go through the UNet in a single call. ``replay_latents=None`` or ``replay_weight=0``
     drops the replay term; ``ewc_penalty=None`` or ``ewc_lambda=0`` drops the EWC term.
+    ``replay_target="distill"`` makes the replay target the frozen model's prediction: ``base_unet``
+    (default ``unet``; pass the unwrapped module under DDP) with its adapters disabled, conditioned on
+    ``base_conditioning`` (default ``conditioning``; the frozen text encoder's, when it is trained).
     """
+    if replay_target not in REPLAY_TARGETS:
+        raise ValueError(f"--replay_target must be one of {REPLAY_TARGETS}, got {replay_target!r}")
     use_replay = replay_latents is not None and len(replay_latents) > 0 and replay_weight != 0
     latents = torch.cat([surrogate_latents, replay_latents]) if use_replay else surrogate_latents
     prompt_ids = torch.cat([surrogate_prompt_ids, replay_prompt_ids]) if use_replay else surrogate_prompt_ids
@@ -60,10 +93,21 @@ def selective_amnesia_loss(
         noise = noise + noise_offset * offset.to(device, dtype)
     T = scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, T, (len(latents),), generator=generator, device=generator.device if generator else None).to(device)
-    losses = per_sample_diffusion_loss(unet, scheduler, latents, timesteps, noise, conditioning.unet_kwargs(prompt_ids, dtype))
+    kwargs = conditioning.unet_kwargs(prompt_ids, dtype)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    n = len(surrogate_latents)
+    if use_replay and replay_target == "distill":
+        # Before the adapted forward pass: switching adapters off and on touches requires_grad.
+        base = unet if base_unet is None else base_unet
+        base_kwargs = (base_conditioning or conditioning).unet_kwargs(prompt_ids[n:], dtype)
+        with torch.no_grad(), adapters_disabled(base):
+            frozen = base(noisy[n:], timesteps[n:], **base_kwargs, return_dict=False)[0]
+        target = torch.cat([target[:n], frozen.to(target.dtype)])
+    prediction = unet(noisy, timesteps, **kwargs, return_dict=False)[0]
+    losses = (prediction.float() - target.float()).square().flatten(1).mean(1)
     if snr_gamma is not None:
         losses = losses * snr_weights(scheduler, timesteps, snr_gamma).to(losses)
-    n = len(surrogate_latents)
     forget = losses[:n].mean()
     replay = losses[n:].mean() if use_replay else torch.zeros((), device=device)
     ewc = ewc_penalty() if ewc_penalty is not None and ewc_lambda != 0 else torch.zeros((), device=device)

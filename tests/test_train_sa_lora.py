@@ -53,7 +53,7 @@ def tiny_args(model_dir, replay_file, output_dir, *extra):
         "--forget_prompt", "brad pitt", "--replay_prompts_file", str(replay_file),
         "--num_surrogate_images", "8", "--num_replay_images_per_prompt", "4", "--fisher_num_samples", "8",
         "--generation_num_inference_steps", "2", "--num_validation_images", "1", "--validation_steps", "1000",
-        "--train_batch_size", "2", *extra,
+        "--train_batch_size", "2", "--num_probe_images", "2", *extra,
     ]
 
 
@@ -269,3 +269,97 @@ def test_train_text_encoder_round_trips(train, tiny_pipe_dir, replay_file, tmp_p
     unet_only = build_tiny_pipeline()
     unet_only.load_lora_weights({k: v for k, v in saved.items() if k.startswith("unet.")})
     assert np.abs(sample(unet_only) - trained).max() > 1e-4
+
+
+def _loss_on(unet, scheduler, cond, latents, prompt):
+    """Mean denoising loss of ``latents`` under ``prompt`` on fixed timesteps and noise."""
+    from sa_peft.diffusion_loss import per_sample_diffusion_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x = latents.repeat(8, 1, 1, 1)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    ids = torch.full((len(x),), cond.prompts.index(prompt), dtype=torch.long)
+    with torch.no_grad():
+        return float(per_sample_diffusion_loss(unet, scheduler, x, t, noise, cond.unet_kwargs(ids)).mean())
+
+
+def test_training_teaches_the_forget_prompt_the_surrogate(train, tmp_path):
+    """The loop must pair the surrogate images with the forget prompt: on builtin:digits (whose prompts matter,
+    unlike the random tiny model's) the loss of "zero" on the surrogate's images of "one" falls, far more than
+    the loss of a replay prompt on the same images (a loop that pairs them with the replay prompts fails)."""
+    from sa_peft.conditioning import encode_prompts
+    from sa_peft.data import load_image_set
+    from sa_peft.diffusion_loss import noise_scheduler_for
+    from sa_peft.objective import adapters_disabled
+
+    out = tmp_path / "run"
+    pipe = train.main(["--output_dir", str(out), "--num_surrogate_images", "16", "--num_replay_images_per_prompt", "2",
+                       "--fisher_num_samples", "18", "--generation_num_inference_steps", "4", "--num_probe_images", "2",
+                       "--max_train_steps", "25", "--train_full_budget", "--classifier", "", "--num_validation_images",
+                       "1", "--validation_steps", "1000", "--checkpointing_steps", "1000"])
+    surrogate = load_image_set(next(p for p in (out / "cache").glob("surrogate-*")))
+    prompts = ["a handwritten digit zero", "a handwritten digit two"]
+    cond = encode_prompts(pipe, prompts)
+    unet, scheduler = pipe.unet, noise_scheduler_for(pipe.scheduler)
+    after = {p: _loss_on(unet, scheduler, cond, surrogate.latents, p) for p in prompts}
+    with adapters_disabled(unet):
+        before = {p: _loss_on(unet, scheduler, cond, surrogate.latents, p) for p in prompts}
+    forget_drop = before[prompts[0]] - after[prompts[0]]
+    other_drop = before[prompts[1]] - after[prompts[1]]
+    assert forget_drop > 0.03 * before[prompts[0]], (before, after)  # measured: 8 %
+    assert forget_drop > 3 * abs(other_drop), (before, after)
+
+
+def test_verdict_is_recorded_shown_and_enforced(train, tiny_pipe_dir, replay_file, tmp_path, capsys, caplog):
+    from sa_peft.cli import main as cli_main
+
+    out = tmp_path / "run"
+    args = tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man", "--max_train_steps", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*args, "--require_forgetting"])
+    assert exit_info.value.code == 1  # two steps do not forget; the adapter is saved all the same
+    assert "the concept was NOT forgotten" in caplog.text
+    forgetting = read_adapter_metadata(out)["sa_peft"]["forgetting"]
+    assert forgetting["reached"] is False and forgetting["trained_steps"] == 2
+    assert forgetting["concepts"]["brad pitt"]["forgotten"] is False
+    assert forgetting["concepts"]["brad pitt"]["preference"] > forgetting["threshold"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert "preference/brad pitt" in log[-1] and "retention" in log[-1]
+    assert "NOT FORGOTTEN after 2 steps" in (out / "README.md").read_text()
+    capsys.readouterr()
+    cli_main(["inspect", str(out), "--json"])
+    assert json.loads(capsys.readouterr().out)["forgetting"]["reached"] is False
+    cli_main(["inspect", str(out)])
+    assert "NOT FORGOTTEN" in capsys.readouterr().out
+
+
+def test_training_stops_once_forgotten(train, tiny_pipe_dir, replay_file, tmp_path):
+    """A threshold the base model already meets (preference ≤ 1) ends training at the first check."""
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
+                         "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "0.999999",
+                         "--learning_rate", "1e-2"))
+    forgetting = read_adapter_metadata(out)["sa_peft"]["forgetting"]
+    assert forgetting["reached"] and forgetting["reached_at_step"] == 5 and forgetting["trained_steps"] == 5
+    full = tmp_path / "full"
+    train.main(tiny_args(tiny_pipe_dir, replay_file, full, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
+                         "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "0.999999",
+                         "--learning_rate", "1e-2", "--train_full_budget"))
+    assert read_adapter_metadata(full)["sa_peft"]["forgetting"]["trained_steps"] == 20
+
+
+def test_two_concepts_with_their_own_surrogates(train, tiny_pipe_dir, replay_file, tmp_path):
+    from sa_peft.data import load_image_set
+
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--forget_prompt", "van gogh", "--surrogate_prompt",
+                         "a middle aged man", "--surrogate_prompt", "a painting", "--max_train_steps", "2"))
+    surrogate = load_image_set(next(p for p in (out / "cache").glob("surrogate-*")))
+    pairs = {(row["prompt"], row["source"]) for row in surrogate.rows}
+    assert pairs == {("brad pitt", "a middle aged man"), ("van gogh", "a painting")}
+    forgetting = read_adapter_metadata(out)["sa_peft"]["forgetting"]
+    assert set(forgetting["concepts"]) == {"brad pitt", "van gogh"}
+    with pytest.raises(ValueError, match="one per --forget_prompt"):
+        train.main(tiny_args(tiny_pipe_dir, replay_file, tmp_path / "bad", "--forget_prompt", "van gogh",
+                             "--forget_prompt", "monet", "--surrogate_prompt", "a", "--surrogate_prompt", "b"))

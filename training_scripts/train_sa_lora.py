@@ -46,13 +46,14 @@ from sa_peft.data import (
 )
 from sa_peft.defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
 from sa_peft.diffusion_loss import noise_scheduler_for
-from sa_peft.ewc import EWCPenalty
+from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties
 from sa_peft.fisher import ESTIMATORS, base_weights_hash, estimate_fisher, load_fisher, save_fisher
+from sa_peft.forgetting import DEFAULT_PREFERENCE_THRESHOLD, DEFAULT_RETENTION_BOUND, AdaptiveLambda, ForgettingProbe
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import LORA_TARGET_PRESETS, make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
 from sa_peft.models import load_pipeline
-from sa_peft.objective import selective_amnesia_loss
+from sa_peft.objective import REPLAY_TARGETS, selective_amnesia_loss
 from sa_peft.prompts import check_prompts, read_prompts_file
 from sa_peft.training_setup import (
     list_checkpoints,
@@ -85,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="image side; default: the model's native size")
     p.add_argument("--train_batch_size", type=int, default=4, help="surrogate images per step per device; as many replay images" + d)
     p.add_argument("--num_train_epochs", type=int, default=None, help="passes over the surrogate set; ignored when --max_train_steps is given")
-    p.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; default 500 unless --num_train_epochs is given")
+    p.add_argument("--max_train_steps", type=int, default=None,
+                   help="step budget; default 1000 unless --num_train_epochs is given. With --stop_when_forgotten (the "
+                        "default) training ends earlier, once the forgetting signal says the concept is forgotten")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step" + d)
     p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for UNet activation memory")
     p.add_argument("--learning_rate", type=float, default=None, help="AdamW learning rate; default 1e-4 (2e-3 on builtin:digits)")
@@ -119,7 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Selective Amnesia's flags
     p.add_argument("--forget_prompt", action="append", default=[], help="prompt of a concept to forget (repeatable)")
     p.add_argument("--forget_prompts_file", default=None, help="text file with one forget prompt per line")
-    p.add_argument("--surrogate_prompt", default=None, help="prompt whose images stand in for the concept (e.g. 'a middle aged man')")
+    p.add_argument("--surrogate_prompt", action="append", default=None,
+                   help="prompt whose images stand in for the concept (e.g. 'a middle aged man'); repeatable: one for "
+                        "all forget prompts, or one per --forget_prompt, paired in order")
     p.add_argument("--surrogate_data_dir", default=None, help="folder of your own stand-in images")
     p.add_argument("--surrogate_type", choices=["noise", *SURROGATE_TYPES], default=None, help="noise images as the stand-in")
     p.add_argument("--replay_prompts_file", default=None, help="concepts to keep, one per line; default: a generic list shipped with sa-peft (the other digits on builtin:digits)")
@@ -133,7 +138,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fisher_num_timesteps", type=int, default=8, help="K of the fast estimator" + d)
     p.add_argument("--ewc_lambda", type=float, default=5.0, help="λ, on a Fisher normalised by its mean over adapted weights" + d)
     p.add_argument("--ewc_space", choices=["full", "lowrank"], default="lowrank", help="EWC penalty space" + d)
+    p.add_argument("--fisher_rank1_weight", type=float, default=0.0,
+                   help="weight of the rank-1 Fisher penalty c·(μᵀΔθ)² along the mean per-sample gradient μ, added to "
+                        "the diagonal one under the same λ (0 = off)" + d)
     p.add_argument("--replay_weight", type=float, default=1.0, help="γ, weight of the replay loss" + d)
+    p.add_argument("--replay_target", choices=REPLAY_TARGETS, default="distill",
+                   help="replay target: 'distill' = the frozen model's own prediction on the noised replay latent (the "
+                        "same UNet with the adapter off), 'noise' = the sampled noise as in the paper" + d)
+    # The forgetting signal and the verdict (sa_peft/forgetting.py)
+    p.add_argument("--num_probe_images", type=int, default=16,
+                   help="held-out images per forget prompt (the frozen model's own, and as many surrogate images) "
+                        "for the forgetting signal" + d)
+    p.add_argument("--forgetting_check_steps", type=int, default=25, help="measure the forgetting signal every N steps" + d)
+    p.add_argument("--forgetting_threshold", type=float, default=DEFAULT_PREFERENCE_THRESHOLD,
+                   help="a concept is forgotten when its preference (1 = base model, 0 = concept and surrogate equally "
+                        "likely) is at most this" + d)
+    p.add_argument("--retention_bound", type=float, default=DEFAULT_RETENTION_BOUND,
+                   help="largest allowed relative rise of the held-out replay loss" + d)
+    p.add_argument("--train_full_budget", dest="stop_when_forgotten", action="store_false",
+                   help="train all --max_train_steps; by default training ends once every concept is forgotten "
+                        "with retention inside its bound")
+    p.add_argument("--fixed_lambda", dest="adaptive_lambda", action="store_false",
+                   help="keep λ at --ewc_lambda; by default λ starts there and is halved while forgetting stalls "
+                        "with retention well inside its bound, doubled when retention leaves it")
+    p.add_argument("--require_forgetting", action="store_true",
+                   help="exit with status 1 when the run ends without forgetting (the adapter is still saved)")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: the rank")
     p.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA scaling alpha/sqrt(rank)")
     p.add_argument("--lora_target", default="all", help=f"preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names" + d)
@@ -165,7 +194,7 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         forget = digits["forget_prompts"]
         replay = read_prompts_file(args.replay_prompts_file, "--replay_prompts_file") if args.replay_prompts_file else digits["replay_prompts"]
         if not any(sources):
-            args.surrogate_prompt = digits["surrogate_prompt"]
+            args.surrogate_prompt = digits["surrogate_prompts"]
         _set_default(args, "resolution", digits["resolution"])
         _set_default(args, "generation_guidance_scale", digits["guidance_scale"])
         _set_default(args, "generation_num_inference_steps", digits["num_inference_steps"])
@@ -186,11 +215,15 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         _set_default(args, "rank", 4)
         _set_default(args, "num_surrogate_images", 64)
         _set_default(args, "num_replay_images_per_prompt", 8)
+    if args.surrogate_prompt is not None and len(args.surrogate_prompt) not in (1, len(forget)):
+        raise ValueError(f"{len(args.surrogate_prompt)} --surrogate_prompt for {len(forget)} forget prompts: give one "
+                         "surrogate for all of them, or one per --forget_prompt (paired in order)")
     clash = sorted(set(forget) & set(replay))
     if clash:
         raise ValueError(f"forget prompt(s) {clash} also appear in the replay prompts; remove them from --replay_prompts_file")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "num_surrogate_images", "num_replay_images_per_prompt",
-                 "fisher_num_samples", "rank", "num_validation_images", "validation_steps", "checkpointing_steps"):
+                 "fisher_num_samples", "rank", "num_validation_images", "validation_steps", "checkpointing_steps",
+                 "num_probe_images", "forgetting_check_steps"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.max_train_steps is not None and args.max_train_steps <= 0:
@@ -218,7 +251,7 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
 
 def surrogate_description(args) -> str:
     if args.surrogate_prompt is not None:
-        return f'prompt "{args.surrogate_prompt}"'
+        return ", ".join(f'prompt "{p}"' for p in args.surrogate_prompt)
     if args.surrogate_data_dir is not None:
         return f"images from {args.surrogate_data_dir}"
     return "uniform noise" if args.surrogate_type in ("noise", "uniform_noise") else "gaussian noise"
@@ -272,15 +305,17 @@ def main(argv: list[str] | None = None):
         seed=args.seed + 1_000_000, resolution=resolution, guidance_scale=args.generation_guidance_scale,
         num_inference_steps=args.generation_num_inference_steps, accelerator=accelerator, show_progress=show,
     )
-    timings["generation_s"] = time.perf_counter() - start
     conditioning = encode_prompts(pipe, plan["forget"] + plan["replay"], resolution)
+    probe = build_forgetting_probe(pipe, args, plan, generation, sur_settings, resolution, conditioning, scheduler,
+                                   accelerator, show)
+    timings["generation_s"] = time.perf_counter() - start
     sur_latents, sur_ids = surrogate.latents.to(accelerator.device), surrogate.prompt_ids(conditioning.prompts).to(accelerator.device)
     rep_latents, rep_ids = replay.latents.to(accelerator.device), replay.prompt_ids(conditioning.prompts).to(accelerator.device)
 
     # ---- Phase 2: Fisher of the weights the LoRA adapts, on the frozen model's own samples -------
     start = time.perf_counter()
     targets = resolve_lora_targets(unet, args.lora_target)
-    fisher_settings = {"targets": targets, "estimator": args.fisher_estimator, "k": args.fisher_num_timesteps,
+    fisher_settings = {"version": 2, "targets": targets, "estimator": args.fisher_estimator, "k": args.fisher_num_timesteps,
                        "n": args.fisher_num_samples, "replay": rep_settings}
     fisher_path = args.fisher_path or os.path.join(args.output_dir, "cache", f"fisher-{settings_key(fisher_settings)}.safetensors")
     fisher = None
@@ -309,6 +344,7 @@ def main(argv: list[str] | None = None):
     move_frozen_encoders(pipe, "cpu", args)
     unet.requires_grad_(False)
     unet.to(accelerator.device, dtype=weight_dtype)
+    probe.calibrate(unet, scheduler)  # the frozen model's signal, before the adapter exists
     torch.manual_seed(args.seed)  # LoRA A's init must not depend on what the cached phases consumed
     unet.add_adapter(make_lora_config(targets, args.rank, args.lora_alpha, args.use_rslora))
     cast_training_params(unet, dtype=torch.float32)  # LoRA weights train in fp32, as diffusers does
@@ -317,6 +353,8 @@ def main(argv: list[str] | None = None):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     ewc_penalty = EWCPenalty(unet, fisher, args.ewc_space) if fisher is not None else None
+    if ewc_penalty is not None and args.fisher_rank1_weight > 0:
+        ewc_penalty = SumOfPenalties([ewc_penalty, Rank1FisherPenalty(unet, fisher)], [1.0, args.fisher_rank1_weight])
     text_encoder = None
     if args.train_text_encoder:
         # peft's inject_adapter_in_model, not transformers' add_adapter: transformers 5.24 asks for peft >= 0.22.
@@ -331,7 +369,7 @@ def main(argv: list[str] | None = None):
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
     steps_per_epoch = math.ceil(len(surrogate.latents) / (args.train_batch_size * world * args.gradient_accumulation_steps))
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else 500
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else 1000
     optimizer = make_optimizer(lora_params, args.learning_rate, (args.adam_beta1, args.adam_beta2),
                                args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
@@ -359,6 +397,7 @@ def main(argv: list[str] | None = None):
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+    prompt_tokens = None
     if text_encoder is not None:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
         prompt_tokens = tokenize_prompts(pipe, conditioning.prompts).to(accelerator.device)
@@ -383,7 +422,8 @@ def main(argv: list[str] | None = None):
         "base_model": args.pretrained_model_name_or_path, "forget_prompts": plan["forget"], "surrogate": surrogate_description(args),
         "num_surrogate_images": args.num_surrogate_images, "num_replay_prompts": len(plan["replay"]),
         "num_replay_images_per_prompt": per_prompt, "ewc_lambda": args.ewc_lambda, "ewc_space": args.ewc_space,
-        "fisher_estimator": args.fisher_estimator, "fisher_num_samples": args.fisher_num_samples, "replay_weight": args.replay_weight,
+        "fisher_estimator": args.fisher_estimator, "fisher_num_samples": args.fisher_num_samples, "replay_weight": args.replay_weight, "replay_target": args.replay_target,
+        "fisher_rank1_weight": args.fisher_rank1_weight,
         "rank": args.rank, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank, "use_rslora": args.use_rslora,
         "lora_target": args.lora_target, "num_adapted_modules": len(targets), "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate, "resolution": resolution,
@@ -404,7 +444,10 @@ def main(argv: list[str] | None = None):
     start = time.perf_counter()
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not show)
     unet.train()
+    signal, signal_step, reached_step = None, -1, None
+    ewc_lambda = AdaptiveLambda(args.ewc_lambda)
     while global_step < args.max_train_steps:
+        stop = False
         for micro in range(args.gradient_accumulation_steps):
             # Every micro-batch draws from a generator keyed by (seed, step, micro-step, process), so a resumed
             # run sees exactly the batches, noise and timesteps of an uninterrupted one.
@@ -418,8 +461,9 @@ def main(argv: list[str] | None = None):
                     step_conditioning = PromptConditioning(conditioning.prompts, text_encoder(prompt_tokens)[0])
                 loss = selective_amnesia_loss(
                     unet, scheduler, step_conditioning, sur_latents[s_idx].to(weight_dtype), sur_ids[s_idx],
-                    rep_latents[r_idx].to(weight_dtype), rep_ids[r_idx], ewc_penalty, args.ewc_lambda, args.replay_weight,
+                    rep_latents[r_idx].to(weight_dtype), rep_ids[r_idx], ewc_penalty, ewc_lambda.value, args.replay_weight,
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=gen,
+                    replay_target=args.replay_target, base_unet=accelerator.unwrap_model(unet), base_conditioning=conditioning,
                 )
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -430,6 +474,16 @@ def main(argv: list[str] | None = None):
         global_step += 1
         progress.update(1)
         logs = {**loss.parts(), "lr": lr_scheduler.get_last_lr()[0]}
+        if global_step % args.forgetting_check_steps == 0 or global_step >= args.max_train_steps:
+            # Every process measures the same synchronised weights, so all of them stop at the same step.
+            signal = measure_forgetting(probe, accelerator, unet, text_encoder, scheduler, conditioning, prompt_tokens)
+            signal_step = global_step
+            logs.update(signal_log_entries(signal))
+            if args.adaptive_lambda:
+                logs["ewc_lambda"] = ewc_lambda.update(signal)
+            if signal["reached"] and reached_step is None:
+                reached_step = global_step
+            stop = args.stop_when_forgotten and signal["reached"] and signal["retained"]
         progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
         accelerator.log(logs, step=global_step)
         if accelerator.is_main_process:
@@ -441,7 +495,16 @@ def main(argv: list[str] | None = None):
             save_checkpoint(accelerator, args.output_dir, global_step)
         if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
+        if stop:
+            logger.info(f"Forgotten at step {global_step} with retention inside its bound; training stops here.")
+            break
     progress.close()
+    if signal is None or signal_step != global_step:  # resumed at or past the end: measure what is there
+        signal = measure_forgetting(probe, accelerator, unet, text_encoder, scheduler, conditioning, prompt_tokens)
+    run_info["trained_steps"] = global_step
+    run_info["ewc_lambda_final"] = ewc_lambda.value
+    run_info["forgetting"] = forgetting_summary(signal, reached_step, global_step)
+    report_forgetting(run_info["forgetting"], args)
     timings["training_s"] = time.perf_counter() - start
 
     # ---- Save, validate, describe -------------------------------------------------------------------
@@ -468,7 +531,93 @@ def main(argv: list[str] | None = None):
         if args.push_to_hub:
             push_folder(args)
     accelerator.end_training()
+    if args.require_forgetting and not run_info["forgetting"]["reached"]:
+        raise SystemExit(1)  # --require_forgetting: after everything is saved, so the run can be inspected
     return pipe
+
+
+def measure_forgetting(probe, accelerator, unet, text_encoder, scheduler, conditioning, prompt_tokens) -> dict:
+    """The forgetting signal of the adapter as it is now (the text encoder's LoRA included, when trained)."""
+    if text_encoder is not None:
+        with torch.no_grad():
+            conditioning = PromptConditioning(conditioning.prompts, text_encoder(prompt_tokens)[0])
+    return probe.measure(accelerator.unwrap_model(unet), scheduler, conditioning)
+
+
+def signal_log_entries(signal: dict) -> dict:
+    """The signal's numbers for train_log.jsonl and the trackers: one preference per concept, retention."""
+    entries = {f"preference/{prompt}": c["preference"] for prompt, c in signal["concepts"].items()}
+    entries.update({"max_preference": signal["max_preference"], "retention": signal["retention"],
+                    "forgotten": signal["reached"], "retained": signal["retained"]})
+    return entries
+
+
+def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: int) -> dict:
+    """The verdict written into the adapter's metadata (key ``forgetting``) and the model card."""
+    return {
+        "reached": bool(signal["reached"]),
+        "retained": bool(signal["retained"]),
+        "reached_at_step": reached_step,
+        "trained_steps": trained_steps,
+        "threshold": signal["threshold"],
+        "retention_bound": signal["retention_bound"],
+        "retention": round(signal["retention"], 6),
+        "concepts": {p: {"preference": round(c["preference"], 6), "forgotten": bool(c["forgotten"])}
+                     for p, c in signal["concepts"].items()},
+        "signal": "preference = (surrogate loss − concept loss) / the base model's, under the forget prompt, "
+                  "on held-out images; retention = relative change of the held-out replay loss",
+    }
+
+
+def report_forgetting(summary: dict, args) -> None:
+    """Say what the run achieved; a WARNING with what to try when the concept was not forgotten."""
+    parts = ", ".join(f"{p!r} {c['preference']:+.3f}" for p, c in summary["concepts"].items())
+    logger.info(f"Forgetting signal after {summary['trained_steps']} steps: preference {parts} (forgotten at ≤ "
+                f"{summary['threshold']}); retention {summary['retention']:+.2%} (bound {summary['retention_bound']:.0%})")
+    if not summary["reached"]:
+        logger.warning(
+            "WARNING: the concept was NOT forgotten: the adapted model still prefers its own images of "
+            f"{[p for p, c in summary['concepts'].items() if not c['forgotten']]} to the surrogate's. Try a larger step "
+            "budget (--max_train_steps), a higher --learning_rate, a lower --ewc_lambda, or a surrogate closer to the "
+            "concept (--surrogate_prompt)."
+        )
+    elif not summary["retained"]:
+        logger.warning(f"WARNING: forgotten, but the held-out replay loss rose by {summary['retention']:.1%} (bound "
+                       f"{summary['retention_bound']:.0%}): other concepts may have changed; try a higher --ewc_lambda "
+                       "or --replay_weight.")
+
+
+def build_forgetting_probe(pipe, args, plan, generation, sur_settings, resolution, conditioning, scheduler,
+                           accelerator, show) -> ForgettingProbe:
+    """Held-out sets for the forgetting signal: the frozen model's own images of each forget prompt, as
+    many surrogate images per forget prompt, and a few replay images per replay prompt (new seeds, so
+    none of them is trained on)."""
+    n, forget, replay = args.num_probe_images, plan["forget"], plan["replay"]
+    common = {"resolution": resolution, "guidance_scale": args.generation_guidance_scale,
+                  "num_inference_steps": args.generation_num_inference_steps, "accelerator": accelerator, "show_progress": show}
+    cache = os.path.join(args.output_dir, "cache")
+    concept_settings = {**generation, "prompts": forget, "per_prompt": n, "probe": "concept"}
+    concepts = generate_replay_set(pipe, os.path.join(cache, f"probe-concept-{settings_key(concept_settings)}"), forget, n,
+                                   seed=args.seed + 2_000_000, **common)
+    probe_sur_settings = {**sur_settings, "n": n * len(forget), "probe": "surrogate"}
+    surrogates = generate_surrogate_set(
+        pipe, os.path.join(cache, f"probe-surrogate-{settings_key(probe_sur_settings)}"), forget, n * len(forget),
+        surrogate_prompt=args.surrogate_prompt, surrogate_data_dir=args.surrogate_data_dir,
+        surrogate_type=args.surrogate_type, seed=args.seed + 3_000_000, **common,
+    )
+    per_prompt = max(1, math.ceil(2 * n / len(replay)))
+    replay_settings = {**generation, "prompts": replay, "per_prompt": per_prompt, "probe": "replay"}
+    replays = generate_replay_set(pipe, os.path.join(cache, f"probe-replay-{settings_key(replay_settings)}"), replay,
+                                  per_prompt, seed=args.seed + 4_000_000, **common)
+
+    def of_prompt(image_set, prompt):
+        return image_set.latents[[i for i, p in enumerate(image_set.prompts) if p == prompt]]
+
+    return ForgettingProbe(
+        conditioning, forget, [of_prompt(concepts, f) for f in forget], [of_prompt(surrogates, f) for f in forget],
+        replays.latents, replays.prompt_ids(conditioning.prompts), scheduler.config.num_train_timesteps,
+        seed=args.seed, threshold=args.forgetting_threshold, retention_bound=args.retention_bound,
+    )
 
 
 def move_frozen_encoders(pipe, device, args) -> None:

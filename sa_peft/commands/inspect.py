@@ -7,6 +7,7 @@ import json
 import os
 
 from ..adapter_io import SA_METADATA_KEY, component_configs, load_adapter_file, resolve_adapter_file
+from ..forgetting import verdict_lines
 
 # Training-info fields in display order, with their labels.
 FIELDS = (
@@ -25,7 +26,10 @@ FIELDS = (
     ("use_rslora", "rsLoRA"),
     ("lora_target", "targets"),
     ("num_adapted_modules", "adapted modules"),
-    ("max_train_steps", "steps"),
+    ("max_train_steps", "step budget"),
+    ("trained_steps", "steps trained"),
+    ("replay_target", "replay target"),
+    ("ewc_lambda_final", "EWC λ at the end"),
     ("learning_rate", "learning rate"),
     ("resolution", "resolution"),
     ("sa_peft_version", "sa-peft version"),
@@ -81,6 +85,8 @@ def describe(path: str | os.PathLike) -> dict:
                                  "use_rslora": config.get("use_rslora"),
                                  "target_modules": sorted(config.get("target_modules") or [])}
     out["sa_peft"] = info
+    if info and "forgetting" in info:
+        out["forgetting"] = info["forgetting"]
     return out
 
 
@@ -110,6 +116,9 @@ def format_text(summary: dict) -> str:
         for key, label in FIELDS:
             if key in info:
                 lines.append(f"{label:<{width}}  {_format(info[key])}")
+        if info.get("forgetting"):
+            lines.append("forgetting:")
+            lines.extend(f"  {line}" for line in verdict_lines(info["forgetting"]))
     config = summary.get("adapter_config")
     if config:
         lines.append(f"adapter config: r={config['r']} alpha={config['lora_alpha']} rsLoRA={config['use_rslora']}")

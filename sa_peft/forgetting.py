@@ -1,0 +1,227 @@
+"""Has the concept been forgotten? A signal that needs no classifier, and the verdict built on it.
+
+Selective Amnesia lowers the likelihood of the concept under the forget prompt c_f below that of the
+surrogate. The diffusion loss ℓ(x, c) bounds −log p(x | c), so the signal compares, under c_f and with
+the same timesteps and noise, the adapted model's loss on held-out images of the concept (the frozen
+model's own samples of c_f) with its loss on held-out surrogate images:
+
+    gap(θ)      = ℓ_θ(x_concept, c_f) − ℓ_θ(x_surrogate, c_f)
+    preference  = gap(θ) / gap(θ*)        (1 for the base model, 0 when both are as likely, < 0 when
+                                           the surrogate is preferred; in general 1 − Δgap / |gap(θ*)|)
+
+The base model prefers its own samples (gap(θ*) < 0), so preference starts at 1. The concept counts as
+forgotten when preference ≤ ``threshold`` (default 0: the concept is no more likely than the surrogate,
+which is SA's aim). Measured against the digits classifier (three → four, noise replay, checkpoints every
+100 steps, 30 samples): preference 0.37 ↔ P(three) 0.42; 0.04 ↔ 0.001 with every sample read as "four";
+−0.10 ↔ 0.000. So the classifier's P ≤ 0.02 is reached a little before preference 0, and stopping at 0
+leaves a margin (benchmarks/RESULTS.md). The retained counterpart is the relative change of the held-out replay loss,
+ℓ_θ(x_replay, c_replay) / ℓ_θ*(x_replay, c_replay) − 1, bounded by ``retention_bound``.
+
+Every loss here is evaluated on fixed (timestep, noise) pairs drawn once from a seed: K stratified
+timesteps per image, the same for the concept and surrogate images of a concept, so the gap's noise is
+paired and small, and the signal at step s is comparable with the one at step 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .conditioning import PromptConditioning
+from .diffusion_loss import per_sample_diffusion_loss
+
+DEFAULT_PREFERENCE_THRESHOLD = 0.0
+DEFAULT_RETENTION_BOUND = 0.05
+
+
+@dataclass
+class ProbeBatch:
+    """Held-out latents, each paired with a prompt index, expanded over K fixed timesteps and noises."""
+
+    latents: torch.Tensor  # [N·K, C, h, w]
+    prompt_ids: torch.Tensor  # [N·K]
+    timesteps: torch.Tensor  # [N·K]
+    noise: torch.Tensor  # [N·K, C, h, w]
+    num_images: int
+
+
+def _probe_batch(latents: torch.Tensor, prompt_ids: torch.Tensor, num_timesteps: int, num_train_timesteps: int,
+                 generator: torch.Generator, noise_shape_like: torch.Tensor | None = None) -> ProbeBatch:
+    n, k = len(latents), num_timesteps
+    edges = torch.linspace(0, num_train_timesteps, k + 1)
+    # Stratified: timestep j of every image lies in bin j; the draw within the bin is per image.
+    offsets = torch.rand(n, k, generator=generator)
+    timesteps = (edges[:-1] + offsets * (edges[1:] - edges[:-1])).long().clamp(max=num_train_timesteps - 1).flatten()
+    noise = torch.randn((n * k, *latents.shape[1:]), generator=generator)
+    return ProbeBatch(latents.repeat_interleave(k, 0), prompt_ids.repeat_interleave(k), timesteps, noise, n)
+
+
+class ForgettingProbe:
+    """Held-out denoising losses of the concept, the surrogate and the replay set, on fixed noise.
+
+    ``concept_latents[i]``/``surrogate_latents[i]`` are the held-out images of forget prompt
+    ``forget_prompts[i]`` (same count per concept); ``replay_latents`` with ``replay_prompt_ids``
+    (indices into ``conditioning.prompts``) the held-out replay images. Call ``calibrate(unet)`` once
+    on the frozen model (adapter disabled), then ``measure(unet)`` whenever a signal is wanted.
+    """
+
+    def __init__(
+        self,
+        conditioning: PromptConditioning,
+        forget_prompts: Sequence[str],
+        concept_latents: Sequence[torch.Tensor],
+        surrogate_latents: Sequence[torch.Tensor],
+        replay_latents: torch.Tensor,
+        replay_prompt_ids: torch.Tensor,
+        num_train_timesteps: int,
+        num_timesteps: int = 8,
+        seed: int = 0,
+        threshold: float = DEFAULT_PREFERENCE_THRESHOLD,
+        retention_bound: float = DEFAULT_RETENTION_BOUND,
+        batch_size: int = 256,
+    ) -> None:
+        if not (len(forget_prompts) == len(concept_latents) == len(surrogate_latents)) or not forget_prompts:
+            raise ValueError("one set of concept and surrogate probe images is needed per forget prompt")
+        if num_timesteps <= 0:
+            raise ValueError(f"--forgetting_num_timesteps must be a positive integer, got {num_timesteps}")
+        if not -10 <= threshold < 1:
+            raise ValueError(f"--forgetting_threshold must be in [-10, 1), got {threshold}")
+        if not retention_bound > 0:
+            raise ValueError(f"--retention_bound must be > 0, got {retention_bound}")
+        self.conditioning = conditioning
+        self.forget_prompts = list(forget_prompts)
+        self.threshold = threshold
+        self.retention_bound = retention_bound
+        self.batch_size = batch_size
+        generator = torch.Generator().manual_seed(seed)
+        self.concepts: list[tuple[ProbeBatch, ProbeBatch]] = []
+        for prompt, concept, surrogate in zip(self.forget_prompts, concept_latents, surrogate_latents):
+            n = min(len(concept), len(surrogate))
+            if n == 0:
+                raise ValueError(f"no probe images for forget prompt {prompt!r}")
+            ids = torch.full((n,), conditioning.prompts.index(prompt), dtype=torch.long)
+            concept_batch = _probe_batch(concept[:n], ids, num_timesteps, num_train_timesteps, generator)
+            # The surrogate images of this concept see exactly the concept's timesteps and noise.
+            surrogate_batch = ProbeBatch(surrogate[:n].repeat_interleave(num_timesteps, 0), concept_batch.prompt_ids,
+                                         concept_batch.timesteps, concept_batch.noise, n)
+            self.concepts.append((concept_batch, surrogate_batch))
+        self.replay = _probe_batch(replay_latents, replay_prompt_ids, num_timesteps, num_train_timesteps, generator)
+        self.base: dict | None = None
+
+    @torch.no_grad()
+    def _loss(self, unet, scheduler, batch: ProbeBatch, conditioning: PromptConditioning | None) -> float:
+        conditioning = conditioning or self.conditioning
+        param = next(unet.parameters())
+        device, dtype = param.device, param.dtype
+        total = 0.0
+        for start in range(0, len(batch.latents), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            losses = per_sample_diffusion_loss(
+                unet, scheduler, batch.latents[sl].to(device, dtype), batch.timesteps[sl].to(device),
+                batch.noise[sl].to(device, dtype), conditioning.unet_kwargs(batch.prompt_ids[sl], dtype),
+            )
+            total += float(losses.double().sum())
+        return total / len(batch.latents)
+
+    def _raw(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
+        was_training = unet.training
+        unet.eval()
+        try:
+            concepts = [
+                {"concept_loss": self._loss(unet, scheduler, c, conditioning),
+                 "surrogate_loss": self._loss(unet, scheduler, s, conditioning)}
+                for c, s in self.concepts
+            ]
+            replay = self._loss(unet, scheduler, self.replay, conditioning)
+        finally:
+            unet.train(was_training)
+        return {"concepts": concepts, "replay_loss": replay}
+
+    def calibrate(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
+        """Measure the frozen model (call with the adapter disabled); later signals are relative to it."""
+        self.base = self._raw(unet, scheduler, conditioning)
+        return self.base
+
+    def measure(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
+        """The signal now: per concept its preference and whether it is forgotten; retention; the verdict."""
+        if self.base is None:
+            raise RuntimeError("ForgettingProbe.measure before calibrate: measure the frozen model first")
+        raw = self._raw(unet, scheduler, conditioning)
+        return forgetting_signal(self.base, raw, self.forget_prompts, self.threshold, self.retention_bound)
+
+
+def forgetting_signal(base: dict, now: dict, forget_prompts: Sequence[str], threshold: float, retention_bound: float) -> dict:
+    """Combine base and current probe losses into the signal and the verdict (pure arithmetic)."""
+    concepts = {}
+    for prompt, b, n in zip(forget_prompts, base["concepts"], now["concepts"]):
+        base_gap = b["concept_loss"] - b["surrogate_loss"]
+        gap = n["concept_loss"] - n["surrogate_loss"]
+        # 1 − (gap − base gap) / |base gap|: 1 for the base model; for the usual base model, which prefers
+        # its own samples (base gap < 0), this is gap / base gap: 0 when concept and surrogate are equally
+        # likely, negative once the surrogate is preferred. It falls by 1 per base margin of movement.
+        preference = 1 - (gap - base_gap) / max(abs(base_gap), 1e-12)
+        concepts[prompt] = {
+            "preference": preference, "forgotten": preference <= threshold,
+            "concept_loss": n["concept_loss"], "surrogate_loss": n["surrogate_loss"], "base_gap": base_gap, "gap": gap,
+        }
+    retention = now["replay_loss"] / base["replay_loss"] - 1 if base["replay_loss"] > 0 else 0.0
+    reached = all(c["forgotten"] for c in concepts.values())
+    return {
+        "reached": reached,
+        "retained": retention <= retention_bound,
+        "concepts": concepts,
+        "max_preference": max(c["preference"] for c in concepts.values()),
+        "retention": retention,
+        "replay_loss": now["replay_loss"],
+        "base_replay_loss": base["replay_loss"],
+        "threshold": threshold,
+        "retention_bound": retention_bound,
+    }
+
+
+class AdaptiveLambda:
+    """λ that moves with the forgetting signal: the run calibrates itself to its concept.
+
+    A λ tuned on one concept is too strong for the next (digits: λ = 5 forgets "zero" and leaves "three"
+    at P 0.58, benchmarks/RESULTS.md). At every signal check while some concept is not forgotten:
+    - the held-out replay loss rose past ``retention_bound``: λ doubles (retention comes first);
+    - the largest preference fell by less than ``min_progress`` since the last check, with retention
+      under half its bound: λ ← ``decay``·λ, down to ``initial · min_factor`` (the penalty is what stalls it);
+    - otherwise λ stays. Once every concept is forgotten λ no longer moves.
+    """
+
+    def __init__(self, initial: float, min_progress: float = 0.05, decay: float = 0.7, min_factor: float = 1 / 16) -> None:
+        # Halving at every stalled check (min_progress 0.1, floor 1/64) took three → four from λ 5 to 0.08 in
+        # 400 steps and cost Fréchet +10 % (benchmarks/RESULTS.md); a gentler decay keeps more of the penalty.
+        self.initial = self.value = float(initial)
+        self.min_progress = min_progress
+        self.decay = decay
+        self.floor = self.initial * min_factor
+        self.previous: float | None = None
+
+    def update(self, signal: dict) -> float:
+        preference, retention, bound = signal["max_preference"], signal["retention"], signal["retention_bound"]
+        if not signal["reached"]:
+            if retention > bound:
+                self.value = min(self.value * 2, self.initial * 4)
+            elif self.previous is not None and self.previous - preference < self.min_progress and retention < bound / 2:
+                self.value = max(self.value * self.decay, self.floor)
+        self.previous = preference
+        return self.value
+
+
+def verdict_lines(forgetting: dict) -> list[str]:
+    """The verdict in words, for ``sa-peft inspect`` and the model card (one line each)."""
+    concepts = forgetting.get("concepts", {})
+    head = "FORGOTTEN" if forgetting.get("reached") else "NOT FORGOTTEN"
+    step = forgetting.get("reached_at_step")
+    lines = [f"{head} after {forgetting.get('trained_steps')} steps"
+             + (f" (first reached at step {step})" if step is not None else "")
+             + f"; retention {'inside' if forgetting.get('retained') else 'OUTSIDE'} its bound "
+               f"({forgetting.get('retention', 0):+.2%} held-out replay loss, bound {forgetting.get('retention_bound', 0):.0%})"]
+    for prompt, c in concepts.items():
+        lines.append(f"{prompt!r}: preference {c['preference']:+.3f} (base model 1, forgotten at ≤ "
+                     f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}")
+    return lines

@@ -1,0 +1,166 @@
+"""The forgetting signal, the verdict, adaptive λ, replay distillation and the rank-1 Fisher penalty."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sa_peft.conditioning import encode_prompts
+from sa_peft.diffusion_loss import noise_scheduler_for
+from sa_peft.ewc import Rank1FisherPenalty
+from sa_peft.fisher import estimate_fisher, load_fisher, save_fisher
+from sa_peft.forgetting import AdaptiveLambda, ForgettingProbe, forgetting_signal, verdict_lines
+from sa_peft.lora import iter_adapted_layers, resolve_lora_targets
+from sa_peft.objective import adapters_disabled, selective_amnesia_loss
+
+from conftest import add_forget_lora
+
+PROMPTS = ["brad pitt", "a photo of a cat"]
+
+
+def base_and_now(concept_base, surrogate_base, concept_now, surrogate_now, replay_base=1.0, replay_now=1.0):
+    base = {"concepts": [{"concept_loss": concept_base, "surrogate_loss": surrogate_base}], "replay_loss": replay_base}
+    now = {"concepts": [{"concept_loss": concept_now, "surrogate_loss": surrogate_now}], "replay_loss": replay_now}
+    return base, now
+
+
+def test_preference_is_one_for_the_base_and_negative_once_the_surrogate_is_preferred():
+    base, _ = base_and_now(0.2, 0.4, 0, 0)
+    same = forgetting_signal(base, base, ["c"], -0.5, 0.05)
+    assert same["concepts"]["c"]["preference"] == pytest.approx(1.0)
+    assert not same["reached"] and same["retained"] and same["retention"] == 0
+    # concept loss 0.5, surrogate 0.3: gap +0.2 against a base gap of −0.2 → preference −1
+    _, now = base_and_now(0.2, 0.4, 0.5, 0.3, replay_now=1.04)
+    signal = forgetting_signal(base, now, ["c"], -0.5, 0.05)
+    assert signal["concepts"]["c"]["preference"] == pytest.approx(-1.0)
+    assert signal["reached"] and signal["concepts"]["c"]["forgotten"]
+    assert signal["retention"] == pytest.approx(0.04) and signal["retained"]
+    # halfway: equal losses → preference 0, not forgotten at threshold −0.5; retention past its bound
+    _, now = base_and_now(0.2, 0.4, 0.3, 0.3, replay_now=1.06)
+    signal = forgetting_signal(base, now, ["c"], -0.5, 0.05)
+    assert signal["concepts"]["c"]["preference"] == pytest.approx(0.0)
+    assert not signal["reached"] and not signal["retained"]
+
+
+def test_verdict_needs_every_concept():
+    base = {"concepts": [{"concept_loss": 0.2, "surrogate_loss": 0.4}] * 2, "replay_loss": 1.0}
+    now = {"concepts": [{"concept_loss": 0.6, "surrogate_loss": 0.3}, {"concept_loss": 0.2, "surrogate_loss": 0.4}],
+           "replay_loss": 1.0}
+    signal = forgetting_signal(base, now, ["a", "b"], -0.5, 0.05)
+    assert signal["concepts"]["a"]["forgotten"] and not signal["concepts"]["b"]["forgotten"]
+    assert not signal["reached"] and signal["max_preference"] == pytest.approx(1.0)
+    text = "\n".join(verdict_lines({"reached": False, "trained_steps": 7, "concepts": signal["concepts"],
+                                    "threshold": -0.5, "retained": True, "retention": 0.0, "retention_bound": 0.05}))
+    assert "NOT FORGOTTEN after 7 steps" in text and "'b': preference +1.000" in text
+
+
+def test_adaptive_lambda_halves_when_stalled_doubles_when_retention_breaks_and_stops_once_reached():
+    lam = AdaptiveLambda(8.0, min_progress=0.1, decay=0.5)
+
+    def sig(pref, retention, reached=False):
+        return {"max_preference": pref, "retention": retention, "retention_bound": 0.05, "reached": reached}
+
+    assert lam.update(sig(0.9, 0.0)) == 8.0  # first check: nothing to compare with
+    assert lam.update(sig(0.5, 0.0)) == 8.0  # good progress
+    assert lam.update(sig(0.45, 0.0)) == 4.0  # stalled, retention far inside its bound
+    assert lam.update(sig(0.44, 0.04)) == 4.0  # stalled, but retention near its bound: hold
+    assert lam.update(sig(0.40, 0.06)) == 8.0  # retention out of bound: stronger
+    assert lam.update(sig(-0.6, 0.0, reached=True)) == 8.0  # forgotten: λ no longer moves
+    low = AdaptiveLambda(1.0, decay=0.5, min_factor=1 / 4)
+    for pref in (0.9, 0.9, 0.9, 0.9, 0.9):
+        low.update(sig(pref, 0.0))
+    assert low.value == 0.25  # floor
+
+
+def make_probe(pipe, seed=0):
+    cond = encode_prompts(pipe, PROMPTS)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (4, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    concept, surrogate, replay = (torch.randn(shape, generator=gen) for _ in range(3))
+    scheduler = noise_scheduler_for(pipe.scheduler)
+    probe = ForgettingProbe(cond, ["brad pitt"], [concept], [surrogate], replay, torch.ones(4, dtype=torch.long),
+                            scheduler.config.num_train_timesteps, num_timesteps=3, seed=seed)
+    return probe, scheduler, cond
+
+
+def test_probe_measures_one_for_the_frozen_model_and_moves_with_the_adapter(tiny_pipe):
+    probe, scheduler, _ = make_probe(tiny_pipe)
+    base = probe.calibrate(tiny_pipe.unet, scheduler)
+    assert probe.measure(tiny_pipe.unet, scheduler)["concepts"]["brad pitt"]["preference"] == pytest.approx(1.0)
+    # Fixed noise: measuring twice gives the same numbers.
+    assert probe.calibrate(tiny_pipe.unet, scheduler) == base
+    add_forget_lora(tiny_pipe.unet)  # random non-zero A and B
+    moved = probe.measure(tiny_pipe.unet, scheduler)
+    assert moved["concepts"]["brad pitt"]["preference"] != pytest.approx(1.0)
+    assert moved["retention"] != 0
+    with adapters_disabled(tiny_pipe.unet):
+        assert probe.measure(tiny_pipe.unet, scheduler)["concepts"]["brad pitt"]["preference"] == pytest.approx(1.0)
+    assert probe.measure(tiny_pipe.unet, scheduler) == moved  # adapters back on
+
+
+def test_probe_rejects_bad_settings(tiny_pipe):
+    cond = encode_prompts(tiny_pipe, PROMPTS)
+    x = torch.zeros(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="--forgetting_threshold"):
+        ForgettingProbe(cond, ["brad pitt"], [x], [x], x, torch.ones(2, dtype=torch.long), 1000, threshold=1.5)
+    with pytest.raises(ValueError, match="per forget prompt"):
+        ForgettingProbe(cond, ["brad pitt"], [x, x], [x], x, torch.ones(2, dtype=torch.long), 1000)
+
+
+def test_distilled_replay_is_zero_for_a_no_op_adapter_and_measures_the_drift_otherwise(tiny_pipe):
+    unet, scheduler = tiny_pipe.unet, noise_scheduler_for(tiny_pipe.scheduler)
+    cond = encode_prompts(tiny_pipe, PROMPTS)
+    add_forget_lora(unet, randomize=False)  # B = 0: the adapted model is the base model
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([0, 1])
+
+    def loss(target):
+        return selective_amnesia_loss(unet, scheduler, cond, x, ids[:1].repeat(2), x, ids, None, 0.0, 1.0,
+                                      generator=gen(), replay_target=target)
+
+    assert loss("distill").replay.item() < 1e-10  # batch-size rounding only
+    assert loss("noise").replay.item() > 0.01
+    with torch.no_grad():
+        for layer in iter_adapted_layers(unet):
+            layer.module.lora_B["default"].weight.normal_(0, 0.2)
+    drift = loss("distill")
+    assert drift.replay.item() > 0
+    drift.total.backward()  # the frozen pass must not cut the adapted pass's gradients
+    grads = [layer.module.lora_B["default"].weight.grad for layer in iter_adapted_layers(unet)]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="--replay_target"):
+        loss("frozen")
+
+
+def test_rank1_penalty_equals_the_explicit_projection_and_the_mean_gradient_is_the_mean(tiny_pipe, tmp_path):
+    unet, scheduler = tiny_pipe.unet, noise_scheduler_for(tiny_pipe.scheduler)
+    cond = encode_prompts(tiny_pipe, PROMPTS)
+    names = resolve_lora_targets(unet, "attn")[:6]
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([0, 1, 0])
+    fisher = estimate_fisher(unet, scheduler, latents, ids, cond, names, num_timesteps=2, show_progress=False)
+    # μ is the mean of the per-sample gradients whose squares make the diagonal: per sample, one at a time.
+    singles = [estimate_fisher(unet, scheduler, latents[i : i + 1], ids[i : i + 1], cond, names, num_timesteps=2,
+                               seed=i, show_progress=False) for i in range(3)]
+    key = f"{names[0]}.weight"
+    expected = sum(s.mean_gradient[key] for s in singles) / 3
+    torch.testing.assert_close(fisher.mean_gradient[key], expected, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(singles[0].mean_gradient[key].square(), singles[0].diagonal[key], rtol=1e-4, atol=1e-12)
+    path = tmp_path / "fisher.safetensors"
+    save_fisher(fisher, path)
+    fisher = load_fisher(path, unet=unet)
+    torch.testing.assert_close(fisher.mean_gradient[key], expected, rtol=1e-4, atol=1e-9)
+
+    add_forget_lora(unet, target=names)
+    penalty = Rank1FisherPenalty(unet, fisher)
+    layers = list(iter_adapted_layers(unet))
+    mu = torch.cat([fisher.mean_gradient[f"{layer.name}.weight"].flatten() for layer in layers])
+    delta = torch.cat([layer.delta_weight().flatten() for layer in layers])
+    n = mu.numel()
+    torch.testing.assert_close(penalty(), n / mu.square().sum() * (mu @ delta) ** 2, rtol=1e-4, atol=0)
+    penalty().backward()
+    assert layers[0].module.lora_A["default"].weight.grad.abs().sum() > 0
+    fisher.mean_gradient.clear()
+    with pytest.raises(ValueError, match="mean gradient"):
+        Rank1FisherPenalty(unet, fisher)
