@@ -339,3 +339,27 @@ def test_load_rejects_bad_files(tmp_path, estimated):
     save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not an sa-peft Fisher file"):
         load_fisher(other)
+
+
+def test_timestep_chunks_accumulate_into_one_per_sample_gradient():
+    """Splitting a sample's timesteps into chunks must sum the chunks' gradients before squaring.
+
+    T = 50 in chunks of 16 gives four chunks (16, 16, 16, 2) per sample; the result must equal both
+    the one-chunk estimate and the hand loop over all 50 timesteps at once (the noise stream is the
+    same, drawn chunk after chunk from the sample's generator).
+    """
+    pipe, conditioning, latents, prompt_ids = setup(num_samples=2, num_train_timesteps=50)
+    kwargs = {"estimator": "reference", "seed": 3, "show_progress": False}
+    args = (pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:2])
+    chunked = estimate_fisher(*args, timestep_batch_size=16, **kwargs)
+    whole = estimate_fisher(*args, timestep_batch_size=64, **kwargs)
+    grads = hand_per_sample_grads(
+        pipe, conditioning, latents, prompt_ids, MODULES[:2], lambda g: (torch.arange(50), 1.0), 3
+    )
+    for i, name in enumerate(MODULES[:2]):
+        key = f"{name}.weight"
+        expected = (grads[0][i].square() + grads[1][i].square()) / 2
+        tol = {"rtol": 1e-4, "atol": 1e-6 * float(expected.max())}
+        torch.testing.assert_close(whole.diagonal[key], expected, **tol)
+        torch.testing.assert_close(chunked.diagonal[key], expected, **tol)
+        torch.testing.assert_close(chunked.diagonal[key], whole.diagonal[key], **tol)
