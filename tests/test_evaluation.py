@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,42 @@ def test_frechet_distance_matches_closed_form_for_gaussians():
     a = torch.randn(4000, 3)
     b = torch.randn(4000, 3) * 2 + 1  # mean shift 1 per dim, std 2: FD = 3 + 3 * (1 + 4 - 2 * 2) = 6
     assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
+
+
+def _closed_form_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID's formula on the sample statistics, with tr sqrt(S_a S_b) from the (real, non-negative)
+    eigenvalues of the non-symmetric product S_a S_b: an independent route to the same number."""
+    a, b = a.double().numpy(), b.double().numpy()
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eig = np.linalg.eigvals(cov_a @ cov_b)
+    assert np.abs(eig.imag).max() < 1e-8 and eig.real.min() > 0
+    tr_covmean = np.sqrt(eig.real).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_covmean)
+
+
+def test_frechet_distance_with_non_identity_non_commuting_covariances():
+    gen = torch.Generator().manual_seed(1)
+    mix_a = torch.tensor([[2.0, 0.3, 0.0], [0.0, 0.5, 0.0], [0.4, 0.0, 1.5]])
+    mix_b = torch.tensor([[1.0, 0.0, 0.8], [0.6, 1.2, 0.0], [0.0, 0.0, 0.7]])
+    a = torch.randn(500, 3, generator=gen) @ mix_a
+    b = torch.randn(500, 3, generator=gen) @ mix_b + torch.tensor([0.5, -0.2, 0.1])
+    cov_a, cov_b = np.cov(a.double().numpy(), rowvar=False), np.cov(b.double().numpy(), rowvar=False)
+    assert np.abs(cov_a @ cov_b - cov_b @ cov_a).max() > 0.5  # the covariances do not commute
+    expected = _closed_form_frechet(a, b)
+    assert expected > 1.0
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(b, a) == pytest.approx(expected, rel=1e-9)  # symmetric in its arguments
+    # Scaling both sets by 2 scales every term of the distance by 4.
+    assert frechet_distance(2 * a, 2 * b) == pytest.approx(4 * expected, rel=1e-9)
+
+
+def test_frechet_distance_of_isotropic_gaussians_with_different_scales():
+    # N(0, 4I) vs N(0, I) in 3 dims: 3 * (4 + 1 - 2 * 2) = 3 (with cov_a = I a lost square root would not show)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(20000, 3, generator=gen) * 2
+    b = torch.randn(20000, 3, generator=gen)
+    assert frechet_distance(a, b) == pytest.approx(3.0, rel=0.05)
+    assert frechet_distance(b, a) == pytest.approx(3.0, rel=0.05)
 
 
 def test_off_manifold_rate_real_about_five_percent_noise_all(classifier):
