@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sa_peft.classifier import load_classifier
+from sa_peft.classifier import ImageClassifier, load_classifier
 from sa_peft.commands import evaluate as evaluate_command
 from sa_peft.evaluation import (
     evaluate_pipeline,
@@ -213,3 +213,52 @@ def test_evaluate_command_label_resolution_and_errors(tmp_path):
         evaluate_command.apply_loras(None, [str(tmp_path / "missing")], [])
     with pytest.raises(ValueError, match="--lora_weight"):
         evaluate_command.apply_loras(None, [str(bad)], [1.0, 2.0])
+
+
+class ScriptedClassifier(ImageClassifier):
+    """Returns the given probabilities, one tensor per ``predict_proba`` call, in call order."""
+
+    labels = ["zero", "one", "two"]
+
+    def __init__(self, scripted):
+        self.scripted = list(scripted)
+        self.seen = []
+
+    def predict_proba(self, images):
+        self.seen.append(images.shape)
+        return self.scripted.pop(0)
+
+    def features(self, images):
+        raise AssertionError("no reference images, so no features are needed")
+
+
+def _one_hot_probs(preds, num_classes=3, confidence=0.8):
+    probs = torch.full((len(preds), num_classes), (1 - confidence) / (num_classes - 1))
+    probs[torch.arange(len(preds)), torch.tensor(preds)] = confidence
+    return probs
+
+
+def test_per_prompt_accuracy_and_summaries_match_hand_counts():
+    from sa_peft.tiny_pipeline import build_tiny_pipeline
+
+    cat, car, dog = "a photo of a cat", "a red car", "a dog"
+    # cat is class one: 3 of 4 right; car is class two: 1 of 4 right; dog (forgotten, class zero): 3 of 4 predicted zero
+    preds = {cat: [1, 1, 1, 0], car: [2, 0, 0, 1], dog: [0, 0, 2, 0]}
+    classifier = ScriptedClassifier(_one_hot_probs(preds[p]) for p in (cat, car, dog))
+    metrics = evaluate_pipeline(build_tiny_pipeline(), classifier, [cat, car], {cat: 1, car: 2, dog: 0}, [dog], [0],
+                                num_per_prompt=4, seed=0, num_inference_steps=2, batch_size=4)
+    assert len(classifier.seen) == 3 and all(shape[0] == 4 for shape in classifier.seen)
+    per = metrics["per_prompt"]
+    assert per[cat]["accuracy"] == pytest.approx(0.75)
+    assert per[car]["accuracy"] == pytest.approx(0.25)
+    assert per[dog]["accuracy"] == pytest.approx(0.75)
+    assert per[cat]["histogram"] == [1, 3, 0] and per[car]["histogram"] == [2, 1, 1] and per[dog]["histogram"] == [3, 0, 1]
+    assert per[dog]["predicted_forgotten_rate"] == pytest.approx(0.75)
+    # P(zero): 0.8 where zero is predicted, 0.1 elsewhere
+    assert per[cat]["p_forgotten"] == pytest.approx((0.8 + 3 * 0.1) / 4)
+    assert per[dog]["p_forgotten"] == pytest.approx((3 * 0.8 + 0.1) / 4)
+    assert metrics["retained"]["mean_accuracy"] == pytest.approx(0.5)
+    assert metrics["retained"]["worst_accuracy"] == pytest.approx(0.25) and metrics["retained"]["worst_prompt"] == car
+    assert metrics["forget"]["accuracy"] == pytest.approx(0.75)
+    assert metrics["forget"]["predicted_forgotten_rate"] == pytest.approx(0.75)
+    assert metrics["quality"] is None  # the classifier has no reference images
