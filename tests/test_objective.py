@@ -158,3 +158,30 @@ def test_gradients_reach_only_lora_parameters():
     assert all(p.grad is None for n, p in pipe.unet.named_parameters() if n not in lora)
     assert all(p.grad is None for p in pipe.text_encoder.parameters())
     assert all(p.grad is None for p in pipe.vae.parameters())
+
+
+def test_noise_offset_is_one_constant_per_sample_and_channel(monkeypatch):
+    import sa_peft.objective as objective_module
+
+    pipe, conditioning, ewc, batch = setup()
+    seen = []
+    original = objective_module.per_sample_diffusion_loss
+
+    def recording(unet, scheduler, latents, timesteps, noise, kwargs):
+        seen.append((noise.clone(), timesteps.clone()))
+        return original(unet, scheduler, latents, timesteps, noise, kwargs)
+
+    monkeypatch.setattr(objective_module, "per_sample_diffusion_loss", recording)
+    loss(pipe, conditioning, batch, ewc, seed=11, noise_offset=0.5)
+    (noise, timesteps), = seen
+    shape = (4, 4, 16, 16)  # surrogate and replay batches together
+    gen = torch.Generator().manual_seed(11)
+    plain = torch.randn(shape, generator=gen)
+    offset = noise - plain
+    # the offset is constant over the pixels of each (sample, channel) ...
+    per_channel = offset[:, :, :1, :1]
+    torch.testing.assert_close(offset, per_channel.expand(shape), rtol=0, atol=1e-6)
+    # ... and is noise_offset times the next standard normal draw, one per (sample, channel), then the timesteps
+    torch.testing.assert_close(per_channel, 0.5 * torch.randn(4, 4, 1, 1, generator=gen), rtol=1e-6, atol=1e-6)
+    assert per_channel.flatten().unique().numel() == 16
+    assert torch.equal(timesteps, torch.randint(0, 1000, (4,), generator=gen))
