@@ -218,9 +218,8 @@ def test_evaluate_command_label_resolution_and_errors(tmp_path):
 class ScriptedClassifier(ImageClassifier):
     """Returns the given probabilities, one tensor per ``predict_proba`` call, in call order."""
 
-    labels = ["zero", "one", "two"]
-
     def __init__(self, scripted):
+        self.labels = ["zero", "one", "two"]
         self.scripted = list(scripted)
         self.seen = []
 

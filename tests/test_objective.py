@@ -210,7 +210,7 @@ def test_noise_and_conditioning_follow_the_latents_dtype(monkeypatch, dtype):
     """The UNet sees noise, offset and text embeddings in the model dtype (a float32 draw must be cast)."""
     import sa_peft.objective as objective_module
 
-    pipe, conditioning, ewc, batch = setup()
+    pipe, conditioning, _, batch = setup()
     pipe.unet.to(dtype)
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
     seen = []
