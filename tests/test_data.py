@@ -262,3 +262,45 @@ def test_replay_and_prompt_surrogate_latents_are_the_pipelines_own_samples(tiny_
                                  generator=torch.Generator().manual_seed(row["seed"])).images[0]
             torch.testing.assert_close(image_set.latents[i], expected, rtol=1e-4, atol=1e-5)
     tiny_pipe.scheduler = original
+
+
+def _noise_images(pipe, tmp_path, monkeypatch, surrogate_type, num_images=8):
+    """The pixel-space images the VAE is asked to encode for a noise surrogate."""
+    seen = []
+    original = data_module._encode_images
+
+    def recording(pipe, images):
+        seen.append(images.clone())
+        return original(pipe, images)
+
+    monkeypatch.setattr(data_module, "_encode_images", recording)
+    generate_surrogate_set(pipe, tmp_path / surrogate_type, ["nudity"], num_images, surrogate_type=surrogate_type,
+                           **FAST)
+    images = torch.cat(seen)
+    assert images.shape == (num_images, 3, 32, 32)
+    return images
+
+
+def test_uniform_noise_surrogate_is_uniform_on_minus_one_to_one(tiny_pipe, tmp_path, monkeypatch):
+    images = _noise_images(tiny_pipe, tmp_path, monkeypatch, "uniform_noise")
+    # image n is U(-1, 1) from seed n
+    torch.testing.assert_close(images[3], torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1)
+    values = images.flatten()  # 24 576 values
+    assert values.min() >= -1 and values.max() <= 1
+    assert values.min() < -0.99 and values.max() > 0.99
+    assert abs(values.mean().item()) < 0.02
+    assert values.std().item() == pytest.approx(2 / 12**0.5, rel=0.02)  # U(-1, 1): std 1/√3
+    share = torch.histc(values, bins=10, min=-1, max=1) / len(values)
+    assert share.min() > 0.09 and share.max() < 0.11  # flat over the ten bins
+    assert (values < 0).double().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_gaussian_noise_surrogate_is_half_a_standard_normal_clipped(tiny_pipe, tmp_path, monkeypatch):
+    images = _noise_images(tiny_pipe, tmp_path, monkeypatch, "gaussian_noise")
+    expected = (torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(5)) * 0.5).clamp(-1, 1)
+    torch.testing.assert_close(images[5], expected)
+    values = images.flatten()
+    assert values.min() == -1 and values.max() == 1  # clipped at ±2σ
+    assert abs(values.mean().item()) < 0.02
+    assert values.std().item() == pytest.approx(0.5, rel=0.05)
+    assert (values.abs() < 0.5).double().mean().item() == pytest.approx(0.6827, abs=0.02)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from sa_peft.classifier import load_classifier
+from sa_peft.classifier import ImageClassifier, load_classifier
 from sa_peft.commands import evaluate as evaluate_command
 from sa_peft.evaluation import (
     evaluate_pipeline,
@@ -48,6 +49,42 @@ def test_frechet_distance_matches_closed_form_for_gaussians():
     a = torch.randn(4000, 3)
     b = torch.randn(4000, 3) * 2 + 1  # mean shift 1 per dim, std 2: FD = 3 + 3 * (1 + 4 - 2 * 2) = 6
     assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
+
+
+def _closed_form_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID's formula on the sample statistics, with tr sqrt(S_a S_b) from the (real, non-negative)
+    eigenvalues of the non-symmetric product S_a S_b: an independent route to the same number."""
+    a, b = a.double().numpy(), b.double().numpy()
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eig = np.linalg.eigvals(cov_a @ cov_b)
+    assert np.abs(eig.imag).max() < 1e-8 and eig.real.min() > 0
+    tr_covmean = np.sqrt(eig.real).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_covmean)
+
+
+def test_frechet_distance_with_non_identity_non_commuting_covariances():
+    gen = torch.Generator().manual_seed(1)
+    mix_a = torch.tensor([[2.0, 0.3, 0.0], [0.0, 0.5, 0.0], [0.4, 0.0, 1.5]])
+    mix_b = torch.tensor([[1.0, 0.0, 0.8], [0.6, 1.2, 0.0], [0.0, 0.0, 0.7]])
+    a = torch.randn(500, 3, generator=gen) @ mix_a
+    b = torch.randn(500, 3, generator=gen) @ mix_b + torch.tensor([0.5, -0.2, 0.1])
+    cov_a, cov_b = np.cov(a.double().numpy(), rowvar=False), np.cov(b.double().numpy(), rowvar=False)
+    assert np.abs(cov_a @ cov_b - cov_b @ cov_a).max() > 0.5  # the covariances do not commute
+    expected = _closed_form_frechet(a, b)
+    assert expected > 1.0
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(b, a) == pytest.approx(expected, rel=1e-9)  # symmetric in its arguments
+    # Scaling both sets by 2 scales every term of the distance by 4.
+    assert frechet_distance(2 * a, 2 * b) == pytest.approx(4 * expected, rel=1e-9)
+
+
+def test_frechet_distance_of_isotropic_gaussians_with_different_scales():
+    # N(0, 4I) vs N(0, I) in 3 dims: 3 * (4 + 1 - 2 * 2) = 3 (with cov_a = I a lost square root would not show)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(20000, 3, generator=gen) * 2
+    b = torch.randn(20000, 3, generator=gen)
+    assert frechet_distance(a, b) == pytest.approx(3.0, rel=0.05)
+    assert frechet_distance(b, a) == pytest.approx(3.0, rel=0.05)
 
 
 def test_off_manifold_rate_real_about_five_percent_noise_all(classifier):
@@ -176,3 +213,51 @@ def test_evaluate_command_label_resolution_and_errors(tmp_path):
         evaluate_command.apply_loras(None, [str(tmp_path / "missing")], [])
     with pytest.raises(ValueError, match="--lora_weight"):
         evaluate_command.apply_loras(None, [str(bad)], [1.0, 2.0])
+
+
+class ScriptedClassifier(ImageClassifier):
+    """Returns the given probabilities, one tensor per ``predict_proba`` call, in call order."""
+
+    def __init__(self, scripted):
+        self.labels = ["zero", "one", "two"]
+        self.scripted = list(scripted)
+        self.seen = []
+
+    def predict_proba(self, images):
+        self.seen.append(images.shape)
+        return self.scripted.pop(0)
+
+    def features(self, images):
+        raise AssertionError("no reference images, so no features are needed")
+
+
+def _one_hot_probs(preds, num_classes=3, confidence=0.8):
+    probs = torch.full((len(preds), num_classes), (1 - confidence) / (num_classes - 1))
+    probs[torch.arange(len(preds)), torch.tensor(preds)] = confidence
+    return probs
+
+
+def test_per_prompt_accuracy_and_summaries_match_hand_counts():
+    from sa_peft.tiny_pipeline import build_tiny_pipeline
+
+    cat, car, dog = "a photo of a cat", "a red car", "a dog"
+    # cat is class one: 3 of 4 right; car is class two: 1 of 4 right; dog (forgotten, class zero): 3 of 4 predicted zero
+    preds = {cat: [1, 1, 1, 0], car: [2, 0, 0, 1], dog: [0, 0, 2, 0]}
+    classifier = ScriptedClassifier(_one_hot_probs(preds[p]) for p in (cat, car, dog))
+    metrics = evaluate_pipeline(build_tiny_pipeline(), classifier, [cat, car], {cat: 1, car: 2, dog: 0}, [dog], [0],
+                                num_per_prompt=4, seed=0, num_inference_steps=2, batch_size=4)
+    assert len(classifier.seen) == 3 and all(shape[0] == 4 for shape in classifier.seen)
+    per = metrics["per_prompt"]
+    assert per[cat]["accuracy"] == pytest.approx(0.75)
+    assert per[car]["accuracy"] == pytest.approx(0.25)
+    assert per[dog]["accuracy"] == pytest.approx(0.75)
+    assert per[cat]["histogram"] == [1, 3, 0] and per[car]["histogram"] == [2, 1, 1] and per[dog]["histogram"] == [3, 0, 1]
+    assert per[dog]["predicted_forgotten_rate"] == pytest.approx(0.75)
+    # P(zero): 0.8 where zero is predicted, 0.1 elsewhere
+    assert per[cat]["p_forgotten"] == pytest.approx((0.8 + 3 * 0.1) / 4)
+    assert per[dog]["p_forgotten"] == pytest.approx((3 * 0.8 + 0.1) / 4)
+    assert metrics["retained"]["mean_accuracy"] == pytest.approx(0.5)
+    assert metrics["retained"]["worst_accuracy"] == pytest.approx(0.25) and metrics["retained"]["worst_prompt"] == car
+    assert metrics["forget"]["accuracy"] == pytest.approx(0.75)
+    assert metrics["forget"]["predicted_forgotten_rate"] == pytest.approx(0.75)
+    assert metrics["quality"] is None  # the classifier has no reference images

@@ -194,3 +194,77 @@ def test_inspect_refuses_non_safetensors(tmp_path, capsys, name, content, messag
         (tmp_path / name).write_bytes(content)
     assert cli.main(["inspect", str(tmp_path / name)]) == 2
     assert message in capsys.readouterr().err
+
+
+# rank_pattern / alpha_pattern: every attn2.to_k has rank 4, every proj_out alpha 6, conv_in alpha 0.3 (others r 2, alpha 1).
+# Not an alpha pattern on attention projections (to_q/k/v/out): diffusers 0.42's kohya reader keys their per-layer
+# alphas as "...processor.to_v_lora.down.weight", which matches no module, so a kohya copy with a distinct alpha there
+# reads back at the common alpha in diffusers (the file itself is right; A1111/ComfyUI read alpha per layer).
+PATTERNS = {"rank_pattern": {"attn2.to_k": 4}, "alpha_pattern": {"proj_out": 6, "conv_in": 0.3}}
+
+
+def _hand_rank_and_scale(module: str) -> tuple[int, float]:
+    rank = 4 if module.endswith("attn2.to_k") else 2
+    alpha = 6.0 if module.endswith("proj_out") else 0.3 if module == "conv_in" else 1.0
+    return rank, alpha / rank
+
+
+def _patterned_lora(tmp_path):
+    from peft import LoraConfig
+
+    from sa_peft.lora import resolve_lora_targets
+
+    pipe = build_tiny_pipeline()
+    names = resolve_lora_targets(pipe.unet, "all")
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=1, init_lora_weights="gaussian", target_modules=names, **PATTERNS))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in iter_adapted_layers(pipe.unet):
+            for w in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight):
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
+    layers = {layer.name: layer for layer in iter_adapted_layers(pipe.unet)}
+    # the patterns really change some layers, and peft's live scaling is the hand value
+    assert {_hand_rank_and_scale(n)[0] for n in layers} == {2, 4}
+    assert len({_hand_rank_and_scale(n)[1] for n in layers}) == 4
+    for name, layer in layers.items():
+        assert (layer.lora_a.shape[0], layer.scale) == pytest.approx(_hand_rank_and_scale(name)), name
+    return pipe, layers, save_forget_lora(tmp_path, pipe.unet, {"base_model": "tiny"})
+
+
+def test_rank_and_alpha_patterns_survive_export_merge_and_stack(tmp_path):
+    from sa_peft.adapter_io import component_configs, layer_scales, load_adapter_file
+    from sa_peft.merge import merge_forget_loras, stack_forget_loras
+
+    pipe, layers, lora_file = _patterned_lora(tmp_path)
+    expected = sample(pipe, PROMPT)
+    tensors, header = load_adapter_file(lora_file)
+    scales = layer_scales(tensors, component_configs(header))
+    assert scales.keys() == {f"unet.{n}" for n in layers}
+    for name in layers:
+        assert scales[f"unet.{name}"] == pytest.approx(_hand_rank_and_scale(name)), name
+
+    # export: kohya alpha = scale · rank per layer, and the kohya copy gives the same images
+    kohya_file = export_kohya(lora_file, tmp_path / KOHYA_WEIGHT_NAME)
+    kohya = load_file(kohya_file)
+    for name in layers:
+        rank, scale = _hand_rank_and_scale(name)
+        key = "lora_unet_" + name.replace(".", "_")
+        assert kohya[key + ".lora_down.weight"].shape[0] == rank
+        assert float(kohya[key + ".alpha"]) == pytest.approx(scale * rank, rel=1e-6), name
+    fresh = build_tiny_pipeline()
+    fresh.load_lora_weights(str(tmp_path), weight_name=KOHYA_WEIGHT_NAME)
+    np.testing.assert_allclose(sample(fresh, PROMPT), expected, atol=1e-5)
+
+    # merge: fused weight = W + w · s · B A with each layer's own scale
+    base = dict(build_tiny_pipeline().unet.named_modules())
+    merged = dict(merge_forget_loras(build_tiny_pipeline(), [lora_file], [0.7]).unet.named_modules())
+    for name, layer in layers.items():
+        _, scale = _hand_rank_and_scale(name)
+        delta = (layer.lora_b @ layer.lora_a).detach().reshape(base[name].weight.shape)
+        torch.testing.assert_close(merged[name].weight, base[name].weight + 0.7 * scale * delta, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+    # stack: the diffusers file and its kohya copy at half weight each add up to the adapter at full weight
+    stacked = build_tiny_pipeline()
+    stack_forget_loras(stacked, [lora_file, kohya_file], [0.5, 0.5])
+    np.testing.assert_allclose(sample(stacked, PROMPT), expected, atol=1e-5)

@@ -339,3 +339,62 @@ def test_load_rejects_bad_files(tmp_path, estimated):
     save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not an sa-peft Fisher file"):
         load_fisher(other)
+
+
+def test_timestep_chunks_accumulate_into_one_per_sample_gradient():
+    """Splitting a sample's timesteps into chunks must sum the chunks' gradients before squaring.
+
+    T = 50 in chunks of 16 gives four chunks (16, 16, 16, 2) per sample; the result must equal both
+    the one-chunk estimate and the hand loop over all 50 timesteps at once (the noise stream is the
+    same, drawn chunk after chunk from the sample's generator).
+    """
+    pipe, conditioning, latents, prompt_ids = setup(num_samples=2, num_train_timesteps=50)
+    kwargs = {"estimator": "reference", "seed": 3, "show_progress": False}
+    args = (pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:2])
+    chunked = estimate_fisher(*args, timestep_batch_size=16, **kwargs)
+    whole = estimate_fisher(*args, timestep_batch_size=64, **kwargs)
+    grads = hand_per_sample_grads(
+        pipe, conditioning, latents, prompt_ids, MODULES[:2], lambda g: (torch.arange(50), 1.0), 3
+    )
+    for i, name in enumerate(MODULES[:2]):
+        key = f"{name}.weight"
+        expected = (grads[0][i].square() + grads[1][i].square()) / 2
+        tol = {"rtol": 1e-4, "atol": 1e-6 * float(expected.max())}
+        torch.testing.assert_close(whole.diagonal[key], expected, **tol)
+        torch.testing.assert_close(chunked.diagonal[key], expected, **tol)
+        torch.testing.assert_close(chunked.diagonal[key], whole.diagonal[key], **tol)
+
+
+@pytest.mark.slow
+def test_two_real_processes_give_the_one_process_fisher(tmp_path):
+    """`accelerate launch` with two CPU processes (gloo): the all-reduced Fisher equals the one-process one."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from two_process_fisher import MODULES as WORKER_MODULES
+    from two_process_fisher import SETTINGS, fisher_inputs
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:  # a free port, so parallel runs on one machine do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "fisher.safetensors"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(port), str(root / "tests" / "two_process_fisher.py"), str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["num_processes"] == "2"
+        launched = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    pipe, conditioning, latents, prompt_ids = fisher_inputs()
+    single = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, WORKER_MODULES, **SETTINGS)
+    assert launched.keys() == single.diagonal.keys()
+    for key, expected in single.diagonal.items():
+        assert expected.sum() > 0
+        torch.testing.assert_close(launched[key], expected, rtol=1e-5, atol=1e-9 * float(expected.max()))

@@ -190,3 +190,30 @@ def test_single_file_loader_refuses_other_files(tmp_path):
     with pytest.raises(ValueError, match="outside the checkpoint"):
         load_single_file_checkpoint(tmp_path / "tampered.safetensors")
     assert not (tmp_path.parent / "escape.txt").exists()
+
+
+def test_stack_refuses_a_lora_whose_layers_only_partly_attach(tmp_path):
+    """A LoRA for a deeper base (here: two resnets per block) whose extra layers have no module in this UNet.
+
+    Every tensor has a shape this UNet could take, so diffusers loads the rest and only warns; the
+    helper must count the attached layers and refuse the file.
+    """
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "all")
+    save_forget_lora(tmp_path / "lora", pipe.unet, {"base_model": "deeper-base"})
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    tensors, header = load_adapter_file(path)
+    moved = {k.replace("down_blocks.0.resnets.0.", "down_blocks.0.resnets.1."): v for k, v in tensors.items()}
+    assert moved.keys() != tensors.keys()
+    layers_moved = {k.split(".lora_")[0] for k in moved} - {k.split(".lora_")[0] for k in tensors}
+    assert len(layers_moved) >= 2  # conv1, conv2, time_emb_proj of that resnet
+    save_file(moved, path, metadata=header)
+    expected = sum(1 for k in moved if k.endswith(".lora_A.weight"))
+    message = f"only {expected - len(layers_moved)} of its {expected} LoRA layers match.*trained for 'deeper-base'"
+    with pytest.raises(ValueError, match=message):
+        stack_forget_loras(build_tiny_pipeline(), [path])
+    with pytest.raises(ValueError, match=message):
+        merge_forget_loras(build_tiny_pipeline(), [path])
+    # the untouched file stacks
+    save_forget_lora(tmp_path / "fits", pipe.unet, {"base_model": "tiny"})
+    assert stack_forget_loras(build_tiny_pipeline(), [tmp_path / "fits"]) == ["forget_000_"]

@@ -158,3 +158,69 @@ def test_gradients_reach_only_lora_parameters():
     assert all(p.grad is None for n, p in pipe.unet.named_parameters() if n not in lora)
     assert all(p.grad is None for p in pipe.text_encoder.parameters())
     assert all(p.grad is None for p in pipe.vae.parameters())
+
+
+def test_noise_offset_is_one_constant_per_sample_and_channel(monkeypatch):
+    import sa_peft.objective as objective_module
+
+    pipe, conditioning, ewc, batch = setup()
+    seen = []
+    original = objective_module.per_sample_diffusion_loss
+
+    def recording(unet, scheduler, latents, timesteps, noise, kwargs):
+        seen.append((noise.clone(), timesteps.clone()))
+        return original(unet, scheduler, latents, timesteps, noise, kwargs)
+
+    monkeypatch.setattr(objective_module, "per_sample_diffusion_loss", recording)
+    loss(pipe, conditioning, batch, ewc, seed=11, noise_offset=0.5)
+    (noise, timesteps), = seen
+    shape = (4, 4, 16, 16)  # surrogate and replay batches together
+    gen = torch.Generator().manual_seed(11)
+    plain = torch.randn(shape, generator=gen)
+    offset = noise - plain
+    # the offset is constant over the pixels of each (sample, channel) ...
+    per_channel = offset[:, :, :1, :1]
+    torch.testing.assert_close(offset, per_channel.expand(shape), rtol=0, atol=1e-6)
+    # ... and is noise_offset times the next standard normal draw, one per (sample, channel), then the timesteps
+    torch.testing.assert_close(per_channel, 0.5 * torch.randn(4, 4, 1, 1, generator=gen), rtol=1e-6, atol=1e-6)
+    assert per_channel.flatten().unique().numel() == 16
+    assert torch.equal(timesteps, torch.randint(0, 1000, (4,), generator=gen))
+
+
+def test_one_replay_sample_counts_and_an_empty_replay_batch_is_dropped():
+    pipe, conditioning, ewc, batch = setup()
+    one = {**batch, "replay_latents": batch["replay_latents"][:1], "replay_prompt_ids": batch["replay_prompt_ids"][:1]}
+    out = loss(pipe, conditioning, one, ewc, replay_weight=0.5)
+    latents = torch.cat([one["surrogate_latents"], one["replay_latents"]])
+    ids = torch.cat([one["surrogate_prompt_ids"], one["replay_prompt_ids"]])
+    per_sample, _ = hand_losses(pipe, conditioning, latents, ids, seed=11)
+    torch.testing.assert_close(out.forget, per_sample[:2].mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.replay, per_sample[2], rtol=1e-5, atol=0)
+    assert out.replay > 0
+
+    empty = {**batch, "replay_latents": batch["replay_latents"][:0], "replay_prompt_ids": batch["replay_prompt_ids"][:0]}
+    out = loss(pipe, conditioning, empty, ewc, replay_weight=0.5)
+    assert out.replay.item() == 0.0 and torch.isfinite(out.total)
+    per_sample, _ = hand_losses(pipe, conditioning, batch["surrogate_latents"], batch["surrogate_prompt_ids"], seed=11)
+    torch.testing.assert_close(out.forget, per_sample.mean(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_noise_and_conditioning_follow_the_latents_dtype(monkeypatch, dtype):
+    """The UNet sees noise, offset and text embeddings in the model dtype (a float32 draw must be cast)."""
+    import sa_peft.objective as objective_module
+
+    pipe, conditioning, _, batch = setup()
+    pipe.unet.to(dtype)
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    seen = []
+    original = objective_module.per_sample_diffusion_loss
+
+    def recording(unet, scheduler, latents, timesteps, noise, kwargs):
+        seen.append((noise.dtype, kwargs["encoder_hidden_states"].dtype, timesteps.dtype))
+        return original(unet, scheduler, latents, timesteps, noise, kwargs)
+
+    monkeypatch.setattr(objective_module, "per_sample_diffusion_loss", recording)
+    out = loss(pipe, conditioning, batch, None, ewc_lambda=0.0, noise_offset=0.1, snr_gamma=5.0)
+    assert seen == [(dtype, dtype, torch.int64)]
+    assert torch.isfinite(out.total) and out.total.requires_grad

@@ -363,3 +363,38 @@ def test_two_concepts_with_their_own_surrogates(train, tiny_pipe_dir, replay_fil
     with pytest.raises(ValueError, match="one per --forget_prompt"):
         train.main(tiny_args(tiny_pipe_dir, replay_file, tmp_path / "bad", "--forget_prompt", "van gogh",
                              "--forget_prompt", "monet", "--surrogate_prompt", "a", "--surrogate_prompt", "b"))
+
+
+def test_final_evaluation_with_a_classifier_writes_the_report(train, tiny_pipe_dir, tmp_path):
+    """--classifier runs the before/after evaluation at the end of training and writes evaluation/."""
+    from sa_peft.classifier import DigitsClassifier, DigitsCNN, load_classifier
+
+    labels = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    torch.manual_seed(0)
+    reference = torch.rand(20, 1, 16, 16)
+    classifier_dir = tmp_path / "classifier"
+    DigitsClassifier(DigitsCNN(), labels, reference_images=reference,
+                     reference_labels=torch.arange(20) % 10).save(classifier_dir)
+    assert load_classifier(classifier_dir).labels == labels
+    replay = tmp_path / "replay.txt"
+    replay.write_text("a handwritten digit one\na handwritten digit two\n")
+    forget = "a handwritten digit zero"
+    out = tmp_path / "run"
+    args = tiny_args(tiny_pipe_dir, replay, out, "--surrogate_type", "noise", "--max_train_steps", "2",
+                     "--classifier", str(classifier_dir), "--num_evaluation_images_per_prompt", "2")
+    args[args.index("--forget_prompt") + 1] = forget
+    train.main(args)
+    evaluation = out / "evaluation"
+    report = (evaluation / "report.md").read_text()
+    assert "accuracy before" in report and f"`{forget}`" in report and "forgotten classes: zero" in report
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert set(metrics) == {"before", "after"}
+    for phase in ("before", "after"):
+        m = metrics[phase]
+        assert m["settings"]["forget_prompts"] == [forget] and m["settings"]["forgotten_labels"] == [0]
+        assert set(m["per_prompt"]) == {forget, "a handwritten digit one", "a handwritten digit two"}
+        assert all(p["num_samples"] == 2 for p in m["per_prompt"].values())
+        assert m["per_prompt"][forget]["role"] == "forget" and m["per_prompt"]["a handwritten digit two"]["label"] == 2
+        assert 0 <= m["forget"]["p_forgotten"] <= 1 and m["quality"]["num_samples"] == 4
+    assert (evaluation / "samples_grid.png").exists()
+    assert "evaluation_s" in json.loads((out / "timings.json").read_text())
