@@ -24,22 +24,59 @@ PROMPT = "a photo of a cat"
 LORA_SETTINGS = [{"rank": 4, "alpha": 2, "use_rslora": True}, {"rank": 3, "alpha": 6}]
 
 
-@pytest.mark.parametrize("builder", [build_tiny_pipeline, build_tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def add_text_encoder_lora(text_encoder, rank, alpha, seed):
+    """A random text-encoder LoRA (attention and MLP), as ``--train_text_encoder`` adds; returns (layers, config)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    # peft's own injection, as the training script does (transformers 5.24's add_adapter asks for peft >= 0.22).
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    inject_adapter_in_model(config, text_encoder, "default")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in text_encoder.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return get_peft_model_state_dict(text_encoder), config.to_dict()
+
+
+def kohya_unet_name(module, xl, unet):
+    """The name kohya-ss gives a UNet module: diffusers' path for SD 1.x, the original (sgm) path for SDXL."""
+    from sa_peft.ldm_layout import UnetLayout, unet_module_to_ldm
+
+    return "lora_unet_" + (unet_module_to_ldm(module, UnetLayout.of(unet)) if xl else module).replace(".", "_")
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 @pytest.mark.parametrize("settings", LORA_SETTINGS, ids=["rslora-alpha2-r4", "alpha6-r3"])
-def test_kohya_export_from_file_reads_back_identically(builder, settings, tmp_path):
+def test_kohya_export_from_file_reads_back_identically(xl, settings, tmp_path):
+    def builder():
+        return build_tiny_sdxl_pipeline() if xl else build_tiny_pipeline()
+
     pipe = builder()
     add_forget_lora(pipe.unet, "all", **settings)
+    te_layers, te_config = add_text_encoder_lora(pipe.text_encoder, 2, 3, seed=5)
+    te2 = dict(zip(("text_encoder_2_lora_layers", "text_encoder_2_adapter_metadata"),
+                   add_text_encoder_lora(pipe.text_encoder_2, 3, 1, seed=6))) if xl else {}
     expected = sample(pipe, PROMPT)
-    lora_file = save_forget_lora(tmp_path, pipe.unet, {"base_model": "tiny"})
+    lora_file = save_forget_lora(tmp_path, pipe.unet, {"base_model": "tiny"}, text_encoder_lora_layers=te_layers,
+                                 text_encoder_adapter_metadata=te_config, **te2)
     kohya_file = export_kohya(lora_file, tmp_path / KOHYA_WEIGHT_NAME)
     kohya = load_file(kohya_file)
     layers = list(iter_adapted_layers(pipe.unet))
-    assert len(kohya) == 3 * len(layers)
-    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in kohya)
+    te_prefixes = ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_") if xl else \
+        ("lora_te_text_model_encoder_layers_",)
+    te_keys = {k for k in kohya if k.startswith("lora_te")}
+    assert {k.split("layers_")[0] + "layers_" for k in te_keys} == set(te_prefixes)
+    te_count = len(te_layers) + len(te2.get("text_encoder_2_lora_layers", {}))  # lora_A + lora_B per layer
+    assert len(te_keys) == 3 * te_count // 2 and len(kohya) == 3 * len(layers) + len(te_keys)
+    if xl:  # kohya's SDXL UNet names (sgm), among them the upsampler A1111 cannot find under diffusers' name
+        assert "lora_unet_output_blocks_1_2_conv.alpha" in kohya and "lora_unet_label_emb_0_0.alpha" in kohya
+        assert not any("up_blocks" in k or "down_blocks" in k for k in kohya)
     for layer in layers:  # kohya readers scale by alpha / rank, so alpha = scale · rank
-        base = layer.name.replace("add_embedding.linear_1", "label_emb.0.0").replace("add_embedding.linear_2", "label_emb.0.2")
-        alpha = kohya["lora_unet_" + base.replace(".", "_") + ".alpha"]
+        alpha = kohya[kohya_unet_name(layer.name, xl, pipe.unet) + ".alpha"]
         assert float(alpha) == pytest.approx(layer.scale * settings["rank"], rel=1e-6)
+    assert float(kohya[te_prefixes[0] + "0_self_attn_q_proj.alpha"]) == pytest.approx(3.0)
     fresh = builder()
     fresh.load_lora_weights(str(tmp_path), weight_name=KOHYA_WEIGHT_NAME)
     np.testing.assert_allclose(sample(fresh, PROMPT), expected, atol=1e-6)
