@@ -231,3 +231,46 @@ def test_inspect_refuses_non_safetensors(tmp_path, capsys, name, content, messag
         (tmp_path / name).write_bytes(content)
     assert cli.main(["inspect", str(tmp_path / name)]) == 2
     assert message in capsys.readouterr().err
+
+
+FULL_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+FULL_CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+               "projection_dim": 1280, "hidden_act": "gelu"}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_kohya_keys_are_in_sd_mecha_kohya_lora_key_sets(arch):
+    """Every key of a kohya export of a full-size SD 1.5/SDXL forget LoRA (all UNet layers of the ``all`` preset and a
+    text-encoder LoRA on every encoder; models on the meta device) is a key of sd-mecha's independent kohya-LoRA
+    key set for that model (``sd1-kohya_kohya_lora``, ``sdxl-kohya_kohya_lora``, derived from kohya's checkpoints)."""
+    pytest.importorskip("sd_mecha")
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from sd_mecha.extensions import model_configs
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sa_peft.adapter_io import kohya_state_dict, unet_layout_info
+    from sa_peft.lora import make_lora_config, resolve_lora_targets
+    from sa_peft.unet_configs import UNET_CONFIGS
+
+    xl = arch == "sdxl"
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
+        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig(**FULL_CLIP_L))}
+        if xl:
+            encoders["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**FULL_CLIP_G))
+        unet.add_adapter(make_lora_config(resolve_lora_targets(unet, "all"), 4))
+        te_config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+        for encoder in encoders.values():
+            inject_adapter_in_model(te_config, encoder, "default")
+    state_dict = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    for name, encoder in encoders.items():
+        state_dict.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(encoder).items()})
+    configs = {"unet": unet.peft_config["default"].to_dict(), **{n: te_config.to_dict() for n in encoders}}
+    kohya = kohya_state_dict(state_dict, configs, sdxl=xl, unet_layout=unet_layout_info(unet))
+    assert len(kohya) == 3 * sum(k.endswith("lora_A.weight") for k in state_dict)
+    reference = set(model_configs.resolve("sdxl-kohya_kohya_lora" if xl else "sd1-kohya_kohya_lora").keys())
+    assert sorted(k for k in kohya if k not in reference) == []
+    assert {k.split("_")[1] for k in kohya} == ({"unet", "te1", "te2"} if xl else {"unet", "te"})
