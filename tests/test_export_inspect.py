@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -274,3 +275,58 @@ def test_kohya_keys_are_in_sd_mecha_kohya_lora_key_sets(arch):
     reference = set(model_configs.resolve("sdxl-kohya_kohya_lora" if xl else "sd1-kohya_kohya_lora").keys())
     assert sorted(k for k in kohya if k not in reference) == []
     assert {k.split("_")[1] for k in kohya} == ({"unet", "te1", "te2"} if xl else {"unet", "te"})
+
+
+COMFYUI_DIR = os.environ.get("SA_PEFT_COMFYUI_DIR")
+
+
+@pytest.mark.skipif(not COMFYUI_DIR, reason="set SA_PEFT_COMFYUI_DIR to a ComfyUI checkout to run ComfyUI's LoRA loader")
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_comfyui_loader_patches_every_layer_of_a_kohya_export(xl, tmp_path, caplog):
+    """ComfyUI's own key maps (``comfy.lora.model_lora_keys_unet``/``model_lora_keys_clip``, built from the model's
+    weight names in its original layout and ComfyUI's ``clip_l``/``clip_g`` text-encoder names) and its loader
+    (``comfy.lora.load_lora``) patch every layer of a kohya export, UNet and text encoders, with no key left over."""
+    import logging
+    import sys
+    import types
+
+    sys.path.insert(0, COMFYUI_DIR)
+    import comfy.lora
+    import comfy.model_detection
+
+    from sa_peft import ldm_layout
+    from sa_peft.ldm_layout import UnetLayout, unet_module_to_ldm
+
+    pipe = build_tiny_sdxl_pipeline() if xl else build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "all", rank=2, alpha=1)
+    encoders = {"text_encoder": pipe.text_encoder, **({"text_encoder_2": pipe.text_encoder_2} if xl else {})}
+    te = {name: add_text_encoder_lora(encoder, 2, 2, seed=i) for i, (name, encoder) in enumerate(encoders.items())}
+    kwargs = {"text_encoder_lora_layers": te["text_encoder"][0], "text_encoder_adapter_metadata": te["text_encoder"][1]}
+    if xl:
+        kwargs.update(text_encoder_2_lora_layers=te["text_encoder_2"][0], text_encoder_2_adapter_metadata=te["text_encoder_2"][1])
+    kohya = load_file(export_kohya(save_forget_lora(tmp_path, pipe.unet, {}, **kwargs), tmp_path / "kohya.safetensors"))
+
+    # ComfyUI maps LoRA keys from the base model's weight names (original layout); a fresh pipeline gives them.
+    base_unet = (build_tiny_sdxl_pipeline() if xl else build_tiny_pipeline()).unet
+    ldm_unet = ldm_layout.unet_to_ldm(base_unet.state_dict(), base_unet.config)
+    unet_config = comfy.model_detection.detect_unet_config(ldm_unet, ldm_layout.UNET_PREFIX)
+    unet_sd = {"diffusion_model." + k[len(ldm_layout.UNET_PREFIX):]: v for k, v in ldm_unet.items()}
+    unet_model = types.SimpleNamespace(state_dict=lambda: unet_sd, model_config=types.SimpleNamespace(unet_config=unet_config))
+    fresh = build_tiny_sdxl_pipeline() if xl else build_tiny_pipeline()
+    clip_sd = {f"clip_l.transformer.{k}": v for k, v in ldm_layout.clip_to_ldm(fresh.text_encoder.state_dict(), "").items()}
+    if xl:
+        clip_sd.update({f"clip_g.transformer.{k}": v
+                        for k, v in ldm_layout.clip_to_ldm(fresh.text_encoder_2.state_dict(), "").items()})
+    clip_model = types.SimpleNamespace(state_dict=lambda: clip_sd)
+    key_map = comfy.lora.model_lora_keys_unet(unet_model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip_model, key_map)
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(kohya, key_map)
+    assert "not loaded" not in caplog.text
+    layout = UnetLayout.of(base_unet)
+    expected = {f"diffusion_model.{unet_module_to_ldm(layer.name, layout)}.weight" for layer in iter_adapted_layers(pipe.unet)}
+    for name, prefix in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        if name in te:
+            expected |= {f"{prefix}.transformer.text_model.{k.removeprefix('text_model.')[: -len('.lora_A.weight')]}.weight"
+                         for k in te[name][0] if k.endswith(".lora_A.weight")}
+    assert {k if isinstance(k, str) else k[0] for k in patches} == expected
