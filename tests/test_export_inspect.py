@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import add_forget_lora
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from train_helpers import load_train_module, run_training, sample
 
 from sa_peft import cli
@@ -330,3 +330,31 @@ def test_comfyui_loader_patches_every_layer_of_a_kohya_export(xl, tmp_path, capl
             expected |= {f"{prefix}.transformer.text_model.{k.removeprefix('text_model.')[: -len('.lora_A.weight')]}.weight"
                          for k in te[name][0] if k.endswith(".lora_A.weight")}
     assert {k if isinstance(k, str) else k[0] for k in patches} == expected
+
+
+def test_sdxl_export_without_layout_keeps_diffusers_names_and_warns(tmp_path):
+    """An SDXL adapter whose header lacks the UNet layout (and whose base model is not local) cannot get kohya's
+    sgm names; the export says so and writes diffusers' names, which diffusers still reads back exactly."""
+    from sa_peft.adapter_io import UNET_LAYOUT_KEY
+
+    pipe = build_tiny_sdxl_pipeline()
+    add_forget_lora(pipe.unet, "all", rank=2, alpha=1)
+    expected = sample(pipe, PROMPT)
+    lora_file = save_forget_lora(tmp_path, pipe.unet, {"base_model": str(tmp_path / "not-here")})
+    tensors, header = load_file(lora_file), None
+    with safe_open(lora_file, framework="pt") as f:
+        header = dict(f.metadata())
+    del header[UNET_LAYOUT_KEY]
+    save_file(tensors, lora_file, metadata=header)
+    with pytest.warns(UserWarning, match="without its UNet layout"):
+        kohya = load_file(export_kohya(lora_file, tmp_path / KOHYA_WEIGHT_NAME))
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in kohya and "lora_unet_label_emb_0_0.alpha" in kohya
+    fresh = build_tiny_sdxl_pipeline()
+    fresh.load_lora_weights(str(tmp_path), weight_name=KOHYA_WEIGHT_NAME)
+    np.testing.assert_allclose(sample(fresh, PROMPT), expected, atol=1e-6)
+    # With the base model found locally, its UNet config gives the layout: kohya's SDXL names again.
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "base")
+    header["sa_peft"] = json.dumps({"base_model": str(tmp_path / "base")})
+    save_file(tensors, lora_file, metadata=header)
+    kohya = load_file(export_kohya(lora_file, tmp_path / "local.safetensors"))
+    assert "lora_unet_output_blocks_1_2_conv.alpha" in kohya and not any("up_blocks" in k for k in kohya)
