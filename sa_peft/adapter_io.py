@@ -268,6 +268,20 @@ def kohya_state_dict(
     return kohya
 
 
+def _header_unet_layout(header: dict[str, str], source) -> dict:
+    """The ``sa_peft_unet_layout`` header entry, checked: it only names blocks, and a bad one is an error."""
+    from .ldm_layout import UnetLayout
+
+    try:
+        layout = json.loads(header[UNET_LAYOUT_KEY])
+        if layout.get("layers_per_block") is not None:
+            UnetLayout(layout)
+        return layout
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"export source {os.fspath(source)!r}: the {UNET_LAYOUT_KEY!r} header entry is not a UNet "
+                         f"layout ({err}); the file is damaged") from None
+
+
 def _local_unet_layout(base_model: str | None) -> dict | None:
     """The UNet layout of a base model found locally (a folder or the hub cache); nothing is downloaded."""
     if not base_model:
@@ -312,7 +326,7 @@ def export_kohya(
         info = json.loads(header[SA_METADATA_KEY]) if SA_METADATA_KEY in header else {}
         if SA_METADATA_KEY in header:
             header_out[SA_METADATA_KEY] = header[SA_METADATA_KEY]
-        layout = json.loads(header[UNET_LAYOUT_KEY]) if UNET_LAYOUT_KEY in header else _local_unet_layout(info.get("base_model"))
+        layout = _header_unet_layout(header, source) if UNET_LAYOUT_KEY in header else _local_unet_layout(info.get("base_model"))
         if layout is None and info.get("base_pipeline") == "StableDiffusionXLPipeline":
             layout = {"addition_embed_type": "text_time"}
     sdxl = (layout or {}).get("addition_embed_type") == "text_time" or any(

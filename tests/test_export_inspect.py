@@ -358,3 +358,18 @@ def test_sdxl_export_without_layout_keeps_diffusers_names_and_warns(tmp_path):
     save_file(tensors, lora_file, metadata=header)
     kohya = load_file(export_kohya(lora_file, tmp_path / "local.safetensors"))
     assert "lora_unet_output_blocks_1_2_conv.alpha" in kohya and not any("up_blocks" in k for k in kohya)
+
+
+@pytest.mark.parametrize("entry", ["not json", "[1, 2]", '{"layers_per_block": "x", "up_block_types": 3}'])
+def test_export_refuses_a_damaged_layout_header(tmp_path, entry):
+    from sa_peft.adapter_io import UNET_LAYOUT_KEY
+
+    pipe = build_tiny_sdxl_pipeline()
+    add_forget_lora(pipe.unet, "attn")
+    lora_file = save_forget_lora(tmp_path, pipe.unet, {})
+    with safe_open(lora_file, framework="pt") as f:
+        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, lora_file, metadata={**header, UNET_LAYOUT_KEY: entry})
+    with pytest.raises(ValueError, match="header entry is not a UNet layout"):
+        export_kohya(lora_file, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
