@@ -13,9 +13,8 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from safetensors import safe_open
 from train_helpers import sample
 
-from sa_peft import cli
+from sa_peft import cli, ldm_layout
 from sa_peft.adapter_io import component_configs, layer_scales, load_adapter_file, save_forget_lora
-from sa_peft import ldm_layout
 from sa_peft.merge import (
     SINGLE_FILE_FORMAT,
     SINGLE_FILE_KEY,
