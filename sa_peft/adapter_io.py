@@ -245,6 +245,10 @@ def kohya_state_dict(
     sdxl = sdxl or any(k.startswith("text_encoder_2.") for k in state_dict)
     prefixes = KOHYA_SDXL_PREFIXES if sdxl else KOHYA_PREFIXES
     layout = UnetLayout(unet_layout) if sdxl and unet_layout else None
+    if layout is not None and not all(layout.up_has_attention[:-1]):
+        # An upsampler after a block without attention is ``output_blocks.N.1.conv``, which diffusers' sgm reader
+        # takes for an attention; SDXL's blocks never have one, but a UNet that does keeps diffusers' names.
+        layout = None
     scales = layer_scales(state_dict, configs)
     if not scales:
         raise ValueError("the adapter holds no LoRA layers (no '.lora_A.weight' keys)")

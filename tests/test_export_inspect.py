@@ -373,3 +373,19 @@ def test_export_refuses_a_damaged_layout_header(tmp_path, entry):
     with pytest.raises(ValueError, match="header entry is not a UNet layout"):
         export_kohya(lora_file, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sgm_names_only_where_diffusers_reads_them_back():
+    """An upsampler after an up block without attention would be ``output_blocks.N.1.conv``, which diffusers' sgm
+    reader takes for an attention: such a UNet keeps diffusers' names even as SDXL (SDXL itself has none)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from sa_peft.adapter_io import kohya_state_dict, unet_layout_info
+
+    unet = build_tiny_pipeline().unet  # up blocks: UpBlock2D (with upsampler), CrossAttnUpBlock2D
+    add_forget_lora(unet, "all")
+    state_dict = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    kohya = kohya_state_dict(state_dict, {"unet": unet.peft_config["default"].to_dict()}, sdxl=True,
+                             unet_layout=unet_layout_info(unet))
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in kohya
+    assert not any("output_blocks" in k for k in kohya)
