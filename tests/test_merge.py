@@ -239,3 +239,16 @@ def test_merge_refuses_pickles_unknown_bases_and_other_architectures(tmp_path, c
     save_forget_lora(tmp_path / "xl", xl.unet, {"base_model": "tiny-sdxl"})
     with pytest.raises(ValueError, match="trained for 'tiny-sdxl'.*--pretrained_model_name_or_path"):
         stack_forget_loras(build_tiny_pipeline(), [tmp_path / "xl"])
+
+
+def test_builtin_digits_single_file_round_trip(tmp_path):
+    """The project's trained digits model (one layer per block, attention in every block) through the original layout."""
+    from sa_peft.models import load_pipeline
+
+    pipe = load_pipeline("builtin:digits")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "base")
+    expected = sample(pipe, "a handwritten digit seven")
+    path = save_single_file_checkpoint(pipe, tmp_path / "digits.safetensors")
+    loaded = read_single_file(StableDiffusionPipeline, path, tmp_path / "base")
+    np.testing.assert_allclose(sample(loaded, "a handwritten digit seven"), expected, atol=TOLERANCE)
