@@ -43,6 +43,8 @@ def save_forget_lora(
     adapter: str = "default",
     text_encoder_lora_layers: dict[str, torch.Tensor] | None = None,
     text_encoder_adapter_metadata: dict | None = None,
+    text_encoder_2_lora_layers: dict[str, torch.Tensor] | None = None,
+    text_encoder_2_adapter_metadata: dict | None = None,
 ) -> str:
     """Write ``pytorch_lora_weights.safetensors`` with diffusers' ``save_lora_weights`` and our metadata.
 
@@ -59,6 +61,11 @@ def save_forget_lora(
         if text_encoder_lora_layers:
             kwargs["text_encoder_lora_layers"] = text_encoder_lora_layers
             kwargs["text_encoder_lora_adapter_metadata"] = text_encoder_adapter_metadata
+        if text_encoder_2_lora_layers:
+            if pipeline_class.__name__ != "StableDiffusionXLPipeline":
+                raise ValueError("text_encoder_2_lora_layers: only SDXL has a second text encoder")
+            kwargs["text_encoder_2_lora_layers"] = text_encoder_2_lora_layers
+            kwargs["text_encoder_2_lora_adapter_metadata"] = text_encoder_2_adapter_metadata
         pipeline_class.save_lora_weights(
             tmp,
             unet_lora_layers=unet_lora_state_dict(unet, adapter),
@@ -71,6 +78,7 @@ def save_forget_lora(
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         metadata[SA_METADATA_KEY] = json.dumps(training_info, sort_keys=True)
+        metadata[UNET_LAYOUT_KEY] = json.dumps(unet_layout_info(unet), sort_keys=True)
         save_file(tensors, written, metadata=metadata)
         final = os.path.join(output_dir, LORA_WEIGHT_NAME)
         os.replace(written, final)
@@ -131,10 +139,23 @@ def read_adapter_metadata(path: str | os.PathLike, flag: str = "adapter") -> dic
 
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+# kohya-ss's own prefixes: SD 1.x/2.x have one text encoder (``lora_te_``), SDXL two (``lora_te1_``/``lora_te2_``).
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+# What diffusers' convert_state_dict_to_kohya names each component (the tensors are looked up under these).
+_DIFFUSERS_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # diffusers' kohya reader maps SDXL's added-conditioning MLP only from the sgm spelling (kohya's own for
 # SDXL); the diffusers spelling ``add_embedding_linear_1`` would be read back as a non-existent module.
 _KOHYA_RENAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+# Header entry of an adapter file holding the UNet's block layout, which SDXL's kohya names depend on.
+UNET_LAYOUT_KEY = "sa_peft_unet_layout"
+_LAYOUT_FIELDS = ("layers_per_block", "down_block_types", "up_block_types", "addition_embed_type")
+
+
+def unet_layout_info(unet_or_config) -> dict:
+    """The UNet config fields that decide original-layout (sgm) names, as stored in adapter headers."""
+    config = getattr(unet_or_config, "config", unet_or_config)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k in _LAYOUT_FIELDS if (v := config.get(k)) is not None}
 
 
 def component_configs(header: dict[str, str]) -> dict[str, dict]:
@@ -185,18 +206,49 @@ def layer_scales(state_dict: dict[str, torch.Tensor], configs: dict[str, dict]) 
     return out
 
 
-def kohya_state_dict(state_dict: dict[str, torch.Tensor], configs: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Convert a peft-keyed LoRA state dict (``unet.<module>.lora_A.weight``, ...) with its adapter config into
-    A1111/ComfyUI/kohya keys: ``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``.
+def _kohya_text_encoder_module(module: str) -> str:
+    """kohya names text-encoder layers from the ``CLIPTextModel`` root, through ``text_model``; transformers ≥ 5.6
+    dropped that level from ``CLIPTextModel`` (not from ``CLIPTextModelWithProjection``), so it is put back."""
+    module = module.removeprefix("text_model.")
+    return module if module.startswith("text_projection") else "text_model." + module
 
-    Keys come from diffusers' ``convert_state_dict_to_kohya``; ``alpha`` is rewritten to scale·rank (diffusers
-    writes alpha = rank, which loses alpha ≠ rank and rsLoRA), since kohya readers apply alpha / rank.
+
+def kohya_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    configs: dict[str, dict],
+    sdxl: bool = False,
+    unet_layout: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """Convert a peft-keyed LoRA state dict (``unet.<module>.lora_A.weight``, ...) with its adapter config into the
+    keys kohya-ss's scripts write (and A1111/ComfyUI read): ``<prefix><module>.lora_down.weight``, ``.lora_up.weight``
+    and ``.alpha``, with the module path's dots as underscores.
+
+    * Text encoders: ``lora_te_text_model_…`` (SD 1.x/2.x) or ``lora_te1_text_model_…``/``lora_te2_text_model_…``
+      (``sdxl``), whatever transformers' module nesting.
+    * UNet: diffusers' module names for SD 1.x/2.x (kohya trains those on the diffusers UNet); for SDXL the original
+      (sgm) names kohya's SDXL UNet has (``lora_unet_input_blocks_4_1_…``, ``…output_blocks_2_2_conv``,
+      ``…label_emb_0_0``), which need ``unet_layout`` (``unet_layout_info``). A1111 finds no target for some diffusers
+      names on SDXL (``up_blocks_0_upsamplers_0_conv``: its rules assume SD 1.x's blocks). Without a layout an SDXL
+      UNet keeps diffusers' names (diffusers and ComfyUI read them) except the added-conditioning MLP, which is
+      written ``label_emb_0_0/2`` (diffusers' reader maps only that spelling).
+
+    ``alpha`` is scale·rank (diffusers writes alpha = rank, which loses alpha ≠ rank and rsLoRA), since kohya readers
+    apply alpha / rank. Tensors come from diffusers' ``convert_state_dict_to_kohya``.
     """
     from diffusers.utils import convert_state_dict_to_kohya
+
+    from .ldm_layout import UnetLayout, unet_module_to_ldm
 
     unknown = sorted({k.split(".")[0] for k in state_dict} - set(LORA_COMPONENTS))
     if unknown:
         raise ValueError(f"LoRA keys of unknown components {unknown}; expected keys starting with {LORA_COMPONENTS}")
+    sdxl = sdxl or any(k.startswith("text_encoder_2.") for k in state_dict)
+    prefixes = KOHYA_SDXL_PREFIXES if sdxl else KOHYA_PREFIXES
+    layout = UnetLayout(unet_layout) if sdxl and unet_layout else None
+    if layout is not None and not all(layout.up_has_attention[:-1]):
+        # An upsampler after a block without attention is ``output_blocks.N.1.conv``, which diffusers' sgm reader
+        # takes for an attention; SDXL's blocks never have one, but a UNet that does keeps diffusers' names.
+        layout = None
     scales = layer_scales(state_dict, configs)
     if not scales:
         raise ValueError("the adapter holds no LoRA layers (no '.lora_A.weight' keys)")
@@ -204,13 +256,14 @@ def kohya_state_dict(state_dict: dict[str, torch.Tensor], configs: dict[str, dic
     kohya: dict[str, torch.Tensor] = {}
     for name, (rank, scale) in scales.items():
         component, _, module = name.partition(".")
-        source = KOHYA_PREFIXES[component] + module.replace(".", "_")
-        target = module
-        if component == "unet":
-            for old, new in _KOHYA_RENAMES.items():
-                if module == old:
-                    target = new
-        target = KOHYA_PREFIXES[component] + target.replace(".", "_")
+        source = _DIFFUSERS_KOHYA_PREFIXES[component] + module.replace(".", "_")
+        if component != "unet":
+            target = _kohya_text_encoder_module(module)
+        elif layout is not None:
+            target = unet_module_to_ldm(module, layout)
+        else:
+            target = _KOHYA_RENAMES.get(module, module)
+        target = prefixes[component] + target.replace(".", "_")
         for part in ("lora_down.weight", "lora_up.weight"):
             if f"{source}.{part}" not in converted:
                 raise KeyError(f"kohya conversion lost layer {name} ({source}.{part})")
@@ -219,18 +272,49 @@ def kohya_state_dict(state_dict: dict[str, torch.Tensor], configs: dict[str, dic
     return kohya
 
 
+def _header_unet_layout(header: dict[str, str], source) -> dict:
+    """The ``sa_peft_unet_layout`` header entry, checked: it only names blocks, and a bad one is an error."""
+    from .ldm_layout import UnetLayout
+
+    try:
+        layout = json.loads(header[UNET_LAYOUT_KEY])
+        if layout.get("layers_per_block") is not None:
+            UnetLayout(layout)
+        return layout
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"export source {os.fspath(source)!r}: the {UNET_LAYOUT_KEY!r} header entry is not a UNet "
+                         f"layout ({err}); the file is damaged") from None
+
+
+def _local_unet_layout(base_model: str | None) -> dict | None:
+    """The UNet layout of a base model found locally (a folder or the hub cache); nothing is downloaded."""
+    if not base_model:
+        return None
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return unet_layout_info(UNet2DConditionModel.load_config(base_model, subfolder="unet", local_files_only=True))
+    except (OSError, ValueError):
+        return None
+
+
 def export_kohya(
     source: str | os.PathLike | torch.nn.Module,
     path: str | os.PathLike,
     adapter: str = "default",
     metadata: dict | None = None,
 ) -> str:
-    """Write an A1111/ComfyUI/kohya-keyed copy (``lora_unet_…lora_down/lora_up/alpha``) of a forget LoRA.
+    """Write an A1111/ComfyUI/kohya-keyed copy (``lora_unet_…``/``lora_te…`` ``lora_down/lora_up/alpha``) of a forget
+    LoRA; see ``kohya_state_dict`` for the names.
 
     ``source`` is a saved adapter (a ``.safetensors`` file or a folder holding ``pytorch_lora_weights.safetensors``)
     or, for code that still holds it, a live UNet carrying ``adapter``; both go through ``kohya_state_dict``.
-    From a file, the ``sa_peft`` training info is copied into the new file's header. The file appears atomically.
+    From a file, the ``sa_peft`` training info is copied into the new file's header, and the SDXL UNet layout is
+    read from the header (files written by ``save_forget_lora``) or from the base model's config if it is local.
+    The file appears atomically.
     """
+    import warnings
+
     from .io_utils import atomic_path
 
     header_out: dict[str, str] = {}
@@ -239,14 +323,27 @@ def export_kohya(
 
         state_dict = {f"unet.{k}": v for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()}
         configs = {"unet": source.peft_config[adapter].to_dict()}
+        layout = unet_layout_info(source)
     else:
         state_dict, header = load_adapter_file(source, "export source")
         configs = component_configs(header)
+        info = json.loads(header[SA_METADATA_KEY]) if SA_METADATA_KEY in header else {}
         if SA_METADATA_KEY in header:
             header_out[SA_METADATA_KEY] = header[SA_METADATA_KEY]
-    kohya = kohya_state_dict(state_dict, configs)
+        layout = _header_unet_layout(header, source) if UNET_LAYOUT_KEY in header else _local_unet_layout(info.get("base_model"))
+        if layout is None and info.get("base_pipeline") == "StableDiffusionXLPipeline":
+            layout = {"addition_embed_type": "text_time"}
+    sdxl = (layout or {}).get("addition_embed_type") == "text_time" or any(
+        k.startswith(("text_encoder_2.", "unet.add_embedding.")) for k in state_dict)
+    if sdxl and not (layout or {}).get("layers_per_block"):
+        warnings.warn(f"export {source!r}: SDXL adapter without its UNet layout (no {UNET_LAYOUT_KEY} header, base model "
+                      "not found locally); UNet keys keep diffusers' names, which A1111 maps incompletely", stacklevel=2)
+        layout = None
+    kohya = kohya_state_dict(state_dict, configs, sdxl=sdxl, unet_layout=layout if sdxl else None)
     unet_ranks = {int(v.shape[0]) for k, v in kohya.items() if k.startswith("lora_unet_") and k.endswith("lora_down.weight")}
     header_out["ss_network_module"] = "networks.lora"
+    if sdxl:
+        header_out["ss_base_model_version"] = "sdxl_base_v1-0"
     if len(unet_ranks) == 1:
         header_out["ss_network_dim"] = str(unet_ranks.pop())
     header_out.update({k: str(v) for k, v in (metadata or {}).items()})

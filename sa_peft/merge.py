@@ -4,40 +4,28 @@ A merged model is written in two forms:
 
 * a diffusers pipeline folder (``save_pretrained``, safetensors weights), loadable with
   ``DiffusionPipeline.from_pretrained``;
-* a **single ``.safetensors`` file** in sa-peft's own layout (format ``sa-peft-pipeline/1``): every model
-  component's diffusers-keyed state dict with its component name as prefix (``unet.…``, ``vae.…``,
-  ``text_encoder.…``, ``text_encoder_2.…``), and the small files of the pipeline folder (``model_index.json``,
-  component configs, tokenizer and scheduler files) as text in the safetensors header. It is **not** an
-  original-SD (A1111/ComfyUI/ldm-keyed) checkpoint: diffusers 0.42 ships converters from that layout only,
-  not to it, so ``StableDiffusionPipeline.from_single_file`` cannot read this file (it looks for ldm keys such
-  as ``model.diffusion_model.…``). Read it back with ``load_single_file_checkpoint``; for A1111/ComfyUI use the
-  kohya export of the LoRAs (``sa-peft export --format kohya``) on the original base checkpoint instead.
+* a **single ``.safetensors`` checkpoint in the original Stable Diffusion layout** (``model.diffusion_model.…``,
+  ``first_stage_model.…``, ``cond_stage_model.…`` or SDXL's ``conditioner.embedders.0/1.…``), the file A1111 and
+  ComfyUI load as a checkpoint and diffusers reads with ``from_single_file``. diffusers 0.42 converts only from
+  that layout; ``sa_peft.ldm_layout`` inverts its conversion functions from the UNet/VAE configs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .adapter_io import load_adapter_file, read_adapter_metadata, resolve_adapter_file
 from .io_utils import atomic_dir, atomic_path
-from .safetensors_header import read_safetensors_header
 
-SINGLE_FILE_FORMAT = "sa-peft-pipeline/1"
+# Header entry naming the layout of a merged single file (for ``sa-peft inspect``); nothing reads it back.
+SINGLE_FILE_FORMAT = "original-sd"
 SINGLE_FILE_KEY = "sa_peft_checkpoint"
-# Only these classes are rebuilt from a single-file checkpoint; nothing else in its header is imported or run.
-ALLOWED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-ALLOWED_MODELS = {
-    "diffusers": ("UNet2DConditionModel", "AutoencoderKL"),
-    "transformers": ("CLIPTextModel", "CLIPTextModelWithProjection"),
-}
-ALLOWED_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -139,127 +127,46 @@ def save_merged_pipeline(pipe, output_dir: str | os.PathLike, overwrite: bool = 
     return os.fspath(output_dir)
 
 
-def _model_components(pipe) -> dict[str, torch.nn.Module]:
-    return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+def original_layout_state_dict(pipe) -> dict[str, torch.Tensor]:
+    """``pipe``'s weights in the original Stable Diffusion layout (see ``sa_peft.ldm_layout``): the UNet under
+    ``model.diffusion_model.``, the VAE under ``first_stage_model.``, the text encoder under
+    ``cond_stage_model.transformer.`` (SD 1.x CLIP) or ``cond_stage_model.model.`` (SD 2.x OpenCLIP), or SDXL's
+    two under ``conditioner.embedders.0.transformer.`` and ``conditioner.embedders.1.model.``."""
+    from . import ldm_layout
 
+    name = type(pipe).__name__
+    if name not in SINGLE_FILE_PIPELINES:
+        raise ValueError(f"single-file checkpoints support {', '.join(SINGLE_FILE_PIPELINES)}, not {name}")
 
-def _pipeline_skeleton(pipe) -> dict[str, str]:
-    """The small files of ``pipe.save_pretrained`` (configs, tokenizers, scheduler), as {relative path: text}."""
-    files: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe.save_config(tmp)
-        for name, component in pipe.components.items():
-            if component is None:
-                continue
-            folder = os.path.join(tmp, name)
-            if isinstance(component, torch.nn.Module):
-                os.makedirs(folder, exist_ok=True)
-                if hasattr(component, "save_config"):  # diffusers models
-                    component.save_config(folder)
-                else:  # transformers models
-                    component.config.save_pretrained(folder)
-            elif hasattr(component, "save_pretrained"):  # tokenizers, schedulers
-                component.save_pretrained(folder)
-        for root, _, names in os.walk(tmp):
-            for fname in names:
-                full = os.path.join(root, fname)
-                with open(full, encoding="utf-8") as f:
-                    files[os.path.relpath(full, tmp).replace(os.sep, "/")] = f.read()
-    return files
+    def weights(module):
+        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+    out = ldm_layout.unet_to_ldm(weights(pipe.unet), pipe.unet.config)
+    out.update(ldm_layout.vae_to_ldm(weights(pipe.vae), pipe.vae.config))
+    if name == "StableDiffusionXLPipeline":
+        out.update(ldm_layout.clip_to_ldm(weights(pipe.text_encoder), ldm_layout.SDXL_CLIP_PREFIX))
+        out.update(ldm_layout.openclip_to_ldm(weights(pipe.text_encoder_2), ldm_layout.SDXL_OPENCLIP_PREFIX))
+    elif ldm_layout.is_openclip(pipe.text_encoder):
+        out.update(ldm_layout.openclip_to_ldm(weights(pipe.text_encoder), ldm_layout.SD2_OPENCLIP_PREFIX))
+    else:
+        out.update(ldm_layout.clip_to_ldm(weights(pipe.text_encoder), ldm_layout.SD1_CLIP_PREFIX))
+    return out
 
 
 def save_single_file_checkpoint(pipe, path: str | os.PathLike, info: dict | None = None) -> str:
-    """Write ``pipe`` as one ``.safetensors`` file in sa-peft's prefixed-diffusers layout (see the module
-    docstring: not an A1111/ldm checkpoint); read it back with ``load_single_file_checkpoint``."""
+    """Write ``pipe`` as one ``.safetensors`` checkpoint in the original Stable Diffusion layout, the file A1111,
+    ComfyUI and diffusers' ``from_single_file`` read. ``info`` (what was merged) goes in the header as ``sa_peft``.
+
+    Configs, tokenizers and the scheduler are not in the file (original checkpoints do not carry them). Read it
+    with ``StableDiffusionPipeline.from_single_file(path, config=<base pipeline folder or hub id>)`` (or
+    ``StableDiffusionXLPipeline``); full-size SD 1.x/2.x/SDXL checkpoints are also recognised without ``config``.
+    """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"--single_file {path!r} must end in .safetensors")
-    if type(pipe).__name__ not in ALLOWED_PIPELINES:
-        raise ValueError(f"single-file checkpoints support {', '.join(ALLOWED_PIPELINES)}, not {type(pipe).__name__}")
-    tensors = {}
-    for name, module in _model_components(pipe).items():
-        for key, value in module.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
-    metadata = {
-        SINGLE_FILE_KEY: SINGLE_FILE_FORMAT,
-        "pipeline_class": type(pipe).__name__,
-        "files": json.dumps(_pipeline_skeleton(pipe), sort_keys=True),
-        "sa_peft": json.dumps(info or {}, sort_keys=True),
-    }
+    tensors = original_layout_state_dict(pipe)
+    metadata = {SINGLE_FILE_KEY: SINGLE_FILE_FORMAT, "pipeline_class": type(pipe).__name__,
+                "sa_peft": json.dumps(info or {}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
-
-
-def _safe_relpath(rel: str, flag: str, path: str) -> str:
-    norm = os.path.normpath(rel)
-    if os.path.isabs(norm) or norm.startswith("..") or "\\" in rel:
-        raise ValueError(f"{flag} {path!r}: its header names a file outside the checkpoint ({rel!r}); refusing it")
-    return norm
-
-
-def load_single_file_checkpoint(path: str | os.PathLike, torch_dtype: torch.dtype | None = None):
-    """Rebuild the pipeline saved by ``save_single_file_checkpoint`` (sa-peft's own single-file layout).
-
-    The header's configs, tokenizer and scheduler files are written to a temporary folder and read by
-    diffusers' ``DiffusionPipeline.from_pretrained``; the models are built from their configs and given the
-    file's tensors (all of them, strictly). Only the classes in ``ALLOWED_PIPELINES``/``ALLOWED_MODELS`` are
-    rebuilt, nothing is unpickled and no remote code is run. ``torch_dtype`` casts the models (default: as
-    stored).
-    """
-    from accelerate import init_empty_weights
-    from diffusers import DiffusionPipeline
-
-    path = os.fspath(path)
-    flag = "checkpoint"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path!r}: no such file")
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"{flag} {path!r} is not a .safetensors file; only safetensors checkpoints are read")
-    header = read_safetensors_header(path, flag)
-    if header.get(SINGLE_FILE_KEY) != SINGLE_FILE_FORMAT:
-        raise ValueError(f"{flag} {path!r} is not an sa-peft single-file checkpoint ({SINGLE_FILE_FORMAT}); "
-                         "original-SD (A1111) checkpoints load with StableDiffusionPipeline.from_single_file")
-    files = json.loads(header["files"])
-    model_index = json.loads(files["model_index.json"])
-    pipeline_class = model_index.get("_class_name")
-    if pipeline_class not in ALLOWED_PIPELINES:
-        raise ValueError(f"{flag} {path!r}: pipeline class {pipeline_class!r} is not one of {ALLOWED_PIPELINES}")
-    models: dict[str, torch.nn.Module] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rel, text in files.items():
-            target = os.path.join(tmp, _safe_relpath(rel, flag, path))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "w", encoding="utf-8") as f:
-                f.write(text)
-        for name, spec in model_index.items():
-            if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
-                continue
-            library, class_name = spec
-            if class_name in ALLOWED_MODELS.get(library, ()):
-                module = __import__(library)
-                cls = getattr(module, class_name)
-                folder = os.path.join(tmp, name)
-                with init_empty_weights():
-                    if library == "diffusers":
-                        model = cls.from_config(cls.load_config(folder))
-                    else:
-                        model = cls(cls.config_class.from_pretrained(folder))
-                state = {}
-                with safe_open(path, framework="pt") as f:
-                    prefix = name + "."
-                    for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                        if key.startswith(prefix):
-                            state[key[len(prefix):]] = f.get_tensor(key)
-                model.load_state_dict(state, strict=True, assign=True)
-                models[name] = (model if torch_dtype is None else model.to(torch_dtype)).eval()
-            elif class_name in ALLOWED_TOKENIZERS and library == "transformers":
-                continue  # read by from_pretrained from the files written above
-            elif library == "diffusers" and class_name.endswith("Scheduler"):
-                continue
-            else:
-                raise ValueError(f"{flag} {path!r}: component {name!r} of class {library}.{class_name} is not "
-                                 "supported in single-file checkpoints")
-        pipe = DiffusionPipeline.from_pretrained(tmp, **models, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -44,11 +44,11 @@ def _tiny_tokenizer():
         return write_clip_tokenizer(tmp, TINY_WORDS)
 
 
-def _tiny_text_config(tokenizer, **extra) -> CLIPTextConfig:
+def _tiny_text_config(tokenizer, hidden_size: int = 32, **extra) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
@@ -121,6 +121,7 @@ def build_tiny_sdxl_pipeline(
     prediction_type: str = "epsilon",
     sample_size: int = 32,
     num_train_timesteps: int = 1000,
+    text_encoder_2_hidden_size: int = 32,
 ) -> StableDiffusionXLPipeline:
     """Build a randomly initialised, deterministic ``StableDiffusionXLPipeline`` shaped like SDXL, only tiny.
 
@@ -131,6 +132,10 @@ def build_tiny_sdxl_pipeline(
     has no attention and the transformers use linear projections, as in SDXL. The scheduler is
     ``EulerDiscreteScheduler``, which real SDXL folders ship. The native resolution is ``sample_size``
     (SDXL's 1024 default scaled down); the VAE downsamples by 2.
+
+    ``text_encoder_2_hidden_size`` widens the second encoder (context 32 + it). With both encoders 32 wide,
+    diffusers' ``from_single_file`` cannot tell them apart in an original-layout file (it takes any
+    ``conditioner.embedders.0`` CLIP of the right width for either encoder); real SDXL's are 768 and 1280 wide.
     """
     _check_prediction_type(prediction_type)
     torch.manual_seed(seed)
@@ -142,7 +147,7 @@ def build_tiny_sdxl_pipeline(
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,
+        cross_attention_dim=32 + text_encoder_2_hidden_size,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -156,7 +161,9 @@ def build_tiny_sdxl_pipeline(
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, projection_dim=TINY_SDXL_PROJECTION_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_text_config(tokenizer_2, text_encoder_2_hidden_size, projection_dim=TINY_SDXL_PROJECTION_DIM)
+    )
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="scaled_linear",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import add_forget_lora
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from train_helpers import load_train_module, run_training, sample
 
 from sa_peft import cli
@@ -24,22 +25,59 @@ PROMPT = "a photo of a cat"
 LORA_SETTINGS = [{"rank": 4, "alpha": 2, "use_rslora": True}, {"rank": 3, "alpha": 6}]
 
 
-@pytest.mark.parametrize("builder", [build_tiny_pipeline, build_tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def add_text_encoder_lora(text_encoder, rank, alpha, seed):
+    """A random text-encoder LoRA (attention and MLP), as ``--train_text_encoder`` adds; returns (layers, config)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    # peft's own injection, as the training script does (transformers 5.24's add_adapter asks for peft >= 0.22).
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    inject_adapter_in_model(config, text_encoder, "default")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in text_encoder.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return get_peft_model_state_dict(text_encoder), config.to_dict()
+
+
+def kohya_unet_name(module, xl, unet):
+    """The name kohya-ss gives a UNet module: diffusers' path for SD 1.x, the original (sgm) path for SDXL."""
+    from sa_peft.ldm_layout import UnetLayout, unet_module_to_ldm
+
+    return "lora_unet_" + (unet_module_to_ldm(module, UnetLayout.of(unet)) if xl else module).replace(".", "_")
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
 @pytest.mark.parametrize("settings", LORA_SETTINGS, ids=["rslora-alpha2-r4", "alpha6-r3"])
-def test_kohya_export_from_file_reads_back_identically(builder, settings, tmp_path):
+def test_kohya_export_from_file_reads_back_identically(xl, settings, tmp_path):
+    def builder():
+        return build_tiny_sdxl_pipeline() if xl else build_tiny_pipeline()
+
     pipe = builder()
     add_forget_lora(pipe.unet, "all", **settings)
+    te_layers, te_config = add_text_encoder_lora(pipe.text_encoder, 2, 3, seed=5)
+    te2 = dict(zip(("text_encoder_2_lora_layers", "text_encoder_2_adapter_metadata"),
+                   add_text_encoder_lora(pipe.text_encoder_2, 3, 1, seed=6))) if xl else {}
     expected = sample(pipe, PROMPT)
-    lora_file = save_forget_lora(tmp_path, pipe.unet, {"base_model": "tiny"})
+    lora_file = save_forget_lora(tmp_path, pipe.unet, {"base_model": "tiny"}, text_encoder_lora_layers=te_layers,
+                                 text_encoder_adapter_metadata=te_config, **te2)
     kohya_file = export_kohya(lora_file, tmp_path / KOHYA_WEIGHT_NAME)
     kohya = load_file(kohya_file)
     layers = list(iter_adapted_layers(pipe.unet))
-    assert len(kohya) == 3 * len(layers)
-    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in kohya)
+    te_prefixes = ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_") if xl else \
+        ("lora_te_text_model_encoder_layers_",)
+    te_keys = {k for k in kohya if k.startswith("lora_te")}
+    assert {k.split("layers_")[0] + "layers_" for k in te_keys} == set(te_prefixes)
+    te_count = len(te_layers) + len(te2.get("text_encoder_2_lora_layers", {}))  # lora_A + lora_B per layer
+    assert len(te_keys) == 3 * te_count // 2 and len(kohya) == 3 * len(layers) + len(te_keys)
+    if xl:  # kohya's SDXL UNet names (sgm), among them the upsampler A1111 cannot find under diffusers' name
+        assert "lora_unet_output_blocks_1_2_conv.alpha" in kohya and "lora_unet_label_emb_0_0.alpha" in kohya
+        assert not any("up_blocks" in k or "down_blocks" in k for k in kohya)
     for layer in layers:  # kohya readers scale by alpha / rank, so alpha = scale · rank
-        base = layer.name.replace("add_embedding.linear_1", "label_emb.0.0").replace("add_embedding.linear_2", "label_emb.0.2")
-        alpha = kohya["lora_unet_" + base.replace(".", "_") + ".alpha"]
+        alpha = kohya[kohya_unet_name(layer.name, xl, pipe.unet) + ".alpha"]
         assert float(alpha) == pytest.approx(layer.scale * settings["rank"], rel=1e-6)
+    assert float(kohya[te_prefixes[0] + "0_self_attn_q_proj.alpha"]) == pytest.approx(3.0)
     fresh = builder()
     fresh.load_lora_weights(str(tmp_path), weight_name=KOHYA_WEIGHT_NAME)
     np.testing.assert_allclose(sample(fresh, PROMPT), expected, atol=1e-6)
@@ -268,3 +306,160 @@ def test_rank_and_alpha_patterns_survive_export_merge_and_stack(tmp_path):
     stacked = build_tiny_pipeline()
     stack_forget_loras(stacked, [lora_file, kohya_file], [0.5, 0.5])
     np.testing.assert_allclose(sample(stacked, PROMPT), expected, atol=1e-5)
+
+
+FULL_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+FULL_CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+               "projection_dim": 1280, "hidden_act": "gelu"}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_kohya_keys_are_in_sd_mecha_kohya_lora_key_sets(arch):
+    """Every key of a kohya export of a full-size SD 1.5/SDXL forget LoRA (all UNet layers of the ``all`` preset and a
+    text-encoder LoRA on every encoder; models on the meta device) is a key of sd-mecha's independent kohya-LoRA
+    key set for that model (``sd1-kohya_kohya_lora``, ``sdxl-kohya_kohya_lora``, derived from kohya's checkpoints)."""
+    pytest.importorskip("sd_mecha")
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from sd_mecha.extensions import model_configs
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sa_peft.adapter_io import kohya_state_dict, unet_layout_info
+    from sa_peft.lora import make_lora_config, resolve_lora_targets
+    from sa_peft.unet_configs import UNET_CONFIGS
+
+    xl = arch == "sdxl"
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
+        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig(**FULL_CLIP_L))}
+        if xl:
+            encoders["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**FULL_CLIP_G))
+        unet.add_adapter(make_lora_config(resolve_lora_targets(unet, "all"), 4))
+        te_config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+        for encoder in encoders.values():
+            inject_adapter_in_model(te_config, encoder, "default")
+    state_dict = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    for name, encoder in encoders.items():
+        state_dict.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(encoder).items()})
+    configs = {"unet": unet.peft_config["default"].to_dict(), **{n: te_config.to_dict() for n in encoders}}
+    kohya = kohya_state_dict(state_dict, configs, sdxl=xl, unet_layout=unet_layout_info(unet))
+    assert len(kohya) == 3 * sum(k.endswith("lora_A.weight") for k in state_dict)
+    reference = set(model_configs.resolve("sdxl-kohya_kohya_lora" if xl else "sd1-kohya_kohya_lora").keys())
+    assert sorted(k for k in kohya if k not in reference) == []
+    assert {k.split("_")[1] for k in kohya} == ({"unet", "te1", "te2"} if xl else {"unet", "te"})
+
+
+COMFYUI_DIR = os.environ.get("SA_PEFT_COMFYUI_DIR")
+
+
+@pytest.mark.skipif(not COMFYUI_DIR, reason="set SA_PEFT_COMFYUI_DIR to a ComfyUI checkout to run ComfyUI's LoRA loader")
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_comfyui_loader_patches_every_layer_of_a_kohya_export(xl, tmp_path, caplog):
+    """ComfyUI's own key maps (``comfy.lora.model_lora_keys_unet``/``model_lora_keys_clip``, built from the model's
+    weight names in its original layout and ComfyUI's ``clip_l``/``clip_g`` text-encoder names) and its loader
+    (``comfy.lora.load_lora``) patch every layer of a kohya export, UNet and text encoders, with no key left over."""
+    import logging
+    import sys
+    import types
+
+    sys.path.insert(0, COMFYUI_DIR)
+    import comfy.lora
+    import comfy.model_detection
+
+    from sa_peft import ldm_layout
+    from sa_peft.ldm_layout import UnetLayout, unet_module_to_ldm
+
+    pipe = build_tiny_sdxl_pipeline() if xl else build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "all", rank=2, alpha=1)
+    encoders = {"text_encoder": pipe.text_encoder, **({"text_encoder_2": pipe.text_encoder_2} if xl else {})}
+    te = {name: add_text_encoder_lora(encoder, 2, 2, seed=i) for i, (name, encoder) in enumerate(encoders.items())}
+    kwargs = {"text_encoder_lora_layers": te["text_encoder"][0], "text_encoder_adapter_metadata": te["text_encoder"][1]}
+    if xl:
+        kwargs.update(text_encoder_2_lora_layers=te["text_encoder_2"][0], text_encoder_2_adapter_metadata=te["text_encoder_2"][1])
+    kohya = load_file(export_kohya(save_forget_lora(tmp_path, pipe.unet, {}, **kwargs), tmp_path / "kohya.safetensors"))
+
+    # ComfyUI maps LoRA keys from the base model's weight names (original layout); a fresh pipeline gives them.
+    base_unet = (build_tiny_sdxl_pipeline() if xl else build_tiny_pipeline()).unet
+    ldm_unet = ldm_layout.unet_to_ldm(base_unet.state_dict(), base_unet.config)
+    unet_config = comfy.model_detection.detect_unet_config(ldm_unet, ldm_layout.UNET_PREFIX)
+    unet_sd = {"diffusion_model." + k[len(ldm_layout.UNET_PREFIX):]: v for k, v in ldm_unet.items()}
+    unet_model = types.SimpleNamespace(state_dict=lambda: unet_sd, model_config=types.SimpleNamespace(unet_config=unet_config))
+    fresh = build_tiny_sdxl_pipeline() if xl else build_tiny_pipeline()
+    clip_sd = {f"clip_l.transformer.{k}": v for k, v in ldm_layout.clip_to_ldm(fresh.text_encoder.state_dict(), "").items()}
+    if xl:
+        clip_sd.update({f"clip_g.transformer.{k}": v
+                        for k, v in ldm_layout.clip_to_ldm(fresh.text_encoder_2.state_dict(), "").items()})
+    clip_model = types.SimpleNamespace(state_dict=lambda: clip_sd)
+    key_map = comfy.lora.model_lora_keys_unet(unet_model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip_model, key_map)
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(kohya, key_map)
+    assert "not loaded" not in caplog.text
+    layout = UnetLayout.of(base_unet)
+    expected = {f"diffusion_model.{unet_module_to_ldm(layer.name, layout)}.weight" for layer in iter_adapted_layers(pipe.unet)}
+    for name, prefix in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        if name in te:
+            expected |= {f"{prefix}.transformer.text_model.{k.removeprefix('text_model.')[: -len('.lora_A.weight')]}.weight"
+                         for k in te[name][0] if k.endswith(".lora_A.weight")}
+    assert {k if isinstance(k, str) else k[0] for k in patches} == expected
+
+
+def test_sdxl_export_without_layout_keeps_diffusers_names_and_warns(tmp_path):
+    """An SDXL adapter whose header lacks the UNet layout (and whose base model is not local) cannot get kohya's
+    sgm names; the export says so and writes diffusers' names, which diffusers still reads back exactly."""
+    from sa_peft.adapter_io import UNET_LAYOUT_KEY
+
+    pipe = build_tiny_sdxl_pipeline()
+    add_forget_lora(pipe.unet, "all", rank=2, alpha=1)
+    expected = sample(pipe, PROMPT)
+    lora_file = save_forget_lora(tmp_path, pipe.unet, {"base_model": str(tmp_path / "not-here")})
+    tensors, header = load_file(lora_file), None
+    with safe_open(lora_file, framework="pt") as f:
+        header = dict(f.metadata())
+    del header[UNET_LAYOUT_KEY]
+    save_file(tensors, lora_file, metadata=header)
+    with pytest.warns(UserWarning, match="without its UNet layout"):
+        kohya = load_file(export_kohya(lora_file, tmp_path / KOHYA_WEIGHT_NAME))
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in kohya and "lora_unet_label_emb_0_0.alpha" in kohya
+    fresh = build_tiny_sdxl_pipeline()
+    fresh.load_lora_weights(str(tmp_path), weight_name=KOHYA_WEIGHT_NAME)
+    np.testing.assert_allclose(sample(fresh, PROMPT), expected, atol=1e-6)
+    # With the base model found locally, its UNet config gives the layout: kohya's SDXL names again.
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "base")
+    header["sa_peft"] = json.dumps({"base_model": str(tmp_path / "base")})
+    save_file(tensors, lora_file, metadata=header)
+    kohya = load_file(export_kohya(lora_file, tmp_path / "local.safetensors"))
+    assert "lora_unet_output_blocks_1_2_conv.alpha" in kohya and not any("up_blocks" in k for k in kohya)
+
+
+@pytest.mark.parametrize("entry", ["not json", "[1, 2]", '{"layers_per_block": "x", "up_block_types": 3}'])
+def test_export_refuses_a_damaged_layout_header(tmp_path, entry):
+    from sa_peft.adapter_io import UNET_LAYOUT_KEY
+
+    pipe = build_tiny_sdxl_pipeline()
+    add_forget_lora(pipe.unet, "attn")
+    lora_file = save_forget_lora(tmp_path, pipe.unet, {})
+    with safe_open(lora_file, framework="pt") as f:
+        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, lora_file, metadata={**header, UNET_LAYOUT_KEY: entry})
+    with pytest.raises(ValueError, match="header entry is not a UNet layout"):
+        export_kohya(lora_file, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sgm_names_only_where_diffusers_reads_them_back():
+    """An upsampler after an up block without attention would be ``output_blocks.N.1.conv``, which diffusers' sgm
+    reader takes for an attention: such a UNet keeps diffusers' names even as SDXL (SDXL itself has none)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from sa_peft.adapter_io import kohya_state_dict, unet_layout_info
+
+    unet = build_tiny_pipeline().unet  # up blocks: UpBlock2D (with upsampler), CrossAttnUpBlock2D
+    add_forget_lora(unet, "all")
+    state_dict = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    kohya = kohya_state_dict(state_dict, {"unet": unet.peft_config["default"].to_dict()}, sdxl=True,
+                             unet_layout=unet_layout_info(unet))
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in kohya
+    assert not any("output_blocks" in k for k in kohya)

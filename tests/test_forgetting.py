@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import add_forget_lora
 
 from sa_peft.conditioning import encode_prompts
 from sa_peft.diffusion_loss import noise_scheduler_for
@@ -12,8 +13,6 @@ from sa_peft.fisher import estimate_fisher, load_fisher, save_fisher
 from sa_peft.forgetting import AdaptiveLambda, ForgettingProbe, forgetting_signal, verdict_lines
 from sa_peft.lora import iter_adapted_layers, resolve_lora_targets
 from sa_peft.objective import adapters_disabled, selective_amnesia_loss
-
-from conftest import add_forget_lora
 
 PROMPTS = ["brad pitt", "a photo of a cat"]
 
@@ -111,7 +110,7 @@ def test_distilled_replay_is_zero_for_a_no_op_adapter_and_measures_the_drift_oth
     unet, scheduler = tiny_pipe.unet, noise_scheduler_for(tiny_pipe.scheduler)
     cond = encode_prompts(tiny_pipe, PROMPTS)
     add_forget_lora(unet, randomize=False)  # B = 0: the adapted model is the base model
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([0, 1])
 

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import add_forget_lora
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import safe_open
 from safetensors.torch import save_file
 from train_helpers import sample
 
-from sa_peft import cli
+from sa_peft import cli, ldm_layout
 from sa_peft.adapter_io import component_configs, layer_scales, load_adapter_file, save_forget_lora
 from sa_peft.merge import (
     SINGLE_FILE_FORMAT,
     SINGLE_FILE_KEY,
-    load_single_file_checkpoint,
     merge_forget_loras,
     save_merged_pipeline,
     save_single_file_checkpoint,
@@ -84,41 +84,116 @@ def test_merge_command_outputs_equal_the_unfused_pipeline(sd_adapters, tiny_pipe
     from_folder = DiffusionPipeline.from_pretrained(folder, use_safetensors=True)
     from_folder.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(sample(from_folder, PROMPT), expected, atol=TOLERANCE)
-    from_file = load_single_file_checkpoint(single)
-    assert type(from_file).__name__ == "StableDiffusionPipeline"
+    from_file = read_single_file(StableDiffusionPipeline, single, tiny_pipe_dir)
     np.testing.assert_allclose(sample(from_file, PROMPT), expected, atol=TOLERANCE)
     assert not any(name.startswith(".tmp-") for name in os.listdir(tmp_path))
-    # The single file is safetensors with prefixed diffusers keys and its pipeline files in the header.
-    from safetensors import safe_open
-
+    # The single file is safetensors in the original SD layout, with what was merged in its header.
     with safe_open(str(single), framework="pt") as f:
         keys, header = list(f.keys()), f.metadata()
-    assert {k.split(".")[0] for k in keys} == {"unet", "vae", "text_encoder"}
+    assert {".".join(k.split(".")[:2]) for k in keys} == {"model.diffusion_model", "first_stage_model.encoder",
+                                                        "first_stage_model.decoder", "first_stage_model.quant_conv",
+                                                        "first_stage_model.post_quant_conv", "cond_stage_model.transformer"}
     assert header[SINGLE_FILE_KEY] == SINGLE_FILE_FORMAT
     info = json.loads(header["sa_peft"])
     assert info["base_model"] == str(tiny_pipe_dir) and [e["weight"] for e in info["loras"]] == WEIGHTS
     assert info["loras"][0]["sa_peft"]["forget_prompts"] == ["concept 0"]
 
 
+def read_single_file(cls, path, config):
+    """diffusers' own reader of original-layout checkpoints; ``config`` (a pipeline folder) keeps it offline."""
+    pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl():
+    # Encoders of different widths, as in SDXL: from_single_file tells them apart by width (see the builder).
+    return build_tiny_sdxl_pipeline(text_encoder_2_hidden_size=48)
+
+
 def test_sdxl_merge_single_file_round_trip(tmp_path):
-    adapters = make_adapters(build_tiny_sdxl_pipeline, tmp_path, "tiny-sdxl")
-    merged = merge_forget_loras(build_tiny_sdxl_pipeline(), adapters, WEIGHTS)
-    expected = unfused(build_tiny_sdxl_pipeline, adapters, WEIGHTS)
+    adapters = make_adapters(tiny_sdxl, tmp_path, "tiny-sdxl")
+    merged = merge_forget_loras(tiny_sdxl(), adapters, WEIGHTS)
+    expected = unfused(tiny_sdxl, adapters, WEIGHTS)
     np.testing.assert_allclose(sample(merged, PROMPT), expected, atol=TOLERANCE)
+    tiny_sdxl().save_pretrained(tmp_path / "base")
     path = save_single_file_checkpoint(merged, tmp_path / "xl.safetensors")
-    loaded = load_single_file_checkpoint(path)
-    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    with safe_open(path, framework="pt") as f:
+        prefixes = {k.split(".")[0] if not k.startswith("conditioner") else ".".join(k.split(".")[:4]) for k in f.keys()}  # noqa: SIM118
+    assert prefixes == {"model", "first_stage_model", "conditioner.embedders.0.transformer", "conditioner.embedders.1.model"}
+    loaded = read_single_file(StableDiffusionXLPipeline, path, tmp_path / "base")
     assert type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     np.testing.assert_allclose(sample(loaded, PROMPT), expected, atol=TOLERANCE)
 
 
-def test_half_precision_single_file(sd_adapters, tmp_path):
+def test_sd2_openclip_single_file_round_trip(tmp_path):
+    """An SD 2.x-style pipeline (OpenCLIP text encoder: gelu) is written in OpenCLIP's layout and read back."""
+    pipe = build_tiny_pipeline(prediction_type="v_prediction")
+    pipe.text_encoder.config.hidden_act = "gelu"
+    pipe.save_pretrained(tmp_path / "base")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipe.set_progress_bar_config(disable=True)
+    expected = sample(pipe, PROMPT)
+    path = save_single_file_checkpoint(pipe, tmp_path / "sd2.safetensors")
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    loaded = read_single_file(StableDiffusionPipeline, path, tmp_path / "base")
+    np.testing.assert_allclose(sample(loaded, PROMPT), expected, atol=TOLERANCE)
+
+
+def test_half_precision_single_file(sd_adapters, tiny_pipe_dir, tmp_path):
     single = tmp_path / "half.safetensors"
     assert cli.main(["merge", "--lora", str(sd_adapters[0]), "--single_file", str(single), "--dtype", "float16",
                      "--device", "cpu"]) == 0
-    pipe = load_single_file_checkpoint(single)
+    with safe_open(str(single), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118
+    pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(tiny_pipe_dir), local_files_only=True,
+                                                    torch_dtype=torch.float16)
     assert pipe.unet.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16
     assert not (tmp_path / "merged").exists()
+
+
+FULL_VAE = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, "latent_channels": 4}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "projection_dim": 768}
+CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+          "projection_dim": 1280, "hidden_act": "gelu"}
+
+
+@pytest.mark.parametrize("arch", ["sd1-ldm", "sdxl-sgm"])
+def test_original_layout_keys_match_sd_mecha(arch):
+    """Full-size SD 1.5 and SDXL (built on the meta device) in our original layout have exactly the keys and shapes
+    of sd-mecha's independent model configs (every required key, nothing unknown)."""
+    pytest.importorskip("sd_mecha")
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from sd_mecha.extensions import model_configs
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sa_peft.unet_configs import SD15_UNET, SDXL_UNET
+
+    xl = arch == "sdxl-sgm"
+    with init_empty_weights():
+        unet, vae = UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET)), AutoencoderKL(**FULL_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)) if xl else None
+    ours = {**ldm_layout.unet_to_ldm(unet.state_dict(), unet.config), **ldm_layout.vae_to_ldm(vae.state_dict(), vae.config)}
+    if xl:
+        ours.update(ldm_layout.clip_to_ldm(text_encoder.state_dict(), ldm_layout.SDXL_CLIP_PREFIX))
+        ours.update(ldm_layout.openclip_to_ldm(text_encoder_2.state_dict(), ldm_layout.SDXL_OPENCLIP_PREFIX))
+    else:
+        ours.update(ldm_layout.clip_to_ldm(text_encoder.state_dict(), ldm_layout.SD1_CLIP_PREFIX))
+    components = model_configs.resolve(arch).components()
+    reference = {}
+    for name in ("clip_l", "clip_g", "vae", "diffuser"):
+        if name in components:
+            reference.update(components[name].keys())
+    assert sorted(k for k in ours if k not in reference) == []
+    assert sorted(k for k, meta in reference.items() if not meta.optional and k not in ours) == []
+    assert {k: list(v.shape) for k, v in ours.items()} == {k: list(reference[k].shape) for k in ours}
 
 
 def test_failed_save_leaves_no_output(tmp_path, monkeypatch):
@@ -167,31 +242,6 @@ def test_merge_refuses_pickles_unknown_bases_and_other_architectures(tmp_path, c
         stack_forget_loras(build_tiny_pipeline(), [tmp_path / "xl"])
 
 
-def test_single_file_loader_refuses_other_files(tmp_path):
-    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="not an sa-peft single-file checkpoint"):
-        load_single_file_checkpoint(tmp_path / "other.safetensors")
-    (tmp_path / "model.ckpt").write_bytes(b"pickle")
-    with pytest.raises(ValueError, match="only safetensors"):
-        load_single_file_checkpoint(tmp_path / "model.ckpt")
-    files = {"model_index.json": json.dumps({"_class_name": "SomePipeline", "unet": ["evil_lib", "Evil"]})}
-    save_file({"unet.w": torch.zeros(1)}, tmp_path / "tampered.safetensors",
-              metadata={SINGLE_FILE_KEY: SINGLE_FILE_FORMAT, "files": json.dumps(files)})
-    with pytest.raises(ValueError, match="pipeline class 'SomePipeline' is not one of"):
-        load_single_file_checkpoint(tmp_path / "tampered.safetensors")
-    files = {"model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["evil_lib", "Evil"]})}
-    save_file({"unet.w": torch.zeros(1)}, tmp_path / "tampered.safetensors",
-              metadata={SINGLE_FILE_KEY: SINGLE_FILE_FORMAT, "files": json.dumps(files)})
-    with pytest.raises(ValueError, match="evil_lib.Evil is not supported"):
-        load_single_file_checkpoint(tmp_path / "tampered.safetensors")
-    files = {"model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline"}), "../escape.txt": "x"}
-    save_file({"unet.w": torch.zeros(1)}, tmp_path / "tampered.safetensors",
-              metadata={SINGLE_FILE_KEY: SINGLE_FILE_FORMAT, "files": json.dumps(files)})
-    with pytest.raises(ValueError, match="outside the checkpoint"):
-        load_single_file_checkpoint(tmp_path / "tampered.safetensors")
-    assert not (tmp_path.parent / "escape.txt").exists()
-
-
 def test_stack_refuses_a_lora_whose_layers_only_partly_attach(tmp_path):
     """A LoRA for a deeper base (here: two resnets per block) whose extra layers have no module in this UNet.
 
@@ -217,3 +267,16 @@ def test_stack_refuses_a_lora_whose_layers_only_partly_attach(tmp_path):
     # the untouched file stacks
     save_forget_lora(tmp_path / "fits", pipe.unet, {"base_model": "tiny"})
     assert stack_forget_loras(build_tiny_pipeline(), [tmp_path / "fits"]) == ["forget_000_"]
+
+
+def test_builtin_digits_single_file_round_trip(tmp_path):
+    """The project's trained digits model (one layer per block, attention in every block) through the original layout."""
+    from sa_peft.models import load_pipeline
+
+    pipe = load_pipeline("builtin:digits")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "base")
+    expected = sample(pipe, "a handwritten digit seven")
+    path = save_single_file_checkpoint(pipe, tmp_path / "digits.safetensors")
+    loaded = read_single_file(StableDiffusionPipeline, path, tmp_path / "base")
+    np.testing.assert_allclose(sample(loaded, "a handwritten digit seven"), expected, atol=TOLERANCE)

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("path", help="adapter .safetensors file or a training output folder")
     parser.add_argument("--format", choices=FORMATS, default="kohya",
-                        help="kohya: lora_unet_…lora_down/lora_up/alpha keys (A1111, ComfyUI, kohya-ss, diffusers)")
+                        help="kohya: kohya-ss's key names (lora_unet_…, lora_te_/lora_te1_/lora_te2_text_model_…; "
+                             "lora_down/lora_up/alpha), read by A1111, ComfyUI, kohya-ss and diffusers")
     parser.add_argument("--output", default=None,
                         help="file to write (.safetensors); default: beside the input, '<name>_kohya.safetensors'")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")

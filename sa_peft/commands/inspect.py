@@ -26,7 +26,7 @@ FIELDS = (
     ("use_rslora", "rsLoRA"),
     ("lora_target", "targets"),
     ("num_adapted_modules", "adapted modules"),
-    ("max_train_steps", "step budget"),
+    ("max_train_steps", "steps"),
     ("trained_steps", "steps trained"),
     ("replay_target", "replay target"),
     ("ewc_lambda_final", "EWC λ at the end"),
@@ -49,14 +49,15 @@ def register(subparsers) -> None:
 
 def describe(path: str | os.PathLike) -> dict:
     """Everything ``inspect`` knows about ``path``, as a JSON-able dict."""
+    from ..ldm_layout import UNET_PREFIX
     from ..merge import SINGLE_FILE_KEY
 
     file = resolve_adapter_file(path, "sa-peft inspect")
     tensors, header = load_adapter_file(file, "sa-peft inspect")
     info = json.loads(header[SA_METADATA_KEY]) if SA_METADATA_KEY in header else None
     out: dict = {"file": os.path.abspath(file), "size_bytes": os.path.getsize(file)}
-    if header.get(SINGLE_FILE_KEY):
-        out.update(format=f"sa-peft merged pipeline checkpoint ({header[SINGLE_FILE_KEY]})",
+    if header.get(SINGLE_FILE_KEY) or any(k.startswith(UNET_PREFIX) for k in tensors):
+        out.update(format="merged pipeline checkpoint (original Stable Diffusion layout)",
                    pipeline=header.get("pipeline_class"), merge=info,
                    components=sorted({k.split(".")[0] for k in tensors}))
         return out
@@ -99,7 +100,7 @@ def _format(value) -> str:
 def format_text(summary: dict) -> str:
     lines = [f"file: {summary['file']} ({summary['size_bytes'] / 1e6:.2f} MB)", f"format: {summary['format']}"]
     if "merge" in summary:
-        lines.append(f"pipeline: {summary['pipeline']} (load with sa_peft.merge.load_single_file_checkpoint)")
+        lines.append(f"pipeline: {summary['pipeline']} (A1111/ComfyUI checkpoint; diffusers: from_single_file(path, config=<base>))")
         merge = summary["merge"] or {}
         lines.append(f"base model: {merge.get('base_model', '?')}")
         for lora in merge.get("loras", []):

@@ -32,8 +32,8 @@ def register(subparsers) -> None:
                         help="weight of each --lora, in order (repeatable; default 1.0 each; negative allowed)")
     parser.add_argument("--output_dir", default=None, help="diffusers pipeline folder to write (save_pretrained)")
     parser.add_argument("--single_file", default=None,
-                        help="also/instead write one .safetensors file (sa-peft layout, load with "
-                             "sa_peft.merge.load_single_file_checkpoint; not an A1111 checkpoint)")
+                        help="also/instead write one .safetensors checkpoint in the original Stable Diffusion layout "
+                             "(A1111/ComfyUI checkpoint; diffusers: from_single_file(path, config=<base>))")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of the saved weights (the merge itself is computed in float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
