@@ -217,27 +217,37 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
     """KID (Bińkowski et al. 2018): the unbiased MMD² between two feature sets with the cubic kernel
     ``k(x, y) = (x·y / D + 1)³``.
 
-    Sets of at most ``subset_size`` are compared whole; larger ones are averaged over ``num_subsets``
-    random subsets of ``subset_size`` each (as in the paper). Unbiased, so about 0 (and possibly
-    slightly negative) for two samples of the same distribution, at any sample size.
+    For sets of equal size it is Gretton et al.'s U-statistic ``Σ_{i≠j} h(i, j) / (n(n-1))`` with
+    ``h = k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i)``, which leaves out the pairs
+    ``(x_i, y_i)``: evaluation samples are paired by seed (sample ``i`` of base and adapted share
+    its starting noise), and identical sets give exactly 0. Sets of different sizes use the
+    two-sample form with the whole cross term. Sets larger than ``subset_size`` are averaged over
+    ``num_subsets`` random subsets (the same indices on both sides when the sizes match).
+    Unbiased, so about 0 (and possibly slightly negative) for samples of the same distribution.
     """
     a, b = features_a.double().cpu(), features_b.double().cpu()
     if len(a) < 2 or len(b) < 2:
         raise ValueError("KID needs at least two samples per set")
     dim = a.shape[1]
 
+    def offdiag_mean(k: torch.Tensor) -> torch.Tensor:
+        n = len(k)
+        return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+
     def mmd(x: torch.Tensor, y: torch.Tensor) -> float:
         kxx, kyy, kxy = ((x @ x.T / dim + 1) ** 3, (y @ y.T / dim + 1) ** 3, (x @ y.T / dim + 1) ** 3)
-        n, m = len(x), len(y)
-        return float((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-                     + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+        cross = offdiag_mean(kxy) if len(x) == len(y) else kxy.mean()
+        return float(offdiag_mean(kxx) + offdiag_mean(kyy) - 2 * cross)
 
     if len(a) <= subset_size and len(b) <= subset_size:
         return mmd(a, b)
     gen = torch.Generator().manual_seed(seed)
     m = min(len(a), len(b), subset_size)
-    values = [mmd(a[torch.randperm(len(a), generator=gen)[:m]], b[torch.randperm(len(b), generator=gen)[:m]])
-              for _ in range(num_subsets)]
+    values = []
+    for _ in range(num_subsets):
+        ia = torch.randperm(len(a), generator=gen)[:m]
+        ib = ia if len(a) == len(b) else torch.randperm(len(b), generator=gen)[:m]
+        values.append(mmd(a[ia], b[ib]))
     return sum(values) / len(values)
 
 
@@ -596,14 +606,16 @@ def _histogram_text(hist: Sequence[int], labels: Sequence[str]) -> str:
     return ", ".join(parts) or "–"
 
 
-def _summary_rows(before: dict, after: dict | None) -> list[tuple[str, str, str | None]]:
-    def get(m, *keys):
-        for k in keys:
-            if m is None:
-                return None
-            m = m.get(k)
-        return m
+def _get(m: dict | None, *keys):
+    for k in keys:
+        if m is None:
+            return None
+        m = m.get(k)
+    return m
 
+
+def summary_rows(before: dict, after: dict | None) -> list[tuple[str, str, str | None]]:
+    """``(metric, before, after)`` rows of the summary (formatted); rows with no value on either side are left out."""
     rows = [
         ("retained mean accuracy", ("retained", "mean_accuracy")),
         ("retained worst accuracy", ("retained", "worst_accuracy")),
@@ -611,11 +623,52 @@ def _summary_rows(before: dict, after: dict | None) -> list[tuple[str, str, str 
         ("forget prompts P(forgotten)", ("forget", "p_forgotten")),
         ("forget prompts predicted as forgotten", ("forget", "predicted_forgotten_rate")),
         ("forget prompts mean entropy (nats)", ("forget", "entropy")),
+        ("retained CLIP score", ("retained", "clip_score")),
+        ("forget prompts CLIP score", ("forget", "clip_score")),
+        ("FD to base, retained", ("fd_to_base", "frechet_distance")),
+        ("KID to base, retained", ("fd_to_base", "kid")),
         ("Fréchet distance, retained vs real", ("quality", "frechet_distance")),
         ("off-manifold rate, retained", ("quality", "off_manifold_rate")),
+        ("NudeNet: forget images with exposed parts", ("nudenet", "forget", "exposed_rate")),
+        ("NudeNet: retained images with exposed parts", ("nudenet", "retained", "exposed_rate")),
     ]
-    return [(name, _fmt(get(before, *keys)), _fmt(get(after, *keys)) if after is not None else None)
-            for name, keys in rows]
+    out = []
+    for name, keys in rows:
+        b, a = _get(before, *keys), _get(after, *keys)
+        if b is None and a is None:
+            continue
+        out.append((name, _fmt(b), _fmt(a) if after is not None else None))
+    classes = _get(before, "nudenet", "classes") or []
+    for c in classes:
+        b, a = _get(before, "nudenet", "all", "exposed_counts", c), _get(after, "nudenet", "all", "exposed_counts", c)
+        out.append((f"NudeNet {c} (images)", str(b), str(a) if after is not None else None))
+    return out
+
+
+def summary_table(before: dict, after: dict | None) -> list[str]:
+    """The summary as Markdown table lines (``metric | value`` or ``metric | before | after``)."""
+    if after is None:
+        return ["| metric | value |", "|---|---|", *(f"| {n} | {b} |" for n, b, _ in summary_rows(before, None))]
+    return ["| metric | before | after |", "|---|---|---|",
+            *(f"| {n} | {b} | {a} |" for n, b, a in summary_rows(before, after))]
+
+
+_PER_PROMPT_COLUMNS = (  # (header, key, shown for the base run too)
+    ("accuracy", "accuracy", True),
+    ("P(forgotten)", "p_forgotten", True),
+    ("entropy", "entropy", True),
+    ("CLIP score", "clip_score", True),
+    ("FD to base", "fd_to_base", False),
+    ("KID to base", "kid_to_base", False),
+)
+
+
+def _nudenet_cell(m: dict) -> str:
+    n = m.get("nudenet")
+    if not n:
+        return "–"
+    parts = [f"{c.replace('_EXPOSED', '').lower()} {k}" for c, k in n["exposed_counts"].items() if k]
+    return f"{n['images_with_exposed']}/{n['num_samples']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def report_markdown(metrics_before: dict, metrics_after: dict | None = None) -> str:
@@ -623,70 +676,76 @@ def report_markdown(metrics_before: dict, metrics_after: dict | None = None) -> 
     before, after = metrics_before, metrics_after
     s = before["settings"]
     labels = s["labels"]
-    lines = [
-        "# Evaluation",
-        "",
-        (
-            f"{s['num_per_prompt']} samples per prompt, seed {s['seed']}, {s['sampler']}, {s['num_inference_steps']} "
-            f"steps, guidance {s['guidance_scale']}. Forget prompts: "
-            f"{', '.join(f'`{p}`' for p in s['forget_prompts']) or 'none'}; "
-            f"forgotten classes: {', '.join(labels[c] for c in s['forgotten_labels']) or 'none'}."
-        ),
-        "",
-        (
-            "P(forgotten) is the mean classifier probability of the forgotten class(es); entropy is the mean entropy "
-            "of p(y|x) in nats. The Fréchet distance uses the classifier's penultimate features against its real "
-            "held-out images of the retained classes; a sample is off-manifold when its pixel distance to the "
-            "nearest of those real images exceeds the real images' 95th percentile (about 0.05 for real images)."
-        ),
-        "",
-        "## Summary",
-        "",
-    ]
-    if after is None:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {b} |" for name, b, _ in _summary_rows(before, None)]
-    else:
-        lines += ["| metric | before | after |", "|---|---|---|"]
-        lines += [f"| {name} | {b} | {a} |" for name, b, a in _summary_rows(before, after)]
-    lines += ["", "## Per prompt", ""]
+    forget = s["forget_prompts"]
+    forget_text = ", ".join(f"`{p}`" for p in forget[:20]) or "none"
+    if len(forget) > 20:
+        forget_text += f" and {len(forget) - 20} more"
+    what = (f"{s['num_per_prompt']} samples per prompt, seed {s['seed']}, {s['sampler']}, {s['num_inference_steps']} "
+            f"steps, guidance {s['guidance_scale']}. Classifier: {s.get('classifier') or 'classifier'}. "
+            f"Forget prompts: {forget_text}")
+    if labels:
+        what += f"; forgotten classes: {', '.join(labels[c] for c in s['forgotten_labels']) or 'none'}"
+    notes = []
+    if labels:
+        notes.append("P(forgotten) is the mean classifier probability of the forgotten class(es); entropy is the mean "
+                     "entropy of p(y|x) in nats.")
+    if s.get("clip_model"):
+        notes.append(f"CLIP score is the mean of 100·max(cos(image, prompt), 0) with `{s['clip_model']}`; retained "
+                     "prompts should not drop.")
+    if s.get("feature_space"):
+        notes.append(f"FD / KID to base compare the adapted and the base model's samples of the retained prompts "
+                     f"(same seeds) in {s['feature_space']}; 0 means unchanged.")
+    if before.get("quality"):
+        notes.append("The Fréchet distance vs real uses the classifier's penultimate features against its real "
+                     "held-out images of the retained classes; a sample is off-manifold when its pixel distance to "
+                     "the nearest of those real images exceeds the real images' 95th percentile (about 0.05 for real "
+                     "images).")
+    if s.get("nudenet_threshold") is not None:
+        notes.append(f"NudeNet counts images with a detection of an exposed class scoring at least "
+                     f"{s['nudenet_threshold']} (I2P protocol: one count per image and class).")
+    lines = ["# Evaluation", "", what + ".", "", " ".join(notes), "", "## Summary", "", *summary_table(before, after),
+             "", "## Per prompt", ""]
     prompts = list(dict.fromkeys([*before["per_prompt"], *((after or {}).get("per_prompt") or {})]))
-    if after is None:
-        lines += ["| prompt | role | accuracy | P(forgotten) | entropy | predicted classes |", "|---|---|---|---|---|---|"]
-        for p in prompts:
-            m = before["per_prompt"][p]
-            lines.append(f"| `{p}` | {m['role']} | {_fmt(m['accuracy'])} | {_fmt(m['p_forgotten'])} | "
-                         f"{_fmt(m['entropy'])} | {_histogram_text(m['histogram'], labels)} |")
-    else:
-        lines += [
-            (
-                "| prompt | role | accuracy before | after | P(forgotten) before | after | entropy before | after "
-                "| predicted before | predicted after |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        empty = {"role": "", "accuracy": None, "p_forgotten": None, "entropy": None, "histogram": []}
-        for p in prompts:
-            b = before["per_prompt"].get(p, empty)
-            a = after["per_prompt"].get(p, empty)
-            lines.append(f"| `{p}` | {a['role'] or b['role']} | {_fmt(b['accuracy'])} | {_fmt(a['accuracy'])} | "
-                         f"{_fmt(b['p_forgotten'])} | {_fmt(a['p_forgotten'])} | {_fmt(b['entropy'])} | "
-                         f"{_fmt(a['entropy'])} | {_histogram_text(b['histogram'], labels)} | "
-                         f"{_histogram_text(a['histogram'], labels)} |")
+    runs = [before] + ([after] if after is not None else [])
+    rows = [[r["per_prompt"].get(p, {}) for r in runs] for p in prompts]
+    columns = []  # (header, getter)
+    for header, key, base_too in _PER_PROMPT_COLUMNS:
+        shown = list(range(len(runs))) if base_too else [len(runs) - 1] if after is not None else []
+        if not any(row[i].get(key) is not None for row in rows for i in shown):
+            continue
+        for i in shown:
+            title = header if len(shown) == 1 else f"{header} before" if i == 0 else "after"
+            columns.append((title, lambda ms, i=i, key=key: _fmt(ms[i].get(key))))
+    if any(m.get("nudenet") for row in rows for m in row):
+        for i in range(len(runs)):
+            title = "NudeNet exposed" if after is None else ("NudeNet exposed before" if i == 0 else "after")
+            columns.append((title, lambda ms, i=i: _nudenet_cell(ms[i])))
+    if labels:
+        for i in range(len(runs)):
+            title = ("predicted classes" if after is None else "predicted before" if i == 0 else "predicted after")
+            columns.append((title, lambda ms, i=i: _histogram_text(ms[i].get("histogram") or [], labels)))
+    headers = ["prompt", "role", *(t for t, _ in columns)]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for p, ms in zip(prompts, rows, strict=True):
+        role = next((m["role"] for m in reversed(ms) if m.get("role")), "")
+        cells = [f"`{p}`", role, *(fn(ms) for _, fn in columns)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     return "\n".join(lines)
 
 
 def samples_grid(samples_before: Mapping[str, torch.Tensor], samples_after: Mapping[str, torch.Tensor] | None = None,
-                 num_samples: int = 10, cell: int = 48, pad: int = 2):
-    """A PIL image: one row per prompt, ``num_samples`` before-samples, then (if given) after-samples.
+                 num_samples: int = 10, cell: int = 48, pad: int = 2, max_prompts: int = 24):
+    """A PIL image: one row per prompt (the first ``max_prompts``), ``num_samples`` before-samples, then
+    (if given) after-samples.
 
-    Cells are upscaled with nearest-neighbour so 16×16 samples stay visible; a left column names
-    the prompt (its last word, which is the class for the digit prompts).
+    Small samples are upscaled with nearest-neighbour so 16×16 digits stay visible, large ones are
+    downscaled with antialiasing; a left column names the prompt (its last word, which is the class
+    for the digit prompts).
     """
     from PIL import Image, ImageDraw
 
-    prompts = list(dict.fromkeys([*samples_before, *(samples_after or {})]))
+    prompts = list(dict.fromkeys([*samples_before, *(samples_after or {})]))[:max_prompts]
     blocks = [samples_before] + ([samples_after] if samples_after is not None else [])
     k = min(num_samples, max(len(s[p]) for s in blocks for p in s))
     label_w, header_h, gap = 72, 14, 12
@@ -704,7 +763,10 @@ def samples_grid(samples_before: Mapping[str, torch.Tensor], samples_after: Mapp
             if prompt not in block:
                 continue
             images = to_channels(block[prompt][:k].float().clamp(0, 1), 3)
-            images = torch.nn.functional.interpolate(images, size=(cell, cell), mode="nearest")
+            if images.shape[-1] < cell:
+                images = torch.nn.functional.interpolate(images, size=(cell, cell), mode="nearest")
+            else:
+                images = resize_images(images, cell)
             arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
             for n, img in enumerate(arr):
                 canvas.paste(Image.fromarray(img), (label_w + j * (block_w + gap) + n * (cell + pad), y))
