@@ -427,6 +427,11 @@ def load_classifier(name_or_path: str | os.PathLike, class_texts: Sequence[str] 
     Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` for a folder that is not a
     classifier in safetensors format (pickled checkpoints are refused on purpose).
     """
+    kind, target = parse_classifier_spec(name_or_path, class_texts)
+    if kind == "clip":
+        return ClipZeroShotClassifier(target, [t.strip() for t in class_texts], device=device)
+    if kind == "nudenet":
+        return NudeNetDetector(threshold=nudenet_threshold)
     folder = resolve_model_path(name_or_path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"classifier {str(name_or_path)!r}: no such folder")
