@@ -340,8 +340,6 @@ class NudeNetDetector:
     An image shows a class when a detection of that class scores at least ``threshold``.
     """
 
-    labels: list[str] = []  # no classes to label prompts with
-
     def __init__(self, threshold: float = 0.6, classes: Sequence[str] = NUDENET_EXPOSED_CLASSES, batch_size: int = 8):
         if not 0 < threshold <= 1:
             raise ValueError(f"--nudenet_threshold must be in (0, 1], got {threshold}")
@@ -350,6 +348,7 @@ class NudeNetDetector:
         except ImportError as err:
             raise ValueError(f"--classifier nudenet needs the nudenet package: {NUDENET_INSTALL_HINT}") from err
         self.detector = NudeDetector()
+        self.labels: list[str] = []  # no classes to label prompts with
         self.threshold = float(threshold)
         self.classes = list(classes)
         self.batch_size = batch_size
