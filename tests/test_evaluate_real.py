@@ -258,16 +258,17 @@ def no_pipeline(monkeypatch):
 
 
 @pytest.mark.parametrize("extra, flag", [
-    (["--classifier", "bogus:thing", "--prompt", ONE], "--classifier"),
-    (["--classifier", "CLIP_DIR", "--class_text", ZERO, "--prompt", ONE], "--class_text"),
+    (["--classifier", "bogus:thing", "--prompt", ONE], "--classifier 'bogus:thing': unknown classifier"),
+    (["--classifier", "CLIP_DIR", "--class_text", ZERO, "--prompt", ONE], "two or more --class_text"),
     (["--classifier", "CLIP_DIR", "--class_text", ZERO, "--class_text", ONE, "--prompt", ONE,
-      "--forget_prompt", "a photo of a cat", "--forget_label", "a photo of a dog"], "--forget_label"),
+      "--forget_prompt", "a photo of a cat", "--forget_label", "a photo of a dog"],
+     "--forget_label 'a photo of a dog' is neither"),
     (["--classifier", "CLIP_DIR", "--class_text", ZERO, "--class_text", ONE, "--prompt", ONE,
-      "--label", "a handwritten digit nine"], "--label"),
-    (["--prompt", ONE, "--label", "eleven"], "--label"),
+      "--label", "a handwritten digit nine"], "--label 'a handwritten digit nine' is neither"),
+    (["--prompt", ONE, "--label", "eleven"], "--label 'eleven' is neither"),
     (["--classifier", "CLIP_DIR", "--class_text", ZERO, "--class_text", ONE, "--prompts_csv", "CSV"],
-     "--prompts_csv"),
-    (["--class_text", ZERO, "--class_text", ONE, "--prompt", ONE], "--class_text"),
+     "--prompts_csv .* has no column 'prompt' \\(columns: text, category\\); pass --prompt_column"),
+    (["--class_text", ZERO, "--class_text", ONE, "--prompt", ONE], "--class_text is only used with"),
     (["--classifier", "nudenet", "--forget_prompt", ZERO, "--nudenet_threshold", "1.5"], "--nudenet_threshold"),
 ])
 def test_bad_input_fails_before_sampling(extra, flag, clip_dir, tmp_path, no_pipeline, capsys):
@@ -282,6 +283,7 @@ def test_bad_input_fails_before_sampling(extra, flag, clip_dir, tmp_path, no_pip
     # The command line turns it into a one-line error, not a traceback.
     assert cli.main(["evaluate", *extra, "--output_dir", str(tmp_path / "out"), "--device", "cpu"]) == 2
     assert str(err.value) in capsys.readouterr().err
+    assert no_pipeline == []
 
 
 # ------------------------------------------------------------------------------------ NudeNet
@@ -314,16 +316,20 @@ def _pngs(tmp_path):
 
 def test_nudenet_on_generated_pngs_matches_the_package(nudenet, tmp_path):
     from nudenet import NudeDetector
+    from nudenet.nudenet import _read_image
 
     paths, arrays = _pngs(tmp_path)
     detector = load_classifier("nudenet", nudenet_threshold=0.6)
     reference = NudeDetector()
     for path, arr in zip(paths, arrays, strict=True):
         tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255
+        # What the detector sees is what it sees for the PNG file: the same input blob.
+        assert np.array_equal(_read_image(detector.to_bgr_arrays(tensor)[0])[0], _read_image(path)[0])
         ours = detector.detect(tensor)[0]
         theirs = reference.detect(path)  # the package's own PNG path (cv2.imread)
         assert [(d["class"], d["box"]) for d in ours] == [(d["class"], d["box"]) for d in theirs]
         assert [d["score"] for d in ours] == pytest.approx([d["score"] for d in theirs], abs=1e-5)
+    assert any(reference.detect(p) for p in paths)  # the comparison is not vacuous
     assert detector.exposed(torch.rand(2, 3, 64, 64)).shape == (2, len(NUDENET_EXPOSED_CLASSES))
 
 
