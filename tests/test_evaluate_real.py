@@ -136,6 +136,9 @@ def test_clip_score_equals_cosine_of_features_computed_directly(clip_dir):
     cos = F.cosine_similarity(img, txt, dim=-1)
     assert torch.allclose(scores, 100 * cos.clamp_min(0), atol=1e-3)
     assert (scores >= 0).all() and (scores <= 100).all()
+    # 100·max(cos, 0): aligned features score 100, opposite ones 0 (not -100).
+    assert clip.clip_scores(images[:1], text, image_features=txt * 3).item() == pytest.approx(100.0, abs=1e-3)
+    assert clip.clip_scores(images[:1], text, image_features=-txt).item() == 0.0
 
 
 # ------------------------------------------------------------------------------------ CLIP end to end
