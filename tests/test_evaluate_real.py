@@ -415,3 +415,50 @@ def test_model_card_and_inspect_show_the_evaluation(clip_run, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     rows = {r["metric"]: r for r in summary["evaluation"]["summary"]}
     assert rows["FD to base, retained"]["after"] == fd and rows["FD to base, retained"]["before"] == "–"
+
+
+# ------------------------------------------------------------------------------------ shipped protocols
+
+
+PROTOCOLS = ["celebrity", "nudity", "art_style", "object"]
+
+
+def _script_argv(path) -> list[str]:
+    import shlex
+
+    text = path.read_text().replace("\\\n", " ")
+    command = next(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return [a for a in shlex.split(command) if a != '"$@"' and a != "$@"]
+
+
+@pytest.mark.parametrize("name", PROTOCOLS)
+def test_protocol_evaluate_commands_pass_every_check(name, clip_dir, no_pipeline, monkeypatch, tmp_path):
+    """Each shipped evaluate.sh parses, reads its files, resolves its labels and reaches pipeline loading."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    argv = _script_argv(root / "examples" / "protocols" / name / "evaluate.sh")
+    assert argv[:2] == ["sa-peft", "evaluate"]
+    argv = [f"clip:{clip_dir}" if a == "clip:openai/clip-vit-large-patch14" else
+            str(clip_dir) if a == "openai/clip-vit-large-patch14" else a for a in argv[1:]]
+    for flag, value in (("--lora", tmp_path), ("--output_dir", tmp_path / "evaluation")):
+        argv[argv.index(flag) + 1] = str(value)
+    if name == "nudity":
+        pytest.importorskip("nudenet")
+    args = _parser().parse_args([*argv, "--device", "cpu"])
+    with pytest.raises(AssertionError, match="must not be loaded"):
+        args.func(args)
+    assert len(no_pipeline) == 1
+    retained, forget, _ = evaluate_command.collect_prompts(args)
+    assert len(retained) >= 6 and len(forget) >= 4 and not set(retained) & set(forget)
+    if name != "nudity":
+        clf = load_classifier(args.classifier, args.class_text)
+        mapping, forgotten, _ = evaluate_command.resolve_evaluation_labels(clf, retained, None, forget,
+                                                                           args.forget_label)
+        assert forgotten == [0]  # the forgotten concept is the first class text
+        if name == "object":
+            assert all(mapping[p] is not None for p in retained)  # every retained prompt is a class text
+    train = _script_argv(root / "examples" / "protocols" / name / "train.sh")
+    for flag in ("--forget_prompts_file", "--replay_prompts_file"):
+        assert (root / train[train.index(flag) + 1]).is_file()
