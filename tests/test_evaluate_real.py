@@ -462,3 +462,27 @@ def test_protocol_evaluate_commands_pass_every_check(name, clip_dir, no_pipeline
     train = _script_argv(root / "examples" / "protocols" / name / "train.sh")
     for flag in ("--forget_prompts_file", "--replay_prompts_file"):
         assert (root / train[train.index(flag) + 1]).is_file()
+
+
+def test_evaluate_before_after_as_the_training_script_calls_it(clip_run, tmp_path):
+    """The training script's final evaluation: one pipeline with the adapter loaded, switched off for the base."""
+    from sa_peft.evaluation import generate_samples
+    from sa_peft.models import load_pipeline
+
+    root = clip_run[0]
+    pipe = load_pipeline("builtin:digits")
+    base = generate_samples(pipe, [ONE], 2, seed=0, num_inference_steps=2, show_progress=False)
+    pipe.load_lora_weights(str(root / "lora"), adapter_name="forget", use_safetensors=True)
+    classifier = load_classifier("builtin:digits-classifier")
+    lines = []
+    result = evaluate_command.evaluate_before_after(
+        pipe, classifier, [ONE, SEVEN], [ZERO], tmp_path / "evaluation", num_per_prompt=2, seed=0,
+        num_inference_steps=2, guidance_scale=3.0, disable_adapter=pipe.disable_lora, enable_adapter=pipe.enable_lora,
+        log=lines.append)
+    before, after = result["before"], result["after"]
+    assert torch.allclose(before["samples"][ONE], base[ONE], atol=1e-5)  # the base really had the adapter off
+    assert not torch.allclose(after["samples"][ONE], base[ONE], atol=1e-3)
+    assert before["fd_to_base"] is None and after["fd_to_base"]["frechet_distance"] > 0
+    assert after["fd_to_base"]["feature_space"] == "DigitsClassifier penultimate features"
+    assert before["forget"]["forgotten_labels"] == ["zero"] and len(lines) == 3
+    assert (tmp_path / "evaluation" / "metrics.json").is_file()

@@ -265,6 +265,47 @@ def _cache_dir(args: argparse.Namespace, settings: dict) -> str | None:
     return os.path.join(args.output_dir, "samples", f"{settings['stage']}-{key}")
 
 
+def evaluate_before_after(pipe, classifier, prompts: Sequence[str], forget_prompts: Sequence[str],
+                          output_dir: str | os.PathLike, *, num_per_prompt: int, seed: int, num_inference_steps: int,
+                          guidance_scale: float, batch_size: int = 50, prompt_labels: Sequence[str] | None = None,
+                          forget_labels: Sequence[str] | None = None, clip_model: ClipModel | None = None,
+                          disable_adapter=None, enable_adapter=None, cache: dict | None = None, log=print) -> dict:
+    """Score the base model, then (if ``enable_adapter``) the adapted one, and write the report to ``output_dir``.
+
+    ``classifier`` is what ``load_classifier`` returns (digits, CLIP or NudeNet). ``disable_adapter`` /
+    ``enable_adapter`` switch the pipeline between base and adapted (e.g. ``pipe.disable_lora`` and
+    ``pipe.enable_lora`` in a training script; ``None`` when the pipeline starts as the base model).
+    ``cache`` maps ``"base"`` / ``"adapted"`` to ``(folder, settings)`` of a ``SampleCache``; leave it
+    ``None`` unless the folder is specific to the model and adapter. The adapted run gets ``fd_to_base``
+    against the base run. Returns ``{"before", "after", "paths"}``.
+    """
+    mapping, forgotten, allow_unlabeled = resolve_evaluation_labels(classifier, prompts, prompt_labels, forget_prompts,
+                                                                    forget_labels)
+    common = {"num_per_prompt": num_per_prompt, "seed": seed, "batch_size": batch_size,
+              "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+              "clip_model": clip_model, "allow_unlabeled": allow_unlabeled, "keep_samples": 10}
+    cache = cache or {}
+
+    def cached(stage):
+        folder, settings = cache.get(stage, (None, None))
+        return {"cache_dir": folder, "cache_settings": settings}
+
+    if disable_adapter is not None:
+        disable_adapter()
+    before = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
+                               **cached("base"), desc="base samples")
+    log(format_summary("base", before))
+    after = None
+    if enable_adapter is not None:
+        enable_adapter()
+        after = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
+                                  base_features=before["features"], **cached("adapted"), desc="adapted samples")
+        log(format_summary("with LoRA", after))
+    paths = write_evaluation_report(before, after, output_dir)
+    log(f"wrote {', '.join(paths.values())}")
+    return {"before": before, "after": after, "paths": paths}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Evaluate the base pipeline and, if ``--lora`` is given, the pipeline with the LoRAs; write the report.
 
@@ -294,34 +335,24 @@ def run(args: argparse.Namespace) -> dict:
     if args.label is not None and (args.prompts_file or args.prompts_csv):
         raise ValueError("--label labels --prompt values one by one; it cannot be combined with --prompts_file "
                          "or --prompts_csv")
-    device = args.device
     classifier = load_classifier(args.classifier, args.class_text, nudenet_threshold=args.nudenet_threshold,
-                                 device=device)
-    mapping, forgotten, allow_unlabeled = resolve_evaluation_labels(classifier, prompts, args.label, forget_prompts,
-                                                                    args.forget_label)
-    clip_model = ClipModel(args.clip_score_model, device=device) if args.clip_score_model else None
+                                 device=args.device)
+    resolve_evaluation_labels(classifier, prompts, args.label, forget_prompts, args.forget_label)  # fail early
+    clip_model = ClipModel(args.clip_score_model, device=args.device) if args.clip_score_model else None
     pipe = load_pipeline_from_args(args)
-    common = {"num_per_prompt": args.num_images_per_prompt, "seed": args.seed, "batch_size": args.batch_size,
-              "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-              "clip_model": clip_model, "allow_unlabeled": allow_unlabeled, "keep_samples": 10}
-    settings = sample_cache_settings(args, "base")
-    before = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
-                               cache_dir=_cache_dir(args, settings), cache_settings=settings, desc="base samples")
-    _print_summary("base", before)
-    after = None
-    if args.lora:
-        apply_loras(pipe, args.lora, args.lora_weight)
-        settings = sample_cache_settings(args, "adapted")
-        after = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
-                                  base_features=before["features"], cache_dir=_cache_dir(args, settings),
-                                  cache_settings=settings, desc="adapted samples")
-        _print_summary("with LoRA", after)
-    paths = write_evaluation_report(before, after, args.output_dir)
-    print(f"wrote {', '.join(paths.values())}")
-    return {"before": before, "after": after, "paths": paths}
+    cache = {}
+    for stage in ("base", "adapted") if args.lora else ("base",):
+        settings = sample_cache_settings(args, stage)
+        cache[stage] = (_cache_dir(args, settings), settings)
+    return evaluate_before_after(
+        pipe, classifier, prompts, forget_prompts, args.output_dir, num_per_prompt=args.num_images_per_prompt,
+        seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size, prompt_labels=args.label, forget_labels=args.forget_label, clip_model=clip_model,
+        enable_adapter=(lambda: apply_loras(pipe, args.lora, args.lora_weight)) if args.lora else None, cache=cache)
 
 
-def _print_summary(name: str, metrics: dict) -> None:
+def format_summary(name: str, metrics: dict) -> str:
+    """One line of the main numbers of an ``evaluate_pipeline`` result (for logs)."""
     r, f, q = metrics["retained"], metrics["forget"], metrics["quality"]
     parts = [f"{name}: retained accuracy mean {r['mean_accuracy']:.3f} worst {r['worst_accuracy']:.3f}"
              if r["mean_accuracy"] is not None else f"{name}:"]
@@ -339,4 +370,4 @@ def _print_summary(name: str, metrics: dict) -> None:
     n = (metrics.get("nudenet") or {}).get("all")
     if n:
         parts.append(f"NudeNet: {n['images_with_exposed']}/{n['num_samples']} images with exposed parts")
-    print("; ".join(parts) + f" ({metrics['timing']['total_seconds']:.0f}s)")
+    return "; ".join(parts) + f" ({metrics['timing']['total_seconds']:.0f}s)"
