@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
+
+EVALUATION_METRICS = os.path.join("evaluation", "metrics.json")
 
 CARD_TAGS = ["lora", "diffusers", "stable-diffusion", "selective-amnesia", "concept-erasure", "text-to-image"]
 SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
@@ -89,13 +92,56 @@ concept back. Do not rely on this adapter as the only safety measure, and evalua
 """
 
 
+def evaluation_section(metrics_before: dict, metrics_after: dict | None) -> str:
+    """The card's "Evaluation" section: how it was measured and the before/after summary table."""
+    from .evaluation import summary_table
+
+    s = metrics_before.get("settings", {})
+    forget, prompts = s.get("forget_prompts", []), s.get("prompts", [])
+    how = (f"Measured with `sa-peft evaluate`: classifier {s.get('classifier', '?')}, {len(prompts) - len(forget)} "
+           f"retained and {len(forget)} forget prompts, {s.get('num_per_prompt', '?')} samples per prompt, seed "
+           f"{s.get('seed', '?')}, {s.get('sampler', '?')}, {s.get('num_inference_steps', '?')} steps, guidance "
+           f"{s.get('guidance_scale', '?')}. \"Before\" is the base model, \"after\" the base model with this adapter "
+           "(same seeds).")
+    notes = []
+    if s.get("clip_model"):
+        notes.append("CLIP score = mean 100·max(cos(image, prompt), 0); retained prompts should not drop.")
+    if s.get("feature_space"):
+        notes.append(f"FD / KID to base: Fréchet distance and KID between the adapted and the base samples of the "
+                     f"retained prompts in {s['feature_space']} (0 = unchanged).")
+    if s.get("nudenet_threshold") is not None:
+        notes.append(f"NudeNet counts images with an exposed-part detection scoring at least {s['nudenet_threshold']}.")
+    table = "\n".join(summary_table(metrics_before, metrics_after))
+    return f"## Evaluation\n\n{how} {' '.join(notes)}\n\n{table}\n"
+
+
+def read_evaluation_metrics(output_dir: str | os.PathLike) -> tuple[dict, dict | None] | None:
+    """``(before, after)`` from ``output_dir/evaluation/metrics.json``, or ``None`` when there is none."""
+    path = os.path.join(os.fspath(output_dir), EVALUATION_METRICS)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("before"), dict):
+        raise ValueError(f"{path!r} is not an sa-peft evaluation (no 'before' metrics)")  # noqa: TRY004 (bad file)
+    return data["before"], data.get("after")
+
+
 def write_model_card(output_dir: str | os.PathLike, info: dict, repo_id: str | None = None) -> str:
-    """Write ``README.md`` in ``output_dir`` with the card's YAML metadata and body; returns its path."""
+    """Write ``README.md`` in ``output_dir`` with the card's YAML metadata and body; returns its path.
+
+    When ``output_dir/evaluation/metrics.json`` exists (``sa-peft evaluate --output_dir OUTPUT/evaluation``
+    or the training script's final evaluation), its summary table goes in an "Evaluation" section.
+    """
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
     # What diffusers' load_or_create_model_card(from_training=True) builds, without asking the hub first.
     sdxl = info.get("base_pipeline") == "StableDiffusionXLPipeline"
+    description = model_card_text(info, repo_id)
+    evaluation = read_evaluation_metrics(output_dir)
+    if evaluation is not None:
+        description = description.replace("\n## Limits\n", "\n" + evaluation_section(*evaluation) + "\n## Limits\n", 1)
     card = ModelCard.from_template(
         card_data=ModelCardData(
             license="openrail++" if sdxl else "creativeml-openrail-m",  # the base families' licenses
@@ -106,7 +152,7 @@ def write_model_card(output_dir: str | os.PathLike, info: dict, repo_id: str | N
             widget=None,
         ),
         template_path=MODEL_CARD_TEMPLATE_PATH,
-        model_description=model_card_text(info, repo_id),
+        model_description=description,
     )
     card = populate_model_card(card, tags=card_tags(info))
     path = os.path.join(os.fspath(output_dir), "README.md")

@@ -172,6 +172,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_kohya_format", action="store_true", help="also write an A1111/ComfyUI-keyed copy")
     p.add_argument("--classifier", default=None, help="image classifier for the final evaluation (default on digits: builtin:digits-classifier)")
     p.add_argument("--num_evaluation_images_per_prompt", type=int, default=50, help="samples per prompt in the final evaluation" + d)
+    p.add_argument("--class_text", action="append", default=None,
+                   help="with --classifier clip:<model>: a zero-shot class (repeatable, two or more)")
+    p.add_argument("--forget_label", action="append", default=None,
+                   help="class (text or index) of the forgotten concept for the evaluation (repeatable)")
+    p.add_argument("--nudenet_threshold", type=float, default=0.6, help="with --classifier nudenet: detection score" + d)
+    p.add_argument("--clip_score_model", default=None, help="CLIP model (hub id or folder) for CLIP scores in the evaluation")
+    p.add_argument("--evaluation_prompts_file", default=None,
+                   help="prompts to evaluate, one per line; default: the forget and replay prompts")
     return p.parse_args(argv)
 
 
@@ -245,8 +253,17 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         os.path.isdir(p) for p in (checkpoint, os.path.join(args.output_dir, checkpoint))
     ):
         raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder")
+    if args.classifier:
+        from sa_peft.classifier import parse_classifier_spec
+
+        parse_classifier_spec(args.classifier, args.class_text)  # a bad spec fails now, not after training
+        if not 0 < args.nudenet_threshold < 1:
+            raise ValueError(f"--nudenet_threshold must be in (0, 1), got {args.nudenet_threshold}")
+    evaluation_prompts = (read_prompts_file(args.evaluation_prompts_file, "--evaluation_prompts_file")
+                          if args.evaluation_prompts_file else None)
     validation = args.validation_prompt or (forget + replay[:2])
-    return {"forget": forget, "replay": replay, "validation": check_prompts(validation, "--validation_prompt")}
+    return {"forget": forget, "replay": replay, "validation": check_prompts(validation, "--validation_prompt"),
+            "evaluation_prompts": evaluation_prompts}
 
 
 def surrogate_description(args) -> str:
@@ -521,11 +538,11 @@ def main(argv: list[str] | None = None):
             export_kohya(lora_file, os.path.join(args.output_dir, KOHYA_WEIGHT_NAME))
         after_images = log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
         save_before_after_grid(before_images, after_images, os.path.join(args.output_dir, "validation_before_after.png"))
-        write_model_card(args.output_dir, run_info, repo_id=args.hub_model_id)
         if args.classifier:
             start = time.perf_counter()
             evaluate_forgetting(accelerator, pipe, plan, args)
             timings["evaluation_s"] = time.perf_counter() - start
+        write_model_card(args.output_dir, run_info, repo_id=args.hub_model_id)  # after the evaluation: it shows it
         write_json_atomic(os.path.join(args.output_dir, "timings.json"), timings)
         logger.info("Timings: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
         if args.push_to_hub:
@@ -628,27 +645,23 @@ def move_frozen_encoders(pipe, device, args) -> None:
 
 
 def evaluate_forgetting(accelerator, pipe, plan, args) -> None:
-    """Score the base model and the adapted one with ``--classifier``; write ``evaluation/report.md``."""
-    from sa_peft.classifier import load_classifier
-    from sa_peft.commands.evaluate import resolve_labels
-    from sa_peft.evaluation import evaluate_pipeline, write_evaluation_report
+    """Score the base model and the adapted one with ``--classifier``; write ``evaluation/`` (report, metrics)."""
+    from sa_peft.classifier import ClipModel, load_classifier
+    from sa_peft.commands.evaluate import evaluate_before_after
 
-    classifier = load_classifier(args.classifier)
-    prompts = plan["forget"] + plan["replay"]
-    labels, forgotten = resolve_labels(prompts, None, plan["forget"], None, classifier.labels)
+    classifier = load_classifier(args.classifier, args.class_text, nudenet_threshold=args.nudenet_threshold,
+                                 device=accelerator.device)
+    clip = ClipModel(args.clip_score_model, device=accelerator.device) if args.clip_score_model else None
+    prompts = plan["evaluation_prompts"] or plan["forget"] + plan["replay"]
     move_frozen_encoders(pipe, accelerator.device, args)
     pipe.unet.eval()
-    settings = {"num_per_prompt": args.num_evaluation_images_per_prompt, "seed": args.seed,
-                "num_inference_steps": args.generation_num_inference_steps, "guidance_scale": args.generation_guidance_scale}
-    pipe.disable_lora()
-    before = evaluate_pipeline(pipe, classifier, prompts, labels, plan["forget"], forgotten, **settings)
-    pipe.enable_lora()
-    after = evaluate_pipeline(pipe, classifier, prompts, labels, plan["forget"], forgotten, **settings)
-    paths = write_evaluation_report(before, after, os.path.join(args.output_dir, "evaluation"))
-    f_before, f_after = before["forget"]["p_forgotten"], after["forget"]["p_forgotten"]
-    r_before, r_after = before["retained"]["mean_accuracy"], after["retained"]["mean_accuracy"]
-    logger.info(f"Evaluation ({args.num_evaluation_images_per_prompt} samples per prompt): P(forgotten) on the forget "
-                f"prompt {f_before:.3f} -> {f_after:.3f}; retained accuracy {r_before:.3f} -> {r_after:.3f}; report {paths['report']}")
+    evaluate_before_after(
+        pipe, classifier, prompts, plan["forget"], os.path.join(args.output_dir, "evaluation"),
+        num_per_prompt=args.num_evaluation_images_per_prompt, seed=args.seed,
+        num_inference_steps=args.generation_num_inference_steps, guidance_scale=args.generation_guidance_scale,
+        forget_labels=args.forget_label, clip_model=clip, disable_adapter=pipe.disable_lora,
+        enable_adapter=pipe.enable_lora, log=logger.info,
+    )
 
 
 def log_validation(accelerator, pipe, prompts, args, resolution, step):

@@ -88,7 +88,25 @@ def describe(path: str | os.PathLike) -> dict:
     out["sa_peft"] = info
     if info and "forgetting" in info:
         out["forgetting"] = info["forgetting"]
+    _add_evaluation(out, path, file)
     return out
+
+
+def _add_evaluation(out: dict, path, file: str) -> None:
+    """The before/after summary of ``evaluation/metrics.json`` beside the adapter, if there is one."""
+    from ..evaluation import summary_rows
+    from ..model_card import EVALUATION_METRICS, read_evaluation_metrics
+
+    folder = os.fspath(path) if os.path.isdir(path) else os.path.dirname(os.path.abspath(file))
+    metrics = read_evaluation_metrics(folder)
+    if metrics is None:
+        return
+    before, after = metrics
+    out["evaluation"] = {
+        "file": os.path.abspath(os.path.join(folder, EVALUATION_METRICS)),
+        "classifier": before.get("settings", {}).get("classifier"),
+        "summary": [{"metric": n, "before": b, "after": a} for n, b, a in summary_rows(before, after)],
+    }
 
 
 def _format(value) -> str:
@@ -123,6 +141,13 @@ def format_text(summary: dict) -> str:
     config = summary.get("adapter_config")
     if config:
         lines.append(f"adapter config: r={config['r']} alpha={config['lora_alpha']} rsLoRA={config['use_rslora']}")
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        rows = evaluation["summary"]
+        lines.append(f"evaluation ({evaluation['file']}, classifier {evaluation['classifier']}):")
+        width = max([len(r["metric"]) for r in rows] + [6])
+        lines.append(f"  {'metric':<{width}}  {'before':>8}  {'after':>8}")
+        lines += [f"  {r['metric']:<{width}}  {r['before']:>8}  {r['after'] or '–':>8}" for r in rows]
     return "\n".join(lines)
 
 
