@@ -37,11 +37,15 @@ def per_sample_diffusion_loss(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
     unet_kwargs: dict,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and its target, averaged over latent elements: one value per sample."""
+    """MSE between the UNet's prediction and its target, averaged over latent elements: one value per sample.
+
+    ``target`` replaces the usual ε / v target (replay distillation passes the frozen model's prediction)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **unet_kwargs, return_dict=False)[0]
-    target = prediction_target(scheduler, latents, noise, timesteps)
+    if target is None:
+        target = prediction_target(scheduler, latents, noise, timesteps)
     return (prediction.float() - target.float()).square().flatten(1).mean(1)
 
 

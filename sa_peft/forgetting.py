@@ -34,6 +34,7 @@ from .diffusion_loss import per_sample_diffusion_loss
 
 DEFAULT_PREFERENCE_THRESHOLD = 0.0
 DEFAULT_RETENTION_BOUND = 0.05
+SWAP_FRACTION = 0.6
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ForgettingProbe:
         threshold: float = DEFAULT_PREFERENCE_THRESHOLD,
         retention_bound: float = DEFAULT_RETENTION_BOUND,
         batch_size: int = 256,
+        surrogate_prompts: Sequence[str | None] | None = None,
     ) -> None:
         if not (len(forget_prompts) == len(concept_latents) == len(surrogate_latents)) or not forget_prompts:
             raise ValueError("one set of concept and surrogate probe images is needed per forget prompt")
@@ -108,6 +110,16 @@ class ForgettingProbe:
                                          concept_batch.timesteps, concept_batch.noise, n)
             self.concepts.append((concept_batch, surrogate_batch))
         self.replay = _probe_batch(replay_latents, replay_prompt_ids, num_timesteps, num_train_timesteps, generator)
+        # The same images under each concept's surrogate prompt (when the surrogate is a prompt): what a model
+        # that fully swapped the concept for the surrogate would show under the forget prompt.
+        self.under_surrogate: list[tuple[ProbeBatch, ProbeBatch] | None] = []
+        for (c, s_batch), surrogate_prompt in zip(self.concepts, surrogate_prompts or [None] * len(self.concepts)):
+            if surrogate_prompt is None:
+                self.under_surrogate.append(None)
+                continue
+            ids = torch.full_like(c.prompt_ids, conditioning.prompts.index(surrogate_prompt))
+            self.under_surrogate.append((ProbeBatch(c.latents, ids, c.timesteps, c.noise, c.num_images),
+                                         ProbeBatch(s_batch.latents, ids, c.timesteps, c.noise, c.num_images)))
         self.base: dict | None = None
 
     @torch.no_grad()
@@ -142,6 +154,15 @@ class ForgettingProbe:
     def calibrate(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
         """Measure the frozen model (call with the adapter disabled); later signals are relative to it."""
         self.base = self._raw(unet, scheduler, conditioning)
+        was_training = unet.training
+        unet.eval()
+        try:
+            for entry, pair in zip(self.base["concepts"], self.under_surrogate):
+                if pair is not None:
+                    entry["target_gap"] = (self._loss(unet, scheduler, pair[0], conditioning)
+                                           - self._loss(unet, scheduler, pair[1], conditioning))
+        finally:
+            unet.train(was_training)
         return self.base
 
     def measure(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
@@ -158,13 +179,21 @@ def forgetting_signal(base: dict, now: dict, forget_prompts: Sequence[str], thre
     for prompt, b, n in zip(forget_prompts, base["concepts"], now["concepts"]):
         base_gap = b["concept_loss"] - b["surrogate_loss"]
         gap = n["concept_loss"] - n["surrogate_loss"]
-        # 1 − (gap − base gap) / |base gap|: 1 for the base model; for the usual base model, which prefers
-        # its own samples (base gap < 0), this is gap / base gap: 0 when concept and surrogate are equally
-        # likely, negative once the surrogate is preferred. It falls by 1 per base margin of movement.
-        preference = 1 - (gap - base_gap) / max(abs(base_gap), 1e-12)
+        # The gap at which the concept counts as no longer preferred. With a surrogate prompt, the target gap is
+        # the frozen model's gap under the surrogate prompt (what a complete swap of concept for surrogate
+        # shows), and the reference lies SWAP_FRACTION of the way from the base gap to it: this cancels how much
+        # harder one kind of image is to denoise than the other ("two" → "three" plateaued at a raw gap of
+        # 0.2 × the base gap with P(two) already 0.004). Without a surrogate prompt (noise, image folders): equal
+        # losses. Calibration on the digits (benchmarks/RESULTS.md): 54 % of the way ↔ P(three) 0.42, 64 % ↔
+        # P(five) 0.008, 82 % ↔ P(three) 0.001.
+        target = b.get("target_gap")
+        reference = base_gap + SWAP_FRACTION * (target - base_gap) if target is not None and target > base_gap else 0.0
+        # 1 for the base model, 0 at the reference gap, negative past it; 1 − (gap − b) / |b| without a target.
+        preference = 1 - (gap - base_gap) / max(abs(reference - base_gap), 1e-12)
         concepts[prompt] = {
             "preference": preference, "forgotten": preference <= threshold,
             "concept_loss": n["concept_loss"], "surrogate_loss": n["surrogate_loss"], "base_gap": base_gap, "gap": gap,
+            "reference_gap": reference,
         }
     retention = now["replay_loss"] / base["replay_loss"] - 1 if base["replay_loss"] > 0 else 0.0
     reached = all(c["forgotten"] for c in concepts.values())

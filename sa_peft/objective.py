@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import PromptConditioning
-from .diffusion_loss import prediction_target, snr_weights
+from .diffusion_loss import per_sample_diffusion_loss, prediction_target, snr_weights
 
 REPLAY_TARGETS = ("noise", "distill")
 
@@ -94,18 +94,18 @@ def selective_amnesia_loss(
     T = scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, T, (len(latents),), generator=generator, device=generator.device if generator else None).to(device)
     kwargs = conditioning.unet_kwargs(prompt_ids, dtype)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = prediction_target(scheduler, latents, noise, timesteps)
     n = len(surrogate_latents)
     if use_replay and replay_target == "distill":
-        # Before the adapted forward pass: switching adapters off and on touches requires_grad.
+        # The frozen model's prediction first: switching adapters off and on touches requires_grad.
         base = unet if base_unet is None else base_unet
         base_kwargs = (base_conditioning or conditioning).unet_kwargs(prompt_ids[n:], dtype)
+        noisy = scheduler.add_noise(latents[n:], noise[n:], timesteps[n:])
         with torch.no_grad(), adapters_disabled(base):
-            frozen = base(noisy[n:], timesteps[n:], **base_kwargs, return_dict=False)[0]
-        target = torch.cat([target[:n], frozen.to(target.dtype)])
-    prediction = unet(noisy, timesteps, **kwargs, return_dict=False)[0]
-    losses = (prediction.float() - target.float()).square().flatten(1).mean(1)
+            frozen = base(noisy, timesteps[n:], **base_kwargs, return_dict=False)[0]
+        target = torch.cat([prediction_target(scheduler, latents[:n], noise[:n], timesteps[:n]), frozen.to(latents.dtype)])
+        losses = per_sample_diffusion_loss(unet, scheduler, latents, timesteps, noise, kwargs, target=target)
+    else:
+        losses = per_sample_diffusion_loss(unet, scheduler, latents, timesteps, noise, kwargs)
     if snr_gamma is not None:
         losses = losses * snr_weights(scheduler, timesteps, snr_gamma).to(losses)
     forget = losses[:n].mean()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,12 +36,14 @@ def test_gpu_memory_smoke_on_cpu():
     assert out.count("| tiny |") >= 5
 
 
+@pytest.mark.slow
 def test_memory_smoke():
     out = run("memory.py", "--unets", "tiny", "--measure", "tiny", "--measure_steps", "1")
     assert "| tiny |" in out
 
 
 @pytest.mark.parametrize("rows", [["default", "stack"]])
+@pytest.mark.slow
 def test_digits_forgetting_smoke(tmp_path, rows):
     out = run("digits_forgetting.py", "--rows", *rows, "--num_images_per_prompt", "2", "--durability_steps", "2",
               "--output", str(tmp_path / "table.md"), "--extra", "--max_train_steps", "2", "--num_surrogate_images", "16",
@@ -48,3 +51,17 @@ def test_digits_forgetting_smoke(tmp_path, rows):
     table = (tmp_path / "table.md").read_text()
     for row in ("| base model |", "| default |", "plain fine-tuning", "| stacked:"):
         assert row in table and row in out
+
+
+@pytest.mark.slow
+def test_forgetting_every_concept_smoke(tmp_path):
+    run("forgetting_every_concept.py", "--digits", "2", "--seeds", "0", "--surrogates", "digit", "noise", "--pairs", "0+1",
+        "--num_images_per_prompt", "2", "--work_dir", str(tmp_path), "--output", str(tmp_path / "table.md"), "--extra",
+        "--max_train_steps", "2", "--num_surrogate_images", "8", "--num_replay_images_per_prompt", "2",
+        "--fisher_num_samples", "4", "--generation_num_inference_steps", "3", "--num_probe_images", "2")
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["trained_steps"] == 2 for r in rows)
+    # Two steps do not forget: the verdict says so, and the classifier agrees on the base model's digit.
+    assert all(r["forgetting"]["reached"] is False for r in rows)
+    assert rows[0]["before"]["forget"]["a handwritten digit two"]["p_forgotten"] > 0.5
+    assert "Rows meeting every target" in (tmp_path / "table.md").read_text()

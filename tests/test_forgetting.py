@@ -163,3 +163,19 @@ def test_rank1_penalty_equals_the_explicit_projection_and_the_mean_gradient_is_t
     fisher.mean_gradient.clear()
     with pytest.raises(ValueError, match="mean gradient"):
         Rank1FisherPenalty(unet, fisher)
+
+
+def test_with_a_surrogate_prompt_the_reference_is_part_way_to_a_complete_swap():
+    from sa_peft.forgetting import SWAP_FRACTION
+
+    # base gap −0.06; under the surrogate prompt the frozen model's gap is −0.01 (surrogate images are harder
+    # to denoise), so a complete swap only reaches −0.01 and the reference is −0.06 + 0.6 · 0.05 = −0.03
+    base = {"concepts": [{"concept_loss": 0.20, "surrogate_loss": 0.26, "target_gap": -0.01}], "replay_loss": 1.0}
+    reference = -0.06 + SWAP_FRACTION * 0.05
+    at = {"concepts": [{"concept_loss": 0.20 + reference, "surrogate_loss": 0.20}], "replay_loss": 1.0}  # gap = reference
+    signal = forgetting_signal(base, at, ["c"], 0.0, 0.05)
+    assert signal["concepts"]["c"]["reference_gap"] == pytest.approx(reference)
+    assert signal["concepts"]["c"]["preference"] == pytest.approx(0.0, abs=1e-9) and signal["reached"]
+    still = {"concepts": [{"concept_loss": 0.20 + reference - 0.005, "surrogate_loss": 0.20}], "replay_loss": 1.0}
+    assert not forgetting_signal(base, still, ["c"], 0.0, 0.05)["reached"]
+    assert forgetting_signal(base, base, ["c"], 0.0, 0.05)["concepts"]["c"]["preference"] == pytest.approx(1.0)

@@ -218,6 +218,7 @@ def _launch(args, env_extra=None, num_processes=1):
     return cmd + [str(SCRIPT), *args], env
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_pipe_dir, replay_file, tmp_path):
     out = tmp_path / "ddp"
     cmd, env = _launch(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "3"), num_processes=2)
@@ -229,6 +230,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_pipe_dir, replay_file, tmp_pat
     assert sample(fresh).shape == (1, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tiny_pipe_dir, replay_file, tmp_path):
     common = ["--surrogate_type", "noise", "--max_train_steps", "40", "--checkpointing_steps", "10"]
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None):
         seed=args.seed + 1_000_000, resolution=resolution, guidance_scale=args.generation_guidance_scale,
         num_inference_steps=args.generation_num_inference_steps, accelerator=accelerator, show_progress=show,
     )
-    conditioning = encode_prompts(pipe, plan["forget"] + plan["replay"], resolution)
+    # The surrogate prompts too: the forgetting signal measures the held-out images under them.
+    conditioning = encode_prompts(pipe, plan["forget"] + plan["replay"] + (args.surrogate_prompt or []), resolution)
     probe = build_forgetting_probe(pipe, args, plan, generation, sur_settings, resolution, conditioning, scheduler,
                                    accelerator, show)
     timings["generation_s"] = time.perf_counter() - start
@@ -634,7 +635,16 @@ def build_forgetting_probe(pipe, args, plan, generation, sur_settings, resolutio
         conditioning, forget, [of_prompt(concepts, f) for f in forget], [of_prompt(surrogates, f) for f in forget],
         replays.latents, replays.prompt_ids(conditioning.prompts), scheduler.config.num_train_timesteps,
         seed=args.seed, threshold=args.forgetting_threshold, retention_bound=args.retention_bound,
+        surrogate_prompts=paired_surrogate_prompts(args, forget),
     )
+
+
+def paired_surrogate_prompts(args, forget: list[str]) -> list[str | None]:
+    """Each forget prompt's surrogate prompt (``None`` for noise or image-folder surrogates)."""
+    if args.surrogate_prompt is None:
+        return [None] * len(forget)
+    prompts = [p.strip() for p in args.surrogate_prompt]
+    return prompts * len(forget) if len(prompts) == 1 else prompts
 
 
 def move_frozen_encoders(pipe, device, args) -> None:
