@@ -152,10 +152,10 @@ def write_table(results: list[dict], args, path: str) -> None:
     lines = [
         "# Forgetting every digit at the defaults", "",
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/forgetting_every_concept.py {' '.join(args.argv)}`", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one thread; "
-        f"{args.num_images_per_prompt} samples per prompt, evaluation seed 1234; {time.strftime('%Y-%m-%d')}.", "",
-        "| run | P(forgotten) after | share read as the surrogate | verdict: forgotten | retained acc | Fréchet | "
-        "off-manifold | steps | train s | targets |",
+        (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one thread; "
+         f"{args.num_images_per_prompt} samples per prompt, evaluation seed 1234; {time.strftime('%Y-%m-%d')}."), "",
+        ("| run | P(forgotten) after | share read as the surrogate | verdict: forgotten | retained acc | Fréchet | "
+         "off-manifold | steps | train s | targets |"),
         "|---|---|---|---|---|---|---|---|---|---|",
         *[fmt_row(r) for r in results], "",
     ]
@@ -175,18 +175,28 @@ def main() -> None:
     parser.add_argument("--work_dir", default="/tmp/sa-peft-every-concept")
     parser.add_argument("--jsonl", default=None, help="results so far (default: <work_dir>/results.jsonl)")
     parser.add_argument("--output", default=None, help="markdown table to write")
+    parser.add_argument("--report_only", nargs="*", default=None, metavar="JSONL",
+                        help="write --output from these results files (rows in file order) and run nothing")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
     args = parser.parse_args()
     import sys
 
     args.argv = sys.argv[1:]
+    if args.report_only is not None:
+        results = []
+        for path in args.report_only:
+            with open(path) as f:
+                results += [json.loads(line) for line in f]
+        write_table(results, args, args.output)
+        return
     os.makedirs(args.work_dir, exist_ok=True)
     jsonl = args.jsonl or os.path.join(args.work_dir, "results.jsonl")
     done = {}
     if os.path.exists(jsonl):
-        for line in open(jsonl):
-            r = json.loads(line)
-            done[r["row"]["name"]] = r
+        with open(jsonl) as f:
+            for line in f:
+                r = json.loads(line)
+                done[r["row"]["name"]] = r
     classifier = load_classifier("builtin:digits-classifier")
     module = load_train_module()
     base = load_pipeline("builtin:digits")

@@ -6,16 +6,14 @@ the same timesteps and noise, the adapted model's loss on held-out images of the
 model's own samples of c_f) with its loss on held-out surrogate images:
 
     gap(θ)      = ℓ_θ(x_concept, c_f) − ℓ_θ(x_surrogate, c_f)
-    preference  = gap(θ) / gap(θ*)        (1 for the base model, 0 when both are as likely, < 0 when
-                                           the surrogate is preferred; in general 1 − Δgap / |gap(θ*)|)
+    preference  = 1 − (gap(θ) − gap(θ*)) / (reference − gap(θ*))
 
-The base model prefers its own samples (gap(θ*) < 0), so preference starts at 1. The concept counts as
-forgotten when preference ≤ ``threshold`` (default 0: the concept is no more likely than the surrogate,
-which is SA's aim). Measured against the digits classifier (three → four, noise replay, checkpoints every
-100 steps, 30 samples): preference 0.37 ↔ P(three) 0.42; 0.04 ↔ 0.001 with every sample read as "four";
-−0.10 ↔ 0.000. So the classifier's P ≤ 0.02 is reached a little before preference 0, and stopping at 0
-leaves a margin (benchmarks/RESULTS.md). The retained counterpart is the relative change of the held-out replay loss,
-ℓ_θ(x_replay, c_replay) / ℓ_θ*(x_replay, c_replay) − 1, bounded by ``retention_bound``.
+1 for the base model (which prefers its own samples: gap(θ*) < 0), 0 at the reference gap, negative past
+it. With a surrogate prompt c_s the reference lies ``SWAP_FRACTION`` of the way from gap(θ*) to the frozen
+model's gap under c_s (a complete swap of concept for surrogate); otherwise it is 0 (equally likely). The
+concept counts as forgotten when preference ≤ ``threshold`` (default 0). The retained counterpart is the
+relative change of the held-out replay loss, ℓ_θ(x_replay, c_replay) / ℓ_θ*(x_replay, c_replay) − 1,
+bounded by ``retention_bound``.
 
 Every loss here is evaluated on fixed (timestep, noise) pairs drawn once from a seed: K stratified
 timesteps per image, the same for the concept and surrogate images of a concept, so the gap's noise is
@@ -34,7 +32,7 @@ from .diffusion_loss import per_sample_diffusion_loss
 
 DEFAULT_PREFERENCE_THRESHOLD = 0.0
 DEFAULT_RETENTION_BOUND = 0.05
-SWAP_FRACTION = 0.6
+SWAP_FRACTION = 0.8
 
 
 @dataclass
@@ -88,8 +86,8 @@ class ForgettingProbe:
             raise ValueError("one set of concept and surrogate probe images is needed per forget prompt")
         if num_timesteps <= 0:
             raise ValueError(f"--forgetting_num_timesteps must be a positive integer, got {num_timesteps}")
-        if not -10 <= threshold < 1:
-            raise ValueError(f"--forgetting_threshold must be in [-10, 1), got {threshold}")
+        if not -10 <= threshold <= 10:  # finite and sane; ≥ 1 counts even the base model as forgotten
+            raise ValueError(f"--forgetting_threshold must be in [-10, 10], got {threshold}")
         if not retention_bound > 0:
             raise ValueError(f"--retention_bound must be > 0, got {retention_bound}")
         self.conditioning = conditioning
@@ -185,7 +183,7 @@ def forgetting_signal(base: dict, now: dict, forget_prompts: Sequence[str], thre
         # harder one kind of image is to denoise than the other ("two" → "three" plateaued at a raw gap of
         # 0.2 × the base gap with P(two) already 0.004). Without a surrogate prompt (noise, image folders): equal
         # losses. Calibration on the digits (benchmarks/RESULTS.md): 54 % of the way ↔ P(three) 0.42, 64 % ↔
-        # P(five) 0.008, 82 % ↔ P(three) 0.001.
+        # P(five) 0.008, 82 % ↔ P(three) 0.001, 100 % ↔ P(two) 0.004; stopping at 60 % left P(one) at 0.21.
         target = b.get("target_gap")
         reference = base_gap + SWAP_FRACTION * (target - base_gap) if target is not None and target > base_gap else 0.0
         # 1 for the base model, 0 at the reference gap, negative past it; 1 − (gap − b) / |b| without a target.

@@ -101,7 +101,7 @@ def test_probe_rejects_bad_settings(tiny_pipe):
     cond = encode_prompts(tiny_pipe, PROMPTS)
     x = torch.zeros(2, 4, 8, 8)
     with pytest.raises(ValueError, match="--forgetting_threshold"):
-        ForgettingProbe(cond, ["brad pitt"], [x], [x], x, torch.ones(2, dtype=torch.long), 1000, threshold=1.5)
+        ForgettingProbe(cond, ["brad pitt"], [x], [x], x, torch.ones(2, dtype=torch.long), 1000, threshold=float("nan"))
     with pytest.raises(ValueError, match="per forget prompt"):
         ForgettingProbe(cond, ["brad pitt"], [x, x], [x], x, torch.ones(2, dtype=torch.long), 1000)
 

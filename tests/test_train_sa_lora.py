@@ -337,16 +337,16 @@ def test_verdict_is_recorded_shown_and_enforced(train, tiny_pipe_dir, replay_fil
 
 
 def test_training_stops_once_forgotten(train, tiny_pipe_dir, replay_file, tmp_path):
-    """A threshold the base model already meets (preference ≤ 1) ends training at the first check."""
+    """A threshold every model meets (preference ≤ 5) ends training at the second check, not the first."""
     out = tmp_path / "run"
     train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
-                         "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "0.999999",
+                         "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "5",
                          "--learning_rate", "1e-2"))
     forgetting = read_adapter_metadata(out)["sa_peft"]["forgetting"]
-    assert forgetting["reached"] and forgetting["reached_at_step"] == 5 and forgetting["trained_steps"] == 5
+    assert forgetting["reached"] and forgetting["reached_at_step"] == 5 and forgetting["trained_steps"] == 10  # two checks in a row
     full = tmp_path / "full"
     train.main(tiny_args(tiny_pipe_dir, replay_file, full, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
-                         "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "0.999999",
+                         "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "5",
                          "--learning_rate", "1e-2", "--train_full_budget"))
     assert read_adapter_metadata(full)["sa_peft"]["forgetting"]["trained_steps"] == 20
 

@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None):
     start = time.perf_counter()
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not show)
     unet.train()
-    signal, signal_step, reached_step = None, -1, None
+    signal, signal_step, reached_step, previous_done = None, -1, None, False
     ewc_lambda = AdaptiveLambda(args.ewc_lambda)
     while global_step < args.max_train_steps:
         stop = False
@@ -501,7 +501,10 @@ def main(argv: list[str] | None = None):
                 logs["ewc_lambda"] = ewc_lambda.update(signal)
             if signal["reached"] and reached_step is None:
                 reached_step = global_step
-            stop = args.stop_when_forgotten and signal["reached"] and signal["retained"]
+            # Two checks in a row: one probe reading can dip past the threshold (digits: "one" stopped at P 0.21).
+            done = signal["reached"] and signal["retained"]
+            stop = args.stop_when_forgotten and done and previous_done
+            previous_done = done
         progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
         accelerator.log(logs, step=global_step)
         if accelerator.is_main_process:
