@@ -18,14 +18,14 @@ Results are appended to --jsonl as each row finishes, so an interrupted benchmar
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
+from digits_forgetting import load_train_module
+from digits_forgetting import train as run_training
 
 from sa_peft.classifier import load_classifier
 from sa_peft.defaults import DIGIT_PROMPTS, next_digit_surrogate
@@ -33,24 +33,10 @@ from sa_peft.evaluation import _retained_reference, frechet_distance, generate_s
 from sa_peft.io_utils import write_text_atomic
 from sa_peft.models import load_pipeline
 
-SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_sa_lora.py"
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("train_sa_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def train(module, work_dir: str, flags: list[str]):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    start = time.perf_counter()
-    pipe = module.main(["--output_dir", work_dir, "--classifier", "", "--num_validation_images", "1",
-                        "--validation_steps", "1000000", "--checkpointing_steps", "1000000", *flags])
-    return pipe, time.perf_counter() - start
+    """The digits benchmark's in-process run, without training checkpoints (nothing here resumes)."""
+    return run_training(module, work_dir, ["--checkpointing_steps", "1000000", *flags])
 
 
 def noise_p(classifier, label: int, n: int = 500) -> float:
