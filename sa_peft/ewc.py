@@ -4,7 +4,7 @@ With frozen base weights θ*, a LoRA layer moves its weight by ΔW = s·B·A, so
 Σ F ⊙ (θ − θ*)² becomes Σ F ⊙ ΔW² (full space, exact). The low-rank space replaces F by the rank-one
 F̂ = u vᵀ / S built from F's row sums u, column sums v and total S, which gives
     Σ F̂ ⊙ ΔW² = (s²/S) · Σ (Bᵀ diag(u) B) ⊙ (A diag(v) Aᵀ)
-at O(r²(m+n)) cost without ever forming ΔW (see shared/reference/lowrank-fisher-penalty.md).
+at O(r²(m+n)) cost without ever forming ΔW (derivation: docs/lowrank-ewc.md).
 """
 
 from __future__ import annotations
