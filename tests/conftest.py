@@ -47,3 +47,27 @@ def random_fisher(unet, module_names, seed=0, extra_modules=()):
         weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
         diagonal[f"{name}.weight"] = torch.rand(weight.shape, generator=gen) + 0.05
     return FisherInfo.from_diagonal(diagonal, {"source": "random"})
+
+
+def build_tiny_clip(folder, words) -> None:
+    """A tiny random CLIPModel with the repo's tokenizer over ``words`` and a CLIPProcessor, saved in ``folder``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from sa_peft.tokenizer import write_clip_tokenizer
+
+    tokenizer = write_clip_tokenizer(folder, words)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(folder)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_clip
 
 from sa_peft.classifier import (
     ClipZeroShotClassifier,
@@ -102,31 +103,8 @@ def test_classifier_without_reference_images():
         clf.reference_images()
 
 
-def _tiny_clip(folder) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from sa_peft.tokenizer import write_clip_tokenizer
-
-    tokenizer = write_clip_tokenizer(folder, ["a", "photo", "of", "cat", "dog"])
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=8,
-    )
-    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    processor.save_pretrained(folder)
-
-
 def test_clip_zero_shot_classifier_with_tiny_random_clip(tmp_path):
-    _tiny_clip(tmp_path)
+    build_tiny_clip(tmp_path, ["a", "photo", "of", "cat", "dog"])
     clf = ClipZeroShotClassifier(tmp_path, ["a photo of a cat", "a photo of a dog"], labels=["cat", "dog"])
     x = torch.rand(3, 3, 20, 20)
     probs = clf.predict_proba(x)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_tiny_clip
 
 from sa_peft import cli
 from sa_peft.classifier import (
@@ -30,33 +31,10 @@ ZERO, ONE, SEVEN = "a handwritten digit zero", "a handwritten digit one", "a han
 WORDS = ["a", "photo", "of", "cat", "dog", "handwritten", "digit", "zero", "one", "seven"]
 
 
-def build_tiny_clip(folder) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from sa_peft.tokenizer import write_clip_tokenizer
-
-    tokenizer = write_clip_tokenizer(folder, WORDS)
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=8,
-    )
-    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    processor.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-clip")
-    build_tiny_clip(folder)
+    build_tiny_clip(folder, WORDS)
     return folder
 
 
