@@ -17,9 +17,11 @@ from sa_peft.objective import adapters_disabled, selective_amnesia_loss
 PROMPTS = ["brad pitt", "a photo of a cat"]
 
 
-def base_and_now(concept_base, surrogate_base, concept_now, surrogate_now, replay_base=1.0, replay_now=1.0):
-    base = {"concepts": [{"concept_loss": concept_base, "surrogate_loss": surrogate_base}], "replay_loss": replay_base}
-    now = {"concepts": [{"concept_loss": concept_now, "surrogate_loss": surrogate_now}], "replay_loss": replay_now}
+def base_and_now(concept_base, surrogate_base, concept_now, surrogate_now, replay_base=1.0, drift_now=0.0):
+    base = {"concepts": [{"concept_loss": concept_base, "surrogate_loss": surrogate_base}], "replay_loss": replay_base,
+            "replay_drift": 0.0}
+    now = {"concepts": [{"concept_loss": concept_now, "surrogate_loss": surrogate_now}], "replay_loss": replay_base,
+           "replay_drift": drift_now}
     return base, now
 
 
@@ -29,22 +31,24 @@ def test_preference_is_one_for_the_base_and_negative_once_the_surrogate_is_prefe
     assert same["concepts"]["c"]["preference"] == pytest.approx(1.0)
     assert not same["reached"] and same["retained"] and same["retention"] == 0
     # concept loss 0.5, surrogate 0.3: gap +0.2 against a base gap of −0.2 → preference −1
-    _, now = base_and_now(0.2, 0.4, 0.5, 0.3, replay_now=1.04)
-    signal = forgetting_signal(base, now, ["c"], -0.5, 0.05)
+    # retention = drift / the base replay loss: 0.08 / 2 = 0.04
+    _, now = base_and_now(0.2, 0.4, 0.5, 0.3, replay_base=2.0, drift_now=0.08)
+    base2, _ = base_and_now(0.2, 0.4, 0, 0, replay_base=2.0)
+    signal = forgetting_signal(base2, now, ["c"], -0.5, 0.05)
     assert signal["concepts"]["c"]["preference"] == pytest.approx(-1.0)
     assert signal["reached"] and signal["concepts"]["c"]["forgotten"]
     assert signal["retention"] == pytest.approx(0.04) and signal["retained"]
     # halfway: equal losses → preference 0, not forgotten at threshold −0.5; retention past its bound
-    _, now = base_and_now(0.2, 0.4, 0.3, 0.3, replay_now=1.06)
+    _, now = base_and_now(0.2, 0.4, 0.3, 0.3, drift_now=0.06)
     signal = forgetting_signal(base, now, ["c"], -0.5, 0.05)
     assert signal["concepts"]["c"]["preference"] == pytest.approx(0.0)
     assert not signal["reached"] and not signal["retained"]
 
 
 def test_verdict_needs_every_concept():
-    base = {"concepts": [{"concept_loss": 0.2, "surrogate_loss": 0.4}] * 2, "replay_loss": 1.0}
+    base = {"concepts": [{"concept_loss": 0.2, "surrogate_loss": 0.4}] * 2, "replay_loss": 1.0, "replay_drift": 0.0}
     now = {"concepts": [{"concept_loss": 0.6, "surrogate_loss": 0.3}, {"concept_loss": 0.2, "surrogate_loss": 0.4}],
-           "replay_loss": 1.0}
+           "replay_loss": 1.0, "replay_drift": 0.0}
     signal = forgetting_signal(base, now, ["a", "b"], -0.5, 0.05)
     assert signal["concepts"]["a"]["forgotten"] and not signal["concepts"]["b"]["forgotten"]
     assert not signal["reached"] and signal["max_preference"] == pytest.approx(1.0)
@@ -91,9 +95,21 @@ def test_probe_measures_one_for_the_frozen_model_and_moves_with_the_adapter(tiny
     add_forget_lora(tiny_pipe.unet)  # random non-zero A and B
     moved = probe.measure(tiny_pipe.unet, scheduler)
     assert moved["concepts"]["brad pitt"]["preference"] != pytest.approx(1.0)
-    assert moved["retention"] != 0
+    assert moved["retention"] > 0
+    # Retention is the drift of the replay predictions from the frozen model's, relative to its error there.
+    batch = probe.replay
+    with torch.no_grad():
+        noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        kwargs = probe.conditioning.unet_kwargs(batch.prompt_ids)
+        adapted = tiny_pipe.unet(noisy, batch.timesteps, **kwargs).sample
+        with adapters_disabled(tiny_pipe.unet):
+            frozen = tiny_pipe.unet(noisy, batch.timesteps, **kwargs).sample
+    expected = (adapted - frozen).square().mean() / (frozen - batch.noise).square().mean()
+    assert moved["retention"] == pytest.approx(float(expected), rel=1e-4)
     with adapters_disabled(tiny_pipe.unet):
-        assert probe.measure(tiny_pipe.unet, scheduler)["concepts"]["brad pitt"]["preference"] == pytest.approx(1.0)
+        frozen_signal = probe.measure(tiny_pipe.unet, scheduler)
+        assert frozen_signal["concepts"]["brad pitt"]["preference"] == pytest.approx(1.0)
+        assert frozen_signal["retention"] == pytest.approx(0.0, abs=1e-12)
     assert probe.measure(tiny_pipe.unet, scheduler) == moved  # adapters back on
 
 

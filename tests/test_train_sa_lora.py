@@ -192,6 +192,17 @@ def test_missing_forget_prompt_and_empty_replay_file(train, tmp_path):
                                                  "--surrogate_type", "noise", "--replay_prompts_file", str(empty)]))
 
 
+def test_replay_weight_default_follows_the_replay_target(train):
+    def resolved(*extra):
+        args = train.parse_args(["--pretrained_model_name_or_path", "builtin:digits", *extra])
+        train.resolve_defaults(args)
+        return args.replay_weight
+
+    assert resolved() == train.DISTILL_REPLAY_WEIGHT == 30.0  # the distilled replay loss is ~10⁻³ of the noise one
+    assert resolved("--replay_target", "noise") == 1.0  # the paper's γ for its noise target
+    assert resolved("--replay_weight", "2.5") == 2.5
+
+
 def test_optional_backends_give_clear_errors(train, replay_file, tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("bitsandbytes", "xformers") else real_find_spec(name, *a))
