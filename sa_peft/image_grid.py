@@ -87,7 +87,9 @@ def render_grid(
     gap = max(pad, cw // 6)  # between groups, so "before" and "after" read as two blocks
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrap = max(12, (2 * cw) // max(1, _text_size(scratch, "n", font)[0]))
-    labels = ["\n".join(textwrap.wrap(label, wrap, max_lines=4, placeholder=" ...")) or "''" for label, _ in rows]
+    # The empty prompt (unconditional) is shown as '' so its row is not mistaken for a missing label.
+    labels = ["''" if label == "" else "\n".join(textwrap.wrap(label, wrap, max_lines=4, placeholder=" ..."))
+              for label, _ in rows]
     label_w = max(_text_size(scratch, text, font)[0] for text in labels) + 2 * pad
     header_h = (_text_size(scratch, "Ag", font)[1] + 2 * pad) if column_headers else 0
     title_h = (_text_size(scratch, title, title_font)[1] + 2 * pad) if title else 0

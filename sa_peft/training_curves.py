@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 from .image_grid import load_font
 from .io_utils import atomic_path
 
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf"]
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 THRESHOLD_COLOR = "#444444"
+MARKER_COLOR = "#d62728"  # the "forgotten at step N" line; no series uses this colour
 
 
 @dataclass
@@ -128,7 +128,7 @@ def render_matplotlib(panels: Sequence[Panel], marker: int | None, title: str) -
         for label, y in panel.hlines:
             ax.axhline(y, color=THRESHOLD_COLOR, linestyle="--", linewidth=1, label=label)
         if marker is not None:
-            ax.axvline(marker, color="#d62728", linestyle=":", linewidth=1.2, label=f"forgotten at step {marker}")
+            ax.axvline(marker, color=MARKER_COLOR, linestyle=":", linewidth=1.2, label=f"forgotten at step {marker}")
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -179,7 +179,7 @@ def _pil_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel:
     for label, y in panel.hlines:
         _dashed(draw, point(smin, y), point(smax, y), THRESHOLD_COLOR)
     if marker is not None:
-        _dashed(draw, point(marker, hi), point(marker, lo), "#d62728")
+        _dashed(draw, point(marker, hi), point(marker, lo), MARKER_COLOR)
     legend = []
     for s in panel.series:
         pts = [point(a, b) for a, b in zip(s.steps, s.values)]
@@ -192,7 +192,7 @@ def _pil_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel:
             legend.append((s.name, s.color))
     legend += [(label, THRESHOLD_COLOR) for label, _ in panel.hlines]
     if marker is not None:
-        legend.append((f"forgotten at step {marker}", "#d62728"))
+        legend.append((f"forgotten at step {marker}", MARKER_COLOR))
     for i, (name, color) in enumerate(legend):
         draw.text((x0 + 6, y0 + 4 + 14 * i), name.translate(ASCII), fill=color, font=font)
 
