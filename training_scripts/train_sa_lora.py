@@ -8,8 +8,8 @@
 With no arguments it runs the built-in digits job: forget "a handwritten digit zero" on builtin:digits.
 
 One run: generate (or reuse) the surrogate and replay sets -> compute (or reuse) the Fisher -> train
-the LoRA on the SA objective -> validate -> save `pytorch_lora_weights.safetensors`, a model card and a
-before/after grid. Each phase is cached in --output_dir; rerun the same command after a crash and it
+the LoRA on the SA objective -> validate -> save `pytorch_lora_weights.safetensors`, a model card, a
+before/after grid and training_curves.png. Each phase is cached in --output_dir; rerun the same command after a crash and it
 continues (training continues from a checkpoint with --resume_from_checkpoint latest).
 Flag names and behaviour follow diffusers' train_text_to_image_lora.py.
 """
