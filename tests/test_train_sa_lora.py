@@ -411,4 +411,6 @@ def test_final_evaluation_with_a_classifier_writes_the_report(train, tiny_pipe_d
         assert m["per_prompt"][forget]["role"] == "forget" and m["per_prompt"]["a handwritten digit two"]["label"] == 2
         assert 0 <= m["forget"]["p_forgotten"] <= 1 and m["quality"]["num_samples"] == 4
     assert (evaluation / "samples_grid.png").exists()
+    card = (out / "README.md").read_text()  # the card shows the evaluation: its table and its samples
+    assert "## Evaluation" in card and "](evaluation/samples_grid.png)" in card
     assert "evaluation_s" in json.loads((out / "timings.json").read_text())
