@@ -735,42 +735,31 @@ def report_markdown(metrics_before: dict, metrics_after: dict | None = None) -> 
 
 
 def samples_grid(samples_before: Mapping[str, torch.Tensor], samples_after: Mapping[str, torch.Tensor] | None = None,
-                 num_samples: int = 10, cell: int = 48, pad: int = 2, max_prompts: int = 24):
-    """A PIL image: one row per prompt (the first ``max_prompts``), ``num_samples`` before-samples, then
-    (if given) after-samples.
+                 num_samples: int = 10, max_prompts: int = 24, max_cell_px: int = 128):
+    """A PIL image (``image_grid.render_grid``): one labelled row per prompt (the first ``max_prompts``),
+    ``num_samples`` before-samples, then (if given) as many after-samples.
 
-    Small samples are upscaled with nearest-neighbour so 16×16 digits stay visible, large ones are
-    downscaled with antialiasing; a left column names the prompt (its last word, which is the class
-    for the digit prompts).
+    Small samples are enlarged with nearest-neighbour so 16×16 digits stay visible; large ones are shrunk
+    to ``max_cell_px`` so 24 prompts × 20 samples stay a picture one can open.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image
+
+    from .image_grid import render_grid
 
     prompts = list(dict.fromkeys([*samples_before, *(samples_after or {})]))[:max_prompts]
     blocks = [samples_before] + ([samples_after] if samples_after is not None else [])
     k = min(num_samples, max(len(s[p]) for s in blocks for p in s))
-    label_w, header_h, gap = 72, 14, 12
-    block_w = k * (cell + pad)
-    width = label_w + len(blocks) * block_w + (len(blocks) - 1) * gap
-    height = header_h + len(prompts) * (cell + pad)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(["before", "after"][: len(blocks)] if len(blocks) == 2 else ["samples"]):
-        draw.text((label_w + j * (block_w + gap), 1), title, fill=(0, 0, 0))
-    for i, prompt in enumerate(prompts):
-        y = header_h + i * (cell + pad)
-        draw.text((2, y + cell // 2 - 5), prompt.split()[-1][:11] if prompt.split() else "''", fill=(0, 0, 0))
-        for j, block in enumerate(blocks):
-            if prompt not in block:
-                continue
-            images = to_channels(block[prompt][:k].float().clamp(0, 1), 3)
-            if images.shape[-1] < cell:
-                images = torch.nn.functional.interpolate(images, size=(cell, cell), mode="nearest")
-            else:
-                images = resize_images(images, cell)
-            arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-            for n, img in enumerate(arr):
-                canvas.paste(Image.fromarray(img), (label_w + j * (block_w + gap) + n * (cell + pad), y))
-    return canvas
+
+    def pictures(block, prompt):
+        if prompt not in block:
+            return [None] * k
+        arr = (to_channels(block[prompt][:k].float().clamp(0, 1), 3).permute(0, 2, 3, 1).numpy() * 255)
+        images = [Image.fromarray(a) for a in arr.round().astype(np.uint8)]
+        return images + [None] * (k - len(images))
+
+    rows = [(prompt, [img for block in blocks for img in pictures(block, prompt)]) for prompt in prompts]
+    headers = ["before (base model)", "after (with the adapter)"] if samples_after is not None else ["samples"]
+    return render_grid(rows, column_headers=headers, max_cell_px=max_cell_px)
 
 
 def write_evaluation_report(metrics_before: dict, metrics_after: dict | None, output_dir: str | os.PathLike,

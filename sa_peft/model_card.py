@@ -9,6 +9,14 @@ from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
 
 EVALUATION_METRICS = os.path.join("evaluation", "metrics.json")
+# The pictures a run leaves in its folder, in the order the card shows them (relative links: they resolve on
+# the hub and in a local Markdown viewer alike).
+CARD_FIGURES = [
+    ("validation_before_after.png", "Validation prompts, base model (left) and with this adapter (right), same seeds"),
+    ("training_curves.png", "Training curves: losses, EWC penalty, forgetting and retention signals"),
+    ("evaluation/samples_grid.png", "Evaluation samples, before and after"),
+]
+ADAPTER_PLACEHOLDER = "path/to/this/folder"
 
 CARD_TAGS = ["lora", "diffusers", "stable-diffusion", "selective-amnesia", "concept-erasure", "text-to-image"]
 SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
@@ -31,10 +39,46 @@ def hub_base_model(base_model: str) -> str | None:
     return base_model if len(parts) == 2 and all(parts) and not base_model.startswith((".", "~")) else None
 
 
-def model_card_text(info: dict, repo_id: str | None = None) -> str:
-    """Markdown body: what was forgotten, how, the settings, usage and the honest limits."""
+def _literal(text: str) -> str:
+    """A Python string literal for ``text`` (JSON's double-quoted escaping is valid Python)."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
+def usage_snippet(info: dict, repo_id: str | None = None) -> str:
+    """The card's Python usage example; it runs as written (only the adapter's folder is to fill in when the
+    card has no hub id). A ``builtin:`` base, which plain diffusers cannot resolve, goes through
+    ``sa_peft.resolve_model_path``."""
+    base = str(info["base_model"])
+    builtin = base.startswith("builtin:")
+    base_expr = f"sa_peft.resolve_model_path({_literal(base)})" if builtin else _literal(base)
+    prompt = _literal(info["forget_prompts"][0])
+    where = "" if repo_id else "  # this folder, or its hub id once uploaded"
+    head = "import sa_peft\n" if builtin else ""
+    return f"""{head}from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained({base_expr})
+pipe.load_lora_weights({_literal(repo_id or ADAPTER_PLACEHOLDER)}, adapter_name="forget"){where}
+image = pipe({prompt}).images[0]
+
+# Strength: scale the adapter (1.0 = as trained, 0 = off)
+image = pipe({prompt}, cross_attention_kwargs={{"scale": 0.8}}).images[0]
+# or, with several adapters stacked (each keeps its own concept forgotten):
+# pipe.load_lora_weights("path/to/another/forget-lora", adapter_name="forget_2")
+pipe.set_adapters(["forget"], adapter_weights=[1.0])
+# or bake it into the weights:
+pipe.fuse_lora(lora_scale=1.0)
+"""
+
+
+def figures_section(output_dir: str | os.PathLike) -> str:
+    """Markdown images for the run's pictures that exist in ``output_dir`` (``CARD_FIGURES``); "" if none."""
+    shown = [f"![{alt}]({name})" for name, alt in CARD_FIGURES if os.path.isfile(os.path.join(os.fspath(output_dir), name))]
+    return "## Pictures\n\n" + "\n\n".join(shown) + "\n" if shown else ""
+
+
+def model_card_text(info: dict, repo_id: str | None = None, figures: str = "") -> str:
+    """Markdown body: what was forgotten, how, the settings, the pictures (``figures``), usage and the honest limits."""
     forgotten = ", ".join(f"`{p}`" for p in info["forget_prompts"])
-    load_path = repo_id or "path/to/this/folder"
     rows = [
         ("base model", f"`{info['base_model']}`"),
         ("forgotten concept(s)", forgotten),
@@ -54,32 +98,19 @@ def model_card_text(info: dict, repo_id: str | None = None) -> str:
     return f"""# Forget LoRA: {forgotten}
 
 A Selective Amnesia (Heng & Soh, NeurIPS 2023) "forget" adapter for `{info['base_model']}`, trained with
-[sa-peft](https://github.com/). With the adapter loaded, prompts for {forgotten} produce the surrogate
-({info['surrogate']}) instead, while replay of {info['num_replay_prompts']} other prompts and an EWC penalty
+the sa-peft Python package (version {info['sa_peft_version']}; no public project page yet). With the adapter
+loaded, prompts for {forgotten} produce the surrogate ({info['surrogate']}) instead, while replay of {info['num_replay_prompts']} other prompts and an EWC penalty
 keep the rest of the model's behaviour.
 
 | setting | value |
 |---|---|
 {table}
 {verdict}
+{figures}
 ## Usage
 
 ```python
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{info['base_model']}")
-pipe.load_lora_weights("{load_path}", adapter_name="forget")
-image = pipe("{info['forget_prompts'][0]}").images[0]
-
-# Strength: scale the adapter (1.0 = as trained, 0 = off)
-image = pipe("{info['forget_prompts'][0]}", cross_attention_kwargs={{"scale": 0.8}}).images[0]
-# or, with several adapters stacked (each keeps its own concept forgotten):
-# pipe.load_lora_weights("path/to/another/forget-lora", adapter_name="forget_2")
-pipe.set_adapters(["forget"], adapter_weights=[1.0])
-# or bake it into the weights:
-pipe.fuse_lora(lora_scale=1.0)
-```
+{usage_snippet(info, repo_id)}```
 
 `pytorch_lora_weights_kohya.safetensors`, when present, holds the same adapter with kohya keys for
 AUTOMATIC1111/ComfyUI (`sa-peft export --format kohya` writes it from the diffusers file).
@@ -138,7 +169,7 @@ def write_model_card(output_dir: str | os.PathLike, info: dict, repo_id: str | N
 
     # What diffusers' load_or_create_model_card(from_training=True) builds, without asking the hub first.
     sdxl = info.get("base_pipeline") == "StableDiffusionXLPipeline"
-    description = model_card_text(info, repo_id)
+    description = model_card_text(info, repo_id, figures_section(output_dir))
     evaluation = read_evaluation_metrics(output_dir)
     if evaluation is not None:
         description = description.replace("\n## Limits\n", "\n" + evaluation_section(*evaluation) + "\n## Limits\n", 1)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from .image_grid import render_grid
 from .io_utils import atomic_path
 
 
@@ -33,22 +34,16 @@ def generate_validation_images(
     return images
 
 
-def image_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:
-    """Paste rows of equally sized images into one RGB grid."""
-    w, h = rows[0][0].size
-    cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (pad + j * (w + pad), pad + i * (h + pad)))
-    return grid
+def validation_grid(images: dict[str, list[Image.Image]], step: int) -> Image.Image:
+    """The validation prompts' images at ``step``: one labelled row per prompt (for the trackers)."""
+    return render_grid(list(images.items()), title=f"validation, step {step}")
 
 
-def save_before_after_grid(before: dict[str, list[Image.Image]], after: dict[str, list[Image.Image]], path: str) -> None:
-    """One row per prompt: the base model's images, a gap, then the adapted model's images."""
-    rows = []
-    for prompt, images in before.items():
-        gap = Image.new("RGB", images[0].size, "white")
-        rows.append([*images, gap, *after[prompt]])
+def save_before_after_grid(before: dict[str, list[Image.Image]], after: dict[str, list[Image.Image]], path: str,
+                           step: int | None = None) -> None:
+    """One labelled row per prompt: the base model's images, then the adapted model's (same seeds)."""
+    rows = [(prompt, [*images, *after[prompt]]) for prompt, images in before.items()]
+    after_header = "after (forget LoRA)" if step is None else f"after (step {step})"
+    grid = render_grid(rows, column_headers=["before (base model)", after_header], title="validation: before | after")
     with atomic_path(path) as tmp:
-        image_grid(rows).save(tmp, format="PNG")
+        grid.save(tmp, format="PNG")

@@ -61,14 +61,25 @@ def sample(pipe, prompt="brad pitt"):
     return pipe(prompt, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
 
 
-def test_end_to_end_outputs_reload_identically(train, tiny_pipe_dir, replay_file, tmp_path):
+def test_end_to_end_outputs_reload_identically(train, tiny_pipe_dir, replay_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    curves = []  # (step, training_curves.png's bytes) at each redraw
+    redraw = train.update_training_curves
+
+    def recording(accelerator, args, log_path, step):
+        redraw(accelerator, args, log_path, step)
+        curves.append((step, (out / "training_curves.png").read_bytes()))
+
+    monkeypatch.setattr(train, "update_training_curves", recording)
     pipe = train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man",
                                 "--max_train_steps", "6", "--learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "2",
-                                "--output_kohya_format", "--checkpointing_steps", "4"))
+                                "--output_kohya_format", "--checkpointing_steps", "4", "--validation_steps", "4"))
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
-                 "validation_before_after.png", "train_log.jsonl", "timings.json", "checkpoint-4/lora_unet.safetensors"):
+                 "validation_before_after.png", "training_curves.png", "train_log.jsonl", "timings.json",
+                 "checkpoint-4/lora_unet.safetensors"):
         assert (out / name).exists(), name
+    # Redrawn at the validation step and at the end, from the log as it grew.
+    assert [step for step, _ in curves] == [4, 6] and curves[0][1] != curves[1][1]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 7))
     assert all({"forget", "replay", "ewc", "loss"} <= set(e) for e in log)
@@ -87,6 +98,7 @@ def test_end_to_end_outputs_reload_identically(train, tiny_pipe_dir, replay_file
     assert meta["sa_peft"]["forget_prompts"] == ["brad pitt"]
     assert meta["sa_peft"]["lora_alpha"] == 2.0 and meta["lora_adapter_metadata"]["unet.lora_alpha"] == 2.0
     card = (out / "README.md").read_text()
+    assert "](validation_before_after.png)" in card and "](training_curves.png)" in card
     assert "selective-amnesia" in card and "load_lora_weights" in card and "brad pitt" in card
     assert "adversarial prompts" in card and "further fine-tuning" in card  # the honest limits
 
@@ -410,4 +422,6 @@ def test_final_evaluation_with_a_classifier_writes_the_report(train, tiny_pipe_d
         assert m["per_prompt"][forget]["role"] == "forget" and m["per_prompt"]["a handwritten digit two"]["label"] == 2
         assert 0 <= m["forget"]["p_forgotten"] <= 1 and m["quality"]["num_samples"] == 4
     assert (evaluation / "samples_grid.png").exists()
+    card = (out / "README.md").read_text()  # the card shows the evaluation: its table and its samples
+    assert "## Evaluation" in card and "](evaluation/samples_grid.png)" in card
     assert "evaluation_s" in json.loads((out / "timings.json").read_text())

@@ -8,8 +8,8 @@
 With no arguments it runs the built-in digits job: forget "a handwritten digit zero" on builtin:digits.
 
 One run: generate (or reuse) the surrogate and replay sets -> compute (or reuse) the Fisher -> train
-the LoRA on the SA objective -> validate -> save `pytorch_lora_weights.safetensors`, a model card and a
-before/after grid. Each phase is cached in --output_dir; rerun the same command after a crash and it
+the LoRA on the SA objective -> validate -> save `pytorch_lora_weights.safetensors`, a model card, a
+before/after grid and training_curves.png. Each phase is cached in --output_dir; rerun the same command after a crash and it
 continues (training continues from a checkpoint with --resume_from_checkpoint latest).
 Flag names and behaviour follow diffusers' train_text_to_image_lora.py.
 """
@@ -55,6 +55,7 @@ from sa_peft.model_card import write_model_card
 from sa_peft.models import load_pipeline
 from sa_peft.objective import REPLAY_TARGETS, selective_amnesia_loss
 from sa_peft.prompts import check_prompts, read_prompts_file
+from sa_peft.training_curves import write_training_curves
 from sa_peft.training_setup import (
     list_checkpoints,
     make_optimizer,
@@ -64,7 +65,7 @@ from sa_peft.training_setup import (
     save_checkpoint,
     settings_key,
 )
-from sa_peft.validation import generate_validation_images, save_before_after_grid
+from sa_peft.validation import generate_validation_images, save_before_after_grid, validation_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -525,6 +526,7 @@ def main(argv: list[str] | None = None):
             save_checkpoint(accelerator, args.output_dir, global_step)
         if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
+            update_training_curves(accelerator, args, log_path, global_step)
         if stop:
             logger.info(f"Forgotten at step {global_step} with retention inside its bound; training stops here.")
             break
@@ -550,7 +552,9 @@ def main(argv: list[str] | None = None):
         if args.output_kohya_format:  # the same code as `sa-peft export --format kohya`, from the saved file
             export_kohya(lora_file, os.path.join(args.output_dir, KOHYA_WEIGHT_NAME))
         after_images = log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
-        save_before_after_grid(before_images, after_images, os.path.join(args.output_dir, "validation_before_after.png"))
+        save_before_after_grid(before_images, after_images, os.path.join(args.output_dir, "validation_before_after.png"),
+                               step=global_step)
+        update_training_curves(accelerator, args, log_path, global_step)
         if args.classifier:
             start = time.perf_counter()
             evaluate_forgetting(accelerator, pipe, plan, args)
@@ -697,17 +701,27 @@ def log_validation(accelerator, pipe, prompts, args, resolution, step):
                                             args.generation_guidance_scale, args.generation_num_inference_steps)
     pipe.unet.train(was_training)
     move_frozen_encoders(pipe, "cpu", args)
+    log_image_to_trackers(accelerator, "validation", validation_grid(images, step), step)
+    return images
+
+
+def update_training_curves(accelerator, args, log_path: str, step: int) -> None:
+    """(Re)draw ``training_curves.png`` from ``train_log.jsonl`` and send it to the trackers."""
+    image = write_training_curves(log_path, os.path.join(args.output_dir, "training_curves.png"),
+                                  threshold=args.forgetting_threshold, retention_bound=args.retention_bound)
+    if image is not None:
+        log_image_to_trackers(accelerator, "training_curves", image, step)
+
+
+def log_image_to_trackers(accelerator, name: str, image, step: int) -> None:
+    """One picture to the TensorBoard and W&B trackers of ``--report_to``; other trackers get the scalars only."""
+    import numpy as np
+
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            import numpy as np
-
-            for prompt, imgs in images.items():
-                tracker.writer.add_images(f"validation/{prompt}", np.stack([np.asarray(i.convert("RGB")) for i in imgs]), step, dataformats="NHWC")
+            tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
         elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Image(i, caption=p) for p, imgs in images.items() for i in imgs]}, step=step)
-    return images
+            tracker.log_images({name: [image]}, step=step)
 
 
 def push_folder(args) -> None:
