@@ -103,7 +103,7 @@ def curve_panels(log: Sequence[dict], threshold: float | None = None, retention_
     preference = [Series(k.split("/", 1)[1], *_column(log, k), COLORS[i % len(COLORS)]) for i, k in enumerate(keys)]
     panels.append(Panel("forgetting: preference (1 = base model)", preference,
                         [(f"forgotten at ≤ {threshold:g}", threshold)] if threshold is not None else []))
-    panels.append(Panel("retention: held-out replay loss change", [Series("retention", *_column(log, "retention"), COLORS[4])],
+    panels.append(Panel("retention: drift of held-out replay predictions", [Series("retention", *_column(log, "retention"), COLORS[4])],
                         [(f"bound {retention_bound:g}", retention_bound)] if retention_bound is not None else []))
     return [p for p in panels if any(s.steps for s in p.series)]
 
