@@ -137,7 +137,7 @@ def test_panels_follow_the_log():
     preference = panels["forgetting: preference (1 = base model)"]
     assert [s.name for s in preference.series] == ["a handwritten digit zero"] and preference.series[0].steps == [2, 4, 6, 8, 10]
     assert preference.hlines == [("forgotten at ≤ 0", 0.0)]
-    assert panels["retention: held-out replay loss change"].hlines == [("bound 0.05", 0.05)]
+    assert panels["retention: drift of held-out replay predictions"].hlines == [("bound 0.05", 0.05)]
     losses = panels["forget and replay loss"].series
     assert [(s.name, s.raw) for s in losses] == [("forget", True), ("forget", False), ("replay", True), ("replay", False)]
     assert forgotten_step(fake_log(10, forgotten_at=6)) == 6 and forgotten_step(fake_log(10)) is None
