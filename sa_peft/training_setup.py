@@ -37,6 +37,17 @@ def require_xformers() -> None:
         raise RuntimeError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU")
 
 
+def check_mixed_precision(mode: str | None, device_type: str) -> None:
+    """Refuse a precision the device cannot train in, before any work.
+
+    fp16 on CPU trained and wrote the adapter, then crashed in the final validation (Float vs Half):
+    CPU autocast runs in bfloat16 only.
+    """
+    if mode == "fp16" and device_type != "cuda":
+        raise ValueError(f"--mixed_precision fp16 needs a CUDA GPU (this run is on {device_type}); use "
+                         "--mixed_precision bf16 or no on CPU (or `accelerate config` without fp16)")
+
+
 def make_optimizer(params, learning_rate: float, betas: tuple[float, float], weight_decay: float, eps: float,
                    use_8bit_adam: bool) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW with every state in 8 bits.

@@ -17,10 +17,12 @@ Flag names and behaviour follow diffusers' train_text_to_image_lora.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 
 import torch
@@ -36,7 +38,8 @@ from tqdm.auto import tqdm
 
 import sa_peft
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
-from sa_peft.conditioning import PromptConditioning, encode_prompts, is_sdxl, tokenize_prompts
+from sa_peft.checks import check_number, check_numbers, check_output_apart, check_positive_int, check_writable
+from sa_peft.conditioning import PromptConditioning, check_prompt_clash, encode_prompts, is_sdxl, tokenize_prompts
 from sa_peft.data import (
     SURROGATE_TYPES,
     check_resolution,
@@ -46,16 +49,27 @@ from sa_peft.data import (
 )
 from sa_peft.defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
 from sa_peft.diffusion_loss import noise_scheduler_for
+from sa_peft.errors import report_input_errors
 from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties
-from sa_peft.fisher import ESTIMATORS, base_weights_hash, estimate_fisher, load_fisher, save_fisher
+from sa_peft.fisher import (
+    ESTIMATORS,
+    base_weights_hash,
+    check_fisher_settings,
+    estimate_fisher,
+    load_fisher,
+    prompts_hash,
+    save_fisher,
+)
 from sa_peft.forgetting import DEFAULT_PREFERENCE_THRESHOLD, DEFAULT_RETENTION_BOUND, AdaptiveLambda, ForgettingProbe
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import LORA_TARGET_PRESETS, make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
 from sa_peft.models import load_pipeline
-from sa_peft.objective import REPLAY_TARGETS, selective_amnesia_loss
+from sa_peft.objective import REPLAY_TARGETS, check_finite_loss, selective_amnesia_loss
 from sa_peft.prompts import check_prompts, read_prompts_file
+from sa_peft.run_lock import file_lock, folder_lock
 from sa_peft.training_setup import (
+    check_mixed_precision,
     list_checkpoints,
     make_optimizer,
     prune_checkpoints,
@@ -229,21 +243,15 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
     clash = sorted(set(forget) & set(replay))
     if clash:
         raise ValueError(f"forget prompt(s) {clash} also appear in the replay prompts; remove them from --replay_prompts_file")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_surrogate_images", "num_replay_images_per_prompt",
-                 "fisher_num_samples", "rank", "num_validation_images", "validation_steps", "checkpointing_steps",
-                 "num_probe_images", "forgetting_check_steps"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.max_train_steps is not None and args.max_train_steps <= 0:
-        raise ValueError(f"--max_train_steps must be a positive integer, got {args.max_train_steps}")
-    if args.num_train_epochs is not None and args.num_train_epochs <= 0:
-        raise ValueError(f"--num_train_epochs must be a positive integer, got {args.num_train_epochs}")
-    if args.ewc_lambda < 0 or args.replay_weight < 0:
-        raise ValueError("--ewc_lambda and --replay_weight must be >= 0")
+    check_numeric_flags(args)
     if args.fisher_path is not None and not args.fisher_path.endswith(".safetensors"):
         raise ValueError(f"--fisher_path {args.fisher_path!r} must be a .safetensors file")
     if args.surrogate_data_dir is not None and not os.path.isdir(args.surrogate_data_dir):
         raise FileNotFoundError(f"--surrogate_data_dir {args.surrogate_data_dir!r} is not a folder")
+    check_output_apart(args.output_dir, "--output_dir", [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+                                                          ("--surrogate_data_dir", args.surrogate_data_dir)])
+    check_writable(args.output_dir, "--output_dir")
+    check_mixed_precision(args.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     if args.use_8bit_adam:
         require_bitsandbytes()
     if args.enable_xformers_memory_efficient_attention:
@@ -257,13 +265,38 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         from sa_peft.classifier import parse_classifier_spec
 
         parse_classifier_spec(args.classifier, args.class_text)  # a bad spec fails now, not after training
-        if not 0 < args.nudenet_threshold < 1:
-            raise ValueError(f"--nudenet_threshold must be in (0, 1), got {args.nudenet_threshold}")
     evaluation_prompts = (read_prompts_file(args.evaluation_prompts_file, "--evaluation_prompts_file")
                           if args.evaluation_prompts_file else None)
     validation = args.validation_prompt or (forget + replay[:2])
     return {"forget": forget, "replay": replay, "validation": check_prompts(validation, "--validation_prompt"),
             "evaluation_prompts": evaluation_prompts}
+
+
+# Ranges of the float flags; every value must also be finite (``--ewc_lambda inf`` saved a NaN adapter).
+FLOAT_FLAG_RULES = {
+    "learning_rate": {"low": 0, "low_open": True}, "snr_gamma": {"low": 0, "low_open": True},
+    "noise_offset": {"low": 0}, "adam_beta1": {"low": 0, "high": 1, "high_open": True},
+    "adam_beta2": {"low": 0, "high": 1, "high_open": True}, "adam_weight_decay": {"low": 0},
+    "adam_epsilon": {"low": 0, "low_open": True}, "max_grad_norm": {"low": 0},
+    "generation_guidance_scale": {"low": 0}, "ewc_lambda": {"low": 0}, "fisher_rank1_weight": {"low": 0},
+    "replay_weight": {"low": 0}, "forgetting_threshold": {}, "retention_bound": {"low": 0, "low_open": True},
+    "lora_alpha": {"low": 0, "low_open": True}, "nudenet_threshold": {"low": 0, "high": 1, "low_open": True, "high_open": True},
+}
+POSITIVE_INT_FLAGS = (
+    "train_batch_size", "gradient_accumulation_steps", "num_surrogate_images", "num_replay_images_per_prompt",
+    "fisher_num_samples", "fisher_num_timesteps", "rank", "num_validation_images", "validation_steps",
+    "checkpointing_steps", "checkpoints_total_limit", "num_probe_images", "forgetting_check_steps", "max_train_steps",
+    "num_train_epochs", "generation_num_inference_steps", "num_evaluation_images_per_prompt", "resolution",
+)
+
+
+def check_numeric_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag finite and in range, after the model-dependent defaults are filled."""
+    for flag in POSITIVE_INT_FLAGS:
+        check_positive_int(getattr(args, flag), f"--{flag}")
+    for flag in ("seed", "lr_warmup_steps", "dataloader_num_workers"):
+        check_number(getattr(args, flag), f"--{flag}", low=0)
+    check_numbers(args, FLOAT_FLAG_RULES)
 
 
 def surrogate_description(args) -> str:
@@ -278,6 +311,13 @@ def main(argv: list[str] | None = None):
     """Run the whole job; returns the pipeline with the trained adapter loaded (for programmatic use)."""
     args = parse_args(argv)
     plan = resolve_defaults(args)
+    # One run per --output_dir; the main process holds the lock for all (accelerate sets RANK per process).
+    with folder_lock(args.output_dir, "--output_dir", enabled=int(os.environ.get("RANK", "0")) == 0):
+        return train(args, plan)
+
+
+def train(args: argparse.Namespace, plan: dict):
+    """The job of ``main`` on checked flags, holding the --output_dir lock."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -285,6 +325,7 @@ def main(argv: list[str] | None = None):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    check_mixed_precision(accelerator.mixed_precision, accelerator.device.type)  # also what an accelerate config chose
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
@@ -298,6 +339,7 @@ def main(argv: list[str] | None = None):
     resolution = check_resolution(pipe, args.resolution or default_resolution(pipe))
     if args.train_text_encoder and is_sdxl(pipe):
         raise ValueError("--train_text_encoder supports SD 1.x/2.x pipelines; drop it for SDXL")
+    check_prompt_clash(pipe, plan["forget"], plan["replay"])
     pipe.to(accelerator.device)
     unet, scheduler = pipe.unet, noise_scheduler_for(pipe.scheduler)  # DDPM noising, whatever the pipeline samples with
     # Caches are keyed by the UNet's weights, so a changed local model never reuses stale samples.
@@ -338,18 +380,28 @@ def main(argv: list[str] | None = None):
     fisher_path = args.fisher_path or os.path.join(args.output_dir, "cache", f"fisher-{settings_key(fisher_settings)}.safetensors")
     fisher = None
     if args.ewc_lambda > 0:
-        if os.path.exists(fisher_path):
-            fisher = load_fisher(fisher_path, unet=unet, required_modules=targets)
-            logger.info(f"Reusing the Fisher in {fisher_path} ({fisher.metadata.get('estimator')}, {fisher.metadata.get('num_samples')} samples)")
-        else:
-            fisher = estimate_fisher(
-                unet, scheduler, replay.latents[: args.fisher_num_samples], replay.prompt_ids(conditioning.prompts)[: args.fisher_num_samples],
-                conditioning, targets, estimator=args.fisher_estimator, num_timesteps=args.fisher_num_timesteps,
-                seed=args.seed, accelerator=accelerator, show_progress=show,
-            )
-            if accelerator.is_main_process:
-                save_fisher(fisher, fisher_path)
-            accelerator.wait_for_everyone()
+        fisher_ids = replay.prompt_ids(conditioning.prompts)[: args.fisher_num_samples]
+        fisher_expected = {
+            "estimator": args.fisher_estimator, "num_samples": str(min(args.fisher_num_samples, len(replay.latents))),
+            "num_timesteps": str(scheduler.config.num_train_timesteps if args.fisher_estimator == "reference"
+                                 else args.fisher_num_timesteps),
+            "seed": str(args.seed), "prompts_hash": prompts_hash([conditioning.prompts[i] for i in fisher_ids.tolist()]),
+        }
+        # A --fisher_path may be shared by runs in other folders: one computes it at a time.
+        with file_lock(fisher_path, "--fisher_path") if accelerator.is_main_process else contextlib.nullcontext():
+            if os.path.exists(fisher_path):
+                fisher = load_fisher(fisher_path, unet=unet, required_modules=targets)
+                check_fisher_settings(fisher, fisher_path, fisher_expected)
+                logger.info(f"Reusing the Fisher in {fisher_path} ({fisher.metadata.get('estimator')}, {fisher.metadata.get('num_samples')} samples)")
+            else:
+                fisher = estimate_fisher(
+                    unet, scheduler, replay.latents[: args.fisher_num_samples], fisher_ids,
+                    conditioning, targets, estimator=args.fisher_estimator, num_timesteps=args.fisher_num_timesteps,
+                    seed=args.seed, accelerator=accelerator, show_progress=show,
+                )
+                if accelerator.is_main_process:
+                    save_fisher(fisher, fisher_path)
+        accelerator.wait_for_everyone()
     timings["fisher_s"] = time.perf_counter() - start
 
     # ---- Phase 3: the forget LoRA ------------------------------------------------------------------
@@ -483,6 +535,7 @@ def main(argv: list[str] | None = None):
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=gen,
                     replay_target=args.replay_target, base_unet=accelerator.unwrap_model(unet), base_conditioning=conditioning,
                 )
+                check_finite_loss(loss, global_step + 1)
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
@@ -715,4 +768,5 @@ def push_folder(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Input errors (a flag, a file) print one line naming it; a bug keeps its traceback.
+    sys.exit(report_input_errors(os.path.basename(__file__), main))
