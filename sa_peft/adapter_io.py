@@ -121,6 +121,22 @@ def load_adapter_file(path: str | os.PathLike, flag: str = "--lora") -> tuple[di
     return tensors, metadata
 
 
+def check_lora_file(path: str | os.PathLike, flag: str = "--lora") -> str:
+    """The adapter file of ``path``, refused now (not after sampling) unless it is a safetensors LoRA.
+
+    ``sa-peft evaluate --lora <bad file>`` failed only after the whole base evaluation. Only the header
+    and the key names are read.
+    """
+    file = resolve_adapter_file(path, flag)
+    _header(file, flag)
+    with safe_open(file, framework="pt") as f:
+        keys = list(f.keys())
+    if not any(k.endswith((".lora_A.weight", ".lora_down.weight", ".lora.down.weight")) for k in keys):
+        raise ValueError(f"{flag} {os.fspath(path)!r}: {os.path.basename(file)!r} holds no LoRA weights (no lora_A/lora_down "
+                         "keys); pass a forget LoRA written by sa-peft or diffusers' save_lora_weights")
+    return file
+
+
 def read_adapter_metadata(path: str | os.PathLike, flag: str = "adapter") -> dict:
     """Header metadata of an adapter file (or of ``pytorch_lora_weights.safetensors`` in a folder).
 

@@ -52,12 +52,14 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def check_output_apart(output: str | os.PathLike, output_flag: str,
-                       inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
+                       inputs: Iterable[tuple[str, str | os.PathLike | None]], allow_inside: bool = False) -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` (``(flag, path)`` pairs).
 
     ``--overwrite`` replaces the output folder, so an output equal to (or holding) an input would delete
     it: ``sa-peft merge --lora D --output_dir D --overwrite`` deleted the training folder D. Paths are
     compared after resolving symlinks; inputs that are not local paths (hub ids) are skipped.
+    ``allow_inside`` accepts an output inside an input folder (``sa-peft evaluate --lora RUN --output_dir
+    RUN/evaluation`` is how the model card finds the evaluation).
     """
     out = _real(output)
     for flag, path in inputs:
@@ -68,7 +70,7 @@ def check_output_apart(output: str | os.PathLike, output_flag: str,
             relation = "is"
         elif _inside(src, out):
             relation = "contains"
-        elif _inside(out, src) and os.path.isdir(src):
+        elif _inside(out, src) and os.path.isdir(src) and not allow_inside:
             relation = "lies inside"
         else:
             continue

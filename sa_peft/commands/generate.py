@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..checks import check_output_apart, check_positive_int, check_writable
 from ..data import generate_replay_set, generate_surrogate_set
 from ..prompts import read_prompts_file
-from .common import add_generation_arguments, add_model_arguments, load_pipeline_from_args
+from .common import add_generation_arguments, add_model_arguments, check_generation_arguments, load_pipeline_from_args
 
 
 def register(subparsers) -> None:
@@ -28,6 +29,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_generation_arguments(args)
+    check_positive_int(args.num_surrogate_images, "--num_surrogate_images")
+    check_positive_int(args.num_replay_images_per_prompt, "--num_replay_images_per_prompt")
+    check_output_apart(args.output_dir, "--output_dir", [
+        ("--surrogate_data_dir", args.surrogate_data_dir), ("--replay_prompts_file", args.replay_prompts_file),
+        ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)])
+    check_writable(args.output_dir, "--output_dir")
     if args.kind == "surrogate":
         if not args.forget_prompt:
             raise ValueError("--forget_prompt is required for a surrogate set")
