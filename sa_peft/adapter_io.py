@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .io_utils import share_file
 from .safetensors_header import read_safetensors_header
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -80,6 +81,7 @@ def save_forget_lora(
         metadata[SA_METADATA_KEY] = json.dumps(training_info, sort_keys=True)
         metadata[UNET_LAYOUT_KEY] = json.dumps(unet_layout_info(unet), sort_keys=True)
         save_file(tensors, written, metadata=metadata)
+        share_file(written)
         final = os.path.join(output_dir, LORA_WEIGHT_NAME)
         os.replace(written, final)
     return final

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from .escaping import escape_controls, markdown_cell, markdown_code, python_literal
 from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
 
@@ -31,12 +32,27 @@ def hub_base_model(base_model: str) -> str | None:
     return base_model if len(parts) == 2 and all(parts) and not base_model.startswith((".", "~")) else None
 
 
+def public_model_name(base_model: str) -> str:
+    """The base model as the card may show it: a hub id or built-in as is; a local path only by its folder
+    name (the full path is in the adapter's header, as the user gave it, but is not published)."""
+    base_model = str(base_model)
+    if base_model.startswith("builtin:") or hub_base_model(base_model):
+        return base_model
+    return os.path.basename(os.path.normpath(base_model)) or "local"
+
+
 def model_card_text(info: dict, repo_id: str | None = None) -> str:
-    """Markdown body: what was forgotten, how, the settings, usage and the honest limits."""
-    forgotten = ", ".join(f"`{p}`" for p in info["forget_prompts"])
+    """Markdown body: what was forgotten, how, the settings, usage and the honest limits.
+
+    Prompts and names are user text: code spans and table cells are escaped, and the usage snippet
+    quotes them as Python literals, so a crafted prompt stays a string.
+    """
+    forgotten = ", ".join(markdown_code(p) for p in info["forget_prompts"])
+    base = public_model_name(info["base_model"])
     load_path = repo_id or "path/to/this/folder"
+    first = python_literal(info["forget_prompts"][0])
     rows = [
-        ("base model", f"`{info['base_model']}`"),
+        ("base model", markdown_code(base)),
         ("forgotten concept(s)", forgotten),
         ("surrogate", f"{info['surrogate']} ({info['num_surrogate_images']} images)"),
         ("replay", f"{info['num_replay_prompts']} prompts × {info['num_replay_images_per_prompt']} images"),
@@ -46,16 +62,16 @@ def model_card_text(info: dict, repo_id: str | None = None) -> str:
         ("steps / batch / lr", f"{info['max_train_steps']} / {info['train_batch_size']} surrogate + {info['train_batch_size']} replay / {info['learning_rate']}"),
         ("sa-peft", info["sa_peft_version"]),
     ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    table = "\n".join(f"| {k} | {markdown_cell(v)} |" for k, v in rows)
     verdict = ""
     if info.get("forgetting"):
         verdict = "\n## Did it forget?\n\nMeasured by sa-peft's classifier-free forgetting signal on held-out images " \
-                  "(see `sa-peft inspect`):\n\n" + "\n".join(f"- {line}" for line in verdict_lines(info["forgetting"])) + "\n"
+                  "(see `sa-peft inspect`):\n\n" + "\n".join(f"- {escape_controls(line)}" for line in verdict_lines(info["forgetting"])) + "\n"
     return f"""# Forget LoRA: {forgotten}
 
-A Selective Amnesia (Heng & Soh, NeurIPS 2023) "forget" adapter for `{info['base_model']}`, trained with
+A Selective Amnesia (Heng & Soh, NeurIPS 2023) "forget" adapter for {markdown_code(base)}, trained with
 [sa-peft](https://github.com/). With the adapter loaded, prompts for {forgotten} produce the surrogate
-({info['surrogate']}) instead, while replay of {info['num_replay_prompts']} other prompts and an EWC penalty
+({escape_controls(info['surrogate'])}) instead, while replay of {info['num_replay_prompts']} other prompts and an EWC penalty
 keep the rest of the model's behaviour.
 
 | setting | value |
@@ -68,12 +84,12 @@ keep the rest of the model's behaviour.
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{info['base_model']}")
-pipe.load_lora_weights("{load_path}", adapter_name="forget")
-image = pipe("{info['forget_prompts'][0]}").images[0]
+pipe = DiffusionPipeline.from_pretrained({python_literal(base)})
+pipe.load_lora_weights({python_literal(load_path)}, adapter_name="forget")
+image = pipe({first}).images[0]
 
 # Strength: scale the adapter (1.0 = as trained, 0 = off)
-image = pipe("{info['forget_prompts'][0]}", cross_attention_kwargs={{"scale": 0.8}}).images[0]
+image = pipe({first}, cross_attention_kwargs={{"scale": 0.8}}).images[0]
 # or, with several adapters stacked (each keeps its own concept forgotten):
 # pipe.load_lora_weights("path/to/another/forget-lora", adapter_name="forget_2")
 pipe.set_adapters(["forget"], adapter_weights=[1.0])

@@ -301,9 +301,9 @@ def check_numeric_flags(args: argparse.Namespace) -> None:
 
 def surrogate_description(args) -> str:
     if args.surrogate_prompt is not None:
-        return ", ".join(f'prompt "{p}"' for p in args.surrogate_prompt)
-    if args.surrogate_data_dir is not None:
-        return f"images from {args.surrogate_data_dir}"
+        return ", ".join(f'prompt "{p}"' for p in args.surrogate_prompt)  # part of the cache keys: kept as it was
+    if args.surrogate_data_dir is not None:  # the folder's name only: the description is published in the card
+        return f"images from the folder {os.path.basename(os.path.normpath(args.surrogate_data_dir))!r}"
     return "uniform noise" if args.surrogate_type in ("noise", "uniform_noise") else "gaussian noise"
 
 
@@ -349,7 +349,8 @@ def train(args: argparse.Namespace, plan: dict):
     start = time.perf_counter()
     generation = {"resolution": resolution, "guidance": args.generation_guidance_scale,
                   "steps": args.generation_num_inference_steps, "seed": args.seed, "model": model_key}
-    sur_settings = {**generation, "forget": plan["forget"], "surrogate": surrogate_description(args), "n": args.num_surrogate_images}
+    sur_settings = {**generation, "forget": plan["forget"], "surrogate": surrogate_description(args), "n": args.num_surrogate_images,
+                    **({"data_dir": os.path.abspath(args.surrogate_data_dir)} if args.surrogate_data_dir else {})}
     surrogate = generate_surrogate_set(
         pipe, os.path.join(args.output_dir, "cache", f"surrogate-{settings_key(sur_settings)}"), plan["forget"], args.num_surrogate_images,
         surrogate_prompt=args.surrogate_prompt, surrogate_data_dir=args.surrogate_data_dir, surrogate_type=args.surrogate_type,
@@ -490,7 +491,7 @@ def train(args: argparse.Namespace, plan: dict):
 
     run_info = {
         "base_model": args.pretrained_model_name_or_path, "forget_prompts": plan["forget"], "surrogate": surrogate_description(args),
-        "num_surrogate_images": args.num_surrogate_images, "num_replay_prompts": len(plan["replay"]),
+        "surrogate_data_dir": args.surrogate_data_dir, "num_surrogate_images": args.num_surrogate_images, "num_replay_prompts": len(plan["replay"]),
         "num_replay_images_per_prompt": per_prompt, "ewc_lambda": args.ewc_lambda, "ewc_space": args.ewc_space,
         "fisher_estimator": args.fisher_estimator, "fisher_num_samples": args.fisher_num_samples, "replay_weight": args.replay_weight, "replay_target": args.replay_target,
         "fisher_rank1_weight": args.fisher_rank1_weight,
@@ -753,6 +754,11 @@ def log_validation(accelerator, pipe, prompts, args, resolution, step):
     return images
 
 
+# What --push_to_hub leaves out: caches, checkpoints, logs, the run lock and temporaries of a killed run.
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "cache/**", "logs/**", "*.tmp", ".tmp-*", "**/.tmp-*",
+                        "**/.tmp-*/**", ".tmp-*/**", ".old-*/**", ".sa-peft.lock", "*.lock"]
+
+
 def push_folder(args) -> None:
     """Upload the adapter folder (not caches or checkpoints); a clear error when the hub cannot be reached."""
     from huggingface_hub import create_repo, upload_folder
@@ -761,7 +767,7 @@ def push_folder(args) -> None:
     try:
         repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                      ignore_patterns=["checkpoint-*", "cache/*", "logs/*", "*.tmp"], commit_message="Selective Amnesia forget LoRA")
+                      ignore_patterns=PUSH_IGNORE_PATTERNS, commit_message="Selective Amnesia forget LoRA")
     except Exception as err:
         raise RuntimeError(f"--push_to_hub: could not upload {args.output_dir!r} to {repo_id!r} ({type(err).__name__}: {err}); "
                            "the adapter is saved locally; check the network and `hf auth login`, then rerun with --push_to_hub") from err
