@@ -81,23 +81,3 @@ def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
     checkpoints = list_checkpoints(output_dir)
     for name in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
         shutil.rmtree(os.path.join(output_dir, name))
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
-    """``accelerator.save_state`` into a hidden folder, renamed to ``checkpoint-<step>`` once every process is done.
-
-    A run killed mid-save leaves no half-written checkpoint for ``--resume_from_checkpoint latest`` to pick.
-    """
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process and os.path.isdir(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final

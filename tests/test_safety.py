@@ -412,3 +412,68 @@ def test_adapter_and_merged_weights_are_world_readable(trained_dir, tmp_path):
     assert mode == 0o644
     weights = list((tmp_path / "merged").rglob("*.safetensors"))
     assert weights and all(stat.S_IMODE(w.stat().st_mode) == 0o644 for w in weights)
+
+
+# ---- resume -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpointed_run(train, tiny_pipe_dir, replay_file, tmp_path):
+    """A 4-step run with a checkpoint at step 2, and its arguments."""
+    args = tiny_args(tiny_pipe_dir, replay_file, tmp_path / "run", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                     "--learning_rate", "1e-2")
+    train.main(args)
+    return tmp_path / "run", args
+
+
+def _resume(args, output_dir, checkpoint, *extra):
+    args = list(args)
+    args[args.index("--output_dir") + 1] = str(output_dir)
+    return [*args, "--resume_from_checkpoint", str(checkpoint), *extra]
+
+
+def test_checkpoints_hold_no_pickles_and_resume_without_torch_load(train, checkpointed_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    out, args = checkpointed_run
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["lora_unet.safetensors", "optimizer.safetensors",
+                                                        "training_state.json"]
+
+    def no_torch_load(*a, **k):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    # A copy under any folder name resumes, and to the adapter of the uninterrupted run.
+    backup = tmp_path / "my backup"
+    import shutil
+
+    shutil.copytree(out / "checkpoint-2", backup)
+    train.main(_resume(args, tmp_path / "resumed", backup))
+    a, b = load_file(out / LORA), load_file(tmp_path / "resumed" / LORA)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [3, 4]
+
+
+def test_resume_with_other_training_settings_is_refused_listing_them(train, checkpointed_run, tmp_path):
+    out, args = checkpointed_run
+    changed = [a if a != "1e-2" else "2e-2" for a in args] + ["--ewc_lambda", "3"]
+    with pytest.raises(ValueError, match=r"other settings: ewc_lambda: checkpoint 5\.0, now 3\.0; learning_rate: "
+                                         r"checkpoint 0\.01, now 0\.02\..*--resume_with_new_settings"):
+        train.main(_resume(changed, tmp_path / "b", out / "checkpoint-2"))
+    assert not (tmp_path / "b" / "cache").exists()  # refused before the sets were generated
+    train.main(_resume(changed, tmp_path / "b", out / "checkpoint-2", "--resume_with_new_settings"))
+    assert json.loads(next(iter(_header_info(tmp_path / "b"))))["learning_rate"] == 0.02
+
+
+def _header_info(folder):
+    from sa_peft.adapter_io import read_adapter_metadata
+
+    yield json.dumps(read_adapter_metadata(folder)["sa_peft"])
+
+
+def test_resume_past_the_step_limit_is_refused(train, checkpointed_run, tmp_path):
+    out, args = checkpointed_run
+    shorter = [*args, "--max_train_steps", "1"]
+    with pytest.raises(ValueError, match="is at step 2, past --max_train_steps 1"):
+        train.main(_resume(shorter, tmp_path / "b", out / "checkpoint-2"))
+    assert not (tmp_path / "b" / LORA).exists()

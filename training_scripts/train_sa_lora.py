@@ -32,12 +32,12 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 import sa_peft
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
+from sa_peft.checkpoints import load_checkpoint, read_checkpoint_state, save_checkpoint, settings_differences
 from sa_peft.checks import check_number, check_numbers, check_output_apart, check_positive_int, check_writable
 from sa_peft.conditioning import PromptConditioning, check_prompt_clash, encode_prompts, is_sdxl, tokenize_prompts
 from sa_peft.data import (
@@ -75,15 +75,12 @@ from sa_peft.training_setup import (
     prune_checkpoints,
     require_bitsandbytes,
     require_xformers,
-    save_checkpoint,
     settings_key,
 )
 from sa_peft.validation import generate_validation_images, save_before_after_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
-LORA_CHECKPOINT_NAME = "lora_unet.safetensors"
-TEXT_ENCODER_CHECKPOINT_NAME = "lora_text_encoder.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -124,7 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logging_dir", default="logs", help="tracker folder under --output_dir" + d)
     p.add_argument("--checkpointing_steps", type=int, default=500, help="save a LoRA-only training checkpoint every N steps" + d)
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints" + d)
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'" + d)
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder (any name) or 'latest'" + d)
+    p.add_argument("--resume_with_new_settings", action="store_true",
+                   help="resume although the training settings differ from the checkpoint's (refused by default)")
     p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (GPU); SDPA otherwise")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank; default 4 (8 on builtin:digits)")
     p.add_argument("--validation_prompt", action="append", default=None, help="repeatable; default: the forget prompts and two replay prompts")
@@ -299,6 +298,60 @@ def check_numeric_flags(args: argparse.Namespace) -> None:
     check_numbers(args, FLOAT_FLAG_RULES)
 
 
+# Flags that do not change what a training step computes: a resume may change them freely.
+RESUME_FREE_FLAGS = {
+    "pretrained_model_name_or_path", "revision", "variant", "cache_dir", "output_dir", "logging_dir", "report_to",
+    "resume_from_checkpoint", "resume_with_new_settings", "validation_prompt", "num_validation_images",
+    "validation_steps", "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_model_id", "hub_token",
+    "classifier", "num_evaluation_images_per_prompt", "class_text", "forget_label", "nudenet_threshold",
+    "clip_score_model", "evaluation_prompts_file", "max_train_steps", "num_train_epochs", "output_kohya_format",
+    "require_forgetting", "dataloader_num_workers", "allow_tf32", "enable_xformers_memory_efficient_attention",
+    "gradient_checkpointing", "stop_when_forgotten", "fisher_path", "forget_prompts_file", "replay_prompts_file",
+    "forget_prompt",
+}
+
+
+def training_settings(args: argparse.Namespace, plan: dict, model_key: str) -> dict:
+    """What a checkpoint records of the run: every flag that changes a training step, the prompts as
+    read from their files, and the base model's weights hash (JSON-normalised, for comparison)."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE_FLAGS}
+    settings.update(forget_prompts=plan["forget"], replay_prompts=plan["replay"], base_model_hash=model_key)
+    return json.loads(json.dumps(settings))
+
+
+def find_resume_checkpoint(args: argparse.Namespace, settings: dict) -> tuple[str | None, dict | None]:
+    """The checkpoint --resume_from_checkpoint names (any folder; ``latest`` = the highest step in
+    --output_dir) and its state, refused when its settings differ (unless --resume_with_new_settings) or
+    its step is past --max_train_steps."""
+    if not args.resume_from_checkpoint:
+        return None, None
+    name = args.resume_from_checkpoint
+    if name == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            logger.info("No checkpoint to resume from; starting a new run.")
+            return None, None
+        name = found[-1]
+    path = name if os.path.isdir(name) else os.path.join(args.output_dir, name)
+    state = read_checkpoint_state(path)
+    differ = settings_differences(state["settings"], settings)
+    if differ and not args.resume_with_new_settings:
+        raise ValueError(f"--resume_from_checkpoint {path!r} was trained with other settings: {'; '.join(differ)}. "
+                         "Rerun with the checkpoint's settings, start a new --output_dir, or pass "
+                         "--resume_with_new_settings to continue with the new ones (the optimizer state is kept)")
+    if differ:
+        logger.warning(f"Resuming {path} with new settings: {'; '.join(differ)}")
+    check_resume_step(state, path, args.max_train_steps)
+    return path, state
+
+
+def check_resume_step(state: dict, path: str, max_train_steps: int | None) -> None:
+    """A checkpoint past the step budget would be saved labelled with the smaller budget: refuse it."""
+    if max_train_steps is not None and state["step"] > max_train_steps:
+        raise ValueError(f"--resume_from_checkpoint {path!r} is at step {state['step']}, past --max_train_steps "
+                         f"{max_train_steps}; raise --max_train_steps to at least {state['step']} or resume an earlier checkpoint")
+
+
 def surrogate_description(args) -> str:
     if args.surrogate_prompt is not None:
         return ", ".join(f'prompt "{p}"' for p in args.surrogate_prompt)  # part of the cache keys: kept as it was
@@ -344,6 +397,9 @@ def train(args: argparse.Namespace, plan: dict):
     unet, scheduler = pipe.unet, noise_scheduler_for(pipe.scheduler)  # DDPM noising, whatever the pipeline samples with
     # Caches are keyed by the UNet's weights, so a changed local model never reuses stale samples.
     model_key = base_weights_hash(unet, resolve_lora_targets(unet, "all"))[:16]
+    # The checkpoint to resume is checked now, before the sets and the Fisher: same settings, within the budget.
+    settings = training_settings(args, plan, model_key)
+    resume_path, resume_state = find_resume_checkpoint(args, settings)
 
     # ---- Phase 1: surrogate and replay sets, sampled once by the frozen model -------------------
     start = time.perf_counter()
@@ -446,28 +502,6 @@ def train(args: argparse.Namespace, plan: dict):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=args.max_train_steps * world)
 
-    def save_model_hook(models, weights, output_dir):
-        # Checkpoints hold the LoRA weights only; the frozen base is never copied.
-        if accelerator.is_main_process:
-            for model in models:
-                model = accelerator.unwrap_model(model)
-                state = get_peft_model_state_dict(model)
-                name = LORA_CHECKPOINT_NAME if model is accelerator.unwrap_model(unet) else TEXT_ENCODER_CHECKPOINT_NAME
-                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(output_dir, name))
-        while weights:
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            name = LORA_CHECKPOINT_NAME if model is accelerator.unwrap_model(unet) else TEXT_ENCODER_CHECKPOINT_NAME
-            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, name)), adapter_name="default")
-            if result.unexpected_keys:
-                raise ValueError(f"checkpoint {input_dir} does not match this LoRA: unexpected {result.unexpected_keys[:3]}")
-            cast_training_params(model, dtype=torch.float32)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
     prompt_tokens = None
     if text_encoder is not None:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
@@ -475,19 +509,13 @@ def train(args: argparse.Namespace, plan: dict):
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
+    checkpoint_models = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
     global_step = 0
-    if args.resume_from_checkpoint:
-        name = args.resume_from_checkpoint
-        if name == "latest":
-            found = list_checkpoints(args.output_dir)
-            name = found[-1] if found else None
-        if name is None:
-            logger.info("No checkpoint to resume from; starting a new run.")
-        else:
-            path = name if os.path.isdir(name) else os.path.join(args.output_dir, name)
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            logger.info(f"Resumed from {path} at step {global_step}")
+    if resume_path is not None:
+        check_resume_step(resume_state, resume_path, args.max_train_steps)
+        load_checkpoint(accelerator, resume_path, checkpoint_models, optimizer, lr_scheduler)
+        global_step = resume_state["step"]
+        logger.info(f"Resumed from {resume_path} at step {global_step}")
 
     run_info = {
         "base_model": args.pretrained_model_name_or_path, "forget_prompts": plan["forget"], "surrogate": surrogate_description(args),
@@ -517,6 +545,10 @@ def train(args: argparse.Namespace, plan: dict):
     unet.train()
     signal, signal_step, reached_step, previous_done = None, -1, None, False
     ewc_lambda = AdaptiveLambda(args.ewc_lambda)
+    if resume_state is not None:  # the loop's own state at the checkpoint (λ moves with the signal)
+        loop = resume_state["loop"]
+        ewc_lambda.value, ewc_lambda.previous = loop["ewc_lambda"], loop["ewc_lambda_previous"]
+        reached_step, previous_done = loop["reached_step"], loop["previous_done"]
     while global_step < args.max_train_steps:
         stop = False
         for micro in range(args.gradient_accumulation_steps):
@@ -567,7 +599,9 @@ def train(args: argparse.Namespace, plan: dict):
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process:
                 prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-            save_checkpoint(accelerator, args.output_dir, global_step)
+            save_checkpoint(accelerator, args.output_dir, global_step, checkpoint_models, optimizer, lr_scheduler, settings,
+                            {"ewc_lambda": ewc_lambda.value, "ewc_lambda_previous": ewc_lambda.previous,
+                             "reached_step": reached_step, "previous_done": previous_done})
         if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
         if stop:
