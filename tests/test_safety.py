@@ -477,3 +477,19 @@ def test_resume_past_the_step_limit_is_refused(train, checkpointed_run, tmp_path
     with pytest.raises(ValueError, match="is at step 2, past --max_train_steps 1"):
         train.main(_resume(shorter, tmp_path / "b", out / "checkpoint-2"))
     assert not (tmp_path / "b" / LORA).exists()
+
+
+def test_resume_continues_the_adaptive_lambda(train, tiny_pipe_dir, replay_file, tmp_path):
+    """λ decays at every check here (a tiny learning rate stalls the signal, far inside a loose retention
+    bound); a resumed run must go on from the checkpoint's λ, not restart at --ewc_lambda."""
+    from safetensors.torch import load_file
+
+    args = tiny_args(tiny_pipe_dir, replay_file, tmp_path / "full", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                     "--forgetting_check_steps", "1", "--retention_bound", "10", "--forgetting_threshold", "-9",
+                     "--learning_rate", "1e-6")
+    train.main(args)
+    state = json.loads((tmp_path / "full" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["loop"]["ewc_lambda"] != 5.0  # λ moved before the checkpoint
+    train.main(_resume(args, tmp_path / "resumed", tmp_path / "full" / "checkpoint-2"))
+    a, b = load_file(tmp_path / "full" / LORA), load_file(tmp_path / "resumed" / LORA)
+    assert all(torch.equal(a[k], b[k]) for k in a)
