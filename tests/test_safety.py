@@ -493,3 +493,19 @@ def test_resume_continues_the_adaptive_lambda(train, tiny_pipe_dir, replay_file,
     train.main(_resume(args, tmp_path / "resumed", tmp_path / "full" / "checkpoint-2"))
     a, b = load_file(tmp_path / "full" / LORA), load_file(tmp_path / "resumed" / LORA)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_set_and_fisher_commands_refuse_a_folder_or_file_in_use(tiny_pipe_dir, tmp_path, capsys):
+    from sa_peft.run_lock import file_lock, folder_lock
+
+    base = ["--pretrained_model_name_or_path", str(tiny_pipe_dir), "--device", "cpu", "--num_inference_steps", "2"]
+    with folder_lock(tmp_path / "set", "--output_dir"):
+        assert cli_main(["generate", "surrogate", "--output_dir", str(tmp_path / "set"), "--forget_prompt", "a",
+                         "--surrogate_type", "noise", *base]) == 2
+    assert f"in use by another sa-peft run (PID {os.getpid()}" in capsys.readouterr().err
+    assert not (tmp_path / "set" / "settings.json").exists()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    with file_lock(tmp_path / "f.safetensors", "--output"):
+        assert cli_main(["fisher", "--output", str(tmp_path / "f.safetensors"), "--prompts_file", str(prompts), *base]) == 2
+    assert "--output" in (err := capsys.readouterr().err) and f"PID {os.getpid()}" in err
