@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
 import torch
@@ -52,16 +51,6 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     for index, entries in rest["scalars"].items():
         state.setdefault(int(index), {}).update(entries)
     return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def checkpoint_step(path: str) -> int | None:
-    """The step a checkpoint folder holds (from its state file; ``checkpoint-<N>`` names as a fallback)."""
-    state = os.path.join(path, STATE_NAME)
-    if os.path.isfile(state):
-        with open(state, encoding="utf-8") as f:
-            return int(json.load(f)["step"])
-    match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
-    return int(match.group(1)) if match else None
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, models: dict, optimizer, lr_scheduler, settings: dict,

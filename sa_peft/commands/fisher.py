@@ -13,6 +13,7 @@ from ..diffusion_loss import noise_scheduler_for
 from ..fisher import ESTIMATORS, estimate_fisher, save_fisher
 from ..lora import LORA_TARGET_PRESETS, resolve_lora_targets
 from ..prompts import read_prompts_file
+from ..run_lock import file_lock
 from .common import add_generation_arguments, add_model_arguments, check_generation_arguments, load_pipeline_from_args
 
 
@@ -47,6 +48,11 @@ def run(args: argparse.Namespace) -> None:
             check_output_apart(output, flag, inputs)
             check_writable(output, flag)
     prompts = read_prompts_file(args.prompts_file, "--prompts_file") if args.prompts_file else None
+    with file_lock(args.output, "--output"):  # one writer per Fisher file
+        _estimate(args, prompts)
+
+
+def _estimate(args: argparse.Namespace, prompts: list[str] | None) -> None:
     pipe = load_pipeline_from_args(args)
     modules = resolve_lora_targets(pipe.unet, args.lora_target)
     if prompts is not None:
