@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .io_utils import share_file
 from .safetensors_header import read_safetensors_header
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -80,6 +81,7 @@ def save_forget_lora(
         metadata[SA_METADATA_KEY] = json.dumps(training_info, sort_keys=True)
         metadata[UNET_LAYOUT_KEY] = json.dumps(unet_layout_info(unet), sort_keys=True)
         save_file(tensors, written, metadata=metadata)
+        share_file(written)
         final = os.path.join(output_dir, LORA_WEIGHT_NAME)
         os.replace(written, final)
     return final
@@ -119,6 +121,22 @@ def load_adapter_file(path: str | os.PathLike, flag: str = "--lora") -> tuple[di
     with safe_open(path, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     return tensors, metadata
+
+
+def check_lora_file(path: str | os.PathLike, flag: str = "--lora") -> str:
+    """The adapter file of ``path``, refused now (not after sampling) unless it is a safetensors LoRA.
+
+    ``sa-peft evaluate --lora <bad file>`` failed only after the whole base evaluation. Only the header
+    and the key names are read.
+    """
+    file = resolve_adapter_file(path, flag)
+    _header(file, flag)
+    with safe_open(file, framework="pt") as f:
+        keys = list(f.keys())
+    if not any(k.endswith((".lora_A.weight", ".lora_down.weight", ".lora.down.weight")) for k in keys):
+        raise ValueError(f"{flag} {os.fspath(path)!r}: {os.path.basename(file)!r} holds no LoRA weights (no lora_A/lora_down "
+                         "keys); pass a forget LoRA written by sa-peft or diffusers' save_lora_weights")
+    return file
 
 
 def read_adapter_metadata(path: str | os.PathLike, flag: str = "adapter") -> dict:

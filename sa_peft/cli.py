@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from . import __version__
+from .errors import report_input_errors
 
 SUBCOMMANDS = ("generate", "fisher", "evaluate", "merge", "export", "inspect")
 
@@ -25,12 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"sa-peft {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_input_errors(f"sa-peft {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

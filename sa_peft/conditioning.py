@@ -74,3 +74,27 @@ def tokenize_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
     tokenizer = pipe.tokenizer
     return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
+
+
+def check_prompt_clash(pipe, forget: Sequence[str], replay: Sequence[str]) -> None:
+    """Refuse a replay prompt the model cannot tell from a forget prompt.
+
+    The comparison is on the token ids every text encoder sees (after lower-casing, whitespace
+    clean-up and the 77-token truncation): "A Cat" and "a cat" are one conditioning, so training would
+    push the same input both to the surrogate and to the base model's own output.
+    """
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    if not tokenizers:
+        return
+
+    def ids(prompts):
+        rows = [t(list(prompts), padding="max_length", max_length=t.model_max_length, truncation=True).input_ids
+                for t in tokenizers]
+        return [tuple(tuple(r[i]) for r in rows) for i in range(len(prompts))]
+
+    seen = dict(zip(ids(forget), forget))
+    for key, prompt in zip(ids(replay), replay):
+        if key in seen:
+            raise ValueError(f"replay prompt {prompt!r} and forget prompt {seen[key]!r} give the model the same tokens "
+                             "(case, spacing and text past the tokenizer's length limit are lost); remove it from "
+                             "--replay_prompts_file or reword one of them")

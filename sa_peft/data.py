@@ -80,7 +80,10 @@ def _encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
 
 
 def _load_image(path: str, resolution: int, channels: int) -> torch.Tensor:
-    image = Image.open(path).convert("L" if channels == 1 else "RGB")
+    try:
+        image = Image.open(path).convert("L" if channels == 1 else "RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"--surrogate_data_dir: cannot read the image {path!r} ({err}); replace or remove it") from None
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
@@ -134,15 +137,18 @@ def _build_set(pipe, output_dir: str, rows: list[dict], settings: dict, resoluti
             )
     elif is_main:
         write_json_atomic(settings_path, settings)
-    if os.path.exists(os.path.join(output_dir, "metadata.jsonl")):
+    shards = [rows[i : i + SHARD_SIZE] for i in range(0, len(rows), SHARD_SIZE)]
+    present = [_shard_is_readable(_shard_path(output_dir, k)) for k in range(len(shards))]
+    if os.path.exists(os.path.join(output_dir, "metadata.jsonl")) and all(present):
         return load_image_set(output_dir)
 
     from diffusers import DDIMScheduler
 
+    # A shard deleted or cut short after the set was complete is generated again (each image has its own
+    # seed, so the new shard equals the lost one); before, the run trained on the shards that were left.
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    shards = [rows[i : i + SHARD_SIZE] for i in range(0, len(rows), SHARD_SIZE)]
     mine = [k for k in range(len(shards)) if k % world == rank]
-    todo = [k for k in mine if not os.path.exists(os.path.join(output_dir, f"latents-{k:05d}.safetensors"))]
+    todo = [k for k in mine if not present[k]]
     original_scheduler = pipe.scheduler
     # Samples as the reference code makes them: DDIM, eta 0.
     pipe.scheduler = DDIMScheduler.from_config(original_scheduler.config)
@@ -155,7 +161,7 @@ def _build_set(pipe, output_dir: str, rows: list[dict], settings: dict, resoluti
                     with atomic_path(os.path.join(output_dir, row["file_name"])) as tmp:
                         image.save(tmp, format="PNG")
             # The shard is written last: its presence means the whole shard is done.
-            with atomic_path(os.path.join(output_dir, f"latents-{k:05d}.safetensors")) as tmp:
+            with atomic_path(_shard_path(output_dir, k)) as tmp:
                 save_file({"latents": latents.float().cpu().contiguous()}, tmp, metadata={"rows": json.dumps(shard_rows)})
     finally:
         pipe.scheduler = original_scheduler
@@ -172,6 +178,23 @@ def _build_set(pipe, output_dir: str, rows: list[dict], settings: dict, resoluti
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return load_image_set(output_dir)
+
+
+def _shard_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"latents-{index:05d}.safetensors")
+
+
+def _shard_is_readable(path: str) -> bool:
+    """True when the shard exists and its header and rows can be read (a truncated file cannot)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with safe_open(path, framework="pt") as f:
+            json.loads((f.metadata() or {})["rows"])
+            f.get_slice("latents").get_shape()
+    except Exception:  # noqa: BLE001 (any failure to read means: generate it again)
+        return False
+    return True
 
 
 def _common_settings(pipe, resolution, guidance_scale, num_inference_steps, seed) -> dict:
@@ -289,11 +312,20 @@ def load_image_set(folder: str | os.PathLike) -> ImageSet:
     folder = os.fspath(folder)
     if not os.path.isfile(os.path.join(folder, "metadata.jsonl")):
         raise FileNotFoundError(f"{folder!r} is not a complete sa-peft image set (no metadata.jsonl)")
+    with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
+        expected = sum(1 for line in f if line.strip())
     latents, rows = [], []
     for path in sorted(glob.glob(os.path.join(folder, "latents-*.safetensors"))):
-        with safe_open(path, framework="pt") as f:
-            latents.append(f.get_tensor("latents"))
-            rows.extend(json.loads(f.metadata()["rows"]))
+        try:
+            with safe_open(path, framework="pt") as f:
+                latents.append(f.get_tensor("latents"))
+                rows.extend(json.loads(f.metadata()["rows"]))
+        except Exception as err:  # noqa: BLE001 (a truncated or foreign file: name it)
+            raise ValueError(f"image set {folder!r}: the shard {os.path.basename(path)!r} cannot be read ({err}); "
+                             "delete it and rerun the command that made the set to generate it again") from None
     if not latents:
         raise FileNotFoundError(f"{folder!r} has no latents shards")
+    if len(rows) != expected:
+        raise ValueError(f"image set {folder!r} holds {len(rows)} images in its shards but its metadata.jsonl lists "
+                         f"{expected}: a shard is missing; rerun the command that made the set to generate it again")
     return ImageSet(torch.cat(latents), [r["prompt"] for r in rows], rows)

@@ -216,6 +216,24 @@ def save_fisher(fisher: FisherInfo, path: str | os.PathLike, factored_only: bool
         save_file(tensors, tmp, metadata=metadata)
 
 
+# Metadata keys a reused Fisher must match, with the flag that sets each.
+FISHER_SETTING_FLAGS = {"estimator": "--fisher_estimator", "num_timesteps": "--fisher_num_timesteps",
+                        "num_samples": "--fisher_num_samples", "seed": "--seed", "prompts_hash": "the replay prompts"}
+
+
+def check_fisher_settings(fisher: FisherInfo, path: str | os.PathLike, expected: dict[str, str]) -> None:
+    """Refuse a Fisher file made with other estimator settings than ``expected`` (metadata key → value).
+
+    Before, a ``--fisher_path`` made with e.g. ``--fisher_estimator reference`` was reused by a run asking
+    for ``fast``, and the card claimed ``fast``.
+    """
+    differ = [f"{FISHER_SETTING_FLAGS.get(k, k)}: file {fisher.metadata.get(k)!r}, this run {v!r}"
+              for k, v in expected.items() if fisher.metadata.get(k) != v]
+    if differ:
+        raise ValueError(f"--fisher_path {os.fspath(path)!r} was made with other settings ({'; '.join(differ)}); "
+                         "delete the file, pass a new --fisher_path, or run with the file's settings")
+
+
 def load_fisher(
     path: str | os.PathLike,
     unet: torch.nn.Module | None = None,

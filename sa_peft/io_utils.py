@@ -20,10 +20,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        # mkstemp creates 0600 files; give outputs the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~umask)
+        share_file(tmp)  # mkstemp (and safetensors) create 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -60,7 +57,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        share_tree(tmp)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.rmdir(old)
@@ -72,6 +69,25 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def share_file(path: str | os.PathLike) -> None:
+    """Give a written file the permissions a plain ``open()`` would (0644 under umask 022).
+
+    safetensors' ``save_file`` creates 0600 files: the adapter and merged weights were private while
+    every other output was readable.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def share_tree(folder: str | os.PathLike) -> None:
+    """``share_file`` on every file under ``folder``; folders get 0777 & ~umask (mkdtemp makes them 0700)."""
+    os.chmod(folder, 0o777 & ~_umask())
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~_umask())
+        for name in files:
+            share_file(os.path.join(root, name))
 
 
 def _umask() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from .escaping import escape_controls, markdown_cell, markdown_code, python_literal
 from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
 
@@ -39,9 +40,13 @@ def hub_base_model(base_model: str) -> str | None:
     return base_model if len(parts) == 2 and all(parts) and not base_model.startswith((".", "~")) else None
 
 
-def _literal(text: str) -> str:
-    """A Python string literal for ``text`` (JSON's double-quoted escaping is valid Python)."""
-    return json.dumps(str(text), ensure_ascii=False)
+def public_model_name(base_model: str) -> str:
+    """The base model as the card may show it: a hub id or built-in as is; a local path only by its folder
+    name (the full path is in the adapter's header, as the user gave it, but is not published)."""
+    base_model = str(base_model)
+    if base_model.startswith("builtin:") or hub_base_model(base_model):
+        return base_model
+    return os.path.basename(os.path.normpath(base_model)) or "local"
 
 
 def usage_snippet(info: dict, repo_id: str | None = None) -> str:
@@ -50,14 +55,14 @@ def usage_snippet(info: dict, repo_id: str | None = None) -> str:
     ``sa_peft.resolve_model_path``."""
     base = str(info["base_model"])
     builtin = base.startswith("builtin:")
-    base_expr = f"sa_peft.resolve_model_path({_literal(base)})" if builtin else _literal(base)
-    prompt = _literal(info["forget_prompts"][0])
+    base_expr = f"sa_peft.resolve_model_path({python_literal(base)})" if builtin else python_literal(public_model_name(base))
+    prompt = python_literal(info["forget_prompts"][0])
     where = "" if repo_id else "  # this folder, or its hub id once uploaded"
     head = "import sa_peft\n" if builtin else ""
     return f"""{head}from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained({base_expr})
-pipe.load_lora_weights({_literal(repo_id or ADAPTER_PLACEHOLDER)}, adapter_name="forget"){where}
+pipe.load_lora_weights({python_literal(repo_id or ADAPTER_PLACEHOLDER)}, adapter_name="forget"){where}
 image = pipe({prompt}).images[0]
 
 # Strength: scale the adapter (1.0 = as trained, 0 = off)
@@ -77,10 +82,15 @@ def figures_section(output_dir: str | os.PathLike) -> str:
 
 
 def model_card_text(info: dict, repo_id: str | None = None, figures: str = "") -> str:
-    """Markdown body: what was forgotten, how, the settings, the pictures (``figures``), usage and the honest limits."""
-    forgotten = ", ".join(f"`{p}`" for p in info["forget_prompts"])
+    """Markdown body: what was forgotten, how, the settings, the pictures (``figures``), usage and the honest limits.
+
+    Prompts and names are user text: code spans and table cells are escaped, and the usage snippet
+    quotes them as Python literals, so a crafted prompt stays a string.
+    """
+    forgotten = ", ".join(markdown_code(p) for p in info["forget_prompts"])
+    base = public_model_name(info["base_model"])
     rows = [
-        ("base model", f"`{info['base_model']}`"),
+        ("base model", markdown_code(base)),
         ("forgotten concept(s)", forgotten),
         ("surrogate", f"{info['surrogate']} ({info['num_surrogate_images']} images)"),
         ("replay", f"{info['num_replay_prompts']} prompts × {info['num_replay_images_per_prompt']} images"),
@@ -90,16 +100,16 @@ def model_card_text(info: dict, repo_id: str | None = None, figures: str = "") -
         ("steps / batch / lr", f"{info['max_train_steps']} / {info['train_batch_size']} surrogate + {info['train_batch_size']} replay / {info['learning_rate']}"),
         ("sa-peft", info["sa_peft_version"]),
     ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    table = "\n".join(f"| {k} | {markdown_cell(v)} |" for k, v in rows)
     verdict = ""
     if info.get("forgetting"):
         verdict = "\n## Did it forget?\n\nMeasured by sa-peft's classifier-free forgetting signal on held-out images " \
-                  "(see `sa-peft inspect`):\n\n" + "\n".join(f"- {line}" for line in verdict_lines(info["forgetting"])) + "\n"
+                  "(see `sa-peft inspect`):\n\n" + "\n".join(f"- {escape_controls(line)}" for line in verdict_lines(info["forgetting"])) + "\n"
     return f"""# Forget LoRA: {forgotten}
 
-A Selective Amnesia (Heng & Soh, NeurIPS 2023) "forget" adapter for `{info['base_model']}`, trained with
+A Selective Amnesia (Heng & Soh, NeurIPS 2023) "forget" adapter for {markdown_code(base)}, trained with
 the sa-peft Python package (version {info['sa_peft_version']}; no public project page yet). With the adapter
-loaded, prompts for {forgotten} produce the surrogate ({info['surrogate']}) instead, while replay of {info['num_replay_prompts']} other prompts and an EWC penalty
+loaded, prompts for {forgotten} produce the surrogate ({escape_controls(info['surrogate'])}) instead, while replay of {info['num_replay_prompts']} other prompts and an EWC penalty
 keep the rest of the model's behaviour.
 
 | setting | value |

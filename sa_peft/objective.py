@@ -55,6 +55,21 @@ class SALoss:
         return {"loss": self.total.item(), "forget": self.forget.item(), "replay": self.replay.item(), "ewc": self.ewc.item()}
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the run stops before anything is saved (a ValueError: the
+    settings caused it, and the message names the flags to change)."""
+
+
+def check_finite_loss(loss: SALoss, step: int) -> None:
+    """Stop the run at the first non-finite loss: a NaN step turns every LoRA weight into NaN, and that
+    adapter would be saved and carded as if it were trained (``--ewc_lambda inf`` did exactly that)."""
+    if bool(torch.isfinite(loss.total.detach())):
+        return
+    parts = ", ".join(f"{k} {v}" for k, v in loss.parts().items())
+    raise NonFiniteLossError(f"the training loss is not finite at step {step} ({parts}); no adapter was written. "
+                             "Lower --learning_rate, --ewc_lambda or --noise_offset, or train without --mixed_precision fp16")
+
+
 def selective_amnesia_loss(
     unet: torch.nn.Module,
     scheduler,

@@ -11,8 +11,13 @@ def read_prompts_file(path: str | os.PathLike, flag: str) -> list[str]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path!r} does not exist; give a text file with one prompt per line")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag} {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if any("\x00" in p for p in prompts):  # UTF-16 without a byte-order mark decodes as UTF-8 with NULs
+        raise ValueError(f"{flag} {path!r} holds NUL characters (UTF-16 text?); save it as UTF-8")
     if not prompts:
         raise ValueError(f"{flag} {path!r} has no prompts; write one prompt per line")
     return prompts

@@ -37,6 +37,17 @@ def require_xformers() -> None:
         raise RuntimeError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU")
 
 
+def check_mixed_precision(mode: str | None, device_type: str) -> None:
+    """Refuse a precision the device cannot train in, before any work.
+
+    fp16 on CPU trained and wrote the adapter, then crashed in the final validation (Float vs Half):
+    CPU autocast runs in bfloat16 only.
+    """
+    if mode == "fp16" and device_type != "cuda":
+        raise ValueError(f"--mixed_precision fp16 needs a CUDA GPU (this run is on {device_type}); use "
+                         "--mixed_precision bf16 or no on CPU (or `accelerate config` without fp16)")
+
+
 def make_optimizer(params, learning_rate: float, betas: tuple[float, float], weight_decay: float, eps: float,
                    use_8bit_adam: bool) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW with every state in 8 bits.
@@ -70,23 +81,3 @@ def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
     checkpoints = list_checkpoints(output_dir)
     for name in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
         shutil.rmtree(os.path.join(output_dir, name))
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
-    """``accelerator.save_state`` into a hidden folder, renamed to ``checkpoint-<step>`` once every process is done.
-
-    A run killed mid-save leaves no half-written checkpoint for ``--resume_from_checkpoint latest`` to pick.
-    """
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process and os.path.isdir(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final

@@ -420,6 +420,10 @@ def test_protocol_evaluate_commands_pass_every_check(name, clip_dir, no_pipeline
     assert argv[:2] == ["sa-peft", "evaluate"]
     argv = [f"clip:{clip_dir}" if a == "clip:openai/clip-vit-large-patch14" else
             str(clip_dir) if a == "openai/clip-vit-large-patch14" else a for a in argv[1:]]
+    from safetensors.torch import save_file
+
+    # --lora is read before anything else (its header and key names), so it must be a LoRA file.
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "pytorch_lora_weights.safetensors")
     for flag, value in (("--lora", tmp_path), ("--output_dir", tmp_path / "evaluation")):
         argv[argv.index(flag) + 1] = str(value)
     if name == "nudity":

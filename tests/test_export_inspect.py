@@ -107,7 +107,7 @@ def test_export_command(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / LORA_WEIGHT_NAME), "--overwrite"]) == 0
     assert cli.main(["export", str(tmp_path / LORA_WEIGHT_NAME), "--output", str(tmp_path / LORA_WEIGHT_NAME),
                      "--overwrite"]) == 2
-    assert "is the input file" in capsys.readouterr().err
+    assert "is the input path" in capsys.readouterr().err
     (tmp_path / "adapter.bin").write_bytes(b"pickle")
     assert cli.main(["export", str(tmp_path / "adapter.bin")]) == 2
     assert "not a .safetensors file" in capsys.readouterr().err

@@ -218,7 +218,7 @@ def test_replay_weight_default_follows_the_replay_target(train):
 def test_optional_backends_give_clear_errors(train, replay_file, tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("bitsandbytes", "xformers") else real_find_spec(name, *a))
-    base = tiny_args(tmp_path, replay_file, tmp_path / "out", "--surrogate_type", "noise")
+    base = tiny_args(tmp_path / "model", replay_file, tmp_path / "out", "--surrogate_type", "noise")
     with pytest.raises(ImportError, match="bitsandbytes"):
         train.resolve_defaults(train.parse_args(base + ["--use_8bit_adam"]))
     with pytest.raises(ImportError, match="xformers"):

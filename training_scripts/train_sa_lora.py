@@ -17,10 +17,12 @@ Flag names and behaviour follow diffusers' train_text_to_image_lora.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 
 import torch
@@ -30,13 +32,14 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 import sa_peft
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
-from sa_peft.conditioning import PromptConditioning, encode_prompts, is_sdxl, tokenize_prompts
+from sa_peft.checkpoints import load_checkpoint, read_checkpoint_state, save_checkpoint, settings_differences
+from sa_peft.checks import check_number, check_numbers, check_output_apart, check_positive_int, check_writable
+from sa_peft.conditioning import PromptConditioning, check_prompt_clash, encode_prompts, is_sdxl, tokenize_prompts
 from sa_peft.data import (
     SURROGATE_TYPES,
     check_resolution,
@@ -46,31 +49,39 @@ from sa_peft.data import (
 )
 from sa_peft.defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
 from sa_peft.diffusion_loss import noise_scheduler_for
+from sa_peft.errors import report_input_errors
 from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties
-from sa_peft.fisher import ESTIMATORS, base_weights_hash, estimate_fisher, load_fisher, save_fisher
+from sa_peft.fisher import (
+    ESTIMATORS,
+    base_weights_hash,
+    check_fisher_settings,
+    estimate_fisher,
+    load_fisher,
+    prompts_hash,
+    save_fisher,
+)
 from sa_peft.forgetting import DEFAULT_PREFERENCE_THRESHOLD, DEFAULT_RETENTION_BOUND, AdaptiveLambda, ForgettingProbe
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import LORA_TARGET_PRESETS, make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
 from sa_peft.models import load_pipeline
-from sa_peft.objective import REPLAY_TARGETS, selective_amnesia_loss
+from sa_peft.objective import REPLAY_TARGETS, check_finite_loss, selective_amnesia_loss
 from sa_peft.prompts import check_prompts, read_prompts_file
+from sa_peft.run_lock import file_lock, folder_lock
 from sa_peft.training_curves import write_training_curves
 from sa_peft.training_setup import (
+    check_mixed_precision,
     list_checkpoints,
     make_optimizer,
     prune_checkpoints,
     require_bitsandbytes,
     require_xformers,
-    save_checkpoint,
     settings_key,
 )
 from sa_peft.validation import generate_validation_images, save_before_after_grid, validation_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
-LORA_CHECKPOINT_NAME = "lora_unet.safetensors"
-TEXT_ENCODER_CHECKPOINT_NAME = "lora_text_encoder.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -111,7 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logging_dir", default="logs", help="tracker folder under --output_dir" + d)
     p.add_argument("--checkpointing_steps", type=int, default=500, help="save a LoRA-only training checkpoint every N steps" + d)
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints" + d)
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'" + d)
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder (any name) or 'latest'" + d)
+    p.add_argument("--resume_with_new_settings", action="store_true",
+                   help="resume although the training settings differ from the checkpoint's (refused by default)")
     p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (GPU); SDPA otherwise")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank; default 4 (8 on builtin:digits)")
     p.add_argument("--validation_prompt", action="append", default=None, help="repeatable; default: the forget prompts and two replay prompts")
@@ -235,25 +248,19 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
     clash = sorted(set(forget) & set(replay))
     if clash:
         raise ValueError(f"forget prompt(s) {clash} also appear in the replay prompts; remove them from --replay_prompts_file")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_surrogate_images", "num_replay_images_per_prompt",
-                 "fisher_num_samples", "rank", "num_validation_images", "validation_steps", "checkpointing_steps",
-                 "num_probe_images", "forgetting_check_steps"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.max_train_steps is not None and args.max_train_steps <= 0:
-        raise ValueError(f"--max_train_steps must be a positive integer, got {args.max_train_steps}")
-    if args.num_train_epochs is not None and args.num_train_epochs <= 0:
-        raise ValueError(f"--num_train_epochs must be a positive integer, got {args.num_train_epochs}")
     # The distilled replay loss ‖ε_θ − ε_θ*‖² is ~10⁻³ of the noise-target loss, so γ = 1 (the paper's, for the noise
     # target) barely weighs it: on the digits the retained Fréchet distance rose 11-17 % forgetting one, three or
-    # eight at γ = 1, 2-3 % at γ = 30, with the same step counts (benchmarks/RESULTS.md).
+    # eight at γ = 1, 1-3 % at γ = 30, with the same step counts (benchmarks/RESULTS.md).
     _set_default(args, "replay_weight", DISTILL_REPLAY_WEIGHT if args.replay_target == "distill" else 1.0)
-    if args.ewc_lambda < 0 or args.replay_weight < 0:
-        raise ValueError("--ewc_lambda and --replay_weight must be >= 0")
+    check_numeric_flags(args)
     if args.fisher_path is not None and not args.fisher_path.endswith(".safetensors"):
         raise ValueError(f"--fisher_path {args.fisher_path!r} must be a .safetensors file")
     if args.surrogate_data_dir is not None and not os.path.isdir(args.surrogate_data_dir):
         raise FileNotFoundError(f"--surrogate_data_dir {args.surrogate_data_dir!r} is not a folder")
+    check_output_apart(args.output_dir, "--output_dir", [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+                                                          ("--surrogate_data_dir", args.surrogate_data_dir)])
+    check_writable(args.output_dir, "--output_dir")
+    check_mixed_precision(args.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     if args.use_8bit_adam:
         require_bitsandbytes()
     if args.enable_xformers_memory_efficient_attention:
@@ -267,8 +274,6 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         from sa_peft.classifier import parse_classifier_spec
 
         parse_classifier_spec(args.classifier, args.class_text)  # a bad spec fails now, not after training
-        if not 0 < args.nudenet_threshold < 1:
-            raise ValueError(f"--nudenet_threshold must be in (0, 1), got {args.nudenet_threshold}")
     evaluation_prompts = (read_prompts_file(args.evaluation_prompts_file, "--evaluation_prompts_file")
                           if args.evaluation_prompts_file else None)
     validation = args.validation_prompt or (forget + replay[:2])
@@ -276,11 +281,92 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
             "evaluation_prompts": evaluation_prompts}
 
 
+# Ranges of the float flags; every value must also be finite (``--ewc_lambda inf`` saved a NaN adapter).
+FLOAT_FLAG_RULES = {
+    "learning_rate": {"low": 0, "low_open": True}, "snr_gamma": {"low": 0, "low_open": True},
+    "noise_offset": {"low": 0}, "adam_beta1": {"low": 0, "high": 1, "high_open": True},
+    "adam_beta2": {"low": 0, "high": 1, "high_open": True}, "adam_weight_decay": {"low": 0},
+    "adam_epsilon": {"low": 0, "low_open": True}, "max_grad_norm": {"low": 0},
+    "generation_guidance_scale": {"low": 0}, "ewc_lambda": {"low": 0}, "fisher_rank1_weight": {"low": 0},
+    "replay_weight": {"low": 0}, "forgetting_threshold": {}, "retention_bound": {"low": 0, "low_open": True},
+    "lora_alpha": {"low": 0, "low_open": True}, "nudenet_threshold": {"low": 0, "high": 1, "low_open": True, "high_open": True},
+}
+POSITIVE_INT_FLAGS = (
+    "train_batch_size", "gradient_accumulation_steps", "num_surrogate_images", "num_replay_images_per_prompt",
+    "fisher_num_samples", "fisher_num_timesteps", "rank", "num_validation_images", "validation_steps",
+    "checkpointing_steps", "checkpoints_total_limit", "num_probe_images", "forgetting_check_steps", "max_train_steps",
+    "num_train_epochs", "generation_num_inference_steps", "num_evaluation_images_per_prompt", "resolution",
+)
+
+
+def check_numeric_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag finite and in range, after the model-dependent defaults are filled."""
+    for flag in POSITIVE_INT_FLAGS:
+        check_positive_int(getattr(args, flag), f"--{flag}")
+    for flag in ("seed", "lr_warmup_steps", "dataloader_num_workers"):
+        check_number(getattr(args, flag), f"--{flag}", low=0)
+    check_numbers(args, FLOAT_FLAG_RULES)
+
+
+# Flags that do not change what a training step computes: a resume may change them freely.
+RESUME_FREE_FLAGS = {
+    "pretrained_model_name_or_path", "revision", "variant", "cache_dir", "output_dir", "logging_dir", "report_to",
+    "resume_from_checkpoint", "resume_with_new_settings", "validation_prompt", "num_validation_images",
+    "validation_steps", "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_model_id", "hub_token",
+    "classifier", "num_evaluation_images_per_prompt", "class_text", "forget_label", "nudenet_threshold",
+    "clip_score_model", "evaluation_prompts_file", "max_train_steps", "num_train_epochs", "output_kohya_format",
+    "require_forgetting", "dataloader_num_workers", "allow_tf32", "enable_xformers_memory_efficient_attention",
+    "gradient_checkpointing", "stop_when_forgotten", "fisher_path", "forget_prompts_file", "replay_prompts_file",
+    "forget_prompt",
+}
+
+
+def training_settings(args: argparse.Namespace, plan: dict, model_key: str) -> dict:
+    """What a checkpoint records of the run: every flag that changes a training step, the prompts as
+    read from their files, and the base model's weights hash (JSON-normalised, for comparison)."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE_FLAGS}
+    settings.update(forget_prompts=plan["forget"], replay_prompts=plan["replay"], base_model_hash=model_key)
+    return json.loads(json.dumps(settings))
+
+
+def find_resume_checkpoint(args: argparse.Namespace, settings: dict) -> tuple[str | None, dict | None]:
+    """The checkpoint --resume_from_checkpoint names (any folder; ``latest`` = the highest step in
+    --output_dir) and its state, refused when its settings differ (unless --resume_with_new_settings) or
+    its step is past --max_train_steps."""
+    if not args.resume_from_checkpoint:
+        return None, None
+    name = args.resume_from_checkpoint
+    if name == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            logger.info("No checkpoint to resume from; starting a new run.")
+            return None, None
+        name = found[-1]
+    path = name if os.path.isdir(name) else os.path.join(args.output_dir, name)
+    state = read_checkpoint_state(path)
+    differ = settings_differences(state["settings"], settings)
+    if differ and not args.resume_with_new_settings:
+        raise ValueError(f"--resume_from_checkpoint {path!r} was trained with other settings: {'; '.join(differ)}. "
+                         "Rerun with the checkpoint's settings, start a new --output_dir, or pass "
+                         "--resume_with_new_settings to continue with the new ones (the optimizer state is kept)")
+    if differ:
+        logger.warning(f"Resuming {path} with new settings: {'; '.join(differ)}")
+    check_resume_step(state, path, args.max_train_steps)
+    return path, state
+
+
+def check_resume_step(state: dict, path: str, max_train_steps: int | None) -> None:
+    """A checkpoint past the step budget would be saved labelled with the smaller budget: refuse it."""
+    if max_train_steps is not None and state["step"] > max_train_steps:
+        raise ValueError(f"--resume_from_checkpoint {path!r} is at step {state['step']}, past --max_train_steps "
+                         f"{max_train_steps}; raise --max_train_steps to at least {state['step']} or resume an earlier checkpoint")
+
+
 def surrogate_description(args) -> str:
     if args.surrogate_prompt is not None:
-        return ", ".join(f'prompt "{p}"' for p in args.surrogate_prompt)
-    if args.surrogate_data_dir is not None:
-        return f"images from {args.surrogate_data_dir}"
+        return ", ".join(f'prompt "{p}"' for p in args.surrogate_prompt)  # part of the cache keys: kept as it was
+    if args.surrogate_data_dir is not None:  # the folder's name only: the description is published in the card
+        return f"images from the folder {os.path.basename(os.path.normpath(args.surrogate_data_dir))!r}"
     return "uniform noise" if args.surrogate_type in ("noise", "uniform_noise") else "gaussian noise"
 
 
@@ -288,6 +374,13 @@ def main(argv: list[str] | None = None):
     """Run the whole job; returns the pipeline with the trained adapter loaded (for programmatic use)."""
     args = parse_args(argv)
     plan = resolve_defaults(args)
+    # One run per --output_dir; the main process holds the lock for all (accelerate sets RANK per process).
+    with folder_lock(args.output_dir, "--output_dir", enabled=int(os.environ.get("RANK", "0")) == 0):
+        return train(args, plan)
+
+
+def train(args: argparse.Namespace, plan: dict):
+    """The job of ``main`` on checked flags, holding the --output_dir lock."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -295,6 +388,7 @@ def main(argv: list[str] | None = None):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    check_mixed_precision(accelerator.mixed_precision, accelerator.device.type)  # also what an accelerate config chose
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
@@ -308,16 +402,21 @@ def main(argv: list[str] | None = None):
     resolution = check_resolution(pipe, args.resolution or default_resolution(pipe))
     if args.train_text_encoder and is_sdxl(pipe):
         raise ValueError("--train_text_encoder supports SD 1.x/2.x pipelines; drop it for SDXL")
+    check_prompt_clash(pipe, plan["forget"], plan["replay"])
     pipe.to(accelerator.device)
     unet, scheduler = pipe.unet, noise_scheduler_for(pipe.scheduler)  # DDPM noising, whatever the pipeline samples with
     # Caches are keyed by the UNet's weights, so a changed local model never reuses stale samples.
     model_key = base_weights_hash(unet, resolve_lora_targets(unet, "all"))[:16]
+    # The checkpoint to resume is checked now, before the sets and the Fisher: same settings, within the budget.
+    settings = training_settings(args, plan, model_key)
+    resume_path, resume_state = find_resume_checkpoint(args, settings)
 
     # ---- Phase 1: surrogate and replay sets, sampled once by the frozen model -------------------
     start = time.perf_counter()
     generation = {"resolution": resolution, "guidance": args.generation_guidance_scale,
                   "steps": args.generation_num_inference_steps, "seed": args.seed, "model": model_key}
-    sur_settings = {**generation, "forget": plan["forget"], "surrogate": surrogate_description(args), "n": args.num_surrogate_images}
+    sur_settings = {**generation, "forget": plan["forget"], "surrogate": surrogate_description(args), "n": args.num_surrogate_images,
+                    **({"data_dir": os.path.abspath(args.surrogate_data_dir)} if args.surrogate_data_dir else {})}
     surrogate = generate_surrogate_set(
         pipe, os.path.join(args.output_dir, "cache", f"surrogate-{settings_key(sur_settings)}"), plan["forget"], args.num_surrogate_images,
         surrogate_prompt=args.surrogate_prompt, surrogate_data_dir=args.surrogate_data_dir, surrogate_type=args.surrogate_type,
@@ -348,18 +447,28 @@ def main(argv: list[str] | None = None):
     fisher_path = args.fisher_path or os.path.join(args.output_dir, "cache", f"fisher-{settings_key(fisher_settings)}.safetensors")
     fisher = None
     if args.ewc_lambda > 0:
-        if os.path.exists(fisher_path):
-            fisher = load_fisher(fisher_path, unet=unet, required_modules=targets)
-            logger.info(f"Reusing the Fisher in {fisher_path} ({fisher.metadata.get('estimator')}, {fisher.metadata.get('num_samples')} samples)")
-        else:
-            fisher = estimate_fisher(
-                unet, scheduler, replay.latents[: args.fisher_num_samples], replay.prompt_ids(conditioning.prompts)[: args.fisher_num_samples],
-                conditioning, targets, estimator=args.fisher_estimator, num_timesteps=args.fisher_num_timesteps,
-                seed=args.seed, accelerator=accelerator, show_progress=show,
-            )
-            if accelerator.is_main_process:
-                save_fisher(fisher, fisher_path)
-            accelerator.wait_for_everyone()
+        fisher_ids = replay.prompt_ids(conditioning.prompts)[: args.fisher_num_samples]
+        fisher_expected = {
+            "estimator": args.fisher_estimator, "num_samples": str(min(args.fisher_num_samples, len(replay.latents))),
+            "num_timesteps": str(scheduler.config.num_train_timesteps if args.fisher_estimator == "reference"
+                                 else args.fisher_num_timesteps),
+            "seed": str(args.seed), "prompts_hash": prompts_hash([conditioning.prompts[i] for i in fisher_ids.tolist()]),
+        }
+        # A --fisher_path may be shared by runs in other folders: one computes it at a time.
+        with file_lock(fisher_path, "--fisher_path") if accelerator.is_main_process else contextlib.nullcontext():
+            if os.path.exists(fisher_path):
+                fisher = load_fisher(fisher_path, unet=unet, required_modules=targets)
+                check_fisher_settings(fisher, fisher_path, fisher_expected)
+                logger.info(f"Reusing the Fisher in {fisher_path} ({fisher.metadata.get('estimator')}, {fisher.metadata.get('num_samples')} samples)")
+            else:
+                fisher = estimate_fisher(
+                    unet, scheduler, replay.latents[: args.fisher_num_samples], fisher_ids,
+                    conditioning, targets, estimator=args.fisher_estimator, num_timesteps=args.fisher_num_timesteps,
+                    seed=args.seed, accelerator=accelerator, show_progress=show,
+                )
+                if accelerator.is_main_process:
+                    save_fisher(fisher, fisher_path)
+        accelerator.wait_for_everyone()
     timings["fisher_s"] = time.perf_counter() - start
 
     # ---- Phase 3: the forget LoRA ------------------------------------------------------------------
@@ -403,28 +512,6 @@ def main(argv: list[str] | None = None):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=args.max_train_steps * world)
 
-    def save_model_hook(models, weights, output_dir):
-        # Checkpoints hold the LoRA weights only; the frozen base is never copied.
-        if accelerator.is_main_process:
-            for model in models:
-                model = accelerator.unwrap_model(model)
-                state = get_peft_model_state_dict(model)
-                name = LORA_CHECKPOINT_NAME if model is accelerator.unwrap_model(unet) else TEXT_ENCODER_CHECKPOINT_NAME
-                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(output_dir, name))
-        while weights:
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            name = LORA_CHECKPOINT_NAME if model is accelerator.unwrap_model(unet) else TEXT_ENCODER_CHECKPOINT_NAME
-            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, name)), adapter_name="default")
-            if result.unexpected_keys:
-                raise ValueError(f"checkpoint {input_dir} does not match this LoRA: unexpected {result.unexpected_keys[:3]}")
-            cast_training_params(model, dtype=torch.float32)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
     prompt_tokens = None
     if text_encoder is not None:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
@@ -432,23 +519,17 @@ def main(argv: list[str] | None = None):
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
+    checkpoint_models = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
     global_step = 0
-    if args.resume_from_checkpoint:
-        name = args.resume_from_checkpoint
-        if name == "latest":
-            found = list_checkpoints(args.output_dir)
-            name = found[-1] if found else None
-        if name is None:
-            logger.info("No checkpoint to resume from; starting a new run.")
-        else:
-            path = name if os.path.isdir(name) else os.path.join(args.output_dir, name)
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            logger.info(f"Resumed from {path} at step {global_step}")
+    if resume_path is not None:
+        check_resume_step(resume_state, resume_path, args.max_train_steps)
+        load_checkpoint(accelerator, resume_path, checkpoint_models, optimizer, lr_scheduler)
+        global_step = resume_state["step"]
+        logger.info(f"Resumed from {resume_path} at step {global_step}")
 
     run_info = {
         "base_model": args.pretrained_model_name_or_path, "forget_prompts": plan["forget"], "surrogate": surrogate_description(args),
-        "num_surrogate_images": args.num_surrogate_images, "num_replay_prompts": len(plan["replay"]),
+        "surrogate_data_dir": args.surrogate_data_dir, "num_surrogate_images": args.num_surrogate_images, "num_replay_prompts": len(plan["replay"]),
         "num_replay_images_per_prompt": per_prompt, "ewc_lambda": args.ewc_lambda, "ewc_space": args.ewc_space,
         "fisher_estimator": args.fisher_estimator, "fisher_num_samples": args.fisher_num_samples, "replay_weight": args.replay_weight, "replay_target": args.replay_target,
         "fisher_rank1_weight": args.fisher_rank1_weight,
@@ -474,6 +555,10 @@ def main(argv: list[str] | None = None):
     unet.train()
     signal, signal_step, reached_step, previous_done = None, -1, None, False
     ewc_lambda = AdaptiveLambda(args.ewc_lambda)
+    if resume_state is not None:  # the loop's own state at the checkpoint (λ moves with the signal)
+        loop = resume_state["loop"]
+        ewc_lambda.value, ewc_lambda.previous = loop["ewc_lambda"], loop["ewc_lambda_previous"]
+        reached_step, previous_done = loop["reached_step"], loop["previous_done"]
     while global_step < args.max_train_steps:
         stop = False
         for micro in range(args.gradient_accumulation_steps):
@@ -493,6 +578,7 @@ def main(argv: list[str] | None = None):
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=gen,
                     replay_target=args.replay_target, base_unet=accelerator.unwrap_model(unet), base_conditioning=conditioning,
                 )
+                check_finite_loss(loss, global_step + 1)
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
@@ -523,7 +609,9 @@ def main(argv: list[str] | None = None):
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process:
                 prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-            save_checkpoint(accelerator, args.output_dir, global_step)
+            save_checkpoint(accelerator, args.output_dir, global_step, checkpoint_models, optimizer, lr_scheduler, settings,
+                            {"ewc_lambda": ewc_lambda.value, "ewc_lambda_previous": ewc_lambda.previous,
+                             "reached_step": reached_step, "previous_done": previous_done})
         if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             log_validation(accelerator, pipe, plan["validation"], args, resolution, global_step)
             update_training_curves(accelerator, args, log_path, global_step)
@@ -724,6 +812,11 @@ def log_image_to_trackers(accelerator, name: str, image, step: int) -> None:
             tracker.log_images({name: [image]}, step=step)
 
 
+# What --push_to_hub leaves out: caches, checkpoints, logs, the run lock and temporaries of a killed run.
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "cache/**", "logs/**", "*.tmp", ".tmp-*", "**/.tmp-*",
+                        "**/.tmp-*/**", ".tmp-*/**", ".old-*/**", ".sa-peft.lock", "*.lock"]
+
+
 def push_folder(args) -> None:
     """Upload the adapter folder (not caches or checkpoints); a clear error when the hub cannot be reached."""
     from huggingface_hub import create_repo, upload_folder
@@ -732,11 +825,12 @@ def push_folder(args) -> None:
     try:
         repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                      ignore_patterns=["checkpoint-*", "cache/*", "logs/*", "*.tmp"], commit_message="Selective Amnesia forget LoRA")
+                      ignore_patterns=PUSH_IGNORE_PATTERNS, commit_message="Selective Amnesia forget LoRA")
     except Exception as err:
         raise RuntimeError(f"--push_to_hub: could not upload {args.output_dir!r} to {repo_id!r} ({type(err).__name__}: {err}); "
                            "the adapter is saved locally; check the network and `hf auth login`, then rerun with --push_to_hub") from err
 
 
 if __name__ == "__main__":
-    main()
+    # Input errors (a flag, a file) print one line naming it; a bug keeps its traceback.
+    sys.exit(report_input_errors(os.path.basename(__file__), main))

@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from ..checks import check_number, check_positive_int
 from ..models import load_pipeline
 
 
@@ -24,6 +25,15 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's native size)")
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default: %(default)s)")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+
+
+def check_generation_arguments(args: argparse.Namespace) -> None:
+    """The sampling flags of ``add_generation_arguments`` and the seed, before the pipeline is loaded
+    (``--num_inference_steps 0`` was a ZeroDivisionError inside the scheduler)."""
+    check_positive_int(args.num_inference_steps, "--num_inference_steps")
+    check_positive_int(args.resolution, "--resolution")
+    check_number(args.guidance_scale, "--guidance_scale", low=0)
+    check_number(args.seed, "--seed", low=0)
 
 
 def load_pipeline_from_args(args: argparse.Namespace):

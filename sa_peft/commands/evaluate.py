@@ -10,6 +10,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from ..adapter_io import check_lora_file
+from ..checks import check_number, check_output_apart, check_positive_int, check_writable
 from ..classifier import (
     CLASSIFIER_SPECS,
     ClipModel,
@@ -318,8 +320,13 @@ def run(args: argparse.Namespace) -> dict:
     if not 0 < args.nudenet_threshold <= 1:
         raise ValueError(f"--nudenet_threshold must be in (0, 1], got {args.nudenet_threshold}")
     for path in args.lora:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--lora {path!r}: no such file or folder")
+        check_lora_file(path, "--lora")  # before the base evaluation, which takes most of the time
+    check_output_apart(args.output_dir, "--output_dir", [("--lora", p) for p in args.lora] +
+                       [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)], allow_inside=True)
+    check_writable(args.output_dir, "--output_dir")
+    check_positive_int(args.num_inference_steps, "--num_inference_steps")
+    check_number(args.guidance_scale, "--guidance_scale", low=0)
+    check_number(args.seed, "--seed", low=0)
     if args.lora_weight and len(args.lora_weight) != len(args.lora):
         raise ValueError(f"--lora_weight was given {len(args.lora_weight)} times for {len(args.lora)} --lora values")
     kind, _ = parse_classifier_spec(args.classifier, args.class_text)

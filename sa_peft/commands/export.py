@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..adapter_io import LORA_WEIGHT_NAME, export_kohya, resolve_adapter_file
+from ..checks import check_output_apart, check_writable
 
 FORMATS = ("kohya",)
 
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> str:
     output = args.output or default_output(source, args.format)
     if not output.endswith(".safetensors"):
         raise ValueError(f"--output {output!r} must end in .safetensors")
-    if os.path.abspath(output) == os.path.abspath(source):
-        raise ValueError(f"--output {output!r} is the input file; choose another path")
+    check_output_apart(output, "--output", [("path", source)])
+    check_writable(output, "--output")
     if os.path.exists(output) and not args.overwrite:
         raise ValueError(f"--output {output!r} already exists; pass --overwrite to replace it or choose another --output")
     export_kohya(source, output)

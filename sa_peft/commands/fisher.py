@@ -6,13 +6,15 @@ import argparse
 import os
 import time
 
+from ..checks import check_output_apart, check_positive_int, check_writable
 from ..conditioning import encode_prompts
 from ..data import generate_replay_set, load_image_set
 from ..diffusion_loss import noise_scheduler_for
 from ..fisher import ESTIMATORS, estimate_fisher, save_fisher
 from ..lora import LORA_TARGET_PRESETS, resolve_lora_targets
 from ..prompts import read_prompts_file
-from .common import add_generation_arguments, add_model_arguments, load_pipeline_from_args
+from ..run_lock import file_lock
+from .common import add_generation_arguments, add_model_arguments, check_generation_arguments, load_pipeline_from_args
 
 
 def register(subparsers) -> None:
@@ -36,9 +38,21 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     if not args.output.endswith(".safetensors"):
         raise ValueError(f"--output {args.output!r} must end in .safetensors")
-    if args.fisher_num_samples <= 0:
-        raise ValueError(f"--fisher_num_samples must be a positive integer, got {args.fisher_num_samples}")
+    check_generation_arguments(args)
+    check_positive_int(args.fisher_num_samples, "--fisher_num_samples")
+    check_positive_int(args.fisher_num_timesteps, "--fisher_num_timesteps")
+    inputs = [("--data_dir", args.data_dir), ("--prompts_file", args.prompts_file),
+              ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)]
+    for flag, output in (("--output", args.output), ("--samples_dir", args.samples_dir)):
+        if output is not None:
+            check_output_apart(output, flag, inputs)
+            check_writable(output, flag)
     prompts = read_prompts_file(args.prompts_file, "--prompts_file") if args.prompts_file else None
+    with file_lock(args.output, "--output"):  # one writer per Fisher file
+        _estimate(args, prompts)
+
+
+def _estimate(args: argparse.Namespace, prompts: list[str] | None) -> None:
     pipe = load_pipeline_from_args(args)
     modules = resolve_lora_targets(pipe.unet, args.lora_target)
     if prompts is not None:

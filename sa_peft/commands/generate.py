@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..checks import check_output_apart, check_positive_int, check_writable
 from ..data import generate_replay_set, generate_surrogate_set
 from ..prompts import read_prompts_file
-from .common import add_generation_arguments, add_model_arguments, load_pipeline_from_args
+from ..run_lock import folder_lock
+from .common import add_generation_arguments, add_model_arguments, check_generation_arguments, load_pipeline_from_args
 
 
 def register(subparsers) -> None:
@@ -28,23 +30,35 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.kind == "surrogate" and not args.forget_prompt:
+        raise ValueError("--forget_prompt is required for a surrogate set")
+    if args.kind == "replay" and args.replay_prompts_file is None:
+        raise ValueError("--replay_prompts_file is required for a replay set")
+    check_generation_arguments(args)
+    check_positive_int(args.num_surrogate_images, "--num_surrogate_images")
+    check_positive_int(args.num_replay_images_per_prompt, "--num_replay_images_per_prompt")
+    check_output_apart(args.output_dir, "--output_dir", [
+        ("--surrogate_data_dir", args.surrogate_data_dir), ("--replay_prompts_file", args.replay_prompts_file),
+        ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)])
+    check_writable(args.output_dir, "--output_dir")
+    with folder_lock(args.output_dir, "--output_dir"):  # one writer per set folder
+        result = _generate(args)
+    print(f"{args.kind} set: {len(result.latents)} images in {args.output_dir}")
+
+
+def _generate(args: argparse.Namespace):
     if args.kind == "surrogate":
-        if not args.forget_prompt:
-            raise ValueError("--forget_prompt is required for a surrogate set")
         pipe = load_pipeline_from_args(args)
-        result = generate_surrogate_set(
+        return generate_surrogate_set(
             pipe, args.output_dir, args.forget_prompt, args.num_surrogate_images,
             surrogate_prompt=args.surrogate_prompt, surrogate_data_dir=args.surrogate_data_dir,
             surrogate_type=args.surrogate_type, seed=args.seed, resolution=args.resolution,
             guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
         )
     else:
-        if args.replay_prompts_file is None:
-            raise ValueError("--replay_prompts_file is required for a replay set")
         prompts = read_prompts_file(args.replay_prompts_file, "--replay_prompts_file")
         pipe = load_pipeline_from_args(args)
-        result = generate_replay_set(
+        return generate_replay_set(
             pipe, args.output_dir, prompts, args.num_replay_images_per_prompt, seed=args.seed,
             resolution=args.resolution, guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
         )
-    print(f"{args.kind} set: {len(result.latents)} images in {args.output_dir}")

@@ -7,6 +7,7 @@ import json
 import os
 
 from ..adapter_io import SA_METADATA_KEY, component_configs, load_adapter_file, resolve_adapter_file
+from ..escaping import escape_controls, safe_json
 from ..forgetting import verdict_lines
 
 # Training-info fields in display order, with their labels.
@@ -124,7 +125,7 @@ def format_text(summary: dict) -> str:
         for lora in merge.get("loras", []):
             concepts = ", ".join((lora.get("sa_peft") or {}).get("forget_prompts", [])) or "?"
             lines.append(f"  merged {lora['file']} × {lora['weight']}: forgets {concepts}")
-        return "\n".join(lines)
+        return _join(lines)
     lines.append(f"LoRA layers: {summary['lora_layers']} ({', '.join(summary['components'])}), "
                  f"rank {_format(summary['ranks'])}, {summary['dtype']}")
     info = summary.get("sa_peft")
@@ -148,10 +149,15 @@ def format_text(summary: dict) -> str:
         width = max([len(r["metric"]) for r in rows] + [6])
         lines.append(f"  {'metric':<{width}}  {'before':>8}  {'after':>8}")
         lines += [f"  {r['metric']:<{width}}  {r['before']:>8}  {r['after'] or '–':>8}" for r in rows]
-    return "\n".join(lines)
+    return _join(lines)
+
+
+def _join(lines: list[str]) -> str:
+    """One printed line per entry: header strings cannot add lines or send terminal escape sequences."""
+    return "\n".join(escape_controls(line) for line in lines)
 
 
 def run(args: argparse.Namespace) -> dict:
     summary = describe(args.path)
-    print(json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False) if args.json else format_text(summary))
+    print(safe_json(summary) if args.json else format_text(summary))
     return summary

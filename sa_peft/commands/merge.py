@@ -8,6 +8,7 @@ import os
 import torch
 
 from ..adapter_io import read_adapter_metadata, resolve_adapter_file
+from ..checks import check_output_apart, check_writable
 from ..merge import (
     check_lora_weights,
     merge_forget_loras,
@@ -68,6 +69,12 @@ def check_outputs(args) -> None:
             raise ValueError(f"--single_file {args.single_file!r} already exists; pass --overwrite or choose another path")
     if args.output_dir is not None and os.path.exists(args.output_dir) and not args.overwrite:
         raise ValueError(f"--output_dir {args.output_dir!r} already exists; pass --overwrite or choose a new folder")
+    # --overwrite replaces --output_dir: it must not be (or hold) a --lora or the base model it reads.
+    inputs = [("--lora", p) for p in args.lora] + [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)]
+    for flag, output in (("--output_dir", args.output_dir), ("--single_file", args.single_file)):
+        if output is not None:
+            check_output_apart(output, flag, inputs)
+            check_writable(output, flag)
 
 
 def run(args: argparse.Namespace):
