@@ -360,13 +360,22 @@ def test_verdict_is_recorded_shown_and_enforced(train, tiny_pipe_dir, replay_fil
 
 
 def test_training_stops_once_forgotten(train, tiny_pipe_dir, replay_file, tmp_path):
-    """A threshold every model meets (preference ≤ 5) ends training at the second check, not the first."""
+    """A threshold every model meets (preference ≤ 5) ends training at the second check, not the first, once
+    retention is inside its bound too."""
     out = tmp_path / "run"
     train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
                          "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "5",
-                         "--learning_rate", "1e-2"))
+                         "--learning_rate", "1e-2", "--retention_bound", "1"))
     forgetting = read_adapter_metadata(out)["sa_peft"]["forgetting"]
     assert forgetting["reached"] and forgetting["reached_at_step"] == 5 and forgetting["trained_steps"] == 10  # two checks in a row
+    # Forgotten but never retained (a bound no drift meets): training goes on to the budget, and the verdict says so.
+    gated = tmp_path / "gated"
+    train.main(tiny_args(tiny_pipe_dir, replay_file, gated, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
+                         "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "5",
+                         "--learning_rate", "1e-2", "--retention_bound", "1e-12"))
+    forgetting = read_adapter_metadata(gated)["sa_peft"]["forgetting"]
+    assert forgetting["reached"] and not forgetting["retained"] and forgetting["trained_steps"] == 20
+    assert forgetting["retention"] > 1e-12
     full = tmp_path / "full"
     train.main(tiny_args(tiny_pipe_dir, replay_file, full, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
                          "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "5",
