@@ -8,7 +8,7 @@ import sys
 
 from . import __version__
 
-SUBCOMMANDS = ("generate", "fisher", "evaluate", "merge", "export", "inspect")
+SUBCOMMANDS = ("generate", "fisher", "evaluate", "attack", "merge", "export", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

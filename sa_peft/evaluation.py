@@ -735,7 +735,8 @@ def report_markdown(metrics_before: dict, metrics_after: dict | None = None) -> 
 
 
 def samples_grid(samples_before: Mapping[str, torch.Tensor], samples_after: Mapping[str, torch.Tensor] | None = None,
-                 num_samples: int = 10, cell: int = 48, pad: int = 2, max_prompts: int = 24):
+                 num_samples: int = 10, cell: int = 48, pad: int = 2, max_prompts: int = 24,
+                 titles: Sequence[str] = ("before", "after")):
     """A PIL image: one row per prompt (the first ``max_prompts``), ``num_samples`` before-samples, then
     (if given) after-samples.
 
@@ -754,7 +755,7 @@ def samples_grid(samples_before: Mapping[str, torch.Tensor], samples_after: Mapp
     height = header_h + len(prompts) * (cell + pad)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(["before", "after"][: len(blocks)] if len(blocks) == 2 else ["samples"]):
+    for j, title in enumerate(list(titles)[: len(blocks)] if len(blocks) == 2 else ["samples"]):
         draw.text((label_w + j * (block_w + gap), 1), title, fill=(0, 0, 0))
     for i, prompt in enumerate(prompts):
         y = header_h + i * (cell + pad)
