@@ -22,12 +22,15 @@ def project(delta: torch.Tensor, reference: torch.Tensor, epsilon: float) -> tor
 
 
 def optimise_soft_prompt(unet, scheduler, conditioning: PromptConditioning, latents: torch.Tensor, steps: int,
-                         lr: float, epsilon: float, batch_size: int, seed: int) -> tuple[torch.Tensor, list[float]]:
-    """δ that lowers ``unet``'s diffusion loss on ``latents`` under ``conditioning``'s first row + δ."""
+                         lr: float, epsilon: float, batch_size: int, seed: int,
+                         init: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """δ that lowers ``unet``'s diffusion loss on ``latents`` under ``conditioning``'s first row + δ, starting
+    from ``init`` (zeros by default; robust training warm-starts from the previous δ)."""
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
     hidden = conditioning.encoder_hidden_states[:1].to(device, torch.float32)
-    delta = torch.zeros_like(hidden, requires_grad=True)
+    start = torch.zeros_like(hidden) if init is None else init.to(device, torch.float32).clone()
+    delta = start.requires_grad_(True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
