@@ -99,30 +99,20 @@ def summary(metrics: dict, surrogate_label: int | None = None) -> dict:
 
 
 def fine_tune_on_retained(pipe, work_dir: str, steps: int, seed: int = 0) -> None:
-    """Durability probe: fuse the forget LoRA, then train all UNet weights on retained-digit replay only."""
+    """Durability probe: fuse the forget LoRA, then train all UNet weights on retained-digit replay only
+    (``sa-peft attack --attack relearn`` runs the same loop, ``sa_peft.attacks.fine_tune_unet``)."""
+    from sa_peft.attacks import fine_tune_unet
     from sa_peft.conditioning import encode_prompts
     from sa_peft.data import load_image_set
-    from sa_peft.diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+    from sa_peft.diffusion_loss import noise_scheduler_for
 
     replay_dir = next(p for p in Path(work_dir, "cache").glob("replay-*") if (p / "metadata.jsonl").exists())
     data = load_image_set(replay_dir)
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()
-    unet, scheduler = pipe.unet, noise_scheduler_for(pipe.scheduler)
     cond = encode_prompts(pipe, data.prompts)
-    ids = data.prompt_ids(cond.prompts)
-    unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(len(data.latents), (32,), generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=gen)
-        noise = torch.randn(data.latents[idx].shape, generator=gen)
-        loss = per_sample_diffusion_loss(unet, scheduler, data.latents[idx], t, noise, cond.unet_kwargs(ids[idx])).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    unet.eval().requires_grad_(False)
+    fine_tune_unet(pipe.unet, noise_scheduler_for(pipe.scheduler), data.latents, data.prompt_ids(cond.prompts), cond,
+                   steps, lr=1e-4, batch_size=32, seed=seed)
 
 
 def fmt(value, digits=3):

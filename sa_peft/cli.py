@@ -9,7 +9,7 @@ import sys
 from . import __version__
 from .errors import report_input_errors
 
-SUBCOMMANDS = ("generate", "fisher", "evaluate", "merge", "export", "inspect")
+SUBCOMMANDS = ("generate", "fisher", "evaluate", "attack", "merge", "export", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,11 @@ def is_sdxl(pipe) -> bool:
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str], resolution: int | None = None) -> PromptConditioning:
     """Encode each unique prompt once with the pipeline's own ``encode_prompt`` (no guidance)."""
+    return encode_prompts_with_grad(pipe, prompts, resolution)
+
+
+def encode_prompts_with_grad(pipe, prompts: Sequence[str], resolution: int | None = None) -> PromptConditioning:
+    """``encode_prompts`` with autograd on: gradients reach the text encoders' weights (textual inversion)."""
     unique = list(dict.fromkeys(prompts))
     if not unique:
         raise ValueError("no prompts to encode")

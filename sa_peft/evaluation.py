@@ -735,9 +735,10 @@ def report_markdown(metrics_before: dict, metrics_after: dict | None = None) -> 
 
 
 def samples_grid(samples_before: Mapping[str, torch.Tensor], samples_after: Mapping[str, torch.Tensor] | None = None,
-                 num_samples: int = 10, max_prompts: int = 24, max_cell_px: int = 128):
+                 num_samples: int = 10, max_prompts: int = 24, max_cell_px: int = 128,
+                 titles: Sequence[str] = ("before (base model)", "after (with the adapter)")):
     """A PIL image (``image_grid.render_grid``): one labelled row per prompt (the first ``max_prompts``),
-    ``num_samples`` before-samples, then (if given) as many after-samples.
+    ``num_samples`` before-samples, then (if given) as many after-samples, under the two ``titles``.
 
     Small samples are enlarged with nearest-neighbour so 16×16 digits stay visible; large ones are shrunk
     to ``max_cell_px`` so 24 prompts × 20 samples stay a picture one can open.
@@ -758,7 +759,7 @@ def samples_grid(samples_before: Mapping[str, torch.Tensor], samples_after: Mapp
         return images + [None] * (k - len(images))
 
     rows = [(prompt, [img for block in blocks for img in pictures(block, prompt)]) for prompt in prompts]
-    headers = ["before (base model)", "after (with the adapter)"] if samples_after is not None else ["samples"]
+    headers = list(titles)[:2] if samples_after is not None else ["samples"]
     return render_grid(rows, column_headers=headers, max_cell_px=max_cell_px)
 
 

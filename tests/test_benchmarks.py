@@ -65,3 +65,17 @@ def test_forgetting_every_concept_smoke(tmp_path):
     assert all(r["forgetting"]["reached"] is False for r in rows)
     assert rows[0]["before"]["forget"]["a handwritten digit two"]["p_forgotten"] > 0.5
     assert "Rows meeting every target" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_attacks_smoke(tmp_path):
+    run("attacks.py", "--digits", "zero", "--work_dir", str(tmp_path), "--output", str(tmp_path / "table.md"),
+        "--num_images_per_prompt", "2", "--train_flags",
+        "--max_train_steps 2 --num_surrogate_images 16 --num_replay_images_per_prompt 2 --fisher_num_samples 4 "
+        "--generation_num_inference_steps 5 --num_probe_images 2",
+        "--attack_flags", "--num_images 2 --prompts_num_images 1 --num_inference_steps 3 --inversion_steps 2 "
+        "--soft_prompt_steps 2 --relearn_steps 2 --relearn_images_per_prompt 1 --attack_num_train_images 4")
+    table = (tmp_path / "table.md").read_text()
+    for row in ("| zero | base model |", "| zero | default |", "| zero | robust |", "relearn_real"):
+        assert row in table
+    assert len((tmp_path / "attacks.jsonl").read_text().splitlines()) == 2

@@ -67,6 +67,7 @@ from sa_peft.model_card import write_model_card
 from sa_peft.models import load_pipeline
 from sa_peft.objective import REPLAY_TARGETS, check_finite_loss, selective_amnesia_loss
 from sa_peft.prompts import check_prompts, read_prompts_file
+from sa_peft.robust import AdversarialSoftPrompt
 from sa_peft.run_lock import file_lock, folder_lock
 from sa_peft.training_curves import write_training_curves
 from sa_peft.training_setup import (
@@ -179,6 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with retention well inside its bound, doubled when retention leaves it")
     p.add_argument("--require_forgetting", action="store_true",
                    help="exit with status 1 when the run ends without forgetting (the adapter is still saved)")
+    p.add_argument("--robust_forgetting", action="store_true",
+                   help="adversarial training against the soft-prompt attack (sa-peft attack): every 25 steps a "
+                        "bounded perturbation of the forget prompt's embedding is fitted to bring the concept back, "
+                        "and half of each surrogate batch is paired with it")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: the rank")
     p.add_argument("--use_rslora", action="store_true", help="rank-stabilised LoRA scaling alpha/sqrt(rank)")
     p.add_argument("--lora_target", default="all", help=f"preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names" + d)
@@ -532,7 +537,7 @@ def train(args: argparse.Namespace, plan: dict):
         "surrogate_data_dir": args.surrogate_data_dir, "num_surrogate_images": args.num_surrogate_images, "num_replay_prompts": len(plan["replay"]),
         "num_replay_images_per_prompt": per_prompt, "ewc_lambda": args.ewc_lambda, "ewc_space": args.ewc_space,
         "fisher_estimator": args.fisher_estimator, "fisher_num_samples": args.fisher_num_samples, "replay_weight": args.replay_weight, "replay_target": args.replay_target,
-        "fisher_rank1_weight": args.fisher_rank1_weight,
+        "fisher_rank1_weight": args.fisher_rank1_weight, "robust_forgetting": args.robust_forgetting,
         "rank": args.rank, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank, "use_rslora": args.use_rslora,
         "lora_target": args.lora_target, "num_adapted_modules": len(targets), "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate, "resolution": resolution,
@@ -559,6 +564,7 @@ def train(args: argparse.Namespace, plan: dict):
         loop = resume_state["loop"]
         ewc_lambda.value, ewc_lambda.previous = loop["ewc_lambda"], loop["ewc_lambda_previous"]
         reached_step, previous_done = loop["reached_step"], loop["previous_done"]
+    robust = robust_trainer(args, plan, probe)
     while global_step < args.max_train_steps:
         stop = False
         for micro in range(args.gradient_accumulation_steps):
@@ -568,12 +574,17 @@ def train(args: argparse.Namespace, plan: dict):
             s_idx = torch.randint(len(sur_latents), (args.train_batch_size,), generator=gen).to(accelerator.device)
             r_idx = torch.randint(len(rep_latents), (args.train_batch_size,), generator=gen).to(accelerator.device)
             models = (unet,) if text_encoder is None else (unet, text_encoder)
+            s_ids = sur_ids[s_idx]
             with accelerator.accumulate(*models), accelerator.autocast():
                 step_conditioning = conditioning
                 if text_encoder is not None:  # the prompts are re-encoded through the text encoder's LoRA
                     step_conditioning = PromptConditioning(conditioning.prompts, text_encoder(prompt_tokens)[0])
+                if robust is not None:  # the surrogate also under the soft-prompt attack's embedding
+                    if micro == 0:
+                        robust.maybe_refresh(global_step, accelerator.unwrap_model(unet), scheduler, step_conditioning)
+                    step_conditioning, s_ids = robust.augment(step_conditioning, s_ids)
                 loss = selective_amnesia_loss(
-                    unet, scheduler, step_conditioning, sur_latents[s_idx].to(weight_dtype), sur_ids[s_idx],
+                    unet, scheduler, step_conditioning, sur_latents[s_idx].to(weight_dtype), s_ids,
                     rep_latents[r_idx].to(weight_dtype), rep_ids[r_idx], ewc_penalty, ewc_lambda.value, args.replay_weight,
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=gen,
                     replay_target=args.replay_target, base_unet=accelerator.unwrap_model(unet), base_conditioning=conditioning,
@@ -656,6 +667,14 @@ def train(args: argparse.Namespace, plan: dict):
     if args.require_forgetting and not run_info["forgetting"]["reached"]:
         raise SystemExit(1)  # --require_forgetting: after everything is saved, so the run can be inspected
     return pipe
+
+
+def robust_trainer(args, plan, probe):
+    """The ``--robust_forgetting`` attacker (``None`` without the flag), fitted to the probe's held-out concept images."""
+    if not args.robust_forgetting:
+        return None
+    latents = [c.latents[:: len(c.latents) // c.num_images] for c, _ in probe.concepts]  # one copy of each image
+    return AdversarialSoftPrompt(plan["forget"], latents, seed=args.seed)
 
 
 def measure_forgetting(probe, accelerator, unet, text_encoder, scheduler, conditioning, prompt_tokens) -> dict:

@@ -1,0 +1,130 @@
+"""The ``relearn`` attack: fuse the forget adapter, fine-tune the whole UNet on benign data (the retained
+concepts' samples of the base model, or a user's images) and follow P(concept) as it comes back.
+
+benchmarks/RESULTS.md measured it first on the digits: the default forget-zero LoRA fused, then 300 steps of
+AdamW (lr 1e-4, batch 32) on the retained digits, brings 20 % zeros back; ``fine_tune_unet`` is that loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..conditioning import PromptConditioning, encode_prompts
+from ..data import IMAGE_EXTENSIONS, _encode_images, _load_image
+from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from ..merge import fuse_forget_loras
+from .context import AttackContext, best_samples, pooled_rate, summarise
+from .sampling import sample
+
+
+def fine_tune_unet(unet, scheduler, latents: torch.Tensor, prompt_ids: torch.Tensor, conditioning: PromptConditioning,
+                   steps: int, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
+                   callback: Callable[[int], None] | None = None) -> None:
+    """Plain diffusion-loss fine-tuning of every UNet weight with AdamW; ``callback(step)`` runs after step
+    0 (before training) and after every step, so a caller can measure the curve at the steps it wants."""
+    unet.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    if callback is not None:
+        callback(0)
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(latents), (batch_size,), generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        noise = torch.randn(latents[idx].shape, generator=gen)
+        loss = per_sample_diffusion_loss(unet, scheduler, latents[idx].to(device, dtype), t.to(device),
+                                         noise.to(device, dtype), conditioning.unet_kwargs(prompt_ids[idx], dtype)).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if callback is not None:
+            unet.eval()
+            callback(step)
+            unet.train()
+    unet.eval().requires_grad_(False)
+
+
+def read_image_folder(folder: str, resolution: int, channels: int, default_prompt: str) -> tuple[torch.Tensor, list[str]]:
+    """Images of ``folder`` (in [-1, 1]) and their captions: ``<name>.txt`` beside an image, else ``default_prompt``."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--relearn_data_dir {folder!r} is not a folder")
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"--relearn_data_dir {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    images, prompts = [], []
+    for name in names:
+        images.append(_load_image(os.path.join(folder, name), resolution, channels))
+        caption = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+        if os.path.isfile(caption):
+            with open(caption, encoding="utf-8") as f:
+                prompts.append(f.read().strip())
+        else:
+            prompts.append(default_prompt)
+    return torch.stack(images), prompts
+
+
+def benign_data(ctx: AttackContext, prompts: Sequence[str], images_per_prompt: int, data_dir: str | None,
+                data_prompt: str) -> tuple[torch.Tensor, list[str]]:
+    """Latents and prompts to fine-tune on: the base model's samples of ``prompts`` (seed stream ``seed + 4``),
+    plus the images of ``data_dir``."""
+    latents, captions = [], []
+    ctx.disable_adapter()
+    try:
+        for j, prompt in enumerate(prompts):
+            latents.append(sample(ctx, images_per_prompt, prompt=prompt, output_type="latent", seed=ctx.seed + 4 + j))
+            captions += [prompt] * images_per_prompt
+    finally:
+        ctx.enable_adapter()
+    if data_dir:
+        from ..data import default_resolution
+
+        images, folder_prompts = read_image_folder(data_dir, default_resolution(ctx.pipe),
+                                                   ctx.pipe.vae.config.in_channels, data_prompt)
+        with torch.no_grad():
+            latents.append(_encode_images(ctx.pipe, images).float().cpu())
+        captions += folder_prompts
+    return torch.cat(latents), captions
+
+
+def run_relearn_attack(ctx: AttackContext, adapter_names: Sequence[str], prompts: Sequence[str] = (),
+                       images_per_prompt: int = 32, data_dir: str | None = None, data_prompt: str = "",
+                       steps: int = 300, eval_steps: Sequence[int] | None = None, lr: float = 1e-4,
+                       batch_size: int = 32) -> dict:
+    """Fuse ``adapter_names`` into ``ctx.pipe`` (in place: run it last), fine-tune, and score the forget
+    prompts at each of ``eval_steps`` (default: every quarter of ``steps``)."""
+    if not prompts and not data_dir:
+        raise ValueError("the relearn attack needs benign data: pass --relearn_prompt / --relearn_prompts_file "
+                         "or --relearn_data_dir")
+    eval_steps = sorted(set(eval_steps if eval_steps else [0, steps // 4, steps // 2, 3 * steps // 4, steps]))
+    if eval_steps[-1] > steps or eval_steps[0] < 0:
+        raise ValueError(f"--relearn_eval_steps must lie in 0..{steps}, got {eval_steps}")
+    latents, captions = benign_data(ctx, prompts, images_per_prompt, data_dir, data_prompt)
+    pipe = fuse_forget_loras(ctx.pipe, adapter_names)
+    ctx.enable_adapter = ctx.disable_adapter = (lambda: None)  # the adapter is part of the weights now
+    conditioning = encode_prompts(pipe, captions)
+    prompt_ids = torch.tensor([conditioning.prompts.index(c) for c in captions], dtype=torch.long)
+    curve, last = [], {}
+
+    def measure(step: int) -> None:
+        if step not in eval_steps:
+            return
+        images = {p: sample(ctx, ctx.num_images, prompt=p) for p in ctx.forget_prompts}
+        parts = [summarise(ctx, x) for x in images.values()]
+        curve.append({"step": step, "success_rate": pooled_rate(parts),
+                      "mean_concept_score": sum(p["mean_concept_score"] for p in parts) / len(parts)})
+        ctx.log(f"relearn step {step}: concept rate {curve[-1]['success_rate']:.3f}")
+        last["images"] = torch.cat(list(images.values()))
+
+    fine_tune_unet(pipe.unet, noise_scheduler_for(pipe.scheduler), latents, prompt_ids, conditioning, steps, lr,
+                   batch_size, ctx.seed + 5, measure)
+    return {
+        "attack_success_rate": curve[-1]["success_rate"],
+        "recovery_curve": curve,
+        "steps": steps, "learning_rate": lr, "batch_size": batch_size, "num_benign_images": len(latents),
+        "benign_prompts": list(dict.fromkeys(captions)),
+        "_grid": (None, best_samples(ctx, last["images"])),
+    }

@@ -1,0 +1,73 @@
+"""Robust forgetting (``--robust_forgetting``): adversarial training against the soft-prompt attack.
+
+``sa-peft attack --attack soft_prompt`` finds, for the default forget adapter, a perturbation δ of the forget
+prompt's embedding (‖δ_j‖ ≤ ‖e_j‖ per token) under which the adapted model draws the concept again
+(benchmarks/RESULTS.md, "Attacks"). Robust forgetting runs that attack inside the training loop: every
+``every`` steps δ is re-optimised (warm-started, a few Adam steps) against the current adapter on the frozen
+model's held-out images of the concept, and half of each surrogate batch is paired with the perturbed
+embedding instead of the plain one, so the surrogate is learned under the attack's embedding too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .attacks.soft_prompt import optimise_soft_prompt
+from .conditioning import PromptConditioning
+
+DEFAULT_EVERY = 25
+DEFAULT_ATTACK_STEPS = 20
+DEFAULT_EPSILON = 1.0  # the attack's default bound, so training meets the attack it is measured against
+DEFAULT_LR = 1e-2
+
+
+class AdversarialSoftPrompt:
+    """One δ per forget prompt, refreshed against the adapter; ``augment`` pairs surrogates with it."""
+
+    def __init__(self, forget_prompts: Sequence[str], concept_latents: Sequence[torch.Tensor], every: int = DEFAULT_EVERY,
+                 attack_steps: int = DEFAULT_ATTACK_STEPS, epsilon: float = DEFAULT_EPSILON, lr: float = DEFAULT_LR,
+                 batch_size: int = 16, seed: int = 0):
+        self.forget_prompts = list(forget_prompts)
+        self.concept_latents = list(concept_latents)
+        self.every, self.attack_steps, self.epsilon, self.lr = every, attack_steps, epsilon, lr
+        self.batch_size, self.seed = batch_size, seed
+        self.deltas: list[torch.Tensor | None] = [None] * len(self.forget_prompts)
+        self.last_losses: list[float] = []
+
+    def maybe_refresh(self, step: int, unet, scheduler, conditioning: PromptConditioning) -> bool:
+        """Re-optimise every δ at steps 0, ``every``, 2·``every``, …; returns whether it did."""
+        if step % self.every and all(d is not None for d in self.deltas):  # a resumed run refreshes at once
+            return False
+        self.last_losses = []
+        for i, (prompt, latents) in enumerate(zip(self.forget_prompts, self.concept_latents)):
+            row = conditioning.index_of(prompt)
+            single = PromptConditioning([prompt], conditioning.encoder_hidden_states[row:row + 1].detach(),
+                                        None if conditioning.text_embeds is None else conditioning.text_embeds[row:row + 1],
+                                        None if conditioning.time_ids is None else conditioning.time_ids[row:row + 1])
+            self.deltas[i], history = optimise_soft_prompt(unet, scheduler, single, latents, self.attack_steps, self.lr,
+                                                           self.epsilon, self.batch_size, self.seed + step + i,
+                                                           init=self.deltas[i])
+            self.last_losses.append(history[-1])
+        return True
+
+    def augment(self, conditioning: PromptConditioning, surrogate_ids: torch.Tensor
+                ) -> tuple[PromptConditioning, torch.Tensor]:
+        """``conditioning`` with one perturbed row per forget prompt appended, and ``surrogate_ids`` with every
+        other sample moved to its forget prompt's perturbed row (the other rows keep their indices)."""
+        if any(d is None for d in self.deltas):
+            raise RuntimeError("AdversarialSoftPrompt.augment before maybe_refresh at step 0")
+        rows = [conditioning.index_of(p) for p in self.forget_prompts]
+        hidden = conditioning.encoder_hidden_states
+        perturbed = torch.cat([hidden[r:r + 1] + d.to(hidden.device, hidden.dtype) for r, d in zip(rows, self.deltas)])
+        extra = lambda t: None if t is None else torch.cat([t, t[rows]])
+        augmented = PromptConditioning([*conditioning.prompts, *(f"<adversarial>{p}" for p in self.forget_prompts)],
+                                       torch.cat([hidden, perturbed]), extra(conditioning.text_embeds),
+                                       extra(conditioning.time_ids))
+        ids = surrogate_ids.clone()
+        n = len(conditioning.prompts)
+        for k, row in enumerate(rows):
+            chosen = (surrogate_ids == row) & (torch.arange(len(ids), device=ids.device) % 2 == 1)
+            ids[chosen] = n + k
+        return augmented, ids

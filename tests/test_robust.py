@@ -1,0 +1,83 @@
+"""``--robust_forgetting``: the in-loop soft-prompt attacker and how its embedding reaches the surrogate batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import add_forget_lora
+from train_helpers import load_train_module, run_training
+
+from sa_peft import robust as robust_module
+from sa_peft.conditioning import PromptConditioning, encode_prompts
+from sa_peft.diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from sa_peft.robust import AdversarialSoftPrompt
+from sa_peft.tiny_pipeline import build_tiny_pipeline
+
+
+def _conditioning(prompts, dim=4, length=3):
+    hidden = torch.arange(len(prompts) * length * dim, dtype=torch.float32).reshape(len(prompts), length, dim)
+    return PromptConditioning(list(prompts), hidden)
+
+
+def test_augment_pairs_every_other_surrogate_with_its_forget_prompts_perturbed_row():
+    cond = _conditioning(["forget a", "keep", "forget b"])
+    attacker = AdversarialSoftPrompt(["forget a", "forget b"], [torch.zeros(1)] * 2)
+    attacker.deltas = [torch.full((1, 3, 4), 0.5), torch.full((1, 3, 4), -1.0)]
+    ids = torch.tensor([0, 0, 2, 2, 0, 2])
+    augmented, new_ids = attacker.augment(cond, ids)
+    assert augmented.prompts[:3] == cond.prompts and len(augmented.prompts) == 5
+    assert torch.equal(augmented.encoder_hidden_states[:3], cond.encoder_hidden_states)
+    assert torch.equal(augmented.encoder_hidden_states[3], cond.encoder_hidden_states[0] + 0.5)
+    assert torch.equal(augmented.encoder_hidden_states[4], cond.encoder_hidden_states[2] - 1.0)
+    assert new_ids.tolist() == [0, 3, 2, 4, 0, 4]
+    with pytest.raises(RuntimeError, match="maybe_refresh"):
+        AdversarialSoftPrompt(["forget a"], [torch.zeros(1)]).augment(cond, ids)
+
+
+def test_refresh_finds_an_embedding_that_lowers_the_adapters_loss_on_the_concept():
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "all", seed=5)
+    scheduler = noise_scheduler_for(pipe.scheduler)
+    cond = encode_prompts(pipe, ["brad pitt", "a photo of a cat"])
+    latents = pipe("brad pitt", num_inference_steps=2, num_images_per_prompt=8, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    attacker = AdversarialSoftPrompt(["brad pitt"], [latents], every=10, attack_steps=15, lr=0.05, batch_size=4)
+    assert attacker.maybe_refresh(0, pipe.unet, scheduler, cond)
+    assert not attacker.maybe_refresh(5, pipe.unet, scheduler, cond)
+    augmented, _ = attacker.augment(cond, torch.tensor([0]))
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 1000, (64,), generator=gen)
+    x = latents.repeat(8, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=gen)
+    with torch.no_grad():
+        plain = per_sample_diffusion_loss(pipe.unet, scheduler, x, t, noise, augmented.unet_kwargs(torch.zeros(64).long()))
+        attacked = per_sample_diffusion_loss(pipe.unet, scheduler, x, t, noise,
+                                             augmented.unet_kwargs(torch.full((64,), 2).long()))
+    assert attacked.mean() < plain.mean()
+    bound = cond.encoder_hidden_states[0].norm(dim=-1)
+    assert (attacker.deltas[0][0].norm(dim=-1) <= bound * attacker.epsilon + 1e-5).all()
+
+
+@pytest.mark.slow  # a full (tiny) training run: about 40 s on a shared core
+def test_training_script_pairs_the_surrogates_with_the_attack_every_step(tiny_pipe_dir, tmp_path, monkeypatch):
+    calls = {"refresh": [], "augment": 0}
+    original_refresh, original_augment = AdversarialSoftPrompt.maybe_refresh, AdversarialSoftPrompt.augment
+
+    def refresh(self, step, *args):
+        done = original_refresh(self, step, *args)
+        calls["refresh"].append((step, done))
+        return done
+
+    def augment(self, conditioning, ids):
+        calls["augment"] += 1
+        out = original_augment(self, conditioning, ids)
+        assert (out[1] >= len(conditioning.prompts)).any()  # some surrogates see the perturbed embedding
+        return out
+
+    monkeypatch.setattr(robust_module.AdversarialSoftPrompt, "maybe_refresh", refresh)
+    monkeypatch.setattr(robust_module.AdversarialSoftPrompt, "augment", augment)
+    replay = tmp_path / "replay.txt"
+    replay.write_text("a photo of a cat\n")
+    run_training(load_train_module(), tiny_pipe_dir, tmp_path / "out", replay, "--forget_prompt", "brad pitt",
+                 "--surrogate_type", "noise", "--robust_forgetting", "--train_full_budget")
+    assert calls["augment"] == 3 and calls["refresh"] == [(0, True), (1, False), (2, False)]
