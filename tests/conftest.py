@@ -10,6 +10,32 @@ from sa_peft.lora import iter_adapted_layers, make_lora_config, resolve_lora_tar
 from sa_peft.tiny_pipeline import build_tiny_pipeline
 
 
+@pytest.fixture(scope="module")
+def train():
+    """The training script as a module (``train.main(argv)`` runs it in-process)."""
+    from train_helpers import load_train_module
+
+    return load_train_module()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps a process-wide singleton."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def replay_file(tmp_path_factory):
+    """Two replay prompts, as the training script's --replay_prompts_file."""
+    path = tmp_path_factory.mktemp("prompts") / "replay.txt"
+    path.write_text("a photo of a cat\na photo of a dog\n")
+    return path
+
+
 @pytest.fixture
 def tiny_pipe():
     """A fresh tiny pipeline (about 30 ms to build), safe to modify."""

@@ -22,31 +22,6 @@ from sa_peft.tiny_pipeline import build_tiny_pipeline
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_sa_lora.py"
 
 
-@pytest.fixture(scope="module")
-def train():
-    spec = importlib.util.spec_from_file_location("train_sa_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps a process-wide singleton."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def replay_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "replay.txt"
-    path.write_text("a photo of a cat\na photo of a dog\n")
-    return path
-
-
 def tiny_args(model_dir, replay_file, output_dir, *extra):
     return [
         "--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
