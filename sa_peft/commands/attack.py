@@ -11,7 +11,7 @@ from ..classifier import CLASSIFIER_SPECS, load_classifier, parse_classifier_spe
 from ..defaults import DIGIT_PROMPTS
 from ..merge import check_lora_weights, stack_forget_loras
 from ..prompts import check_prompts, read_prompts_file
-from .common import add_model_arguments, load_pipeline_from_args
+from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args
 from .evaluate import resolve_evaluation_labels
 
 
@@ -36,9 +36,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--class_text", action="append", default=[], help="a zero-shot class of --classifier clip:")
     parser.add_argument("--nudenet_threshold", type=float, default=0.6, help="--classifier nudenet: detection score")
     parser.add_argument("--num_images", type=int, default=50, help="samples per attack prompt / concept")
-    parser.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance")
-    parser.add_argument("--batch_size", type=int, default=50, help="images per pipeline call")
+    add_scoring_sampling_arguments(parser)
     parser.add_argument("--attack_prompts_file", default=None,
                         help="prompts attack: more prompts, one per line ({prompt} and {word} are filled in)")
     parser.add_argument("--prompts_num_images", type=int, default=20, help="prompts attack: samples per variant")

@@ -27,6 +27,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
 
 
+def add_scoring_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags of the commands that score samples with a classifier (evaluate, attack)."""
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance")
+    parser.add_argument("--batch_size", type=int, default=50, help="images per pipeline call")
+
+
 def check_generation_arguments(args: argparse.Namespace) -> None:
     """The sampling flags of ``add_generation_arguments`` and the seed, before the pipeline is loaded
     (``--num_inference_steps 0`` was a ZeroDivisionError inside the scheduler)."""

@@ -23,7 +23,7 @@ from ..classifier import (
 from ..defaults import DIGIT_PROMPTS
 from ..evaluation import evaluate_pipeline, write_evaluation_report
 from ..prompts import read_prompts_file
-from .common import add_model_arguments, load_pipeline_from_args
+from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -70,9 +70,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="forgotten class, by name (a --class_text for clip:) or index (repeatable); default: the "
                              "forget prompts' classes")
     parser.add_argument("--num_images_per_prompt", type=int, default=100, help="samples per prompt")
-    parser.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance")
-    parser.add_argument("--batch_size", type=int, default=50, help="images per pipeline call")
+    add_scoring_sampling_arguments(parser)
     parser.add_argument("--output_dir", required=True,
                         help="where metrics.json, report.md, samples_grid.png and the sample cache (samples/) go")
     parser.add_argument("--no_sample_cache", action="store_true",
