@@ -32,7 +32,7 @@ def safe_json(data) -> str:
 
 
 def _escape_unsafe(text: str) -> str:
-    """JSON text with the unsafe characters JSON leaves raw (DEL, C1, bidi, U+2028) as ``\\uXXXX``."""
+    """JSON text with the unsafe characters JSON leaves raw (DEL, C1, bidi, U+2028) as four-hex-digit ``\\u`` escapes."""
     return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in _UNSAFE_CATEGORIES and c != "\n" else c
                    for c in text)
 

@@ -149,7 +149,8 @@ class ForgettingProbe:
         target = prediction_target(scheduler, batch.latents.float(), batch.noise.float(), batch.timesteps)
         return float((predictions.double() - target.double()).square().mean())
 
-    def _raw(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
+    def _raw(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> tuple[dict, torch.Tensor]:
+        """The probe losses (and the replay drift, once calibrated), with the replay predictions they came from."""
         was_training = unet.training
         unet.eval()
         try:
@@ -164,17 +165,14 @@ class ForgettingProbe:
         raw = {"concepts": concepts, "replay_loss": self._loss(unet, scheduler, self.replay, conditioning, replay_predictions)}
         if self.base_replay_predictions is not None:
             raw["replay_drift"] = float((replay_predictions.double() - self.base_replay_predictions.double()).square().mean())
-        else:
-            self._last_replay_predictions = replay_predictions
-        return raw
+        return raw, replay_predictions
 
     def calibrate(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
         """Measure the frozen model (call with the adapter disabled); later signals are relative to it."""
         self.base_replay_predictions = None
-        self.base = self._raw(unet, scheduler, conditioning)
         # The frozen model's own predictions on the held-out replay images: the retention signal is how far
         # the adapted model's predictions move from them.
-        self.base_replay_predictions = self._last_replay_predictions
+        self.base, self.base_replay_predictions = self._raw(unet, scheduler, conditioning)
         self.base["replay_drift"] = 0.0
         was_training = unet.training
         unet.eval()
@@ -191,7 +189,7 @@ class ForgettingProbe:
         """The signal now: per concept its preference and whether it is forgotten; retention; the verdict."""
         if self.base is None:
             raise RuntimeError("ForgettingProbe.measure before calibrate: measure the frozen model first")
-        raw = self._raw(unet, scheduler, conditioning)
+        raw, _ = self._raw(unet, scheduler, conditioning)
         return forgetting_signal(self.base, raw, self.forget_prompts, self.threshold, self.retention_bound)
 
 
