@@ -81,6 +81,14 @@ def figures_section(output_dir: str | os.PathLike) -> str:
     return "## Pictures\n\n" + "\n\n".join(shown) + "\n" if shown else ""
 
 
+def fisher_description(info: dict) -> str:
+    """The Fisher as the card's settings table shows it; adapters written before K and the normalisation were
+    recorded leave them out (their λ was relative to the Fisher's mean)."""
+    k = f", K = {info['fisher_num_timesteps']} timesteps" if "fisher_num_timesteps" in info else ""
+    normalised = ("not normalised" if info.get("ewc_normalization") == "none" else "normalised by its mean")
+    return f"{info['fisher_estimator']} on {info['fisher_num_samples']} samples{k} ({normalised})"
+
+
 def model_card_text(info: dict, repo_id: str | None = None, figures: str = "") -> str:
     """Markdown body: what was forgotten, how, the settings, the pictures (``figures``), usage and the honest limits.
 
@@ -94,7 +102,7 @@ def model_card_text(info: dict, repo_id: str | None = None, figures: str = "") -
         ("forgotten concept(s)", forgotten),
         ("surrogate", f"{info['surrogate']} ({info['num_surrogate_images']} images)"),
         ("replay", f"{info['num_replay_prompts']} prompts × {info['num_replay_images_per_prompt']} images"),
-        ("EWC λ / space / Fisher", f"{info['ewc_lambda']} / {info['ewc_space']} / {info['fisher_estimator']} on {info['fisher_num_samples']} samples (normalised by its mean)"),
+        ("EWC λ / space / Fisher", f"{info['ewc_lambda']} / {info['ewc_space']} / {fisher_description(info)}"),
         ("replay weight γ", str(info["replay_weight"])),
         ("LoRA rank / alpha / targets", f"{info['rank']} / {info['lora_alpha']} / {info['lora_target']} ({info['num_adapted_modules']} modules)"),
         ("steps / batch / lr", f"{info['max_train_steps']} / {info['train_batch_size']} surrogate + {info['train_batch_size']} replay / {info['learning_rate']}"),

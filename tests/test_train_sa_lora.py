@@ -182,8 +182,7 @@ def test_missing_forget_prompt_and_empty_replay_file(train, tmp_path):
 def test_replay_weight_default_follows_the_replay_target(train):
     def resolved(*extra):
         args = train.parse_args(["--pretrained_model_name_or_path", "builtin:digits", *extra])
-        train.resolve_defaults(args)
-        return args.replay_weight
+        return train.resolve_defaults(args).replay_weight
 
     assert resolved() == train.DISTILL_REPLAY_WEIGHT == 30.0  # the distilled replay loss is ~10⁻³ of the noise one
     assert resolved("--replay_target", "noise") == 1.0  # the paper's γ for its noise target

@@ -10,8 +10,9 @@ from ..checks import check_output_apart, check_positive_int, check_writable
 from ..conditioning import encode_prompts
 from ..data import generate_replay_set, load_image_set
 from ..diffusion_loss import noise_scheduler_for
-from ..fisher import ESTIMATORS, estimate_fisher, save_fisher
+from ..fisher import ESTIMATORS, save_fisher
 from ..lora import LORA_TARGET_PRESETS, resolve_lora_targets
+from ..phases import estimate_fisher_on_set
 from ..prompts import read_prompts_file
 from ..run_lock import file_lock
 from .common import add_generation_arguments, add_model_arguments, check_generation_arguments, load_pipeline_from_args
@@ -66,13 +67,13 @@ def _estimate(args: argparse.Namespace, prompts: list[str] | None) -> None:
     if len(data.latents) < args.fisher_num_samples:
         raise ValueError(f"--data_dir {args.data_dir!r} holds {len(data.latents)} samples, fewer than --fisher_num_samples "
                          f"{args.fisher_num_samples}; lower --fisher_num_samples or generate a larger set")
-    latents, sample_prompts = data.latents[: args.fisher_num_samples], data.prompts[: args.fisher_num_samples]
-    conditioning = encode_prompts(pipe, sample_prompts, args.resolution)
-    prompt_ids = type(data)(latents, sample_prompts, []).prompt_ids(conditioning.prompts)
+    # Only the prompts of the samples used are encoded.
+    conditioning = encode_prompts(pipe, data.prompts[: args.fisher_num_samples], args.resolution)
     start = time.perf_counter()
-    fisher = estimate_fisher(pipe.unet, noise_scheduler_for(pipe.scheduler), latents, prompt_ids, conditioning, modules,
-                             estimator=args.fisher_estimator, num_timesteps=args.fisher_num_timesteps, seed=args.seed)
+    fisher = estimate_fisher_on_set(pipe.unet, noise_scheduler_for(pipe.scheduler), data, conditioning, modules,
+                                    num_samples=args.fisher_num_samples, estimator=args.fisher_estimator,
+                                    num_timesteps=args.fisher_num_timesteps, seed=args.seed)
     elapsed = time.perf_counter() - start
     save_fisher(fisher, args.output, factored_only=args.factored_only)
-    print(f"Fisher over {len(modules)} modules from {len(latents)} samples ({args.fisher_estimator}, "
+    print(f"Fisher over {len(modules)} modules from {args.fisher_num_samples} samples ({args.fisher_estimator}, "
           f"{fisher.metadata['unet_passes']} UNet passes) in {elapsed:.1f} s -> {args.output}")

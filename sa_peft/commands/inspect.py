@@ -7,34 +7,9 @@ import json
 import os
 
 from ..adapter_io import SA_METADATA_KEY, component_configs, load_adapter_file, resolve_adapter_file
+from ..config import TRAINING_INFO_FIELDS
 from ..escaping import escape_controls, safe_json
 from ..forgetting import verdict_lines
-
-# Training-info fields in display order, with their labels.
-FIELDS = (
-    ("base_model", "base model"),
-    ("base_pipeline", "pipeline"),
-    ("forget_prompts", "forgotten concept(s)"),
-    ("surrogate", "surrogate"),
-    ("ewc_lambda", "EWC λ"),
-    ("ewc_space", "EWC space"),
-    ("fisher_estimator", "Fisher estimator"),
-    ("fisher_num_samples", "Fisher samples"),
-    ("replay_weight", "replay weight γ"),
-    ("num_replay_prompts", "replay prompts"),
-    ("rank", "rank"),
-    ("lora_alpha", "alpha"),
-    ("use_rslora", "rsLoRA"),
-    ("lora_target", "targets"),
-    ("num_adapted_modules", "adapted modules"),
-    ("max_train_steps", "steps"),
-    ("trained_steps", "steps trained"),
-    ("replay_target", "replay target"),
-    ("ewc_lambda_final", "EWC λ at the end"),
-    ("learning_rate", "learning rate"),
-    ("resolution", "resolution"),
-    ("sa_peft_version", "sa-peft version"),
-)
 
 
 def register(subparsers) -> None:
@@ -132,8 +107,8 @@ def format_text(summary: dict) -> str:
     if info is None:
         lines.append("no sa-peft training metadata: this file was not written by sa-peft (or its header was stripped)")
     else:
-        width = max(len(label) for _, label in FIELDS)
-        for key, label in FIELDS:
+        width = max(len(label) for _, label in TRAINING_INFO_FIELDS)
+        for key, label in TRAINING_INFO_FIELDS:
             if key in info:
                 lines.append(f"{label:<{width}}  {_format(info[key])}")
         if info.get("forgetting"):
