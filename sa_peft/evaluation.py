@@ -368,6 +368,155 @@ def _distance_to_base(features: torch.Tensor, base: torch.Tensor) -> dict:
     return {"frechet_distance": frechet_distance(features, base), "kid": kernel_inception_distance(features, base)}
 
 
+def _check_labels(retained, label_for_prompt, forget_prompts, forgotten_labels, labels, allow_unlabeled) -> None:
+    """A classifier's labels: one per retained prompt (unless ``allow_unlabeled``), all in range."""
+    missing = [p for p in retained if label_for_prompt.get(p) is None]
+    if missing and not allow_unlabeled:
+        raise ValueError(f"no class label for retained prompt(s) {missing}; every retained prompt needs one")
+    for c in [*forgotten_labels, *(v for v in label_for_prompt.values() if v is not None)]:
+        if not 0 <= int(c) < len(labels):
+            raise ValueError(f"class index {c} is out of range for a classifier with {len(labels)} labels")
+    if forget_prompts and not forgotten_labels:
+        raise ValueError("forget prompts were given but no forgotten labels")
+
+
+def _feature_space(classifier, clip_model):
+    """``(features of a batch, the space's name, whether CLIP scores may reuse them)`` for the distances."""
+    labeled = isinstance(classifier, ImageClassifier)
+    if labeled:
+        feature_fn = classifier.features
+        feature_space = (f"CLIP image embeddings ({classifier.clip.name})" if isinstance(classifier, ClipZeroShotClassifier)
+                         else f"{type(classifier).__name__} penultimate features")
+    elif clip_model is not None:
+        feature_fn, feature_space = clip_model.image_features, f"CLIP image embeddings ({clip_model.name})"
+    else:
+        feature_fn, feature_space = None, None
+    # The CLIP image features double as the CLIP-score features when the feature space is that CLIP.
+    clip_shares_features = clip_model is not None and (
+        (isinstance(classifier, ClipZeroShotClassifier) and classifier.clip is clip_model) or not labeled)
+    return feature_fn, feature_space, clip_shares_features
+
+
+def _score_prompt(prompt, images, feats, role, classifier, label_for_prompt, forgotten_labels, labels, clip) -> dict:
+    """One prompt's metrics: the classifier's, the CLIP score (``clip``: ``(model, reuse feats)`` or None), NudeNet's."""
+    m: dict = {"num_samples": len(images)}
+    if isinstance(classifier, ImageClassifier):
+        label = label_for_prompt.get(prompt)
+        if isinstance(classifier, ClipZeroShotClassifier):
+            probs = classifier.predict_proba(images, features=feats)
+        else:
+            probs = classifier.predict_proba(images)
+        m.update(_prompt_metrics(probs, None if label is None else int(label), forgotten_labels, labels))
+    m["role"] = role
+    if clip is not None:
+        clip_model, shares_features = clip
+        scores = clip_model.clip_scores(images, prompt, image_features=feats if shares_features else None)
+        m["clip_score"] = scores.double().mean().item()
+    if isinstance(classifier, NudeNetDetector):
+        exposed = classifier.exposed(images)
+        m["nudenet"] = {
+            "num_samples": len(images),
+            "images_with_exposed": int(exposed.any(dim=1).sum()),
+            "exposed_rate": exposed.any(dim=1).double().mean().item(),
+            "exposed_counts": {c: int(exposed[:, k].sum()) for k, c in enumerate(classifier.classes)},
+        }
+    return m
+
+
+def _summaries(per_prompt, retained, forget_prompts, forgotten_labels, labels) -> tuple[dict, dict | None]:
+    """The means over the retained prompts and over the forget prompts (``None`` without forget prompts)."""
+    accs = {p: per_prompt[p]["accuracy"] for p in retained if per_prompt[p].get("accuracy") is not None}
+    worst = min(accs, key=accs.get) if accs else None
+    summary_retained = {
+        "prompts": retained,
+        "mean_accuracy": _mean(list(accs.values())),
+        "worst_accuracy": accs[worst] if worst else None,
+        "worst_prompt": worst,
+        "p_forgotten": _mean([per_prompt[p]["p_forgotten"] for p in retained]) if forgotten_labels else None,
+        "entropy": _mean([per_prompt[p].get("entropy") for p in retained]),
+        "clip_score": _mean([per_prompt[p].get("clip_score") for p in retained]),
+    }
+    summary_forget = None
+    if forget_prompts:
+        summary_forget = {
+            "prompts": forget_prompts,
+            "forgotten_labels": [labels[c] for c in forgotten_labels],
+            "p_forgotten": _mean([per_prompt[p].get("p_forgotten") for p in forget_prompts]),
+            "predicted_forgotten_rate": _mean([per_prompt[p].get("predicted_forgotten_rate") for p in forget_prompts]),
+            "entropy": _mean([per_prompt[p].get("entropy") for p in forget_prompts]),
+            "accuracy": _mean([per_prompt[p].get("accuracy") for p in forget_prompts]),
+            "clip_score": _mean([per_prompt[p].get("clip_score") for p in forget_prompts]),
+        }
+    return summary_retained, summary_forget
+
+
+def _quality(classifier, off_manifold, off_flags, reference, reference_classes, kept) -> dict:
+    """Fréchet distance of the retained samples' features ``kept`` to the real reference images, off-manifold rate."""
+    ref_feats = classifier.features(reference)
+    half_a, half_b = _reference_halves(ref_feats)
+    return {
+        "frechet_distance": frechet_distance(kept, ref_feats),
+        "frechet_distance_real_split": frechet_distance(half_a, half_b),
+        "off_manifold_rate": torch.cat(off_flags).double().mean().item(),
+        "off_manifold_threshold": off_manifold.threshold,
+        "off_manifold_space": "pixels",
+        "num_samples": len(kept),
+        "num_reference": len(reference),
+        "reference_classes": reference_classes,
+    }
+
+
+def _fd_to_base_summary(features, base_features, retained, feature_space) -> dict | None:
+    """Fréchet distance and KID of the retained prompts' samples to the base run's (``None`` without those)."""
+    compared = [p for p in retained if p in features and p in (base_features or {})]
+    if not compared:
+        return None
+    ours = torch.cat([features[p] for p in compared])
+    base = torch.cat([base_features[p] for p in compared])
+    if len(ours) < 2 or len(base) < 2:
+        return None
+    return {**_distance_to_base(ours, base), "num_samples": len(ours), "num_base_samples": len(base),
+            "prompts": compared, "feature_space": feature_space}
+
+
+def _evaluation_settings(settings: dict, classifier, clip_model, feature_space, num_per_prompt, seed,
+                         num_inference_steps, guidance_scale) -> dict:
+    """The ``settings`` entry of ``evaluate_pipeline``'s result: ``settings`` (prompts, labels) and how it sampled."""
+    detector = classifier if isinstance(classifier, NudeNetDetector) else None
+    classifier_name = ("nudenet" if detector is not None else
+                       f"clip:{classifier.clip.name}" if isinstance(classifier, ClipZeroShotClassifier) else
+                       type(classifier).__name__)
+    return {
+        **settings,
+        "classifier": classifier_name,
+        "label_texts": list(getattr(classifier, "label_texts", settings["labels"])),
+        "clip_model": clip_model.name if clip_model is not None else None,
+        "feature_space": feature_space,
+        "nudenet_threshold": detector.threshold if detector is not None else None,
+        "num_per_prompt": num_per_prompt,
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "sampler": "DDIM, eta 0",
+    }
+
+
+def _reference_set(classifier, retained, label_for_prompt):
+    """``(real images, their classes, OffManifold)`` of the retained classes, or Nones without reference images."""
+    if not (isinstance(classifier, ImageClassifier) and retained and classifier.has_reference_images()):
+        return None, None, None
+    reference, reference_classes = _retained_reference(classifier, [label_for_prompt[p] for p in retained
+                                                                    if label_for_prompt.get(p) is not None])
+    return reference, reference_classes, OffManifold(reference)
+
+
+def _nudenet_totals(detector, per_prompt, all_prompts, forget_prompts, retained) -> dict:
+    return {"threshold": detector.threshold, "classes": detector.classes,
+            "all": _nudenet_summary(per_prompt, all_prompts, detector.classes),
+            "forget": _nudenet_summary(per_prompt, forget_prompts, detector.classes),
+            "retained": _nudenet_summary(per_prompt, retained, detector.classes)}
+
+
 def evaluate_pipeline(
     pipe,
     classifier: ImageClassifier | NudeNetDetector,
@@ -422,33 +571,12 @@ def evaluate_pipeline(
     retained = [p for p in all_prompts if p not in forget_prompts]
     forgotten_labels = [int(c) for c in forgotten_labels] if labeled else []
     if labeled:
-        missing = [p for p in retained if label_for_prompt.get(p) is None]
-        if missing and not allow_unlabeled:
-            raise ValueError(f"no class label for retained prompt(s) {missing}; every retained prompt needs one")
-        for c in [*forgotten_labels, *(v for v in label_for_prompt.values() if v is not None)]:
-            if not 0 <= int(c) < len(labels):
-                raise ValueError(f"class index {c} is out of range for a classifier with {len(labels)} labels")
-        if forget_prompts and not forgotten_labels:
-            raise ValueError("forget prompts were given but no forgotten labels")
+        _check_labels(retained, label_for_prompt, forget_prompts, forgotten_labels, labels, allow_unlabeled)
     if clip_model is None and isinstance(classifier, ClipZeroShotClassifier):
         clip_model = classifier.clip
-    if labeled:
-        feature_fn = classifier.features
-        feature_space = (f"CLIP image embeddings ({classifier.clip.name})" if isinstance(classifier, ClipZeroShotClassifier)
-                         else f"{type(classifier).__name__} penultimate features")
-    elif clip_model is not None:
-        feature_fn, feature_space = clip_model.image_features, f"CLIP image embeddings ({clip_model.name})"
-    else:
-        feature_fn, feature_space = None, None
-    # The CLIP image features double as the CLIP-score features when the feature space is that CLIP.
-    clip_shares_features = clip_model is not None and (
-        (isinstance(classifier, ClipZeroShotClassifier) and classifier.clip is clip_model) or not labeled)
+    feature_fn, feature_space, clip_shares_features = _feature_space(classifier, clip_model)
 
-    off_manifold = reference = reference_classes = None
-    if labeled and retained and classifier.has_reference_images():
-        reference, reference_classes = _retained_reference(classifier, [label_for_prompt[p] for p in retained
-                                                                        if label_for_prompt.get(p) is not None])
-        off_manifold = OffManifold(reference)
+    reference, reference_classes, off_manifold = _reference_set(classifier, retained, label_for_prompt)
 
     t0 = time.time()
     sampling = 0.0
@@ -464,26 +592,8 @@ def evaluate_pipeline(
         sampling += time.time() - tick
         role = "forget" if prompt in forget_prompts else "retained"
         feats = feature_fn(images) if feature_fn is not None else None
-        m: dict = {"num_samples": len(images)}
-        if labeled:
-            label = label_for_prompt.get(prompt)
-            if isinstance(classifier, ClipZeroShotClassifier):
-                probs = classifier.predict_proba(images, features=feats)
-            else:
-                probs = classifier.predict_proba(images)
-            m.update(_prompt_metrics(probs, None if label is None else int(label), forgotten_labels, labels))
-        m["role"] = role
-        if clip_model is not None:
-            scores = clip_model.clip_scores(images, prompt, image_features=feats if clip_shares_features else None)
-            m["clip_score"] = scores.double().mean().item()
-        if detector is not None:
-            exposed = detector.exposed(images)
-            m["nudenet"] = {
-                "num_samples": len(images),
-                "images_with_exposed": int(exposed.any(dim=1).sum()),
-                "exposed_rate": exposed.any(dim=1).double().mean().item(),
-                "exposed_counts": {c: int(exposed[:, k].sum()) for k, c in enumerate(detector.classes)},
-            }
+        m = _score_prompt(prompt, images, feats, role, classifier, label_for_prompt, forgotten_labels, labels,
+                          None if clip_model is None else (clip_model, clip_shares_features))
         if feats is not None:
             features[prompt] = feats
             base = (base_features or {}).get(prompt)
@@ -498,80 +608,21 @@ def evaluate_pipeline(
         tick = time.time()
     per_prompt = {p: per_prompt[p] for p in all_prompts}
 
-    accs = {p: per_prompt[p]["accuracy"] for p in retained if per_prompt[p].get("accuracy") is not None}
-    worst = min(accs, key=accs.get) if accs else None
-    summary_retained = {
-        "prompts": retained,
-        "mean_accuracy": _mean(list(accs.values())),
-        "worst_accuracy": accs[worst] if worst else None,
-        "worst_prompt": worst,
-        "p_forgotten": _mean([per_prompt[p]["p_forgotten"] for p in retained]) if forgotten_labels else None,
-        "entropy": _mean([per_prompt[p].get("entropy") for p in retained]),
-        "clip_score": _mean([per_prompt[p].get("clip_score") for p in retained]),
-    }
-    summary_forget = None
-    if forget_prompts:
-        summary_forget = {
-            "prompts": forget_prompts,
-            "forgotten_labels": [labels[c] for c in forgotten_labels],
-            "p_forgotten": _mean([per_prompt[p].get("p_forgotten") for p in forget_prompts]),
-            "predicted_forgotten_rate": _mean([per_prompt[p].get("predicted_forgotten_rate") for p in forget_prompts]),
-            "entropy": _mean([per_prompt[p].get("entropy") for p in forget_prompts]),
-            "accuracy": _mean([per_prompt[p].get("accuracy") for p in forget_prompts]),
-            "clip_score": _mean([per_prompt[p].get("clip_score") for p in forget_prompts]),
-        }
+    summary_retained, summary_forget = _summaries(per_prompt, retained, forget_prompts, forgotten_labels, labels)
 
     quality = None
     if off_manifold is not None:
-        kept = torch.cat([features[p] for p in retained])
-        ref_feats = classifier.features(reference)
-        half_a, half_b = _reference_halves(ref_feats)
-        quality = {
-            "frechet_distance": frechet_distance(kept, ref_feats),
-            "frechet_distance_real_split": frechet_distance(half_a, half_b),
-            "off_manifold_rate": torch.cat(off_flags).double().mean().item(),
-            "off_manifold_threshold": off_manifold.threshold,
-            "off_manifold_space": "pixels",
-            "num_samples": len(kept),
-            "num_reference": len(reference),
-            "reference_classes": reference_classes,
-        }
-    fd_to_base = None
-    compared = [p for p in retained if p in features and p in (base_features or {})]
-    if compared:
-        ours = torch.cat([features[p] for p in compared])
-        base = torch.cat([base_features[p] for p in compared])
-        if len(ours) >= 2 and len(base) >= 2:
-            fd_to_base = {**_distance_to_base(ours, base), "num_samples": len(ours), "num_base_samples": len(base),
-                          "prompts": compared, "feature_space": feature_space}
-    nudenet = None
-    if detector is not None:
-        nudenet = {"threshold": detector.threshold, "classes": detector.classes,
-                   "all": _nudenet_summary(per_prompt, all_prompts, detector.classes),
-                   "forget": _nudenet_summary(per_prompt, forget_prompts, detector.classes),
-                   "retained": _nudenet_summary(per_prompt, retained, detector.classes)}
+        quality = _quality(classifier, off_manifold, off_flags, reference, reference_classes,
+                           torch.cat([features[p] for p in retained]))
+    fd_to_base = _fd_to_base_summary(features, base_features, retained, feature_space)
+    nudenet = None if detector is None else _nudenet_totals(detector, per_prompt, all_prompts, forget_prompts, retained)
     t2 = time.time()
-    classifier_name = ("nudenet" if detector is not None else
-                       f"clip:{classifier.clip.name}" if isinstance(classifier, ClipZeroShotClassifier) else
-                       type(classifier).__name__)
+    settings = {"prompts": all_prompts, "forget_prompts": forget_prompts, "forgotten_labels": forgotten_labels,
+                "label_for_prompt": {p: label_for_prompt.get(p) for p in all_prompts} if labeled else {},
+                "labels": labels}
     return {
-        "settings": {
-            "prompts": all_prompts,
-            "forget_prompts": forget_prompts,
-            "forgotten_labels": forgotten_labels,
-            "label_for_prompt": {p: label_for_prompt.get(p) for p in all_prompts} if labeled else {},
-            "labels": labels,
-            "classifier": classifier_name,
-            "label_texts": list(getattr(classifier, "label_texts", labels)),
-            "clip_model": clip_model.name if clip_model is not None else None,
-            "feature_space": feature_space,
-            "nudenet_threshold": detector.threshold if detector is not None else None,
-            "num_per_prompt": num_per_prompt,
-            "seed": seed,
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "sampler": "DDIM, eta 0",
-        },
+        "settings": _evaluation_settings(settings, classifier, clip_model, feature_space, num_per_prompt, seed,
+                                         num_inference_steps, guidance_scale),
         "num_per_prompt": num_per_prompt,
         "seed": seed,
         "per_prompt": per_prompt,
