@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.model == "tiny":  # smoke runs: the tiny pipeline with a short schedule keeps the reference cheap
-        from sa_peft.tiny_pipeline import build_tiny_pipeline
+        from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(num_train_timesteps=50)
     else:

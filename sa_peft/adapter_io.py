@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 
 import torch
@@ -13,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .io_utils import share_file
+from .models import SDXL_PIPELINE, is_sdxl
 from .safetensors_header import read_safetensors_header
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -34,7 +34,7 @@ def unet_lora_state_dict(unet: torch.nn.Module, adapter: str = "default") -> dic
 def _pipeline_class_for(unet: torch.nn.Module):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if unet.config.get("addition_embed_type") == "text_time" else StableDiffusionPipeline
+    return StableDiffusionXLPipeline if is_sdxl(unet) else StableDiffusionPipeline
 
 
 def save_forget_lora(
@@ -63,7 +63,7 @@ def save_forget_lora(
             kwargs["text_encoder_lora_layers"] = text_encoder_lora_layers
             kwargs["text_encoder_lora_adapter_metadata"] = text_encoder_adapter_metadata
         if text_encoder_2_lora_layers:
-            if pipeline_class.__name__ != "StableDiffusionXLPipeline":
+            if pipeline_class.__name__ != SDXL_PIPELINE:
                 raise ValueError("text_encoder_2_lora_layers: only SDXL has a second text encoder")
             kwargs["text_encoder_2_lora_layers"] = text_encoder_2_lora_layers
             kwargs["text_encoder_2_lora_adapter_metadata"] = text_encoder_2_adapter_metadata
@@ -349,9 +349,9 @@ def export_kohya(
         if SA_METADATA_KEY in header:
             header_out[SA_METADATA_KEY] = header[SA_METADATA_KEY]
         layout = _header_unet_layout(header, source) if UNET_LAYOUT_KEY in header else _local_unet_layout(info.get("base_model"))
-        if layout is None and info.get("base_pipeline") == "StableDiffusionXLPipeline":
+        if layout is None and info.get("base_pipeline") == SDXL_PIPELINE:
             layout = {"addition_embed_type": "text_time"}
-    sdxl = (layout or {}).get("addition_embed_type") == "text_time" or any(
+    sdxl = is_sdxl(layout or {}) or any(
         k.startswith(("text_encoder_2.", "unet.add_embedding.")) for k in state_dict)
     if sdxl and not (layout or {}).get("layers_per_block"):
         warnings.warn(f"export {source!r}: SDXL adapter without its UNet layout (no {UNET_LAYOUT_KEY} header, base model "
@@ -368,11 +368,3 @@ def export_kohya(
     with atomic_path(path) as tmp:
         save_file(kohya, tmp, metadata=header_out)
     return os.fspath(path)
-
-
-def copy_atomic(src: str, dst: str) -> None:
-    """Copy a file so that ``dst`` appears whole or not at all."""
-    from .io_utils import atomic_path
-
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)

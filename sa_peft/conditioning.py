@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import is_sdxl
+
 
 @dataclass
 class PromptConditioning:
@@ -43,11 +45,6 @@ class PromptConditioning:
         return PromptConditioning(
             self.prompts, move(self.encoder_hidden_states), move(self.text_embeds), move(self.time_ids)
         )
-
-
-def is_sdxl(pipe) -> bool:
-    """True for pipelines with two text encoders and pooled embeddings (SDXL)."""
-    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 @torch.no_grad()

@@ -91,8 +91,6 @@ class SelectiveAmnesiaConfig:
     noise_offset: float = _flag(0.0, "offset noise scale" + D, type=float, check={"low": 0})
     use_8bit_adam: bool = _flag(False, "bitsandbytes 8-bit AdamW (states really in 8 bits)", action="store_true")
     allow_tf32: bool = _flag(False, "allow TF32 matmuls on Ampere+ GPUs", action="store_true", resume_free=True)
-    dataloader_num_workers: int = _flag(0, "kept for compatibility: latents are in memory" + D, type=int,
-                                        check={"low": 0}, resume_free=True)
     adam_beta1: float = _flag(0.9, D, type=float, check=BETA)
     adam_beta2: float = _flag(0.999, D, type=float, check=BETA)
     adam_weight_decay: float = _flag(1e-2, D, type=float, check={"low": 0})

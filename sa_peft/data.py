@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .io_utils import atomic_path, write_json_atomic, write_text_atomic
+from .models import ddim_sampling
 from .prompts import check_prompts
 
 SHARD_SIZE = 16
@@ -142,17 +143,12 @@ def _build_set(pipe, output_dir: str, rows: list[dict], settings: dict, resoluti
     if os.path.exists(os.path.join(output_dir, "metadata.jsonl")) and all(present):
         return load_image_set(output_dir)
 
-    from diffusers import DDIMScheduler
-
     # A shard deleted or cut short after the set was complete is generated again (each image has its own
     # seed, so the new shard equals the lost one); before, the run trained on the shards that were left.
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = [k for k in range(len(shards)) if k % world == rank]
     todo = [k for k in mine if not present[k]]
-    original_scheduler = pipe.scheduler
-    # Samples as the reference code makes them: DDIM, eta 0.
-    pipe.scheduler = DDIMScheduler.from_config(original_scheduler.config)
-    try:
+    with ddim_sampling(pipe):  # samples as the reference code makes them: DDIM, eta 0
         for k in tqdm(todo, desc=desc, disable=not show_progress or not todo, initial=len(mine) - len(todo), total=len(mine)):
             shard_rows = shards[k]
             with torch.no_grad():
@@ -163,8 +159,6 @@ def _build_set(pipe, output_dir: str, rows: list[dict], settings: dict, resoluti
             # The shard is written last: its presence means the whole shard is done.
             with atomic_path(_shard_path(output_dir, k)) as tmp:
                 save_file({"latents": latents.float().cpu().contiguous()}, tmp, metadata={"rows": json.dumps(shard_rows)})
-    finally:
-        pipe.scheduler = original_scheduler
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if is_main:

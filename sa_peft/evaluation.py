@@ -31,6 +31,7 @@ from .classifier import (
     to_channels,
 )
 from .io_utils import atomic_path, write_json_atomic, write_text_atomic
+from .models import ddim_sampling
 
 # Per-sample seeds are spread this far apart so (seed, index) pairs of different runs do not collide.
 _SEED_STRIDE = 1_000_003
@@ -116,8 +117,6 @@ def iter_samples(
     then always the uint8 values, so a resumed run scores exactly what an uninterrupted one does.
     The pipeline's scheduler is swapped for DDIM and restored afterwards.
     """
-    from diffusers import DDIMScheduler
-
     if num_per_prompt <= 0:
         raise ValueError(f"num_per_prompt must be positive, got {num_per_prompt}")
     if batch_size <= 0:
@@ -148,26 +147,24 @@ def iter_samples(
             next_prompt += 1
             yield prompt, images
 
-    original = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(original.config)
     try:
-        yield from ready()
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for _, i in chunk]
-            with torch.no_grad():
-                images = pipe(prompt=[p for p, _ in chunk], num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, generator=generators, output_type="pt").images
-            images = images.detach().float().cpu().clamp(0, 1)
-            if cache is not None:
-                images = _quantize(images).float() / 255
-            for (prompt, _), image in zip(chunk, images, strict=True):
-                parts[prompt].append(image[None])
-                missing[prompt] -= 1
-            bar.update(len(chunk))
+        with ddim_sampling(pipe):
             yield from ready()
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for _, i in chunk]
+                with torch.no_grad():
+                    images = pipe(prompt=[p for p, _ in chunk], num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, generator=generators, output_type="pt").images
+                images = images.detach().float().cpu().clamp(0, 1)
+                if cache is not None:
+                    images = _quantize(images).float() / 255
+                for (prompt, _), image in zip(chunk, images, strict=True):
+                    parts[prompt].append(image[None])
+                    missing[prompt] -= 1
+                bar.update(len(chunk))
+                yield from ready()
     finally:
-        pipe.scheduler = original
         bar.close()
 
 

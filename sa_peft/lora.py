@@ -10,8 +10,6 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-
 # Presets follow the official Selective Amnesia / ESD code: "noxattn" (used for nudity) trains
 # everything but cross-attention, the output layer and the time embedding; "all" (celebrities)
 # trains every linear and conv layer.

@@ -19,14 +19,14 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import save_file
 
-from .adapter_io import load_adapter_file, read_adapter_metadata, resolve_adapter_file
+from .adapter_io import LORA_COMPONENTS, load_adapter_file, read_adapter_metadata, resolve_adapter_file
 from .io_utils import atomic_dir, atomic_path
+from .models import SDXL_PIPELINE
 
 # Header entry naming the layout of a merged single file (for ``sa-peft inspect``); nothing reads it back.
 SINGLE_FILE_FORMAT = "original-sd"
 SINGLE_FILE_KEY = "sa_peft_checkpoint"
-SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", SDXL_PIPELINE)
 
 
 def adapter_names(count: int) -> list[str]:
@@ -143,7 +143,7 @@ def original_layout_state_dict(pipe) -> dict[str, torch.Tensor]:
 
     out = ldm_layout.unet_to_ldm(weights(pipe.unet), pipe.unet.config)
     out.update(ldm_layout.vae_to_ldm(weights(pipe.vae), pipe.vae.config))
-    if name == "StableDiffusionXLPipeline":
+    if name == SDXL_PIPELINE:
         out.update(ldm_layout.clip_to_ldm(weights(pipe.text_encoder), ldm_layout.SDXL_CLIP_PREFIX))
         out.update(ldm_layout.openclip_to_ldm(weights(pipe.text_encoder_2), ldm_layout.SDXL_OPENCLIP_PREFIX))
     elif ldm_layout.is_openclip(pipe.text_encoder):

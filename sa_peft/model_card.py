@@ -8,6 +8,7 @@ import os
 from .escaping import escape_controls, markdown_cell, markdown_code, python_literal
 from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
+from .models import SDXL_PIPELINE
 
 EVALUATION_METRICS = os.path.join("evaluation", "metrics.json")
 # The pictures a run leaves in its folder, in the order the card shows them (relative links: they resolve on
@@ -26,7 +27,7 @@ SD_TAGS = ["stable-diffusion-diffusers"]
 
 def card_tags(info: dict) -> list[str]:
     """The hub tags: ours, plus the family tags diffusers' own LoRA scripts use (SDXL or SD 1.x/2.x)."""
-    sdxl = info.get("base_pipeline") == "StableDiffusionXLPipeline"
+    sdxl = info.get("base_pipeline") == SDXL_PIPELINE
     return CARD_TAGS + (SDXL_TAGS if sdxl else SD_TAGS)
 
 
@@ -186,7 +187,7 @@ def write_model_card(output_dir: str | os.PathLike, info: dict, repo_id: str | N
     from huggingface_hub import ModelCard, ModelCardData
 
     # What diffusers' load_or_create_model_card(from_training=True) builds, without asking the hub first.
-    sdxl = info.get("base_pipeline") == "StableDiffusionXLPipeline"
+    sdxl = info.get("base_pipeline") == SDXL_PIPELINE
     description = model_card_text(info, repo_id, figures_section(output_dir))
     evaluation = read_evaluation_metrics(output_dir)
     if evaluation is not None:

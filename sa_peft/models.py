@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -70,3 +71,28 @@ def load_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# The pipeline class name sa-peft records for SDXL bases (adapter headers' ``base_pipeline``).
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+
+
+def is_sdxl(model) -> bool:
+    """SDXL: a pipeline, UNet, UNet config or stored layout dict with SDXL's added text-time conditioning
+    (the pooled embeddings and size ids that only SDXL's UNet takes)."""
+    unet = getattr(model, "unet", model)
+    config = getattr(unet, "config", unet)
+    return (config.get("addition_embed_type") if hasattr(config, "get") else None) == "text_time"
+
+
+@contextlib.contextmanager
+def ddim_sampling(pipe):
+    """Sample with DDIM (eta 0, as the reference code does) whatever the pipeline's own scheduler; restored after."""
+    from diffusers import DDIMScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original.config)
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = original

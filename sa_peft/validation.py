@@ -9,6 +9,7 @@ from PIL import Image
 
 from .image_grid import render_grid
 from .io_utils import atomic_path
+from .models import ddim_sampling
 
 
 @torch.no_grad()
@@ -17,20 +18,14 @@ def generate_validation_images(
     guidance_scale: float, num_inference_steps: int,
 ) -> dict[str, list[Image.Image]]:
     """``num_images`` per prompt with fixed per-image seeds, so every validation round is comparable."""
-    from diffusers import DDIMScheduler
-
-    original = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(original.config)
-    try:
-        images = {}
+    images = {}
+    with ddim_sampling(pipe):
         for prompt in prompts:
             generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
             images[prompt] = pipe(
                 [prompt] * num_images, height=resolution, width=resolution, guidance_scale=guidance_scale,
                 num_inference_steps=num_inference_steps, generator=generators,
             ).images
-    finally:
-        pipe.scheduler = original
     return images
 
 

@@ -7,7 +7,7 @@ import torch
 
 from sa_peft.fisher import FisherInfo
 from sa_peft.lora import iter_adapted_layers, make_lora_config, resolve_lora_targets
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def build_tiny_clip(folder, words) -> None:
     """A tiny random CLIPModel with the repo's tokenizer over ``words`` and a CLIPProcessor, saved in ``folder``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from sa_peft.tokenizer import write_clip_tokenizer
+    from sa_peft.testing.tokenizer import write_clip_tokenizer
 
     tokenizer = write_clip_tokenizer(folder, words)
     torch.manual_seed(0)

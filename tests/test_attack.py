@@ -17,7 +17,7 @@ from sa_peft.classifier import ImageClassifier
 from sa_peft.commands import attack as attack_command
 from sa_peft.evaluation import iter_samples
 from sa_peft.merge import stack_forget_loras
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 PROMPT = "a photo of a cat"
 FAST = {"num_images": 4, "num_inference_steps": 2, "guidance_scale": 3.0, "batch_size": 8}

@@ -87,7 +87,7 @@ def _load_script():
 def test_training_script_smoke(tmp_path):
     """A few steps of each training stage, so the script keeps working (the full run takes ~20 min)."""
     pytest.importorskip("sklearn")
-    from sa_peft.tokenizer import write_clip_tokenizer
+    from sa_peft.testing.tokenizer import write_clip_tokenizer
 
     script = _load_script()
     split = script.load_digit_split(seed=0)

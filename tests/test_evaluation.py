@@ -18,6 +18,7 @@ from sa_peft.evaluation import (
     off_manifold_rate,
     write_evaluation_report,
 )
+from sa_peft.merge import stack_forget_loras
 from sa_peft.models import load_pipeline
 
 PROMPTS = ["a handwritten digit zero", "a handwritten digit one", "a handwritten digit seven"]
@@ -208,11 +209,11 @@ def test_evaluate_command_label_resolution_and_errors(tmp_path):
     bad = tmp_path / "lora.bin"
     bad.write_bytes(b"x")
     with pytest.raises(ValueError, match="safetensors"):
-        evaluate_command.apply_loras(None, [str(bad)], [])
+        stack_forget_loras(None, [str(bad)], [])
     with pytest.raises(FileNotFoundError):
-        evaluate_command.apply_loras(None, [str(tmp_path / "missing")], [])
+        stack_forget_loras(None, [str(tmp_path / "missing")], [])
     with pytest.raises(ValueError, match="--lora_weight"):
-        evaluate_command.apply_loras(None, [str(bad)], [1.0, 2.0])
+        stack_forget_loras(None, [str(bad)], [1.0, 2.0])
 
 
 class ScriptedClassifier(ImageClassifier):
@@ -239,7 +240,7 @@ def _one_hot_probs(preds, num_classes=3, confidence=0.8):
 
 
 def test_per_prompt_accuracy_and_summaries_match_hand_counts():
-    from sa_peft.tiny_pipeline import build_tiny_pipeline
+    from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
     cat, car, dog = "a photo of a cat", "a red car", "a dog"
     # cat is class one: 3 of 4 right; car is class two: 1 of 4 right; dog (forgotten, class zero): 3 of 4 predicted zero

@@ -9,7 +9,7 @@ from conftest import add_forget_lora, random_fisher
 from sa_peft.ewc import EWCPenalty, full_space_penalty, lowrank_space_penalty
 from sa_peft.fisher import FisherInfo, load_fisher, save_fisher
 from sa_peft.lora import iter_adapted_layers
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 # (rank, alpha, use_rslora): rank one, alpha != rank, rsLoRA with alpha != rank.
 LORA_SETTINGS = [(1, None, False), (4, 2.5, False), (3, 7.0, True)]

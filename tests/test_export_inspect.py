@@ -19,7 +19,7 @@ from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya
 from sa_peft.lora import iter_adapted_layers
 from sa_peft.merge import save_single_file_checkpoint
 from sa_peft.model_card import write_model_card
-from sa_peft.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 PROMPT = "a photo of a cat"
 LORA_SETTINGS = [{"rank": 4, "alpha": 2, "use_rslora": True}, {"rank": 3, "alpha": 6}]
@@ -328,7 +328,7 @@ def test_kohya_keys_are_in_sd_mecha_kohya_lora_key_sets(arch):
 
     from sa_peft.adapter_io import kohya_state_dict, unet_layout_info
     from sa_peft.lora import make_lora_config, resolve_lora_targets
-    from sa_peft.unet_configs import UNET_CONFIGS
+    from sa_peft.testing.unet_configs import UNET_CONFIGS
 
     xl = arch == "sdxl"
     with init_empty_weights():

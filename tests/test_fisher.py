@@ -14,7 +14,7 @@ import sa_peft.fisher as fisher_module
 from sa_peft.conditioning import encode_prompts
 from sa_peft.fisher import FISHER_FORMAT, base_weights_hash, estimate_fisher, load_fisher, prompts_hash, save_fisher
 from sa_peft.lora import resolve_lora_targets
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 MODULES = ["conv_in", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k", "down_blocks.1.resnets.0.conv_shortcut"]
 PROMPTS = ["a photo of a cat", "a red car"]

@@ -24,7 +24,7 @@ from sa_peft.merge import (
     save_single_file_checkpoint,
     stack_forget_loras,
 )
-from sa_peft.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 # fp32 merged (W + Σ w·ΔW) versus unfused (W x + Σ w·s·B A x) outputs (images in [0, 1], 3 steps) differ by
 # rounding only: measured ≤ 3e-6 here and ≤ 5e-5 with weights up to ±2 on these random adapters.
@@ -173,7 +173,7 @@ def test_original_layout_keys_match_sd_mecha(arch):
     from sd_mecha.extensions import model_configs
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sa_peft.unet_configs import SD15_UNET, SDXL_UNET
+    from sa_peft.testing.unet_configs import SD15_UNET, SDXL_UNET
 
     xl = arch == "sdxl-sgm"
     with init_empty_weights():

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sa_peft.models import load_pipeline, resolve_model_path
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 
 @pytest.mark.parametrize("name", ["CompVis/stable-diffusion-v1-4", "/some/local/folder", "relative/folder/x", "model"])

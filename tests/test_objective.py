@@ -10,7 +10,7 @@ from diffusers.training_utils import compute_snr
 from sa_peft.conditioning import encode_prompts
 from sa_peft.ewc import EWCPenalty
 from sa_peft.objective import selective_amnesia_loss
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 PROMPTS = ["brad pitt", "a photo of a cat", "a red car"]
 

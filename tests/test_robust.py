@@ -11,7 +11,7 @@ from sa_peft import robust as robust_module
 from sa_peft.conditioning import PromptConditioning, encode_prompts
 from sa_peft.diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
 from sa_peft.robust import AdversarialSoftPrompt
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 
 def _conditioning(prompts, dim=4, length=3):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from sa_peft.cli import main as cli_main
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_sa_lora.py"
 LORA = "pytorch_lora_weights.safetensors"

@@ -17,7 +17,7 @@ from sa_peft.data import default_resolution, load_image_set
 from sa_peft.diffusion_loss import noise_scheduler_for
 from sa_peft.fisher import estimate_fisher, fisher_timesteps, load_fisher
 from sa_peft.lora import iter_adapted_layers
-from sa_peft.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 PROMPTS = ["a photo of a cat", "a red car"]
 

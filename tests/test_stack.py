@@ -11,7 +11,7 @@ from train_helpers import load_train_module, run_training, sample
 
 from sa_peft.adapter_io import component_configs, export_kohya, layer_scales, load_adapter_file
 from sa_peft.merge import adapter_names, stack_forget_loras
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 PROMPT = "a painting van gogh style"
 

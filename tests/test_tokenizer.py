@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sa_peft.tiny_pipeline import TINY_WORDS
-from sa_peft.tokenizer import MODEL_MAX_LENGTH, write_clip_tokenizer
+from sa_peft.testing.tiny_pipeline import TINY_WORDS
+from sa_peft.testing.tokenizer import MODEL_MAX_LENGTH, write_clip_tokenizer
 
 
 def test_every_listed_word_is_one_token(tiny_pipe):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from sa_peft.adapter_io import read_adapter_metadata
-from sa_peft.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_sa_lora.py"
 

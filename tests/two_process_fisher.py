@@ -17,7 +17,7 @@ SETTINGS = {"estimator": "fast", "num_timesteps": 3, "seed": 5, "show_progress":
 
 def fisher_inputs(num_samples: int = 3):
     from sa_peft.conditioning import encode_prompts
-    from sa_peft.tiny_pipeline import build_tiny_pipeline
+    from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     conditioning = encode_prompts(pipe, PROMPTS)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
 from sa_peft.checkpoints import load_checkpoint, read_checkpoint_state, save_checkpoint, settings_differences
-from sa_peft.conditioning import PromptConditioning, check_prompt_clash, is_sdxl, tokenize_prompts
+from sa_peft.conditioning import PromptConditioning, check_prompt_clash, tokenize_prompts
 from sa_peft.config import DISTILL_REPLAY_WEIGHT, SelectiveAmnesiaConfig, training_info
 from sa_peft.data import check_resolution, default_resolution
 from sa_peft.diffusion_loss import noise_scheduler_for
@@ -47,7 +47,7 @@ from sa_peft.forgetting import AdaptiveLambda
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
-from sa_peft.models import load_pipeline
+from sa_peft.models import is_sdxl, load_pipeline
 from sa_peft.objective import check_finite_loss, selective_amnesia_loss
 from sa_peft.phases import (
     TrainingSets,

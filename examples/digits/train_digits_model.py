@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     from sa_peft.classifier import load_classifier
     from sa_peft.evaluation import evaluate_pipeline
     from sa_peft.models import load_pipeline
-    from sa_peft.tokenizer import write_clip_tokenizer
+    from sa_peft.testing.tokenizer import write_clip_tokenizer
 
     if args.rewrite_card:
         with open(os.path.join(args.output_dir, "training_facts.json")) as f:

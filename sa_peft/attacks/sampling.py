@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..conditioning import PromptConditioning, is_sdxl
+from ..conditioning import PromptConditioning
 from ..evaluation import sample_seed
+from ..models import ddim_sampling, is_sdxl
 
 
 def embedding_kwargs(pipe, conditioning: PromptConditioning, count: int) -> dict:
@@ -23,16 +24,12 @@ def sample(ctx, num_images: int, prompt: str | None = None, conditioning: Prompt
     """``num_images`` samples of ``prompt`` or of ``conditioning``'s first row: images in [0, 1] (``pt``) or
     latents (``latent``). DDIM (eta 0) as in ``sa_peft.evaluation.iter_samples``; sample ``i`` starts from the
     noise of ``sample_seed(seed, i)``, so the base and the adapted model see the same starting points."""
-    from diffusers import DDIMScheduler
-
     if (prompt is None) == (conditioning is None):
         raise ValueError("sample: give exactly one of prompt and conditioning")
     seed = ctx.seed if seed is None else seed
     pipe = ctx.pipe
-    original = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(original.config)
     out = []
-    try:
+    with ddim_sampling(pipe):
         for start in range(0, num_images, ctx.batch_size):
             count = min(ctx.batch_size, num_images - start)
             generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(start, start + count)]
@@ -42,6 +39,4 @@ def sample(ctx, num_images: int, prompt: str | None = None, conditioning: Prompt
                           generator=generators, output_type=output_type).images
             out.append(images.detach().float().cpu() if output_type == "latent"
                        else images.detach().float().cpu().clamp(0, 1))
-    finally:
-        pipe.scheduler = original
     return torch.cat(out)

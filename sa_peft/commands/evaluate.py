@@ -22,6 +22,7 @@ from ..classifier import (
 )
 from ..defaults import DIGIT_PROMPTS
 from ..evaluation import evaluate_pipeline, write_evaluation_report
+from ..merge import stack_forget_loras
 from ..prompts import read_prompts_file
 from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args
 
@@ -197,37 +198,6 @@ def collect_prompts(args: argparse.Namespace) -> tuple[list[str], list[str], boo
     return retained, forget, default_used
 
 
-def apply_loras(pipe, paths: Sequence[str], weights: Sequence[float]) -> list[str]:
-    """Load each LoRA (safetensors only) as its own adapter and activate them all with their weights."""
-    if weights and len(weights) != len(paths):
-        raise ValueError(f"--lora_weight was given {len(weights)} times for {len(paths)} --lora values")
-    names = []
-    for i, path in enumerate(paths):
-        name = f"lora_{i}"
-        if os.path.isfile(path):
-            if not path.endswith(".safetensors"):
-                raise ValueError(f"--lora {path!r} is not a .safetensors file; only safetensors LoRAs are loaded")
-            pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
-                                   adapter_name=name, use_safetensors=True)
-        elif os.path.isdir(path):
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            if not files:
-                raise ValueError(f"--lora folder {path!r} holds no .safetensors file")
-            # diffusers' default file name first; a folder with one other safetensors file also works.
-            weight_name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in files else None
-            if weight_name is None and len(files) == 1:
-                weight_name = files[0]
-            if weight_name is None:
-                raise ValueError(f"--lora folder {path!r} has several .safetensors files; pass the file itself")
-            pipe.load_lora_weights(path, weight_name=weight_name, adapter_name=name, use_safetensors=True)
-        else:
-            raise FileNotFoundError(f"--lora {path!r}: no such file or folder")
-        names.append(name)
-    if names:
-        pipe.set_adapters(names, adapter_weights=list(weights) if weights else [1.0] * len(names))
-    return names
-
-
 def _file_digest(path: str) -> str:
     digest = hashlib.sha256()
     files = [path] if os.path.isfile(path) else sorted(
@@ -353,7 +323,7 @@ def run(args: argparse.Namespace) -> dict:
         pipe, classifier, prompts, forget_prompts, args.output_dir, num_per_prompt=args.num_images_per_prompt,
         seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, prompt_labels=args.label, forget_labels=args.forget_label, clip_model=clip_model,
-        enable_adapter=(lambda: apply_loras(pipe, args.lora, args.lora_weight)) if args.lora else None, cache=cache)
+        enable_adapter=(lambda: stack_forget_loras(pipe, args.lora, args.lora_weight)) if args.lora else None, cache=cache)
 
 
 def format_summary(name: str, metrics: dict) -> str:
