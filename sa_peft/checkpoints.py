@@ -5,7 +5,9 @@ read back with ``torch.load`` (a payload in the RNG pickle only warned). The loo
 noise and timestep from a generator keyed by (seed, step), so a checkpoint needs no RNG state at all.
 
 A checkpoint folder holds:
-    lora_<model>.safetensors    the peft state dict of each trained model (unet, text_encoder)
+    pytorch_lora_weights.safetensors   the adapter as the pipeline class's ``save_lora_weights`` writes it,
+                                with sa-peft's metadata: ``pipe.load_lora_weights(checkpoint_folder)`` loads it
+    lora_<model>.safetensors    the peft state dict of each trained model (unet, text_encoder), for resuming
     optimizer.safetensors       every tensor of the optimizer state, keyed ``<param index>/<name>``
     training_state.json         the step, the run's training settings, the scheduler and optimizer
                                 scalars, the grad scaler (fp16) and the loop's own state
@@ -54,9 +56,10 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, models: dict, optimizer, lr_scheduler, settings: dict,
-                    loop_state: dict) -> str:
+                    loop_state: dict, write_lora=None) -> str:
     """Write ``checkpoint-<step>`` through a hidden folder renamed once complete (a run killed mid-save
-    leaves no half checkpoint for ``--resume_from_checkpoint latest``). Only the main process writes."""
+    leaves no half checkpoint for ``--resume_from_checkpoint latest``). Only the main process writes.
+    ``write_lora(folder)`` writes the loadable LoRA file (``pytorch_lora_weights.safetensors``) there."""
     from peft.utils import get_peft_model_state_dict
 
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -69,6 +72,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, models: dict, optim
         for name, model in models.items():
             state = get_peft_model_state_dict(accelerator.unwrap_model(model))
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, lora_file_name(name)))
+        if write_lora is not None:
+            write_lora(tmp)
         tensors, rest = _split_optimizer_state(optimizer.state_dict())
         save_file(tensors, os.path.join(tmp, OPTIMIZER_NAME))
         scaler = getattr(accelerator, "scaler", None)

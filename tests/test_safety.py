@@ -411,7 +411,7 @@ def test_checkpoints_hold_no_pickles_and_resume_without_torch_load(train, checkp
 
     out, args = checkpointed_run
     assert sorted(os.listdir(out / "checkpoint-2")) == ["lora_unet.safetensors", "optimizer.safetensors",
-                                                        "training_state.json"]
+                                                        "pytorch_lora_weights.safetensors", "training_state.json"]
 
     def no_torch_load(*a, **k):
         raise AssertionError("torch.load was called")

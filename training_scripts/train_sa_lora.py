@@ -383,23 +383,43 @@ def after_step(run: ForgetRun, global_step: int) -> None:
         save_checkpoint(accelerator, config.output_dir, global_step, run.checkpoint_models, run.optimizer,
                         run.lr_scheduler, run.settings,
                         {"ewc_lambda": run.ewc_lambda.value, "ewc_lambda_previous": run.ewc_lambda.previous,
-                         "reached_step": run.reached_step, "previous_done": run.previous_done})
+                         "reached_step": run.reached_step, "previous_done": run.previous_done},
+                        write_lora=lambda folder: save_adapter(run, folder, {**run.info, "trained_steps": global_step}))
     if accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step < run.max_train_steps:
         log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step)
         update_training_curves(accelerator, config, run.log_path, global_step)
 
 
+def save_adapter(run: ForgetRun, folder: str, info: dict) -> str:
+    """``pytorch_lora_weights.safetensors`` in ``folder``: the UNet's (and text encoder's) LoRA with ``info``."""
+    te_layers = te_metadata = None
+    if run.text_encoder is not None:
+        text_encoder = run.accelerator.unwrap_model(run.text_encoder)
+        te_layers = get_peft_model_state_dict(text_encoder)
+        te_metadata = text_encoder.peft_config["default"].to_dict()
+    return save_forget_lora(folder, run.accelerator.unwrap_model(run.unet), info, text_encoder_lora_layers=te_layers,
+                            text_encoder_adapter_metadata=te_metadata)
+
+
+def reload_saved_adapter(run: ForgetRun) -> None:
+    """Replace the trained adapter by the file just written, so that the final grid, the evaluation and the
+    returned pipeline show what ships (a saving bug shows in the grid, not only in a user's reload)."""
+    run.pipe.delete_adapters("default")
+    run.pipe.load_lora_weights(run.config.output_dir, adapter_name="default")
+    # diffusers loads the factors in the base weights' dtype; they stay fp32, as trained and saved (--mixed_precision).
+    for model in (run.pipe.unet, run.pipe.text_encoder if run.text_encoder is not None else None):
+        for name, param in model.named_parameters() if model is not None else ():
+            if "lora_" in name:
+                param.data = param.data.float()
+
+
 def save_outputs(run: ForgetRun, before_images, global_step: int, timings: dict) -> None:
     """The adapter file (and its kohya copy), the before/after grid, the curves, the evaluation, the card."""
     config, accelerator = run.config, run.accelerator
-    te_layers = te_metadata = None
-    if run.text_encoder is not None:
-        te_layers = get_peft_model_state_dict(accelerator.unwrap_model(run.text_encoder))
-        te_metadata = accelerator.unwrap_model(run.text_encoder).peft_config["default"].to_dict()
-    lora_file = save_forget_lora(config.output_dir, accelerator.unwrap_model(run.unet), run.info,
-                                 text_encoder_lora_layers=te_layers, text_encoder_adapter_metadata=te_metadata)
+    lora_file = save_adapter(run, config.output_dir, run.info)
     if config.output_kohya_format:  # the same code as `sa-peft export --format kohya`, from the saved file
         export_kohya(lora_file, os.path.join(config.output_dir, KOHYA_WEIGHT_NAME))
+    reload_saved_adapter(run)
     after_images = log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step)
     save_before_after_grid(before_images, after_images, os.path.join(config.output_dir, "validation_before_after.png"),
                            step=global_step)
