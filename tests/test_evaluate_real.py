@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_clip
 
-from sa_peft import cli
+from sa_peft import before_after, cli
 from sa_peft.classifier import (
     NUDENET_EXPOSED_CLASSES,
     ClipModel,
@@ -436,7 +436,7 @@ def test_protocol_evaluate_commands_pass_every_check(name, clip_dir, no_pipeline
     assert len(retained) >= 6 and len(forget) >= 4 and not set(retained) & set(forget)
     if name != "nudity":
         clf = load_classifier(args.classifier, args.class_text)
-        mapping, forgotten, _ = evaluate_command.resolve_evaluation_labels(clf, retained, None, forget,
+        mapping, forgotten, _ = before_after.resolve_evaluation_labels(clf, retained, None, forget,
                                                                            args.forget_label)
         assert forgotten == [0]  # the forgotten concept is the first class text
         if name == "object":
@@ -457,7 +457,7 @@ def test_evaluate_before_after_as_the_training_script_calls_it(clip_run, tmp_pat
     pipe.load_lora_weights(str(root / "lora"), adapter_name="forget", use_safetensors=True)
     classifier = load_classifier("builtin:digits-classifier")
     lines = []
-    result = evaluate_command.evaluate_before_after(
+    result = before_after.evaluate_before_after(
         pipe, classifier, [ONE, SEVEN], [ZERO], tmp_path / "evaluation", num_per_prompt=2, seed=0,
         num_inference_steps=2, guidance_scale=3.0, disable_adapter=pipe.disable_lora, enable_adapter=pipe.enable_lora,
         log=lines.append)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sa_peft import before_after
 from sa_peft.classifier import ImageClassifier, load_classifier
 from sa_peft.commands import evaluate as evaluate_command
 from sa_peft.evaluation import (
@@ -196,15 +197,15 @@ def test_evaluate_command_with_lora(tmp_path):
 
 def test_evaluate_command_label_resolution_and_errors(tmp_path):
     labels = [f"c{i}" for i in range(3)]
-    mapping, forgotten = evaluate_command.resolve_labels(["x c1", "y"], ["c1", "2"], ["z c0"], None, labels)
+    mapping, forgotten = before_after.resolve_labels(["x c1", "y"], ["c1", "2"], ["z c0"], None, labels)
     assert mapping == {"x c1": 1, "y": 2, "z c0": 0} and forgotten == [0]
     with pytest.raises(ValueError, match="--label"):
-        evaluate_command.resolve_labels(["a photo of a cat"], None, [], None, labels)
+        before_after.resolve_labels(["a photo of a cat"], None, [], None, labels)
     with pytest.raises(ValueError, match="one per prompt"):
-        evaluate_command.resolve_labels(["x c1", "y c2"], ["c1"], [], None, labels)
+        before_after.resolve_labels(["x c1", "y c2"], ["c1"], [], None, labels)
     with pytest.raises(ValueError, match="--forget_label"):
-        evaluate_command.resolve_labels(["x c1"], None, ["brad pitt"], None, labels)
-    _, forgotten = evaluate_command.resolve_labels(["x c1"], None, ["brad pitt"], ["c2"], labels)
+        before_after.resolve_labels(["x c1"], None, ["brad pitt"], None, labels)
+    _, forgotten = before_after.resolve_labels(["x c1"], None, ["brad pitt"], ["c2"], labels)
     assert forgotten == [2]
     bad = tmp_path / "lora.bin"
     bad.write_bytes(b"x")

@@ -538,8 +538,8 @@ def move_frozen_encoders(pipe, device, args) -> None:
 
 def evaluate_forgetting(accelerator, pipe, config) -> None:
     """Score the base model and the adapted one with ``--classifier``; write ``evaluation/`` (report, metrics)."""
+    from sa_peft.before_after import evaluate_before_after
     from sa_peft.classifier import ClipModel, load_classifier
-    from sa_peft.commands.evaluate import evaluate_before_after
 
     classifier = load_classifier(config.classifier, config.class_text, nudenet_threshold=config.nudenet_threshold,
                                  device=accelerator.device)

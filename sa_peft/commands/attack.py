@@ -7,12 +7,12 @@ import os
 
 from ..adapter_io import resolve_adapter_file
 from ..attacks import ATTACKS, AttackContext, check_attack_names, run_attacks, write_attack_report
+from ..before_after import resolve_evaluation_labels
 from ..classifier import CLASSIFIER_SPECS, load_classifier, parse_classifier_spec
 from ..defaults import DIGIT_PROMPTS
 from ..merge import check_lora_weights, stack_forget_loras
 from ..prompts import check_prompts, read_prompts_file
 from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args
-from .evaluate import resolve_evaluation_labels
 
 
 def register(subparsers) -> argparse.ArgumentParser:

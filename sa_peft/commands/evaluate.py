@@ -7,21 +7,17 @@ import csv
 import hashlib
 import json
 import os
-import re
-from collections.abc import Sequence
 
 from ..adapter_io import check_lora_file
+from ..before_after import evaluate_before_after, resolve_evaluation_labels
 from ..checks import check_number, check_output_apart, check_positive_int, check_writable
 from ..classifier import (
     CLASSIFIER_SPECS,
     ClipModel,
-    ClipZeroShotClassifier,
-    NudeNetDetector,
     load_classifier,
     parse_classifier_spec,
 )
 from ..defaults import DIGIT_PROMPTS
-from ..evaluation import evaluate_pipeline, write_evaluation_report
 from ..merge import stack_forget_loras
 from ..prompts import read_prompts_file
 from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args
@@ -78,80 +74,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="do not store samples under OUTPUT_DIR/samples/ (no resuming)")
     parser.set_defaults(func=run)
     return parser
-
-
-def _class_index(value: str, labels: Sequence[str], flag: str) -> int:
-    if value in labels:
-        return labels.index(value)
-    if re.fullmatch(r"\d+", value) and int(value) < len(labels):
-        return int(value)
-    raise ValueError(f"{flag} {value!r} is neither a classifier label ({', '.join(labels)}) nor a class index")
-
-
-def _label_from_prompt(prompt: str, labels: Sequence[str]) -> int | None:
-    """The class a prompt names: the prompt itself when it is a label (``a photo of Brad Pitt`` for CLIP
-    classes, case-insensitive), else its last word (``a handwritten digit seven`` → ``seven``)."""
-    lowered = [label.lower() for label in labels]
-    if prompt.strip().lower() in lowered:
-        return lowered.index(prompt.strip().lower())
-    words = re.findall(r"[\w-]+", prompt.lower())
-    return labels.index(words[-1]) if words and words[-1] in labels else None
-
-
-def resolve_labels(prompts: Sequence[str], prompt_labels: Sequence[str] | None, forget_prompts: Sequence[str],
-                   forget_labels: Sequence[str] | None, labels: Sequence[str],
-                   require: bool = True) -> tuple[dict[str, int | None], list[int]]:
-    """Class index per prompt and the forgotten class indices, from flags or from the prompts themselves.
-
-    With ``require=False`` (CLIP classes, prompt files) a retained prompt whose class cannot be told
-    gets ``None`` (no accuracy) instead of an error.
-    """
-    if prompt_labels is not None and len(prompt_labels) != len(prompts):
-        raise ValueError(f"--label was given {len(prompt_labels)} times for {len(prompts)} --prompt values; "
-                         "give one per prompt")
-    mapping: dict[str, int | None] = {}
-    for i, prompt in enumerate(prompts):
-        if prompt_labels is not None:
-            mapping[prompt] = _class_index(prompt_labels[i], labels, "--label")
-        else:
-            mapping[prompt] = _label_from_prompt(prompt, labels)
-            if mapping[prompt] is None and require:
-                raise ValueError(f"cannot tell the class of prompt {prompt!r} from its last word; "
-                                 f"pass --label (one per --prompt) from: {', '.join(labels)}")
-    for prompt in forget_prompts:
-        if prompt not in mapping:
-            mapping[prompt] = _label_from_prompt(prompt, labels)
-    if forget_labels:
-        forgotten = [_class_index(v, labels, "--forget_label") for v in forget_labels]
-    else:
-        forgotten = []
-        for prompt in forget_prompts:
-            if mapping.get(prompt) is None:
-                raise ValueError(f"cannot tell the forgotten class of {prompt!r}; pass --forget_label "
-                                 f"(one of: {', '.join(labels)})")
-            forgotten.append(mapping[prompt])
-    return mapping, list(dict.fromkeys(forgotten))
-
-
-def resolve_evaluation_labels(classifier, prompts: Sequence[str], prompt_labels: Sequence[str] | None,
-                              forget_prompts: Sequence[str], forget_labels: Sequence[str] | None
-                              ) -> tuple[dict[str, int | None], list[int], bool]:
-    """``(label_for_prompt, forgotten_labels, allow_unlabeled)`` for any classifier ``load_classifier`` returns.
-
-    NudeNet has no classes (``--label`` / ``--forget_label`` are refused); CLIP classes may leave
-    retained prompts unlabeled; the digits classifier needs every retained prompt's class.
-    """
-    if isinstance(classifier, NudeNetDetector):
-        for flag, value in (("--label", prompt_labels), ("--forget_label", forget_labels)):
-            if value:
-                raise ValueError(f"{flag} has no meaning with --classifier nudenet (it detects parts, it has no classes)")
-        return {}, [], True
-    if isinstance(classifier, ClipZeroShotClassifier):
-        mapping, forgotten = resolve_labels(prompts, prompt_labels, forget_prompts, forget_labels,
-                                            classifier.labels, require=False)
-        return mapping, forgotten, True
-    mapping, forgotten = resolve_labels(prompts, prompt_labels, forget_prompts, forget_labels, classifier.labels)
-    return mapping, forgotten, False
 
 
 def read_prompts_csv(path: str | os.PathLike, column: str, flag: str) -> list[str]:
@@ -235,47 +157,6 @@ def _cache_dir(args: argparse.Namespace, settings: dict) -> str | None:
     return os.path.join(args.output_dir, "samples", f"{settings['stage']}-{key}")
 
 
-def evaluate_before_after(pipe, classifier, prompts: Sequence[str], forget_prompts: Sequence[str],
-                          output_dir: str | os.PathLike, *, num_per_prompt: int, seed: int, num_inference_steps: int,
-                          guidance_scale: float, batch_size: int = 50, prompt_labels: Sequence[str] | None = None,
-                          forget_labels: Sequence[str] | None = None, clip_model: ClipModel | None = None,
-                          disable_adapter=None, enable_adapter=None, cache: dict | None = None, log=print) -> dict:
-    """Score the base model, then (if ``enable_adapter``) the adapted one, and write the report to ``output_dir``.
-
-    ``classifier`` is what ``load_classifier`` returns (digits, CLIP or NudeNet). ``disable_adapter`` /
-    ``enable_adapter`` switch the pipeline between base and adapted (e.g. ``pipe.disable_lora`` and
-    ``pipe.enable_lora`` in a training script; ``None`` when the pipeline starts as the base model).
-    ``cache`` maps ``"base"`` / ``"adapted"`` to ``(folder, settings)`` of a ``SampleCache``; leave it
-    ``None`` unless the folder is specific to the model and adapter. The adapted run gets ``fd_to_base``
-    against the base run. Returns ``{"before", "after", "paths"}``.
-    """
-    mapping, forgotten, allow_unlabeled = resolve_evaluation_labels(classifier, prompts, prompt_labels, forget_prompts,
-                                                                    forget_labels)
-    common = {"num_per_prompt": num_per_prompt, "seed": seed, "batch_size": batch_size,
-              "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-              "clip_model": clip_model, "allow_unlabeled": allow_unlabeled, "keep_samples": 10}
-    cache = cache or {}
-
-    def cached(stage):
-        folder, settings = cache.get(stage, (None, None))
-        return {"cache_dir": folder, "cache_settings": settings}
-
-    if disable_adapter is not None:
-        disable_adapter()
-    before = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
-                               **cached("base"), desc="base samples")
-    log(format_summary("base", before))
-    after = None
-    if enable_adapter is not None:
-        enable_adapter()
-        after = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
-                                  base_features=before["features"], **cached("adapted"), desc="adapted samples")
-        log(format_summary("with LoRA", after))
-    paths = write_evaluation_report(before, after, output_dir)
-    log(f"wrote {', '.join(paths.values())}")
-    return {"before": before, "after": after, "paths": paths}
-
-
 def run(args: argparse.Namespace) -> dict:
     """Evaluate the base pipeline and, if ``--lora`` is given, the pipeline with the LoRAs; write the report.
 
@@ -324,25 +205,3 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, prompt_labels=args.label, forget_labels=args.forget_label, clip_model=clip_model,
         enable_adapter=(lambda: stack_forget_loras(pipe, args.lora, args.lora_weight)) if args.lora else None, cache=cache)
-
-
-def format_summary(name: str, metrics: dict) -> str:
-    """One line of the main numbers of an ``evaluate_pipeline`` result (for logs)."""
-    r, f, q = metrics["retained"], metrics["forget"], metrics["quality"]
-    parts = [f"{name}: retained accuracy mean {r['mean_accuracy']:.3f} worst {r['worst_accuracy']:.3f}"
-             if r["mean_accuracy"] is not None else f"{name}:"]
-    if f and f["p_forgotten"] is not None:
-        parts.append(f"P(forgotten) on forget prompts {f['p_forgotten']:.3f}, entropy {f['entropy']:.3f}")
-    if r.get("clip_score") is not None:
-        parts.append(f"retained CLIP score {r['clip_score']:.2f}")
-    if f and f.get("clip_score") is not None:
-        parts.append(f"forget CLIP score {f['clip_score']:.2f}")
-    if metrics.get("fd_to_base"):
-        parts.append(f"FD to base {metrics['fd_to_base']['frechet_distance']:.3f}, "
-                     f"KID {metrics['fd_to_base']['kid']:.4f}")
-    if q:
-        parts.append(f"FD {q['frechet_distance']:.2f}, off-manifold {q['off_manifold_rate']:.3f}")
-    n = (metrics.get("nudenet") or {}).get("all")
-    if n:
-        parts.append(f"NudeNet: {n['images_with_exposed']}/{n['num_samples']} images with exposed parts")
-    return "; ".join(parts) + f" ({metrics['timing']['total_seconds']:.0f}s)"
