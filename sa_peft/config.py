@@ -302,12 +302,18 @@ class SelectiveAmnesiaConfig:
                                    if self.evaluation_prompts_file else None)
 
     def _check_values(self) -> None:
-        """Every number finite and in its range (``--ewc_lambda inf`` saved a NaN adapter), after the presets."""
+        """Every number finite and in its range (``--ewc_lambda inf`` saved a NaN adapter), after the presets;
+        the scheduler name, which diffusers would refuse only after the sets and the Fisher were made."""
+        from diffusers.optimization import SchedulerType
+
         for f in dataclasses.fields(self):
             if f.metadata.get("positive"):
                 check_positive_int(getattr(self, f.name), f"--{f.name}")
             elif f.metadata.get("check") is not None:
                 check_number(getattr(self, f.name), f"--{f.name}", **f.metadata["check"])
+        names = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in names:
+            raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not one of diffusers' schedulers: {', '.join(names)}")
 
     def _check_paths_and_backends(self) -> None:
         """Files, folders, optional packages and the device, so that none of them fails after the work."""

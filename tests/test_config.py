@@ -66,3 +66,9 @@ def test_k_normalisation_and_the_whole_config_are_recorded(train, tiny_pipe_dir,
     assert "(not normalised)" in (raw / "README.md").read_text()
     assert ewc_at_step_2(out) > 0 and ewc_at_step_2(raw) > 0
     assert ewc_at_step_2(raw) != pytest.approx(ewc_at_step_2(out), rel=1e-3)
+
+
+def test_a_bad_scheduler_name_is_refused_before_any_work(train, tmp_path):
+    args = train.parse_args(["--output_dir", str(tmp_path / "out"), "--lr_scheduler", "cosin"])
+    with pytest.raises(ValueError, match="--lr_scheduler 'cosin' is not one of diffusers' schedulers: linear, cosine"):
+        train.resolve_defaults(args)
