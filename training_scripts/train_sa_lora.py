@@ -135,7 +135,7 @@ def train(config: SelectiveAmnesiaConfig):
                 f"steps; {len(sets.surrogate.latents)} surrogate and {len(sets.replay.latents)} replay samples; "
                 f"{accelerator.num_processes} process(es)")
     start = time.perf_counter()
-    global_step, signal = training_loop(run, global_step, resume_state)
+    global_step, signal = training_loop(run, global_step)
     run.info = training_info(config, **run_facts(run, targets), trained_steps=global_step,
                              ewc_lambda_final=run.ewc_lambda.value,
                              forgetting=forgetting_summary(signal, run.reached_step, global_step))
@@ -340,7 +340,7 @@ def check_forgetting(run: ForgetRun, global_step: int, logs: dict) -> tuple[dict
     return signal, stop
 
 
-def training_loop(run: ForgetRun, global_step: int, resume_state: dict | None) -> tuple[int, dict]:
+def training_loop(run: ForgetRun, global_step: int) -> tuple[int, dict]:
     """Train until the step budget or, by default, until the concept is forgotten; returns (step, last signal)."""
     config, accelerator = run.config, run.accelerator
     device, sets = accelerator.device, run.sets
