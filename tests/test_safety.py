@@ -186,12 +186,13 @@ def test_training_output_inside_the_surrogate_images_is_refused(train, replay_fi
 
 
 def test_evaluate_refuses_a_bad_lora_before_the_base_evaluation(tmp_path, capsys, monkeypatch):
+    from sa_peft import before_after
     from sa_peft.commands import evaluate
 
     def no_sampling(*a, **k):
         raise AssertionError("the base evaluation ran")
 
-    monkeypatch.setattr(evaluate, "evaluate_pipeline", no_sampling)
+    monkeypatch.setattr(before_after, "evaluate_pipeline", no_sampling)
     monkeypatch.setattr(evaluate, "load_pipeline_from_args", no_sampling)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
