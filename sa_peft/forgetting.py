@@ -279,6 +279,8 @@ def verdict_lines(forgetting: dict) -> list[str]:
                f"(drift {forgetting.get('retention', 0):.2e} on held-out replay images, bound "
                f"{forgetting.get('retention_bound', 0):.2e})"]
     for prompt, c in concepts.items():
-        lines.append(f"{prompt!r}: preference {c['preference']:+.3f} (base model 1, forgotten at ≤ "
+        attacked = (f", {c['attacked_preference']:+.3f} under the soft-prompt attack (--robust_forgetting)"
+                    if "attacked_preference" in c else "")
+        lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, forgotten at ≤ "
                      f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}")
     return lines

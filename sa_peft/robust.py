@@ -23,6 +23,17 @@ DEFAULT_EPSILON = 1.0  # the attack's default bound, so training meets the attac
 DEFAULT_LR = 1e-2
 
 
+def with_attack(signal: dict, attacked: dict) -> dict:
+    """The forgetting signal of a robust run: a concept counts as forgotten only when it is forgotten both under
+    the plain forget prompt (``signal``) and under the attack's embedding (``attacked``, the same probe measured
+    with ``AdversarialSoftPrompt.attacked``); the largest preference is the larger of the two."""
+    concepts = {p: {**c, "attacked_preference": attacked["concepts"][p]["preference"],
+                    "forgotten": c["forgotten"] and attacked["concepts"][p]["forgotten"]}
+                for p, c in signal["concepts"].items()}
+    return {**signal, "concepts": concepts, "reached": all(c["forgotten"] for c in concepts.values()),
+            "max_preference": max(signal["max_preference"], attacked["max_preference"])}
+
+
 class AdversarialSoftPrompt:
     """One δ per forget prompt, refreshed against the adapter; ``augment`` pairs surrogates with it."""
 
@@ -35,11 +46,14 @@ class AdversarialSoftPrompt:
         self.batch_size, self.seed = batch_size, seed
         self.deltas: list[torch.Tensor | None] = [None] * len(self.forget_prompts)
         self.last_losses: list[float] = []
+        self.refreshed_at: int | None = None
 
-    def maybe_refresh(self, step: int, unet, scheduler, conditioning: PromptConditioning) -> bool:
-        """Re-optimise every δ at steps 0, ``every``, 2·``every``, …; returns whether it did."""
-        if step % self.every and all(d is not None for d in self.deltas):  # a resumed run refreshes at once
-            return False
+    def maybe_refresh(self, step: int, unet, scheduler, conditioning: PromptConditioning, force: bool = False) -> bool:
+        """Re-optimise every δ at steps 0, ``every``, 2·``every``, … (and whenever ``force``, as at each signal
+        check); returns whether it did. A step is fitted once: the check at step s and step s's batch share it."""
+        if step == self.refreshed_at or (not force and step % self.every and all(d is not None for d in self.deltas)):
+            return False  # (a resumed run has no δ yet and refreshes at once)
+        self.refreshed_at = step
         self.last_losses = []
         for i, (prompt, latents) in enumerate(zip(self.forget_prompts, self.concept_latents)):
             row = conditioning.index_of(prompt)
@@ -51,6 +65,17 @@ class AdversarialSoftPrompt:
                                                            init=self.deltas[i])
             self.last_losses.append(history[-1])
         return True
+
+    def attacked(self, conditioning: PromptConditioning) -> PromptConditioning:
+        """``conditioning`` with each forget prompt's row replaced by its perturbed embedding (same prompt names),
+        for measuring the forgetting signal under the attack."""
+        if any(d is None for d in self.deltas):
+            raise RuntimeError("AdversarialSoftPrompt.attacked before maybe_refresh at step 0")
+        hidden = conditioning.encoder_hidden_states.clone()
+        for prompt, d in zip(self.forget_prompts, self.deltas):
+            row = conditioning.index_of(prompt)
+            hidden[row:row + 1] = hidden[row:row + 1] + d.to(hidden.device, hidden.dtype)
+        return PromptConditioning(list(conditioning.prompts), hidden, conditioning.text_embeds, conditioning.time_ids)
 
     def augment(self, conditioning: PromptConditioning, surrogate_ids: torch.Tensor
                 ) -> tuple[PromptConditioning, torch.Tensor]:

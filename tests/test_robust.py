@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import add_forget_lora
@@ -10,7 +12,7 @@ from train_helpers import load_train_module, run_training
 from sa_peft import robust as robust_module
 from sa_peft.conditioning import PromptConditioning, encode_prompts
 from sa_peft.diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
-from sa_peft.robust import AdversarialSoftPrompt
+from sa_peft.robust import AdversarialSoftPrompt, with_attack
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 
@@ -34,6 +36,39 @@ def test_augment_pairs_every_other_surrogate_with_its_forget_prompts_perturbed_r
         AdversarialSoftPrompt(["forget a"], [torch.zeros(1)]).augment(cond, ids)
 
 
+def test_attacked_replaces_each_forget_prompts_row_by_its_perturbed_embedding():
+    cond = _conditioning(["forget a", "keep", "forget b"])
+    attacker = AdversarialSoftPrompt(["forget a", "forget b"], [torch.zeros(1)] * 2)
+    with pytest.raises(RuntimeError, match="maybe_refresh"):
+        attacker.attacked(cond)
+    attacker.deltas = [torch.full((1, 3, 4), 0.5), torch.full((1, 3, 4), -1.0)]
+    attacked = attacker.attacked(cond)
+    assert attacked.prompts == cond.prompts  # the probe finds the forget prompts under their own names
+    assert torch.equal(attacked.encoder_hidden_states[0], cond.encoder_hidden_states[0] + 0.5)
+    assert torch.equal(attacked.encoder_hidden_states[1], cond.encoder_hidden_states[1])
+    assert torch.equal(attacked.encoder_hidden_states[2], cond.encoder_hidden_states[2] - 1.0)
+    assert torch.equal(cond.encoder_hidden_states, _conditioning(["a", "b", "c"]).encoder_hidden_states)  # not in place
+
+
+def test_a_robust_run_is_forgotten_only_when_forgotten_under_the_attack_too():
+    def signal(*prefs):
+        concepts = {f"c{i}": {"preference": p, "forgotten": p <= 0} for i, p in enumerate(prefs)}
+        return {"concepts": concepts, "reached": all(p <= 0 for p in prefs), "max_preference": max(prefs), "retained": True}
+
+    combined = with_attack(signal(-0.2, -0.1), signal(-0.05, 0.3))
+    assert not combined["reached"] and combined["max_preference"] == 0.3
+    assert combined["concepts"]["c0"]["forgotten"] and not combined["concepts"]["c1"]["forgotten"]
+    assert combined["concepts"]["c1"]["attacked_preference"] == 0.3 and combined["concepts"]["c1"]["preference"] == -0.1
+    assert with_attack(signal(-0.2, -0.1), signal(-0.05, -0.3))["reached"]
+    assert not with_attack(signal(0.2), signal(-0.5))["reached"]
+    from sa_peft.forgetting import verdict_lines
+
+    text = "\n".join(verdict_lines({**combined, "trained_steps": 9, "threshold": 0.0, "retention": 0.0,
+                                    "retention_bound": 0.05}))
+    assert "NOT FORGOTTEN after 9 steps" in text
+    assert "'c1': preference -0.100, +0.300 under the soft-prompt attack" in text and "c1'" in text.split("\n")[-1]
+
+
 def test_refresh_finds_an_embedding_that_lowers_the_adapters_loss_on_the_concept():
     pipe = build_tiny_pipeline()
     add_forget_lora(pipe.unet, "all", seed=5)
@@ -44,6 +79,8 @@ def test_refresh_finds_an_embedding_that_lowers_the_adapters_loss_on_the_concept
     attacker = AdversarialSoftPrompt(["brad pitt"], [latents], every=10, attack_steps=15, lr=0.05, batch_size=4)
     assert attacker.maybe_refresh(0, pipe.unet, scheduler, cond)
     assert not attacker.maybe_refresh(5, pipe.unet, scheduler, cond)
+    assert not attacker.maybe_refresh(0, pipe.unet, scheduler, cond)  # already fitted at this step (signal check)
+    assert attacker.maybe_refresh(10, pipe.unet, scheduler, cond)
     augmented, _ = attacker.augment(cond, torch.tensor([0]))
     gen = torch.Generator().manual_seed(1)
     t = torch.randint(0, 1000, (64,), generator=gen)
@@ -63,8 +100,8 @@ def test_training_script_pairs_the_surrogates_with_the_attack_every_step(tiny_pi
     calls = {"refresh": [], "augment": 0}
     original_refresh, original_augment = AdversarialSoftPrompt.maybe_refresh, AdversarialSoftPrompt.augment
 
-    def refresh(self, step, *args):
-        done = original_refresh(self, step, *args)
+    def refresh(self, step, *args, **kwargs):
+        done = original_refresh(self, step, *args, **kwargs)
         calls["refresh"].append((step, done))
         return done
 
@@ -80,4 +117,7 @@ def test_training_script_pairs_the_surrogates_with_the_attack_every_step(tiny_pi
     replay.write_text("a photo of a cat\n")
     run_training(load_train_module(), tiny_pipe_dir, tmp_path / "out", replay, "--forget_prompt", "brad pitt",
                  "--surrogate_type", "noise", "--robust_forgetting", "--train_full_budget")
-    assert calls["augment"] == 3 and calls["refresh"] == [(0, True), (1, False), (2, False)]
+    # The final signal check (step 3) refits δ to the trained weights and measures the signal under it too.
+    assert calls["augment"] == 3 and calls["refresh"] == [(0, True), (1, False), (2, False), (3, True)]
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert "attacked_preference/brad pitt" in log[-1] and "preference/brad pitt" in log[-1]
