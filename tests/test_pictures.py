@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from train_helpers import load_train_module
 
+from sa_peft import validation
 from sa_peft.evaluation import samples_grid
 from sa_peft.image_grid import render_grid
 from sa_peft.model_card import ADAPTER_PLACEHOLDER, model_card_text, usage_snippet, write_model_card
@@ -24,7 +25,7 @@ from sa_peft.training_curves import (
     render_training_curves,
     write_training_curves,
 )
-from sa_peft.validation import save_before_after_grid
+from sa_peft.validation import generate_validation_images, save_before_after_grid
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -86,6 +87,27 @@ def test_labels_headers_and_title_are_drawn():
 def test_uneven_column_headers_are_refused():
     with pytest.raises(ValueError, match="3 columns cannot be split evenly between 2"):
         render_grid([("x", [solid(RED)] * 3)], column_headers=["before", "after"])
+
+
+def test_validation_images_batched_over_prompts_are_each_prompts_own(monkeypatch):
+    from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, prompt, **kw: calls.append(len(prompt)) or original(self, prompt, **kw))
+    prompts = ["brad pitt", "a photo of a cat", "a red car"]
+    batched = generate_validation_images(pipe, prompts, 2, seed=3, resolution=32, guidance_scale=3.0, num_inference_steps=2)
+    assert calls == [6]  # three prompts of two 32-px images: one call
+    monkeypatch.setattr(validation, "VALIDATION_PIXELS_PER_CALL", 1)  # one prompt a call, as before
+    single = generate_validation_images(pipe, prompts, 2, seed=3, resolution=32, guidance_scale=3.0, num_inference_steps=2)
+    assert calls == [6, 2, 2, 2] and list(batched) == prompts
+    for prompt in prompts:
+        for a, b in zip(batched[prompt], single[prompt], strict=True):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    # Different prompts (and seeds within a prompt) give different images: the check above can fail.
+    assert np.abs(np.asarray(batched[prompts[0]][0], dtype=int) - np.asarray(batched[prompts[1]][0], dtype=int)).max() > 10
 
 
 def test_validation_grid_is_readable_and_labelled(tmp_path):
