@@ -327,3 +327,14 @@ def test_check_finite_loss_passes_finite_losses_and_names_step_parts_and_flags_o
         assert str(info.value) == (
             f"the training loss is not finite at step 7 (loss {bad}, forget 1.0, replay 0.25, ewc 2.0); no adapter was "
             "written. Lower --learning_rate, --ewc_lambda or --noise_offset, or train without --mixed_precision fp16")
+
+
+def test_prediction_target_refuses_other_prediction_types_by_name():
+    from types import SimpleNamespace
+
+    from sa_peft.diffusion_loss import prediction_target
+
+    scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="sample"))
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="unsupported prediction_type 'sample'; expected 'epsilon' or 'v_prediction'"):
+        prediction_target(scheduler, x, x, torch.zeros(1, dtype=torch.long))
