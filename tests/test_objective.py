@@ -338,3 +338,20 @@ def test_prediction_target_refuses_other_prediction_types_by_name():
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="unsupported prediction_type 'sample'; expected 'epsilon' or 'v_prediction'"):
         prediction_target(scheduler, x, x, torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_distilled_replay_conditions_the_frozen_pass_in_the_model_dtype(dtype):
+    """The frozen pass gets the text embeddings cast to the UNet's dtype, like the adapted pass."""
+    pipe, conditioning, _, batch = setup()
+    pipe.unet.to(dtype)
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].dtype), with_kwargs=True)
+    try:
+        out = loss(pipe, conditioning, batch, None, ewc_lambda=0.0, replay_target="distill")
+    finally:
+        hook.remove()
+    assert seen == [dtype, dtype]  # the frozen pass, then the adapted one
+    assert torch.isfinite(out.total) and out.replay > 0
