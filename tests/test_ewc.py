@@ -419,3 +419,16 @@ def test_sum_of_penalties_weights_each_term():
     total = SumOfPenalties([diagonal, rank1], [0.25, 3.0])
     assert list(total.penalties) == [diagonal, rank1] and total.weights == [0.25, 3.0]
     torch.testing.assert_close(total(), 0.25 * diagonal() + 3.0 * rank1(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("which", [0, -1])
+def test_replacing_either_factor_of_the_first_or_last_layer_is_caught(factor, which):
+    unet, names = adapted_unet("xattn", rank=2)
+    ewc = EWCPenalty(unet, random_fisher(unet, names))
+    layer = list(iter_adapted_layers(unet))[which]
+    holder = getattr(layer.module, factor)["default"]
+    holder.weight = torch.nn.Parameter(holder.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="^the LoRA parameters were replaced after the EWC penalty was built; "
+                                           "build EWCPenalty after the adapter is added and loaded$"):
+        ewc()
