@@ -12,7 +12,16 @@ from safetensors.torch import save_file
 import sa_peft
 import sa_peft.fisher as fisher_module
 from sa_peft.conditioning import encode_prompts
-from sa_peft.fisher import FISHER_FORMAT, base_weights_hash, estimate_fisher, load_fisher, prompts_hash, save_fisher
+from sa_peft.fisher import (
+    FISHER_FORMAT,
+    FisherInfo,
+    base_weights_hash,
+    check_fisher_settings,
+    estimate_fisher,
+    load_fisher,
+    prompts_hash,
+    save_fisher,
+)
 from sa_peft.lora import resolve_lora_targets
 from sa_peft.tiny_pipeline import build_tiny_pipeline
 
@@ -306,6 +315,37 @@ def test_factored_only_round_trip(tmp_path, estimated):
         assert torch.equal(loaded.col_sums[key], fisher.col_sums[key])
     with pytest.raises(ValueError, match="factored-only"):
         save_fisher(loaded, tmp_path / "again.safetensors")
+
+
+def test_mean_gradient_round_trips_in_full_files_only(tmp_path, estimated):
+    _, _, fisher = estimated
+    assert set(fisher.mean_gradient) == set(fisher.shapes)
+    save_fisher(fisher, tmp_path / "full.safetensors")
+    loaded = load_fisher(tmp_path / "full.safetensors")
+    assert set(loaded.mean_gradient) == set(fisher.shapes)
+    for key in fisher.shapes:
+        assert torch.equal(loaded.mean_gradient[key], fisher.mean_gradient[key])
+    save_fisher(fisher, tmp_path / "factored.safetensors", factored_only=True)
+    assert load_fisher(tmp_path / "factored.safetensors").mean_gradient == {}
+    # A Fisher without a mean gradient (files written before it existed) saves and loads without one.
+    older = FisherInfo.from_diagonal(fisher.diagonal, fisher.metadata)
+    save_fisher(older, tmp_path / "older.safetensors")
+    reloaded = load_fisher(tmp_path / "older.safetensors")
+    assert reloaded.mean_gradient == {} and set(reloaded.diagonal) == set(fisher.shapes)
+
+
+def test_check_fisher_settings_names_every_differing_setting_and_its_flag(tmp_path):
+    fisher = FisherInfo({}, {}, {}, metadata={"estimator": "reference", "num_timesteps": "8", "seed": "0", "custom": "a"})
+    same = {"estimator": "reference", "num_timesteps": "8", "seed": "0"}
+    assert check_fisher_settings(fisher, tmp_path / "f.safetensors", same) is None
+    path = tmp_path / "f.safetensors"
+    with pytest.raises(ValueError) as info:
+        check_fisher_settings(fisher, path, {"estimator": "fast", "num_timesteps": "8", "seed": "3", "custom": "b",
+                                             "prompts_hash": "abc"})
+    assert str(info.value) == (
+        f"--fisher_path {str(path)!r} was made with other settings (--fisher_estimator: file 'reference', this run 'fast'; "
+        "--seed: file '0', this run '3'; custom: file 'a', this run 'b'; the replay prompts: file None, this run 'abc'); "
+        "delete the file, pass a new --fisher_path, or run with the file's settings")
 
 
 def test_load_checks_base_model_and_coverage(tmp_path, estimated):
