@@ -381,6 +381,28 @@ def test_load_rejects_bad_files(tmp_path, estimated):
         load_fisher(other)
 
 
+def test_load_errors_name_the_flag_and_the_foreign_format(tmp_path, estimated):
+    _, _, fisher = estimated
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01 this is not a safetensors file" * 10)
+    with pytest.raises(ValueError, match=r"^--fisher_path '.*garbage\.safetensors' is not a valid safetensors file"):
+        load_fisher(garbage)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"is not an sa-peft Fisher file \(format 'pt'\)$"):
+        load_fisher(other)
+    # A file without the factored_only entry is a full file.
+    save_fisher(fisher, tmp_path / "full.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "full.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        header = {k: v for k, v in f.metadata().items() if k != "factored_only"}
+    save_file(tensors, str(tmp_path / "no-entry.safetensors"), metadata=header)
+    loaded = load_fisher(tmp_path / "no-entry.safetensors")
+    assert set(loaded.diagonal) == set(fisher.shapes)
+
+
 def test_timestep_chunks_accumulate_into_one_per_sample_gradient():
     """Splitting a sample's timesteps into chunks must sum the chunks' gradients before squaring.
 
