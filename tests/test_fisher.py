@@ -403,6 +403,21 @@ def test_load_errors_name_the_flag_and_the_foreign_format(tmp_path, estimated):
     assert set(loaded.diagonal) == set(fisher.shapes)
 
 
+def test_load_mismatch_errors_say_what_to_do(tmp_path, estimated):
+    _, modules, fisher = estimated
+    path = tmp_path / "fisher.safetensors"
+    save_fisher(fisher, path)
+    with pytest.raises(ValueError, match=r"was computed for another base model \(weights hash differs\); recompute it for "
+                                         r"this --pretrained_model_name_or_path \(delete the file or pass a new --fisher_path\)$"):
+        load_fisher(path, unet=build_tiny_pipeline(seed=1).unet)
+    extra = ["conv_out", "time_embedding.linear_1", "time_embedding.linear_2", "down_blocks.0.resnets.0.conv1"]
+    with pytest.raises(ValueError) as info:
+        load_fisher(path, required_modules=[*modules, *extra])
+    assert str(info.value) == (
+        f"--fisher_path {str(path)!r} does not cover 4 module(s) the LoRA adapts, e.g. {sorted(extra)[:3]}; recompute it "
+        "for this --lora_target (delete the file or pass a new --fisher_path)")
+
+
 def test_timestep_chunks_accumulate_into_one_per_sample_gradient():
     """Splitting a sample's timesteps into chunks must sum the chunks' gradients before squaring.
 
