@@ -432,3 +432,45 @@ def test_replacing_either_factor_of_the_first_or_last_layer_is_caught(factor, wh
     with pytest.raises(RuntimeError, match="^the LoRA parameters were replaced after the EWC penalty was built; "
                                            "build EWCPenalty after the adapter is added and loaded$"):
         ewc()
+
+
+def test_rank1_penalty_on_one_layer_of_a_named_adapter_with_a_small_float64_mean_gradient():
+    from sa_peft.lora import make_lora_config, resolve_lora_targets
+
+    unet = build_tiny_pipeline().unet
+    name = resolve_lora_targets(unet, "xattn")[0]
+    unet.add_adapter(make_lora_config([name], 2), adapter_name="forget")
+    layer, = iter_adapted_layers(unet, "forget")
+    with torch.no_grad():
+        layer.module.lora_B["forget"].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    shape = layer.module.get_base_layer().weight.shape
+    mu = 1e-3 * torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # ‖μ‖² ≪ 1
+    fisher = FisherInfo.from_diagonal({f"{name}.weight": torch.ones(shape)}, {}, {f"{name}.weight": mu})
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        Rank1FisherPenalty(unet, fisher)  # the default adapter is not there
+    penalty = Rank1FisherPenalty(unet, fisher, adapter="forget")
+    assert [d.dtype for d in penalty.directions] == [torch.float32]
+    projection = float(mu.flatten() @ layer.delta_weight().detach().double().flatten())
+    coefficient = mu.numel() / float(mu.square().sum())
+    assert float(penalty.projection()) == pytest.approx(projection, rel=1e-4)
+    assert float(penalty().detach()) == pytest.approx(coefficient * projection**2, rel=1e-4)
+
+
+def test_rank1_penalty_errors_are_whole_sentences():
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = mean_gradient_fisher(unet, names)
+    with pytest.raises(ValueError, match="^the model has no LoRA layers for the rank-1 Fisher penalty; add the forget "
+                                         "adapter first$"):
+        Rank1FisherPenalty(build_tiny_pipeline().unet, fisher)
+    kept = dict(list(fisher.mean_gradient.items())[4:])
+    missing = [k for k in fisher.mean_gradient if k not in kept]
+    assert len(missing) == 4
+    with pytest.raises(ValueError) as info:
+        Rank1FisherPenalty(unet, FisherInfo.from_diagonal(fisher.diagonal, {}, kept))
+    assert str(info.value) == (
+        f"the Fisher file has no mean gradient for 4 adapted module(s), e.g. {missing[:3]} (it was written by an older "
+        "sa-peft or factored-only); recompute it (delete --fisher_path) for --fisher_rank1_weight")
+    zero = FisherInfo.from_diagonal(fisher.diagonal, {}, {k: torch.zeros_like(v) for k, v in fisher.mean_gradient.items()})
+    with pytest.raises(ValueError, match="^the Fisher's mean gradient is zero on every adapted weight; it cannot weight "
+                                         "the penalty$"):
+        Rank1FisherPenalty(unet, zero)
