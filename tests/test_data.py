@@ -313,7 +313,8 @@ def test_load_image_center_crops_and_scales_to_minus_one_one(tmp_path):
     from sa_peft.data import _load_image
 
     gen = np.random.default_rng(0)
-    for size, box in (((6, 4), (1, 0, 5, 4)), ((4, 7), (0, 1, 4, 5))):  # (width, height), centre square
+    # (width, height) and the centre square: an odd excess rounds down, an excess of 2 is split evenly.
+    for size, box in (((6, 4), (1, 0, 5, 4)), ((4, 7), (0, 1, 4, 5)), ((7, 4), (1, 0, 5, 4)), ((4, 6), (0, 1, 4, 5))):
         pixels = gen.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         path = tmp_path / f"{size[0]}x{size[1]}.png"
         Image.fromarray(pixels).save(path)
@@ -377,3 +378,21 @@ def test_count_and_prompt_errors_are_whole_sentences(tiny_pipe, tmp_path):
         generate_surrogate_set(tiny_pipe, tmp_path, ["brad pitt"], -1, surrogate_type="noise")
     with pytest.raises(ValueError, match="^--replay_prompts_file: no prompts given$"):
         generate_replay_set(tiny_pipe, tmp_path, [], 1)
+
+
+def test_builders_pass_paired_surrogate_prompts_and_the_accelerator(tiny_pipe, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(data_module, "_build_set", lambda *args: calls.append(args))
+    accelerator = object()
+    generate_surrogate_set(tiny_pipe, tmp_path / "s", ["brad pitt", "a dog"], 4, surrogate_prompt=["a man", "a cat"],
+                           accelerator=accelerator)
+    generate_replay_set(tiny_pipe, tmp_path / "r", ["a cat"], 1, accelerator=accelerator)
+    (surrogate, replay) = calls
+    assert surrogate[3]["sources"] == ["a man", "a cat"]
+    assert [(r["prompt"], r["source"]) for r in surrogate[2]] == [("brad pitt", "a man"), ("a dog", "a cat")] * 2
+    assert surrogate[7] is accelerator and replay[7] is accelerator
+    with pytest.raises(ValueError, match="^--forget_prompt: no prompts given$"):
+        generate_surrogate_set(tiny_pipe, tmp_path, [], 1, surrogate_type="noise")
+    with pytest.raises(ValueError, match="^give exactly one surrogate source: --surrogate_prompt, --surrogate_data_dir or "
+                                         "--surrogate_type$"):
+        generate_surrogate_set(tiny_pipe, tmp_path, ["brad pitt"], 1)
