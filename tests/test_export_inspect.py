@@ -520,3 +520,22 @@ def test_local_unet_layout_never_downloads(monkeypatch):
     assert _local_unet_layout("missing") is None
     assert _local_unet_layout(None) is None and _local_unet_layout("") is None
     assert calls == [(name, {"subfolder": "unet", "local_files_only": True}) for name in ("some/model", "missing")]
+
+
+def test_export_from_live_unet_takes_the_named_adapter(tmp_path):
+    from sa_peft.lora import make_lora_config, resolve_lora_targets
+
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "noxattn", rank=2, alpha=5)
+    reference = load_file(export_kohya(pipe.unet, tmp_path / "default.safetensors"))
+    names = resolve_lora_targets(pipe.unet, "xattn")
+    pipe.unet.add_adapter(make_lora_config(names, 3, alpha=1.5), adapter_name="forget")
+    with torch.no_grad():
+        for layer in iter_adapted_layers(pipe.unet, "forget"):
+            layer.module.lora_B["forget"].weight.fill_(0.5)
+    named = load_file(export_kohya(pipe.unet, tmp_path / "forget.safetensors", adapter="forget"))
+    assert named.keys() != reference.keys()
+    assert all(named[k].shape[0] == 3 for k in named if k.endswith("lora_down.weight"))
+    assert all(float(named[k]) == pytest.approx(1.5) for k in named if k.endswith(".alpha"))
+    assert all(torch.all(named[k] == 0.5) for k in named if k.endswith("lora_up.weight"))
+    assert len([k for k in named if k.endswith("lora_down.weight")]) == len(names)
