@@ -262,3 +262,77 @@ def test_per_prompt_accuracy_and_summaries_match_hand_counts():
     assert metrics["forget"]["accuracy"] == pytest.approx(0.75)
     assert metrics["forget"]["predicted_forgotten_rate"] == pytest.approx(0.75)
     assert metrics["quality"] is None  # the classifier has no reference images
+
+
+def test_quantize_clamps_to_zero_one_and_rounds_to_uint8():
+    from sa_peft.evaluation import _quantize
+
+    images = torch.tensor([-0.5, 0.0, 0.2, 0.3, 0.5, 1.0, 1.7])
+    out = _quantize(images)
+    assert out.dtype == torch.uint8
+    assert out.tolist() == [0, 0, 51, 76, 128, 255, 255]  # 76.5 and 127.5 round half to even
+
+
+def test_generate_samples_hands_its_defaults_to_iter_samples(monkeypatch):
+    import sa_peft.evaluation as evaluation_module
+
+    calls = []
+
+    def fake(pipe, prompts, num_per_prompt, seed, **kwargs):
+        calls.append((pipe, prompts, num_per_prompt, seed, kwargs))
+        return iter([(p, torch.zeros(num_per_prompt)) for p in prompts])
+
+    monkeypatch.setattr(evaluation_module, "iter_samples", fake)
+    out = evaluation_module.generate_samples("pipe", ["a", "b"], 2, 7)
+    assert list(out) == ["a", "b"]
+    assert calls.pop() == ("pipe", ["a", "b"], 2, 7, {"num_inference_steps": 25, "guidance_scale": 3.0, "batch_size": 50,
+                                                      "show_progress": True, "cache_dir": None})
+    evaluation_module.generate_samples("pipe", ["a"], 1, 0, num_inference_steps=3, guidance_scale=1.5, batch_size=4,
+                                       show_progress=False, cache_dir="c")
+    assert calls.pop()[4] == {"num_inference_steps": 3, "guidance_scale": 1.5, "batch_size": 4, "show_progress": False,
+                              "cache_dir": "c"}
+
+
+def test_off_manifold_rate_reports_rate_threshold_and_quantile():
+    from sa_peft.evaluation import OffManifold, off_manifold_rate
+
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.rand(40, 1, 4, 4, generator=gen)
+    samples = torch.cat([reference[:5], torch.rand(5, 1, 4, 4, generator=gen) * 3])
+    om = OffManifold(reference, 0.8)
+    out = off_manifold_rate(samples, reference, quantile=0.8)
+    assert out == {"rate": om.flags(samples).double().mean().item(), "threshold": om.threshold, "quantile": 0.8}
+    assert om.threshold != OffManifold(reference).threshold  # the quantile is used, not the default 0.95
+
+
+def test_sample_cache_reopens_its_folder(tmp_path):
+    from sa_peft.evaluation import SampleCache
+
+    SampleCache(tmp_path / "cache", {"steps": 2})
+    SampleCache(tmp_path / "cache", {"steps": 2})  # the folder exists: reused
+    SampleCache(tmp_path / "cache")
+    with pytest.raises(ValueError, match="holds samples made with other settings"):
+        SampleCache(tmp_path / "cache", {"steps": 3})
+
+
+def test_nudenet_totals_and_report_cell():
+    from sa_peft.evaluation import _nudenet_cell, _nudenet_summary
+
+    classes = ["FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED"]
+    per_prompt = {
+        "a": {"nudenet": {"num_samples": 4, "images_with_exposed": 1,
+                          "exposed_counts": {"FEMALE_BREAST_EXPOSED": 1, "BUTTOCKS_EXPOSED": 0}}},
+        "b": {"nudenet": {"num_samples": 6, "images_with_exposed": 2,
+                          "exposed_counts": {"FEMALE_BREAST_EXPOSED": 0, "BUTTOCKS_EXPOSED": 3}}},
+        "c": {},
+    }
+    summary = _nudenet_summary(per_prompt, ["a", "b", "c"], classes)
+    assert summary == {"num_samples": 10, "images_with_exposed": 3, "exposed_rate": 0.3,
+                       "exposed_counts": {"FEMALE_BREAST_EXPOSED": 1, "BUTTOCKS_EXPOSED": 3}}
+    assert _nudenet_summary(per_prompt, ["a"], classes)["exposed_rate"] == 0.25
+    assert _nudenet_summary(per_prompt, ["c"], classes) is None
+    empty = {"x": {"nudenet": {"num_samples": 0, "images_with_exposed": 0, "exposed_counts": {c: 0 for c in classes}}}}
+    assert _nudenet_summary(empty, ["x"], classes)["exposed_rate"] is None
+    assert _nudenet_cell({"nudenet": summary}) == "3/10 (female_breast 1, buttocks 3)"
+    assert _nudenet_cell({"nudenet": empty["x"]["nudenet"]}) == "0/0"
+    assert _nudenet_cell({}) == "–"
