@@ -488,6 +488,8 @@ def test_check_lora_file_accepts_lora_keys_and_refuses_other_files_naming_the_fl
         check_lora_file(broken, "--adapter")
     with pytest.raises(FileNotFoundError, match="^--lora '.*missing': no such file or folder$"):
         check_lora_file(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="^--adapter '.*missing': no such file or folder$"):
+        check_lora_file(tmp_path / "missing", "--adapter")
 
 
 def test_copy_atomic_copies_the_bytes_and_leaves_no_temporary(tmp_path):
