@@ -336,3 +336,47 @@ def test_nudenet_totals_and_report_cell():
     assert _nudenet_cell({"nudenet": summary}) == "3/10 (female_breast 1, buttocks 3)"
     assert _nudenet_cell({"nudenet": empty["x"]["nudenet"]}) == "0/0"
     assert _nudenet_cell({}) == "–"
+
+
+def _kid_by_hand(x, y):
+    """Unbiased MMD² with k(u, v) = (u·v / D + 1)³, pair by pair; the cross term skips (x_i, y_i) for equal sizes."""
+    d = x.shape[1]
+
+    def k(u, v):
+        return (float(u @ v) / d + 1) ** 3
+
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    if n == m:
+        xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m) if i != j) / (n * (n - 1))
+    else:
+        xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy
+
+
+def test_kernel_inception_distance_equals_the_pairwise_u_statistic():
+    from sa_peft.evaluation import kernel_inception_distance
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(9, 3, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+    assert kernel_inception_distance(a[:5], b[:5]) == pytest.approx(_kid_by_hand(a[:5], b[:5]), rel=1e-12)
+    assert kernel_inception_distance(a[:4], b[:6]) == pytest.approx(_kid_by_hand(a[:4], b[:6]), rel=1e-12)
+    assert kernel_inception_distance(a.float(), a.float()) == 0.0
+    # Larger than subset_size: the mean over num_subsets subsets drawn from the seed, shared when sizes match.
+    g = torch.Generator().manual_seed(5)
+    shared = [torch.randperm(7, generator=g)[:4] for _ in range(3)]
+    expected = sum(_kid_by_hand(a[i], b[:7][i]) for i in shared) / 3
+    assert kernel_inception_distance(a, b[:7], subset_size=4, num_subsets=3, seed=5) == pytest.approx(expected, rel=1e-12)
+    g = torch.Generator().manual_seed(2)
+    pairs = [(torch.randperm(7, generator=g)[:4], torch.randperm(9, generator=g)[:4]) for _ in range(2)]
+    expected = sum(_kid_by_hand(a[i], b[j]) for i, j in pairs) / 2
+    assert kernel_inception_distance(a, b, subset_size=4, num_subsets=2, seed=2) == pytest.approx(expected, rel=1e-12)
+    assert kernel_inception_distance(a[:4], b, subset_size=4, num_subsets=2, seed=2) != pytest.approx(
+        kernel_inception_distance(a[:4], b[:4]))  # b alone is larger than the subset size: subsets are drawn
+    with pytest.raises(ValueError, match="^KID needs at least two samples per set$"):
+        kernel_inception_distance(a[:1], b)
+    with pytest.raises(ValueError, match="^KID needs at least two samples per set$"):
+        kernel_inception_distance(a, b[:1])
+
