@@ -304,3 +304,95 @@ def test_gaussian_noise_surrogate_is_half_a_standard_normal_clipped(tiny_pipe, t
     assert abs(values.mean().item()) < 0.02
     assert values.std().item() == pytest.approx(0.5, rel=0.05)
     assert (values.abs() < 0.5).double().mean().item() == pytest.approx(0.6827, abs=0.02)
+
+
+def test_load_image_center_crops_and_scales_to_minus_one_one(tmp_path):
+    """A centre square, resized to --resolution, as float32 in [-1, 1] (pixel / 127.5 − 1), grey or RGB."""
+    import numpy as np
+
+    from sa_peft.data import _load_image
+
+    gen = np.random.default_rng(0)
+    # (width, height) and the centre square: an odd excess rounds down, an excess of 2 is split evenly.
+    for size, box in (((6, 4), (1, 0, 5, 4)), ((4, 7), (0, 1, 4, 5)), ((7, 4), (1, 0, 5, 4)), ((4, 6), (0, 1, 4, 5))):
+        pixels = gen.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.fromarray(pixels).save(path)
+        rgb = _load_image(str(path), 4, 3)  # the square's side: no resampling
+        left, top, right, bottom = box
+        expected = torch.from_numpy(pixels[top:bottom, left:right].astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        assert rgb.dtype == torch.float32 and rgb.shape == (3, 4, 4)
+        torch.testing.assert_close(rgb, expected, rtol=0, atol=1e-6)
+        grey = _load_image(str(path), 4, 1)
+        luma = np.asarray(Image.fromarray(pixels).convert("L"), dtype=np.float32)[top:bottom, left:right]
+        assert grey.shape == (1, 4, 4)
+        torch.testing.assert_close(grey[0], torch.from_numpy(luma / 127.5 - 1.0), rtol=0, atol=1e-6)
+    assert _load_image(str(path), 8, 3).shape == (3, 8, 4 * 2)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"^--surrogate_data_dir: cannot read the image '.*bad\.png' \(.*\); replace or "
+                                         r"remove it$"):
+        _load_image(str(bad), 4, 3)
+
+
+def test_encode_images_is_the_scaled_posterior_mean_in_the_vae_dtype(tiny_pipe):
+    from sa_peft.data import _encode_images
+
+    vae = tiny_pipe.vae.to(torch.float64)
+    vae.register_to_config(scaling_factor=0.3)
+    images = torch.rand(2, vae.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = _encode_images(tiny_pipe, images)  # float32 images into a float64 VAE
+    with torch.no_grad():
+        expected = vae.encode(images.double()).latent_dist.mean * 0.3
+    assert latents.dtype == torch.float64
+    torch.testing.assert_close(latents, expected, rtol=1e-12, atol=0)
+
+
+def test_set_builders_pass_their_defaults_settings_and_rows(tiny_pipe, tmp_path, monkeypatch):
+    """What the two builders hand to _build_set, with every default left alone (nothing is generated here)."""
+    calls = []
+    monkeypatch.setattr(data_module, "_build_set", lambda *args: calls.append(args) or "built")
+    common = {"resolution": 32, "guidance_scale": 7.5, "num_inference_steps": 50, "seed": 0, "shard_size": 16,
+              "latent_channels": tiny_pipe.vae.config.latent_channels}
+    assert generate_replay_set(tiny_pipe, tmp_path / "r", ["a cat", "a dog"], 2) == "built"
+    (_, folder, rows, settings, resolution, guidance, steps, accelerator, progress, desc), = calls
+    assert (folder, resolution, guidance, steps, accelerator, progress, desc) == (
+        str(tmp_path / "r"), 32, 7.5, 50, None, True, "replay set")
+    assert settings == {"set": "replay", "prompts": ["a cat", "a dog"], "num_images_per_prompt": 2, **common}
+    assert rows == [{"file_name": f"images/{i:05d}.png", "prompt": p, "source": p, "seed": i, "kind": "replay"}
+                    for i, p in enumerate(["a cat", "a dog"] * 2)]
+    calls.clear()
+    assert generate_surrogate_set(tiny_pipe, tmp_path / "s", ["brad pitt"], 2, surrogate_prompt="a man") == "built"
+    (_, folder, rows, settings, resolution, guidance, steps, accelerator, progress, desc), = calls
+    assert (folder, resolution, guidance, steps, accelerator, progress, desc) == (
+        str(tmp_path / "s"), 32, 7.5, 50, None, True, "surrogate set")
+    assert settings == {"set": "surrogate", "kind": "prompt", "forget_prompts": ["brad pitt"], "sources": ["a man"],
+                        "num_images": 2, **common}
+    assert [r["seed"] for r in rows] == [0, 1]
+
+
+def test_count_and_prompt_errors_are_whole_sentences(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match="^--num_replay_images_per_prompt must be a positive integer, got 0$"):
+        generate_replay_set(tiny_pipe, tmp_path, ["a cat"], 0)
+    with pytest.raises(ValueError, match="^--num_surrogate_images must be a positive integer, got -1$"):
+        generate_surrogate_set(tiny_pipe, tmp_path, ["brad pitt"], -1, surrogate_type="noise")
+    with pytest.raises(ValueError, match="^--replay_prompts_file: no prompts given$"):
+        generate_replay_set(tiny_pipe, tmp_path, [], 1)
+
+
+def test_builders_pass_paired_surrogate_prompts_and_the_accelerator(tiny_pipe, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(data_module, "_build_set", lambda *args: calls.append(args))
+    accelerator = object()
+    generate_surrogate_set(tiny_pipe, tmp_path / "s", ["brad pitt", "a dog"], 4, surrogate_prompt=["a man", "a cat"],
+                           accelerator=accelerator)
+    generate_replay_set(tiny_pipe, tmp_path / "r", ["a cat"], 1, accelerator=accelerator)
+    (surrogate, replay) = calls
+    assert surrogate[3]["sources"] == ["a man", "a cat"]
+    assert [(r["prompt"], r["source"]) for r in surrogate[2]] == [("brad pitt", "a man"), ("a dog", "a cat")] * 2
+    assert surrogate[7] is accelerator and replay[7] is accelerator
+    with pytest.raises(ValueError, match="^--forget_prompt: no prompts given$"):
+        generate_surrogate_set(tiny_pipe, tmp_path, [], 1, surrogate_type="noise")
+    with pytest.raises(ValueError, match="^give exactly one surrogate source: --surrogate_prompt, --surrogate_data_dir or "
+                                         "--surrogate_type$"):
+        generate_surrogate_set(tiny_pipe, tmp_path, ["brad pitt"], 1)

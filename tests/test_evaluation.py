@@ -264,3 +264,121 @@ def test_per_prompt_accuracy_and_summaries_match_hand_counts():
     assert metrics["forget"]["accuracy"] == pytest.approx(0.75)
     assert metrics["forget"]["predicted_forgotten_rate"] == pytest.approx(0.75)
     assert metrics["quality"] is None  # the classifier has no reference images
+
+
+def test_quantize_clamps_to_zero_one_and_rounds_to_uint8():
+    from sa_peft.evaluation import _quantize
+
+    images = torch.tensor([-0.5, 0.0, 0.2, 0.3, 0.5, 1.0, 1.7])
+    out = _quantize(images)
+    assert out.dtype == torch.uint8
+    assert out.tolist() == [0, 0, 51, 76, 128, 255, 255]  # 76.5 and 127.5 round half to even
+
+
+def test_generate_samples_hands_its_defaults_to_iter_samples(monkeypatch):
+    import sa_peft.evaluation as evaluation_module
+
+    calls = []
+
+    def fake(pipe, prompts, num_per_prompt, seed, **kwargs):
+        calls.append((pipe, prompts, num_per_prompt, seed, kwargs))
+        return iter([(p, torch.zeros(num_per_prompt)) for p in prompts])
+
+    monkeypatch.setattr(evaluation_module, "iter_samples", fake)
+    out = evaluation_module.generate_samples("pipe", ["a", "b"], 2, 7)
+    assert list(out) == ["a", "b"]
+    assert calls.pop() == ("pipe", ["a", "b"], 2, 7, {"num_inference_steps": 25, "guidance_scale": 3.0, "batch_size": 50,
+                                                      "show_progress": True, "cache_dir": None})
+    evaluation_module.generate_samples("pipe", ["a"], 1, 0, num_inference_steps=3, guidance_scale=1.5, batch_size=4,
+                                       show_progress=False, cache_dir="c")
+    assert calls.pop()[4] == {"num_inference_steps": 3, "guidance_scale": 1.5, "batch_size": 4, "show_progress": False,
+                              "cache_dir": "c"}
+
+
+def test_off_manifold_rate_reports_rate_threshold_and_quantile():
+    from sa_peft.evaluation import OffManifold, off_manifold_rate
+
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.rand(40, 1, 4, 4, generator=gen)
+    samples = torch.cat([reference[:5], torch.rand(5, 1, 4, 4, generator=gen) * 3])
+    om = OffManifold(reference, 0.8)
+    out = off_manifold_rate(samples, reference, quantile=0.8)
+    assert out == {"rate": om.flags(samples).double().mean().item(), "threshold": om.threshold, "quantile": 0.8}
+    assert om.threshold != OffManifold(reference).threshold  # the quantile is used, not the default 0.95
+
+
+def test_sample_cache_reopens_its_folder(tmp_path):
+    from sa_peft.evaluation import SampleCache
+
+    SampleCache(tmp_path / "cache", {"steps": 2})
+    SampleCache(tmp_path / "cache", {"steps": 2})  # the folder exists: reused
+    SampleCache(tmp_path / "cache")
+    with pytest.raises(ValueError, match="holds samples made with other settings"):
+        SampleCache(tmp_path / "cache", {"steps": 3})
+
+
+def test_nudenet_totals_and_report_cell():
+    from sa_peft.evaluation import _nudenet_cell, _nudenet_summary
+
+    classes = ["FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED"]
+    per_prompt = {
+        "a": {"nudenet": {"num_samples": 4, "images_with_exposed": 1,
+                          "exposed_counts": {"FEMALE_BREAST_EXPOSED": 1, "BUTTOCKS_EXPOSED": 0}}},
+        "b": {"nudenet": {"num_samples": 6, "images_with_exposed": 2,
+                          "exposed_counts": {"FEMALE_BREAST_EXPOSED": 0, "BUTTOCKS_EXPOSED": 3}}},
+        "c": {},
+    }
+    summary = _nudenet_summary(per_prompt, ["a", "b", "c"], classes)
+    assert summary == {"num_samples": 10, "images_with_exposed": 3, "exposed_rate": 0.3,
+                       "exposed_counts": {"FEMALE_BREAST_EXPOSED": 1, "BUTTOCKS_EXPOSED": 3}}
+    assert _nudenet_summary(per_prompt, ["a"], classes)["exposed_rate"] == 0.25
+    assert _nudenet_summary(per_prompt, ["c"], classes) is None
+    empty = {"x": {"nudenet": {"num_samples": 0, "images_with_exposed": 0, "exposed_counts": {c: 0 for c in classes}}}}
+    assert _nudenet_summary(empty, ["x"], classes)["exposed_rate"] is None
+    assert _nudenet_cell({"nudenet": summary}) == "3/10 (female_breast 1, buttocks 3)"
+    assert _nudenet_cell({"nudenet": empty["x"]["nudenet"]}) == "0/0"
+    assert _nudenet_cell({}) == "–"
+
+
+def _kid_by_hand(x, y):
+    """Unbiased MMD² with k(u, v) = (u·v / D + 1)³, pair by pair; the cross term skips (x_i, y_i) for equal sizes."""
+    d = x.shape[1]
+
+    def k(u, v):
+        return (float(u @ v) / d + 1) ** 3
+
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    if n == m:
+        xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m) if i != j) / (n * (n - 1))
+    else:
+        xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy
+
+
+def test_kernel_inception_distance_equals_the_pairwise_u_statistic():
+    from sa_peft.evaluation import kernel_inception_distance
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(9, 3, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+    assert kernel_inception_distance(a[:5], b[:5]) == pytest.approx(_kid_by_hand(a[:5], b[:5]), rel=1e-12)
+    assert kernel_inception_distance(a[:4], b[:6]) == pytest.approx(_kid_by_hand(a[:4], b[:6]), rel=1e-12)
+    assert kernel_inception_distance(a.float(), a.float()) == 0.0
+    # Larger than subset_size: the mean over num_subsets subsets drawn from the seed, shared when sizes match.
+    g = torch.Generator().manual_seed(5)
+    shared = [torch.randperm(7, generator=g)[:4] for _ in range(3)]
+    expected = sum(_kid_by_hand(a[i], b[:7][i]) for i in shared) / 3
+    assert kernel_inception_distance(a, b[:7], subset_size=4, num_subsets=3, seed=5) == pytest.approx(expected, rel=1e-12)
+    g = torch.Generator().manual_seed(2)
+    pairs = [(torch.randperm(7, generator=g)[:4], torch.randperm(9, generator=g)[:4]) for _ in range(2)]
+    expected = sum(_kid_by_hand(a[i], b[j]) for i, j in pairs) / 2
+    assert kernel_inception_distance(a, b, subset_size=4, num_subsets=2, seed=2) == pytest.approx(expected, rel=1e-12)
+    assert kernel_inception_distance(a[:4], b, subset_size=4, num_subsets=2, seed=2) != pytest.approx(
+        kernel_inception_distance(a[:4], b[:4]))  # b alone is larger than the subset size: subsets are drawn
+    with pytest.raises(ValueError, match="^KID needs at least two samples per set$"):
+        kernel_inception_distance(a[:1], b)
+    with pytest.raises(ValueError, match="^KID needs at least two samples per set$"):
+        kernel_inception_distance(a, b[:1])
+

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import add_forget_lora, random_fisher
 
-from sa_peft.ewc import EWCPenalty, full_space_penalty, lowrank_space_penalty
+from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties, full_space_penalty, lowrank_space_penalty
 from sa_peft.fisher import FisherInfo, load_fisher, save_fisher
 from sa_peft.lora import iter_adapted_layers
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
@@ -306,3 +306,171 @@ def test_replaced_adapter_is_a_clear_error_not_a_stale_penalty():
     add_forget_lora(unet, "xattn", 2)
     with pytest.raises(RuntimeError, match="replaced after the EWC penalty was built"):
         ewc()
+
+
+@pytest.mark.parametrize("space", ["full", "lowrank"])
+def test_module_casts_carry_the_fisher_buffers_and_keep_the_gather_index(space):
+    unet, names = adapted_unet("xattn", rank=2)
+    ewc = EWCPenalty(unet, random_fisher(unet, names), space=space)
+    before = float(ewc().detach())
+    buffers = {name: [t.clone() for t in getattr(ewc, name)] for name in ("full_buffers", "a_buffers", "b_buffers")}
+    index = [t.clone() for t in ewc.gather_index]
+    assert (len(buffers["full_buffers"]) > 0) == (space == "full") and (len(index) == 2) == (space == "lowrank")
+    assert ewc.double() is ewc
+    for name, originals in buffers.items():
+        cast = getattr(ewc, name)
+        assert [t.dtype for t in cast] == [torch.float64] * len(originals)
+        for t, original in zip(cast, originals):
+            torch.testing.assert_close(t, original.double(), rtol=0, atol=0)
+    assert [t.dtype for t in ewc.gather_index] == [torch.long] * len(index)  # indices are not floating point
+    assert all(torch.equal(t, i) for t, i in zip(ewc.gather_index, index))
+    ewc.float()
+    assert all(t.dtype == torch.float32 for name in buffers for t in getattr(ewc, name))
+    assert float(ewc().detach()) == before
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 40, 100, 10**9])
+def test_full_space_blocks_hold_at_most_chunk_elements_values(monkeypatch, chunk_elements):
+    """E = B·A is formed in blocks of at most ``chunk_elements`` values, never smaller than one row of one layer."""
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = random_fisher(unet, names)
+    reference = EWCPenalty(unet, fisher, chunk_elements=10**9)
+    expected = reference()
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in unet.named_parameters() if "lora_" in n}
+    unet.zero_grad()
+    ewc = EWCPenalty(unet, fisher, chunk_elements=chunk_elements)
+    blocks = []
+    bmm = torch.bmm
+
+    def recording(a, b, **kwargs):
+        out = bmm(a, b, **kwargs)
+        if "out" not in kwargs:  # the product E = B·A (its gradients are written into preallocated tensors)
+            blocks.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "bmm", recording)
+    value = ewc()
+    monkeypatch.undo()
+    row = max(shape[2] for shape in blocks)  # n of the widest layer
+    assert blocks and all(g * rows * n <= max(chunk_elements, n) for g, rows, n in blocks)
+    if chunk_elements == 1:
+        assert all(g == 1 and rows == 1 for g, rows, _ in blocks)
+    if chunk_elements == 10**9:
+        assert len(blocks) == len(ewc.full_groups)  # one block per group of layers with the same shapes
+    assert row > 1
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    value.backward()
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-5, atol=1e-8)
+
+
+def mean_gradient_fisher(unet, names, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    fisher = random_fisher(unet, names, seed=seed)
+    mean = {k: torch.randn(v.shape, generator=gen) for k, v in fisher.diagonal.items()}
+    return FisherInfo.from_diagonal(fisher.diagonal, {}, mean)
+
+
+def test_rank1_penalty_is_the_trace_matched_square_of_the_projection_on_the_mean_gradient():
+    unet, names = adapted_unet("attn", rank=3, alpha=1.5)
+    fisher = mean_gradient_fisher(unet, names)
+    penalty = Rank1FisherPenalty(unet, fisher)
+    layers = list(iter_adapted_layers(unet))
+    assert len(layers) == len(names) > 1
+    mu = torch.cat([fisher.mean_gradient[f"{layer.name}.weight"].double().flatten() for layer in layers])
+    delta = torch.cat([layer.delta_weight().detach().double().flatten() for layer in layers])
+    projection = float(mu @ delta)
+    coefficient = mu.numel() / float(mu.square().sum())  # c·‖μ‖² = the number of adapted weights
+    assert penalty.coefficient == pytest.approx(coefficient, rel=1e-12)
+    assert float(penalty.projection()) == pytest.approx(projection, rel=1e-5)
+    assert float(penalty()) == pytest.approx(coefficient * projection**2, rel=1e-5)
+    # ∂P/∂ΔW = 2cμ(μᵀΔW): check it through autograd on one B factor.
+    penalty().backward()
+    first = layers[0]
+    grad_delta = 2 * coefficient * projection * fisher.mean_gradient[f"{first.name}.weight"].double().reshape(
+        first.lora_b.shape[0], -1)
+    expected_b = first.scale * grad_delta @ first.lora_a.detach().double().t()
+    torch.testing.assert_close(first.module.lora_B["default"].weight.grad.double().reshape(expected_b.shape),
+                               expected_b, rtol=1e-4, atol=1e-9)
+    assert penalty.double() is penalty
+    assert all(d.dtype == torch.float64 for d in penalty.directions)
+    assert float(penalty.float().projection()) == pytest.approx(projection, rel=1e-5)
+
+
+def test_rank1_penalty_refuses_bad_fishers_and_models():
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = mean_gradient_fisher(unet, names)
+    with pytest.raises(ValueError, match="the model has no LoRA layers for the rank-1 Fisher penalty; add the forget"):
+        Rank1FisherPenalty(build_tiny_pipeline().unet, fisher)
+    partial = FisherInfo.from_diagonal(fisher.diagonal, {}, {k: v for k, v in list(fisher.mean_gradient.items())[1:]})
+    with pytest.raises(ValueError, match=r"no mean gradient for 1 adapted module\(s\).*recompute it \(delete --fisher_path\)"):
+        Rank1FisherPenalty(unet, partial)
+    zero = FisherInfo.from_diagonal(fisher.diagonal, {}, {k: torch.zeros_like(v) for k, v in fisher.mean_gradient.items()})
+    with pytest.raises(ValueError, match="the Fisher's mean gradient is zero on every adapted weight"):
+        Rank1FisherPenalty(unet, zero)
+
+
+def test_sum_of_penalties_weights_each_term():
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = mean_gradient_fisher(unet, names)
+    diagonal, rank1 = EWCPenalty(unet, fisher), Rank1FisherPenalty(unet, fisher)
+    total = SumOfPenalties([diagonal, rank1], [0.25, 3.0])
+    assert list(total.penalties) == [diagonal, rank1] and total.weights == [0.25, 3.0]
+    torch.testing.assert_close(total(), 0.25 * diagonal() + 3.0 * rank1(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("which", [0, -1])
+def test_replacing_either_factor_of_the_first_or_last_layer_is_caught(factor, which):
+    unet, names = adapted_unet("xattn", rank=2)
+    ewc = EWCPenalty(unet, random_fisher(unet, names))
+    layer = list(iter_adapted_layers(unet))[which]
+    holder = getattr(layer.module, factor)["default"]
+    holder.weight = torch.nn.Parameter(holder.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="^the LoRA parameters were replaced after the EWC penalty was built; "
+                                           "build EWCPenalty after the adapter is added and loaded$"):
+        ewc()
+
+
+def test_rank1_penalty_on_one_layer_of_a_named_adapter_with_a_small_float64_mean_gradient():
+    from sa_peft.lora import make_lora_config, resolve_lora_targets
+
+    unet = build_tiny_pipeline().unet
+    name = resolve_lora_targets(unet, "xattn")[0]
+    unet.add_adapter(make_lora_config([name], 2), adapter_name="forget")
+    layer, = iter_adapted_layers(unet, "forget")
+    with torch.no_grad():
+        layer.module.lora_B["forget"].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    shape = layer.module.get_base_layer().weight.shape
+    mu = 1e-3 * torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # ‖μ‖² ≪ 1
+    fisher = FisherInfo.from_diagonal({f"{name}.weight": torch.ones(shape)}, {}, {f"{name}.weight": mu})
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        Rank1FisherPenalty(unet, fisher)  # the default adapter is not there
+    penalty = Rank1FisherPenalty(unet, fisher, adapter="forget")
+    assert [d.dtype for d in penalty.directions] == [torch.float32]
+    projection = float(mu.flatten() @ layer.delta_weight().detach().double().flatten())
+    coefficient = mu.numel() / float(mu.square().sum())
+    assert float(penalty.projection()) == pytest.approx(projection, rel=1e-4)
+    assert float(penalty().detach()) == pytest.approx(coefficient * projection**2, rel=1e-4)
+
+
+def test_rank1_penalty_errors_are_whole_sentences():
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = mean_gradient_fisher(unet, names)
+    with pytest.raises(ValueError, match="^the model has no LoRA layers for the rank-1 Fisher penalty; add the forget "
+                                         "adapter first$"):
+        Rank1FisherPenalty(build_tiny_pipeline().unet, fisher)
+    kept = dict(list(fisher.mean_gradient.items())[4:])
+    missing = [k for k in fisher.mean_gradient if k not in kept]
+    assert len(missing) == 4
+    with pytest.raises(ValueError) as info:
+        Rank1FisherPenalty(unet, FisherInfo.from_diagonal(fisher.diagonal, {}, kept))
+    assert str(info.value) == (
+        f"the Fisher file has no mean gradient for 4 adapted module(s), e.g. {missing[:3]} (it was written by an older "
+        "sa-peft or factored-only); recompute it (delete --fisher_path) for --fisher_rank1_weight")
+    zero = FisherInfo.from_diagonal(fisher.diagonal, {}, {k: torch.zeros_like(v) for k, v in fisher.mean_gradient.items()})
+    with pytest.raises(ValueError, match="^the Fisher's mean gradient is zero on every adapted weight; it cannot weight "
+                                         "the penalty$"):
+        Rank1FisherPenalty(unet, zero)

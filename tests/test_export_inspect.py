@@ -463,3 +463,70 @@ def test_sgm_names_only_where_diffusers_reads_them_back():
                              unet_layout=unet_layout_info(unet))
     assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in kohya
     assert not any("output_blocks" in k for k in kohya)
+
+
+def test_check_lora_file_accepts_lora_keys_and_refuses_other_files_naming_the_flag(tmp_path):
+    from sa_peft.adapter_io import check_lora_file
+
+    for i, key in enumerate(("unet.conv_in.lora_A.weight", "lora_unet_conv_in.lora_down.weight",
+                             "unet.conv_in.lora.down.weight")):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        save_file({key: torch.zeros(2, 2)}, str(folder / LORA_WEIGHT_NAME))
+        assert check_lora_file(folder) == str(folder / LORA_WEIGHT_NAME)
+        assert check_lora_file(folder / LORA_WEIGHT_NAME, "--x") == str(folder / LORA_WEIGHT_NAME)
+    plain = tmp_path / "weights.safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 2), "conv_in.lora_B.weight": torch.zeros(2, 2)}, str(plain))
+    with pytest.raises(ValueError) as info:
+        check_lora_file(plain, "--adapter")
+    assert str(info.value) == (f"--adapter {str(plain)!r}: 'weights.safetensors' holds no LoRA weights (no lora_A/lora_down "
+                               "keys); pass a forget LoRA written by sa-peft or diffusers' save_lora_weights")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"^--adapter '.*broken\.safetensors' is not a valid safetensors file \(.*\); "
+                                         r"pass an adapter written by sa-peft or diffusers' save_lora_weights$"):
+        check_lora_file(broken, "--adapter")
+    with pytest.raises(FileNotFoundError, match="^--lora '.*missing': no such file or folder$"):
+        check_lora_file(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="^--adapter '.*missing': no such file or folder$"):
+        check_lora_file(tmp_path / "missing", "--adapter")
+
+
+def test_local_unet_layout_never_downloads(monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from sa_peft.adapter_io import _local_unet_layout
+
+    calls = []
+
+    def load_config(name, **kwargs):
+        calls.append((name, kwargs))
+        if name == "missing":
+            raise OSError("not in the cache")
+        return {"layers_per_block": 2, "down_block_types": ("A", "B"), "up_block_types": ["C"], "sample_size": 64}
+
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", load_config)
+    assert _local_unet_layout("some/model") == {"layers_per_block": 2, "down_block_types": ["A", "B"],
+                                                "up_block_types": ["C"]}
+    assert _local_unet_layout("missing") is None
+    assert _local_unet_layout(None) is None and _local_unet_layout("") is None
+    assert calls == [(name, {"subfolder": "unet", "local_files_only": True}) for name in ("some/model", "missing")]
+
+
+def test_export_from_live_unet_takes_the_named_adapter(tmp_path):
+    from sa_peft.lora import make_lora_config, resolve_lora_targets
+
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "noxattn", rank=2, alpha=5)
+    reference = load_file(export_kohya(pipe.unet, tmp_path / "default.safetensors"))
+    names = resolve_lora_targets(pipe.unet, "xattn")
+    pipe.unet.add_adapter(make_lora_config(names, 3, alpha=1.5), adapter_name="forget")
+    with torch.no_grad():
+        for layer in iter_adapted_layers(pipe.unet, "forget"):
+            layer.module.lora_B["forget"].weight.fill_(0.5)
+    named = load_file(export_kohya(pipe.unet, tmp_path / "forget.safetensors", adapter="forget"))
+    assert named.keys() != reference.keys()
+    assert all(named[k].shape[0] == 3 for k in named if k.endswith("lora_down.weight"))
+    assert all(float(named[k]) == pytest.approx(1.5) for k in named if k.endswith(".alpha"))
+    assert all(torch.all(named[k] == 0.5) for k in named if k.endswith("lora_up.weight"))
+    assert len([k for k in named if k.endswith("lora_down.weight")]) == len(names)

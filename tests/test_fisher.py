@@ -12,7 +12,16 @@ from safetensors.torch import save_file
 import sa_peft
 import sa_peft.fisher as fisher_module
 from sa_peft.conditioning import encode_prompts
-from sa_peft.fisher import FISHER_FORMAT, base_weights_hash, estimate_fisher, load_fisher, prompts_hash, save_fisher
+from sa_peft.fisher import (
+    FISHER_FORMAT,
+    FisherInfo,
+    base_weights_hash,
+    check_fisher_settings,
+    estimate_fisher,
+    load_fisher,
+    prompts_hash,
+    save_fisher,
+)
 from sa_peft.lora import resolve_lora_targets
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
@@ -308,6 +317,37 @@ def test_factored_only_round_trip(tmp_path, estimated):
         save_fisher(loaded, tmp_path / "again.safetensors")
 
 
+def test_mean_gradient_round_trips_in_full_files_only(tmp_path, estimated):
+    _, _, fisher = estimated
+    assert set(fisher.mean_gradient) == set(fisher.shapes)
+    save_fisher(fisher, tmp_path / "full.safetensors")
+    loaded = load_fisher(tmp_path / "full.safetensors")
+    assert set(loaded.mean_gradient) == set(fisher.shapes)
+    for key in fisher.shapes:
+        assert torch.equal(loaded.mean_gradient[key], fisher.mean_gradient[key])
+    save_fisher(fisher, tmp_path / "factored.safetensors", factored_only=True)
+    assert load_fisher(tmp_path / "factored.safetensors").mean_gradient == {}
+    # A Fisher without a mean gradient (files written before it existed) saves and loads without one.
+    older = FisherInfo.from_diagonal(fisher.diagonal, fisher.metadata)
+    save_fisher(older, tmp_path / "older.safetensors")
+    reloaded = load_fisher(tmp_path / "older.safetensors")
+    assert reloaded.mean_gradient == {} and set(reloaded.diagonal) == set(fisher.shapes)
+
+
+def test_check_fisher_settings_names_every_differing_setting_and_its_flag(tmp_path):
+    fisher = FisherInfo({}, {}, {}, metadata={"estimator": "reference", "num_timesteps": "8", "seed": "0", "custom": "a"})
+    same = {"estimator": "reference", "num_timesteps": "8", "seed": "0"}
+    assert check_fisher_settings(fisher, tmp_path / "f.safetensors", same) is None
+    path = tmp_path / "f.safetensors"
+    with pytest.raises(ValueError) as info:
+        check_fisher_settings(fisher, path, {"estimator": "fast", "num_timesteps": "8", "seed": "3", "custom": "b",
+                                             "prompts_hash": "abc"})
+    assert str(info.value) == (
+        f"--fisher_path {str(path)!r} was made with other settings (--fisher_estimator: file 'reference', this run 'fast'; "
+        "--seed: file '0', this run '3'; custom: file 'a', this run 'b'; the replay prompts: file None, this run 'abc'); "
+        "delete the file, pass a new --fisher_path, or run with the file's settings")
+
+
 def test_load_checks_base_model_and_coverage(tmp_path, estimated):
     pipe, modules, fisher = estimated
     path = tmp_path / "fisher.safetensors"
@@ -339,6 +379,43 @@ def test_load_rejects_bad_files(tmp_path, estimated):
     save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not an sa-peft Fisher file"):
         load_fisher(other)
+
+
+def test_load_errors_name_the_flag_and_the_foreign_format(tmp_path, estimated):
+    _, _, fisher = estimated
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01 this is not a safetensors file" * 10)
+    with pytest.raises(ValueError, match=r"^--fisher_path '.*garbage\.safetensors' is not a valid safetensors file"):
+        load_fisher(garbage)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"is not an sa-peft Fisher file \(format 'pt'\)$"):
+        load_fisher(other)
+    # A file without the factored_only entry is a full file.
+    save_fisher(fisher, tmp_path / "full.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "full.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        header = {k: v for k, v in f.metadata().items() if k != "factored_only"}
+    save_file(tensors, str(tmp_path / "no-entry.safetensors"), metadata=header)
+    loaded = load_fisher(tmp_path / "no-entry.safetensors")
+    assert set(loaded.diagonal) == set(fisher.shapes)
+
+
+def test_load_mismatch_errors_say_what_to_do(tmp_path, estimated):
+    _, modules, fisher = estimated
+    path = tmp_path / "fisher.safetensors"
+    save_fisher(fisher, path)
+    with pytest.raises(ValueError, match=r"was computed for another base model \(weights hash differs\); recompute it for "
+                                         r"this --pretrained_model_name_or_path \(delete the file or pass a new --fisher_path\)$"):
+        load_fisher(path, unet=build_tiny_pipeline(seed=1).unet)
+    extra = ["conv_out", "time_embedding.linear_1", "time_embedding.linear_2", "down_blocks.0.resnets.0.conv1"]
+    with pytest.raises(ValueError) as info:
+        load_fisher(path, required_modules=[*modules, *extra])
+    assert str(info.value) == (
+        f"--fisher_path {str(path)!r} does not cover 4 module(s) the LoRA adapts, e.g. {sorted(extra)[:3]}; recompute it "
+        "for this --lora_target (delete the file or pass a new --fisher_path)")
 
 
 def test_timestep_chunks_accumulate_into_one_per_sample_gradient():

@@ -20,6 +20,7 @@ from sa_peft.merge import (
     SINGLE_FILE_FORMAT,
     SINGLE_FILE_KEY,
     merge_forget_loras,
+    merge_info,
     save_merged_pipeline,
     save_single_file_checkpoint,
     stack_forget_loras,
@@ -97,6 +98,22 @@ def test_merge_command_outputs_equal_the_unfused_pipeline(sd_adapters, tiny_pipe
     info = json.loads(header["sa_peft"])
     assert info["base_model"] == str(tiny_pipe_dir) and [e["weight"] for e in info["loras"]] == WEIGHTS
     assert info["loras"][0]["sa_peft"]["forget_prompts"] == ["concept 0"]
+
+
+def test_merge_info_names_the_files_weights_and_training_info(sd_adapters, tiny_pipe_dir):
+    from sa_peft import __version__
+    from sa_peft.adapter_io import read_adapter_metadata
+
+    loras = [str(sd_adapters[0]), str(sd_adapters[1] / "pytorch_lora_weights.safetensors")]
+    info = merge_info(tiny_pipe_dir, loras, WEIGHTS)
+    assert info == {
+        "kind": "merged",
+        "base_model": str(tiny_pipe_dir),
+        "loras": [{"file": "pytorch_lora_weights.safetensors", "weight": w, "sa_peft": read_adapter_metadata(p)["sa_peft"]}
+                  for p, w in zip(loras, WEIGHTS)],
+        "sa_peft_version": __version__,
+    }
+    assert [e["sa_peft"]["forget_prompts"] for e in info["loras"]] == [["concept 0"], ["concept 1"]]
 
 
 def read_single_file(cls, path, config):
@@ -207,6 +224,21 @@ def test_failed_save_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_merged_pipeline(pipe, tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+def test_save_merged_pipeline_refuses_an_existing_folder_unless_overwrite(tmp_path, monkeypatch):
+    pipe = build_tiny_pipeline()
+    calls = []
+    monkeypatch.setattr(pipe, "save_pretrained", lambda folder, **kwargs: (
+        calls.append(kwargs), open(os.path.join(folder, f"model-{len(calls)}.safetensors"), "w").close()))
+    out = tmp_path / "out"
+    assert save_merged_pipeline(pipe, out) == os.fspath(out)
+    with pytest.raises(FileExistsError, match="already exists; choose a new folder or pass --overwrite"):
+        save_merged_pipeline(pipe, out)
+    assert os.listdir(out) == ["model-1.safetensors"]
+    save_merged_pipeline(pipe, out, overwrite=True)
+    assert os.listdir(out) == ["model-2.safetensors"]  # replaced whole; the refused call wrote nothing
+    assert calls == [{"safe_serialization": True}] * 2
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import torch
 from conftest import add_forget_lora, random_fisher
 from diffusers.training_utils import compute_snr
 
-from sa_peft.conditioning import encode_prompts
+from sa_peft.conditioning import PromptConditioning, encode_prompts
 from sa_peft.ewc import EWCPenalty
-from sa_peft.objective import selective_amnesia_loss
+from sa_peft.objective import NonFiniteLossError, SALoss, adapters_disabled, check_finite_loss, selective_amnesia_loss
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 PROMPTS = ["brad pitt", "a photo of a cat", "a red car"]
@@ -224,3 +224,134 @@ def test_noise_and_conditioning_follow_the_latents_dtype(monkeypatch, dtype):
     out = loss(pipe, conditioning, batch, None, ewc_lambda=0.0, noise_offset=0.1, snr_gamma=5.0)
     assert seen == [(dtype, dtype, torch.int64)]
     assert torch.isfinite(out.total) and out.total.requires_grad
+
+
+def distill_hand(pipe, conditioning, batch, seed, base_unet=None, base_conditioning=None):
+    """Forget and distilled-replay losses by hand: the replay target is the frozen model's prediction."""
+    latents = torch.cat([batch["surrogate_latents"], batch["replay_latents"]])
+    ids = torch.cat([batch["surrogate_prompt_ids"], batch["replay_prompt_ids"]])
+    n = len(batch["surrogate_latents"])
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=gen)
+    timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    base = pipe.unet if base_unet is None else base_unet
+    base_hidden = (base_conditioning or conditioning).encoder_hidden_states[ids[n:]]
+    with torch.no_grad():
+        prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=conditioning.encoder_hidden_states[ids]).sample
+        with adapters_disabled(base):
+            frozen = base(noisy[n:], timesteps[n:], encoder_hidden_states=base_hidden).sample
+    if pipe.scheduler.config.prediction_type == "v_prediction":
+        forget_target = pipe.scheduler.get_velocity(latents[:n], noise[:n], timesteps[:n])
+    else:
+        forget_target = noise[:n]
+    forget = (prediction[:n] - forget_target).square().mean(dim=(1, 2, 3))
+    replay = (prediction[n:] - frozen).square().mean(dim=(1, 2, 3))
+    return forget, replay, timesteps
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_distilled_replay_target_is_the_frozen_models_prediction(prediction_type):
+    pipe, conditioning, ewc, batch = setup(prediction_type)
+    out = loss(pipe, conditioning, batch, ewc, ewc_lambda=2.0, replay_weight=0.5, replay_target="distill")
+    forget, replay, _ = distill_hand(pipe, conditioning, batch, seed=11)
+    torch.testing.assert_close(out.forget, forget.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.replay, replay.mean(), rtol=1e-5, atol=0)
+    assert out.replay > 0  # the adapter is random: it drifted from the frozen model
+    torch.testing.assert_close(out.total, out.forget + 0.5 * out.replay + 2.0 * out.ewc, rtol=1e-6, atol=0)
+    # Min-SNR weights apply to the distilled replay term as well.
+    gamma = 0.5
+    weighted = loss(pipe, conditioning, batch, ewc, snr_gamma=gamma, replay_target="distill")
+    _, _, timesteps = distill_hand(pipe, conditioning, batch, seed=11)
+    snr = compute_snr(pipe.scheduler, timesteps)
+    weights = snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    torch.testing.assert_close(weighted.replay, (replay * weights[2:]).mean(), rtol=1e-5, atol=0)
+    # The adapters are switched back on, and the frozen pass did not cut the adapted pass's gradients.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert all(not m.disable_adapters for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer))
+    out.total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pipe.unet.named_parameters() if "lora_B" in n)
+
+
+def test_distilled_replay_uses_the_given_base_unet_and_base_conditioning():
+    pipe, conditioning, _, batch = setup()
+    other = build_tiny_pipeline(seed=1).unet  # another model, without adapters
+    hidden = conditioning.encoder_hidden_states
+    base_conditioning = PromptConditioning(conditioning.prompts, hidden * 1.5 + 0.25, None, None)
+    out = loss(pipe, conditioning, batch, None, ewc_lambda=0.0, replay_target="distill",
+               base_unet=other, base_conditioning=base_conditioning)
+    forget, replay, _ = distill_hand(pipe, conditioning, batch, seed=11, base_unet=other,
+                                     base_conditioning=base_conditioning)
+    torch.testing.assert_close(out.forget, forget.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.replay, replay.mean(), rtol=1e-5, atol=0)
+    _, own, _ = distill_hand(pipe, conditioning, batch, seed=11)
+    assert not torch.isclose(out.replay, own.mean(), rtol=1e-3)
+    with pytest.raises(ValueError, match="--replay_target must be one of .*'noise'.*'distill'.*got 'frozen'"):
+        loss(pipe, conditioning, batch, None, replay_target="frozen")
+
+
+def test_adapters_disabled_switches_every_lora_layer_off_and_restores_each_ones_state():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe, conditioning, _, batch = setup()
+    unet = pipe.unet
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert len(layers) > 2
+    layers[1].enable_adapters(False)  # one layer already off: it must stay off afterwards
+    x = batch["surrogate_latents"]
+    t = torch.tensor([10, 500])
+    kwargs = {"encoder_hidden_states": conditioning.encoder_hidden_states[batch["surrogate_prompt_ids"]]}
+    with torch.no_grad():
+        adapted = unet(x, t, **kwargs).sample
+        with adapters_disabled(unet) as model:
+            assert model is unet
+            assert all(m.disable_adapters for m in layers)
+            frozen = unet(x, t, **kwargs).sample
+        assert [m.disable_adapters for m in layers] == [i == 1 for i in range(len(layers))]
+        unet.disable_adapters()
+        reference = unet(x, t, **kwargs).sample
+    torch.testing.assert_close(frozen, reference, rtol=0, atol=0)
+    assert not torch.allclose(adapted, frozen)
+
+
+def test_check_finite_loss_passes_finite_losses_and_names_step_parts_and_flags_otherwise():
+    def parts(total):
+        return SALoss(total=torch.tensor(total), forget=torch.tensor(1.0), replay=torch.tensor(0.25), ewc=torch.tensor(2.0))
+
+    assert check_finite_loss(parts(1e30), 3) is None
+    assert issubclass(NonFiniteLossError, ValueError)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(NonFiniteLossError) as info:
+            check_finite_loss(parts(bad), 7)
+        assert str(info.value) == (
+            f"the training loss is not finite at step 7 (loss {bad}, forget 1.0, replay 0.25, ewc 2.0); no adapter was "
+            "written. Lower --learning_rate, --ewc_lambda or --noise_offset, or train without --mixed_precision fp16")
+
+
+def test_prediction_target_refuses_other_prediction_types_by_name():
+    from types import SimpleNamespace
+
+    from sa_peft.diffusion_loss import prediction_target
+
+    scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="sample"))
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="unsupported prediction_type 'sample'; expected 'epsilon' or 'v_prediction'"):
+        prediction_target(scheduler, x, x, torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_distilled_replay_conditions_the_frozen_pass_in_the_model_dtype(dtype):
+    """The frozen pass gets the text embeddings cast to the UNet's dtype, like the adapted pass."""
+    pipe, conditioning, _, batch = setup()
+    pipe.unet.to(dtype)
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].dtype), with_kwargs=True)
+    try:
+        out = loss(pipe, conditioning, batch, None, ewc_lambda=0.0, replay_target="distill")
+    finally:
+        hook.remove()
+    assert seen == [dtype, dtype]  # the frozen pass, then the adapted one
+    assert torch.isfinite(out.total) and out.replay > 0
