@@ -20,17 +20,20 @@ def run(script: str, *args: str, timeout: int = 600) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_penalty_overhead_smoke():
     out = run("penalty_overhead.py", "--unets", "tiny", "--steps", "1", "--full_block_sizes", "0", "4096")
     assert "| tiny |" in out and "overhead" in out
     assert "| UNet | unblocked | 2^12 |" in out and out.count("| tiny |") == 2
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_fisher_estimators_smoke():
     out = run("fisher_estimators.py", "--model", "tiny", "--reference_samples", "2", "--fast", "2x2", "--num_inference_steps", "2")
     assert "| reference (all T) | 2 |" in out and "| fast K=2 | 2 |" in out
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_gpu_memory_smoke_on_cpu():
     out = run("gpu_memory.py", "--device", "cpu", "--unets", "tiny", "--steps", "1")
     assert out.count("| tiny |") >= 5

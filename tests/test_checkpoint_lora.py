@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from train_helpers import run_training, sample
 
 from sa_peft.adapter_io import LORA_WEIGHT_NAME, read_adapter_metadata
@@ -10,6 +11,7 @@ from sa_peft.checkpoints import read_checkpoint_state
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_checkpoint_lora_loads_and_the_run_ends_on_the_saved_file(train, tiny_pipe_dir, replay_file, tmp_path):
     out = tmp_path / "run"
     pipe = run_training(train, tiny_pipe_dir, out, replay_file, "--forget_prompt", "brad pitt", "--surrogate_type",

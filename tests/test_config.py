@@ -50,6 +50,7 @@ def ewc_at_step_2(out) -> float:
     return log[1]["ewc"]
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_k_normalisation_and_the_whole_config_are_recorded(train, tiny_pipe_dir, replay_file, tmp_path, capsys):
     common = ("--forget_prompt", "brad pitt", "--surrogate_type", "noise", "--max_train_steps", "2")
     out, raw = tmp_path / "run", tmp_path / "raw"

@@ -68,6 +68,7 @@ def test_prompt_embeddings_separate(pipe):
     assert per_token[off].max() < 0.5
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_base_model_samples_are_the_prompted_digits(pipe):
     classifier = load_classifier("builtin:digits-classifier")
     samples = generate_samples(pipe, PROMPTS, 8, seed=123, num_inference_steps=10, guidance_scale=3.0, batch_size=8)

@@ -217,6 +217,7 @@ def test_cli_lets_a_type_error_through(monkeypatch):
         cli_main(["inspect", "x"])
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_training_script_input_error_is_one_line(replay_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parents[1])}
     result = subprocess.run([sys.executable, str(SCRIPT), *tiny_args(tmp_path / "m", replay_file, tmp_path / "o",
@@ -295,6 +296,7 @@ def test_fp16_training_validates_and_saves_on_gpu(train, tiny_pipe_dir, replay_f
     assert (out / LORA).exists() and (out / "validation_before_after.png").exists()
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_bf16_on_cpu_trains_validates_and_evaluates(train, tiny_pipe_dir, tmp_path):
     from sa_peft.classifier import DigitsClassifier, DigitsCNN
 
@@ -455,6 +457,7 @@ def test_resume_past_the_step_limit_is_refused(train, checkpointed_run, tmp_path
     assert not (tmp_path / "b" / LORA).exists()
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_resume_continues_the_adaptive_lambda(train, tiny_pipe_dir, replay_file, tmp_path):
     """λ decays at every check here (a tiny learning rate stalls the signal, far inside a loose retention
     bound); a resumed run must go on from the checkpoint's λ, not restart at --ewc_lambda."""

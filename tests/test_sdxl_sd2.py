@@ -142,6 +142,7 @@ def reload_and_compare(model_dir, out, trained_pipe, prompt="brad pitt"):
     return trained
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_sdxl_training_end_to_end_reloads_identically(sdxl_dir, replay_file, tmp_path):
     out = tmp_path / "sdxl-run"
     pipe = run_training(load_train_module(), sdxl_dir, out, replay_file, "--forget_prompt", "brad pitt",
@@ -174,6 +175,7 @@ def test_sdxl_training_end_to_end_reloads_identically(sdxl_dir, replay_file, tmp
         torch.testing.assert_close(cached.diagonal[f"{name}.weight"], again.diagonal[f"{name}.weight"], rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_v_prediction_training_end_to_end_reloads_identically(tmp_path_factory, replay_file, tmp_path):
     model_dir = tmp_path_factory.mktemp("tiny-v")
     build_tiny_pipeline(prediction_type="v_prediction").save_pretrained(model_dir)

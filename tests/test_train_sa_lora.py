@@ -36,6 +36,7 @@ def sample(pipe, prompt="brad pitt"):
     return pipe(prompt, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_end_to_end_outputs_reload_identically(train, tiny_pipe_dir, replay_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     curves = []  # (step, training_curves.png's bytes) at each redraw
@@ -78,6 +79,7 @@ def test_end_to_end_outputs_reload_identically(train, tiny_pipe_dir, replay_file
     assert "adversarial prompts" in card and "further fine-tuning" in card  # the honest limits
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_phases_are_cached_and_reused(train, tiny_pipe_dir, replay_file, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "2")
@@ -93,6 +95,7 @@ def test_phases_are_cached_and_reused(train, tiny_pipe_dir, replay_file, tmp_pat
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_fisher_path_of_another_model_is_refused(train, tiny_pipe_dir, replay_file, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "1",
@@ -105,6 +108,7 @@ def test_fisher_path_of_another_model_is_refused(train, tiny_pipe_dir, replay_fi
                              "--fisher_path", str(tmp_path / "fisher.safetensors")))
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_bf16_mixed_precision_keeps_lora_in_fp32(train, tiny_pipe_dir, replay_file, tmp_path):
     out = tmp_path / "run"
     pipe = train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "2",
@@ -135,6 +139,7 @@ def test_adamw_is_fused_for_float32_factors_and_steps_like_the_loop():
     assert not half.defaults["fused"]
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_8bit_adam_states_are_8bit(train, tiny_pipe_dir, replay_file, tmp_path):
     pytest.importorskip("bitsandbytes")
     from sa_peft.training_setup import make_optimizer
@@ -253,6 +258,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_pipe_dir, replay_file,
     assert steps == list(range(1, 41))
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_train_text_encoder_round_trips(train, tiny_pipe_dir, replay_file, tmp_path):
     out = tmp_path / "run"
     pipe = train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "3",
@@ -333,6 +339,7 @@ def test_verdict_is_recorded_shown_and_enforced(train, tiny_pipe_dir, replay_fil
     assert "NOT FORGOTTEN" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_training_stops_once_forgotten(train, tiny_pipe_dir, replay_file, tmp_path):
     """A threshold every model meets (preference ≤ 5) ends training at the second check, not the first, once
     retention is inside its bound too."""
@@ -357,6 +364,7 @@ def test_training_stops_once_forgotten(train, tiny_pipe_dir, replay_file, tmp_pa
     assert read_adapter_metadata(full)["sa_peft"]["forgetting"]["trained_steps"] == 20
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_two_concepts_with_their_own_surrogates(train, tiny_pipe_dir, replay_file, tmp_path):
     from sa_peft.data import load_image_set
 
