@@ -327,10 +327,7 @@ def training_step(run: ForgetRun, global_step: int):
 def check_forgetting(run: ForgetRun, global_step: int, logs: dict) -> tuple[dict, bool]:
     """Measure the signal, move λ, and say whether training stops (two forgotten-and-retained checks in a row)."""
     # Every process measures the same synchronised weights, so all of them stop at the same step.
-    signal = measure_forgetting(run)
-    logs.update(signal_log_entries(signal))
-    if run.robust is not None:
-        signal = with_attack(signal, measure_under_attack(run, global_step, logs))
+    signal = current_signal(run, global_step, logs)
     if run.config.adaptive_lambda:
         logs["ewc_lambda"] = run.ewc_lambda.update(signal)
     if signal["reached"] and run.reached_step is None:
@@ -372,9 +369,7 @@ def training_loop(run: ForgetRun, global_step: int) -> tuple[int, dict]:
             break
     progress.close()
     if signal is None or signal_step != global_step:  # resumed at or past the end: measure what is there
-        signal = measure_forgetting(run)
-        if run.robust is not None:
-            signal = with_attack(signal, measure_under_attack(run, global_step, {}))
+        signal = current_signal(run, global_step, {})
     return global_step, signal
 
 
@@ -490,6 +485,14 @@ def measure_forgetting(run: ForgetRun, attacked: bool = False) -> dict:
     if attacked:
         conditioning = run.robust.attacked(conditioning)
     return run.sets.probe.measure(run.accelerator.unwrap_model(run.unet), run.scheduler, conditioning)
+
+
+def current_signal(run: ForgetRun, global_step: int, logs: dict) -> dict:
+    """The signal the run acts on, its numbers added to ``logs``: the plain one, combined with the one under the
+    attack for ``--robust_forgetting``."""
+    signal = measure_forgetting(run)
+    logs.update(signal_log_entries(signal))
+    return signal if run.robust is None else with_attack(signal, measure_under_attack(run, global_step, logs))
 
 
 def measure_under_attack(run: ForgetRun, global_step: int, logs: dict) -> dict:
