@@ -7,7 +7,8 @@
 # The copy is /tmp/mut_MODULE (replaced), made with `git archive HEAD`: commit new tests first. Its
 # pyproject.toml mutates only sa_peft/MODULE.py and maps only the given test files. The run stops after
 # SECONDS (what was checked by then is kept in /tmp/mut_MODULE/mutants/); the per-status counts are printed
-# and `mutmut results --all true` is written to /tmp/mut_MODULE/results.txt.
+# and `mutmut results --all true` is written to /tmp/mut_MODULE/results.txt. MUTMUT_CHILDREN (default 1)
+# sets mutmut's --max-children.
 set -u
 if [ $# -lt 3 ]; then
   sed -n 2,9p "$0"
@@ -28,7 +29,7 @@ s = s.replace('pytest_add_cli_args_test_selection = ["tests/"]', f"pytest_add_cl
 p.write_text(s)
 PY
 start=$(date +%s)
-OMP_NUM_THREADS=1 PYTHONPATH=. timeout "$seconds" mutmut run --max-children 1 > run.log 2>&1
+OMP_NUM_THREADS=1 PYTHONPATH=. timeout "$seconds" mutmut run --max-children "${MUTMUT_CHILDREN:-1}" > run.log 2>&1
 rc=$?
 end=$(date +%s)
 mutmut results --all true > results.txt 2>&1
