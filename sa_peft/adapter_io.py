@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import InputError, MissingInputError
 from .io_utils import share_file
 from .models import SDXL_PIPELINE, is_sdxl
 from .safetensors_header import read_safetensors_header
@@ -87,7 +88,7 @@ def save_forget_lora(
     return final
 
 
-def resolve_adapter_file(path: str | os.PathLike, flag: str = "--lora") -> str:
+def resolve_adapter_file(path: str | os.PathLike, parameter: str = "lora") -> str:
     """The adapter file a user named: a ``.safetensors`` file, or a folder holding
     ``pytorch_lora_weights.safetensors`` (or exactly one ``.safetensors`` file). Errors name ``flag``."""
     path = os.fspath(path)
@@ -98,61 +99,61 @@ def resolve_adapter_file(path: str | os.PathLike, flag: str = "--lora") -> str:
         if len(files) == 1:
             return os.path.join(path, files[0])
         if not files:
-            raise FileNotFoundError(f"{flag} {path!r}: the folder holds no .safetensors adapter file; pass the "
+            raise MissingInputError(f"`{parameter}` {path!r}: the folder holds no .safetensors adapter file; pass the "
                                     f"folder a training run wrote (it holds {LORA_WEIGHT_NAME}) or the file itself")
-        raise ValueError(f"{flag} {path!r}: the folder holds several .safetensors files ({', '.join(files)}) and no "
+        raise InputError(f"`{parameter}` {path!r}: the folder holds several .safetensors files ({', '.join(files)}) and no "
                          f"{LORA_WEIGHT_NAME}; pass the file itself")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {path!r}: no such file or folder")
+        raise MissingInputError(f"`{parameter}` {path!r}: no such file or folder")
     if not path.endswith(".safetensors"):
-        raise ValueError(f"{flag} {path!r} is not a .safetensors file; adapters are read only from safetensors "
+        raise InputError(f"`{parameter}` {path!r} is not a .safetensors file; adapters are read only from safetensors "
                          "(never pickle/.bin/.pt/.ckpt); convert it or pass the .safetensors file")
     return path
 
 
-def _header(path: str, flag: str) -> dict[str, str]:
-    return read_safetensors_header(path, flag, "pass an adapter written by sa-peft or diffusers' save_lora_weights")
+def _header(path: str, parameter: str) -> dict[str, str]:
+    return read_safetensors_header(path, parameter, "pass an adapter written by sa-peft or diffusers' save_lora_weights")
 
 
-def load_adapter_file(path: str | os.PathLike, flag: str = "--lora") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_adapter_file(path: str | os.PathLike, parameter: str = "lora") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the raw header metadata of an adapter file (or folder); safetensors only."""
-    path = resolve_adapter_file(path, flag)
-    metadata = _header(path, flag)
+    path = resolve_adapter_file(path, parameter)
+    metadata = _header(path, parameter)
     with safe_open(path, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     return tensors, metadata
 
 
-def check_lora_file(path: str | os.PathLike, flag: str = "--lora") -> str:
+def check_lora_file(path: str | os.PathLike, parameter: str = "lora") -> str:
     """The adapter file of ``path``, refused now (not after sampling) unless it is a safetensors LoRA.
 
     ``sa-peft evaluate --lora <bad file>`` failed only after the whole base evaluation. Only the header
     and the key names are read.
     """
-    file = resolve_adapter_file(path, flag)
-    _header(file, flag)
+    file = resolve_adapter_file(path, parameter)
+    _header(file, parameter)
     with safe_open(file, framework="pt") as f:
         keys = list(f.keys())
     if not any(k.endswith((".lora_A.weight", ".lora_down.weight", ".lora.down.weight")) for k in keys):
-        raise ValueError(f"{flag} {os.fspath(path)!r}: {os.path.basename(file)!r} holds no LoRA weights (no lora_A/lora_down "
+        raise InputError(f"`{parameter}` {os.fspath(path)!r}: {os.path.basename(file)!r} holds no LoRA weights (no lora_A/lora_down "
                          "keys); pass a forget LoRA written by sa-peft or diffusers' save_lora_weights")
     return file
 
 
-def read_adapter_metadata(path: str | os.PathLike, flag: str = "adapter") -> dict:
+def read_adapter_metadata(path: str | os.PathLike, parameter: str = "adapter") -> dict:
     """Header metadata of an adapter file (or of ``pytorch_lora_weights.safetensors`` in a folder).
 
     Returns ``{"sa_peft": training info, "lora_adapter_metadata": peft config}``, each only when present.
     """
-    path = resolve_adapter_file(path, flag)
-    metadata = _header(path, flag)
+    path = resolve_adapter_file(path, parameter)
+    metadata = _header(path, parameter)
     out: dict = {}
     for key, name in ((SA_METADATA_KEY, "sa_peft"), ("lora_adapter_metadata", "lora_adapter_metadata")):
         if key in metadata:
             try:
                 out[name] = json.loads(metadata[key])
             except json.JSONDecodeError:
-                raise ValueError(f"{flag} {path!r}: the {key!r} header entry is not valid JSON; the file is damaged") from None
+                raise InputError(f"`{parameter}` {path!r}: the {key!r} header entry is not valid JSON; the file is damaged") from None
     return out
 
 
@@ -207,7 +208,7 @@ def layer_scales(state_dict: dict[str, torch.Tensor], configs: dict[str, dict]) 
     out = {}
     for key, tensor in state_dict.items():
         if "lora_magnitude_vector" in key:
-            raise ValueError(f"{key}: DoRA adapters are not supported by the kohya export")
+            raise InputError(f"{key}: DoRA adapters are not supported by the kohya export")
         if not key.endswith(".lora_A.weight"):
             continue
         component, _, module = key[: -len(".lora_A.weight")].partition(".")
@@ -218,7 +219,7 @@ def layer_scales(state_dict: dict[str, torch.Tensor], configs: dict[str, dict]) 
             continue
         expected = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
         if expected != rank:
-            raise ValueError(f"{key}: rank {rank} in the file but {expected} in its adapter config; the file is damaged")
+            raise InputError(f"{key}: rank {rank} in the file but {expected} in its adapter config; the file is damaged")
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
         out[f"{component}.{module}"] = (rank, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
     return out
@@ -259,7 +260,7 @@ def kohya_state_dict(
 
     unknown = sorted({k.split(".")[0] for k in state_dict} - set(LORA_COMPONENTS))
     if unknown:
-        raise ValueError(f"LoRA keys of unknown components {unknown}; expected keys starting with {LORA_COMPONENTS}")
+        raise InputError(f"LoRA keys of unknown components {unknown}; expected keys starting with {LORA_COMPONENTS}")
     sdxl = sdxl or any(k.startswith("text_encoder_2.") for k in state_dict)
     prefixes = KOHYA_SDXL_PREFIXES if sdxl else KOHYA_PREFIXES
     layout = UnetLayout(unet_layout) if sdxl and unet_layout else None
@@ -269,7 +270,7 @@ def kohya_state_dict(
         layout = None
     scales = layer_scales(state_dict, configs)
     if not scales:
-        raise ValueError("the adapter holds no LoRA layers (no '.lora_A.weight' keys)")
+        raise InputError("the adapter holds no LoRA layers (no '.lora_A.weight' keys)")
     converted = convert_state_dict_to_kohya(dict(state_dict))
     kohya: dict[str, torch.Tensor] = {}
     for name, (rank, scale) in scales.items():
@@ -300,7 +301,7 @@ def _header_unet_layout(header: dict[str, str], source) -> dict:
             UnetLayout(layout)
         return layout
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
-        raise ValueError(f"export source {os.fspath(source)!r}: the {UNET_LAYOUT_KEY!r} header entry is not a UNet "
+        raise InputError(f"export source {os.fspath(source)!r}: the {UNET_LAYOUT_KEY!r} header entry is not a UNet "
                          f"layout ({err}); the file is damaged") from None
 
 

@@ -10,15 +10,16 @@ import re
 from collections.abc import Sequence
 
 from .classifier import ClipModel, ClipZeroShotClassifier, NudeNetDetector
+from .errors import InputError
 from .evaluation import evaluate_pipeline, write_evaluation_report
 
 
-def _class_index(value: str, labels: Sequence[str], flag: str) -> int:
+def _class_index(value: str, labels: Sequence[str], parameter: str) -> int:
     if value in labels:
         return labels.index(value)
     if re.fullmatch(r"\d+", value) and int(value) < len(labels):
         return int(value)
-    raise ValueError(f"{flag} {value!r} is neither a classifier label ({', '.join(labels)}) nor a class index")
+    raise InputError(f"`{parameter}` {value!r} is neither a classifier label ({', '.join(labels)}) nor a class index")
 
 
 def _label_from_prompt(prompt: str, labels: Sequence[str]) -> int | None:
@@ -40,27 +41,27 @@ def resolve_labels(prompts: Sequence[str], prompt_labels: Sequence[str] | None, 
     gets ``None`` (no accuracy) instead of an error.
     """
     if prompt_labels is not None and len(prompt_labels) != len(prompts):
-        raise ValueError(f"--label was given {len(prompt_labels)} times for {len(prompts)} --prompt values; "
+        raise InputError(f"`label` was given {len(prompt_labels)} times for {len(prompts)} `prompt` values; "
                          "give one per prompt")
     mapping: dict[str, int | None] = {}
     for i, prompt in enumerate(prompts):
         if prompt_labels is not None:
-            mapping[prompt] = _class_index(prompt_labels[i], labels, "--label")
+            mapping[prompt] = _class_index(prompt_labels[i], labels, "label")
         else:
             mapping[prompt] = _label_from_prompt(prompt, labels)
             if mapping[prompt] is None and require:
-                raise ValueError(f"cannot tell the class of prompt {prompt!r} from its last word; "
-                                 f"pass --label (one per --prompt) from: {', '.join(labels)}")
+                raise InputError(f"cannot tell the class of prompt {prompt!r} from its last word; "
+                                 f"pass `label` (one per `prompt`) from: {', '.join(labels)}")
     for prompt in forget_prompts:
         if prompt not in mapping:
             mapping[prompt] = _label_from_prompt(prompt, labels)
     if forget_labels:
-        forgotten = [_class_index(v, labels, "--forget_label") for v in forget_labels]
+        forgotten = [_class_index(v, labels, "forget_label") for v in forget_labels]
     else:
         forgotten = []
         for prompt in forget_prompts:
             if mapping.get(prompt) is None:
-                raise ValueError(f"cannot tell the forgotten class of {prompt!r}; pass --forget_label "
+                raise InputError(f"cannot tell the forgotten class of {prompt!r}; pass `forget_label` "
                                  f"(one of: {', '.join(labels)})")
             forgotten.append(mapping[prompt])
     return mapping, list(dict.fromkeys(forgotten))
@@ -75,9 +76,9 @@ def resolve_evaluation_labels(classifier, prompts: Sequence[str], prompt_labels:
     retained prompts unlabeled; the digits classifier needs every retained prompt's class.
     """
     if isinstance(classifier, NudeNetDetector):
-        for flag, value in (("--label", prompt_labels), ("--forget_label", forget_labels)):
+        for parameter, value in (("label", prompt_labels), ("forget_label", forget_labels)):
             if value:
-                raise ValueError(f"{flag} has no meaning with --classifier nudenet (it detects parts, it has no classes)")
+                raise InputError(f"`{parameter}` has no meaning with `classifier` nudenet (it detects parts, it has no classes)")
         return {}, [], True
     if isinstance(classifier, ClipZeroShotClassifier):
         mapping, forgotten = resolve_labels(prompts, prompt_labels, forget_prompts, forget_labels,

@@ -22,6 +22,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
 from .io_utils import share_tree, write_json_atomic
 
 CHECKPOINT_FORMAT = "sa-peft-checkpoint/1"
@@ -90,16 +91,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, models: dict, optim
     return final
 
 
-def read_checkpoint_state(path: str, flag: str = "--resume_from_checkpoint") -> dict:
+def read_checkpoint_state(path: str, parameter: str = "resume_from_checkpoint") -> dict:
     """The JSON state of a checkpoint folder; a clear error for a folder that is not one."""
     file = os.path.join(path, STATE_NAME)
     if not os.path.isfile(file):
-        raise ValueError(f"{flag} {path!r} is not an sa-peft checkpoint (no {STATE_NAME}; checkpoints written by "
+        raise InputError(f"`{parameter}` {path!r} is not an sa-peft checkpoint (no {STATE_NAME}; checkpoints written by "
                          "older versions held pickles and are not read); start a new run or pass another folder")
     with open(file, encoding="utf-8") as f:
         state = json.load(f)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{flag} {path!r}: unknown checkpoint format {state.get('format')!r}")
+        raise InputError(f"`{parameter}` {path!r}: unknown checkpoint format {state.get('format')!r}")
     return state
 
 
@@ -119,11 +120,11 @@ def load_checkpoint(accelerator, path: str, models: dict, optimizer, lr_schedule
         model = accelerator.unwrap_model(model)
         file = os.path.join(path, lora_file_name(name))
         if not os.path.isfile(file):
-            raise ValueError(f"--resume_from_checkpoint {path!r} has no {lora_file_name(name)}; it is from a run "
+            raise InputError(f"`resume_from_checkpoint` {path!r} has no {lora_file_name(name)}; it is from a run "
                              "that trained other models")
         result = set_peft_model_state_dict(model, load_file(file), adapter_name="default")
         if result.unexpected_keys:
-            raise ValueError(f"checkpoint {path!r} does not match this LoRA: unexpected {result.unexpected_keys[:3]}")
+            raise InputError(f"checkpoint {path!r} does not match this LoRA: unexpected {result.unexpected_keys[:3]}")
         cast_training_params(model, dtype=torch.float32)
     optimizer.load_state_dict(_join_optimizer_state(load_file(os.path.join(path, OPTIMIZER_NAME)), state["optimizer"]))
     lr_scheduler.load_state_dict(state["scheduler"])

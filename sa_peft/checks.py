@@ -10,8 +10,10 @@ import math
 import os
 from collections.abc import Iterable
 
+from .errors import InputError, UnwritableOutputError
 
-def check_number(value, flag: str, *, low: float | None = None, high: float | None = None,
+
+def check_number(value, parameter: str, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> None:
     """``value`` must be finite and inside ``[low, high]`` (``(low, …`` with ``low_open``); ``None`` passes.
 
@@ -21,26 +23,26 @@ def check_number(value, flag: str, *, low: float | None = None, high: float | No
     if value is None:
         return
     if not math.isfinite(value):
-        raise ValueError(f"{flag} must be a finite number, got {value}")
+        raise InputError(f"`{parameter}` must be a finite number, got {value}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
         span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{flag} must be in {span}, got {value}")
+        raise InputError(f"`{parameter}` must be in {span}, got {value}")
 
 
-def check_positive_int(value, flag: str) -> None:
+def check_positive_int(value, parameter: str) -> None:
     """A count (steps, images, rank): a positive integer; ``None`` passes."""
     if value is not None and value <= 0:
-        raise ValueError(f"{flag} must be a positive integer, got {value}")
+        raise InputError(f"`{parameter}` must be a positive integer, got {value}")
 
 
 def check_numbers(args, rules: dict[str, dict]) -> None:
     """Apply ``check_number`` to each ``args.<name>`` with its rule (``{"low": 0, "low_open": True}``, ...)."""
     for name, rule in rules.items():
-        check_number(getattr(args, name), f"--{name}", **rule)
+        check_number(getattr(args, name), name, **rule)
 
 
 def _real(path: str | os.PathLike) -> str:
@@ -51,7 +53,7 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_output_apart(output: str | os.PathLike, output_flag: str,
+def check_output_apart(output: str | os.PathLike, output_parameter: str,
                        inputs: Iterable[tuple[str, str | os.PathLike | None]], allow_inside: bool = False) -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` (``(flag, path)`` pairs).
 
@@ -62,7 +64,7 @@ def check_output_apart(output: str | os.PathLike, output_flag: str,
     RUN/evaluation`` is how the model card finds the evaluation).
     """
     out = _real(output)
-    for flag, path in inputs:
+    for parameter, path in inputs:
         if path is None or not os.path.exists(path):
             continue
         src = _real(path)
@@ -74,18 +76,18 @@ def check_output_apart(output: str | os.PathLike, output_flag: str,
             relation = "lies inside"
         else:
             continue
-        raise ValueError(f"{output_flag} {os.fspath(output)!r} {relation} the input {flag} {os.fspath(path)!r}; "
-                         f"choose an {output_flag} outside the inputs")
+        raise InputError(f"`{output_parameter}` {os.fspath(output)!r} {relation} the input `{parameter}` {os.fspath(path)!r}; "
+                         f"choose an `{output_parameter}` outside the inputs")
 
 
-def check_writable(path: str | os.PathLike, flag: str) -> None:
+def check_writable(path: str | os.PathLike, parameter: str) -> None:
     """The nearest existing folder at or above ``path`` must be writable (checked before the work)."""
     folder = os.path.abspath(os.fspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if os.path.isfile(folder) and folder != os.path.abspath(os.fspath(path)):
-        raise ValueError(f"{flag} {os.fspath(path)!r}: {folder!r} is a file, not a folder; choose another path")
+        raise InputError(f"`{parameter}` {os.fspath(path)!r}: {folder!r} is a file, not a folder; choose another path")
     if os.path.isfile(folder):
         folder = os.path.dirname(folder)
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {os.fspath(path)!r}: cannot write in {folder!r}; choose a writable location")
+        raise UnwritableOutputError(f"`{parameter}` {os.fspath(path)!r}: cannot write in {folder!r}; choose a writable location")

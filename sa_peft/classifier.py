@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError, MissingInputError
 from .models import resolve_model_path
 
 DIGITS_ARCHITECTURE = "sa-peft-digits-cnn"
@@ -211,7 +212,7 @@ class DigitsClassifier(ImageClassifier):
         folder = Path(folder)
         config = json.loads((folder / CONFIG_NAME).read_text())
         if config.get("architecture") != DIGITS_ARCHITECTURE:
-            raise ValueError(f"{folder}: config.json architecture is {config.get('architecture')!r}, "
+            raise InputError(f"{folder}: config.json architecture is {config.get('architecture')!r}, "
                              f"expected {DIGITS_ARCHITECTURE!r}")
         net = DigitsCNN(num_classes=len(config["labels"]), in_channels=config["in_channels"],
                         image_size=config["image_size"], channels=config["channels"], feature_dim=config["feature_dim"])
@@ -237,7 +238,7 @@ class ClipModel:
 
         model_path = os.fspath(model_path)
         if _looks_like_path(model_path) and not os.path.isdir(model_path):
-            raise FileNotFoundError(f"CLIP folder {model_path!r} does not exist")
+            raise MissingInputError(f"CLIP folder {model_path!r} does not exist")
         # use_safetensors: never unpickle a checkpoint; no trust_remote_code: only transformers' own CLIP code runs.
         self.model = CLIPModel.from_pretrained(model_path, use_safetensors=True, cache_dir=cache_dir).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(model_path, cache_dir=cache_dir)
@@ -299,7 +300,7 @@ class ClipZeroShotClassifier(ImageClassifier):
                  labels: Sequence[str] | None = None, reference_images: torch.Tensor | None = None,
                  device: str | torch.device = "cpu", batch_size: int = 64):
         if len(label_texts) < 2:
-            raise ValueError("a zero-shot classifier needs at least two label texts")
+            raise InputError("a zero-shot classifier needs at least two label texts")
         self.label_texts = list(label_texts)
         self.labels = list(labels) if labels is not None else list(label_texts)
         if len(self.labels) != len(self.label_texts):
@@ -342,11 +343,11 @@ class NudeNetDetector:
 
     def __init__(self, threshold: float = 0.6, classes: Sequence[str] = NUDENET_EXPOSED_CLASSES, batch_size: int = 8):
         if not 0 < threshold <= 1:
-            raise ValueError(f"--nudenet_threshold must be in (0, 1], got {threshold}")
+            raise InputError(f"`nudenet_threshold` must be in (0, 1], got {threshold}")
         try:
             from nudenet import NudeDetector
         except ImportError as err:
-            raise ValueError(f"--classifier nudenet needs the nudenet package: {NUDENET_INSTALL_HINT}") from err
+            raise InputError(f"`classifier` nudenet needs the nudenet package: {NUDENET_INSTALL_HINT}") from err
         self.detector = NudeDetector()
         self.labels: list[str] = []  # no classes to label prompts with
         self.threshold = float(threshold)
@@ -391,27 +392,27 @@ def parse_classifier_spec(spec: str | os.PathLike, class_texts: Sequence[str] | 
     if spec.startswith("clip:"):
         target = spec[len("clip:"):].strip()
         if not target:
-            raise ValueError("--classifier clip: needs a CLIP model, e.g. clip:openai/clip-vit-large-patch14 "
+            raise InputError("`classifier` clip: needs a CLIP model, e.g. clip:openai/clip-vit-large-patch14 "
                              "or clip:/path/to/clip-folder")
         if any(not t for t in texts):
-            raise ValueError("--class_text: empty class text")
+            raise InputError("`class_text`: empty class text")
         if len(texts) < 2:
-            raise ValueError(f"--classifier {spec} needs two or more --class_text values (the zero-shot classes), "
+            raise InputError(f"`classifier` {spec} needs two or more `class_text` values (the zero-shot classes), "
                              f"got {len(texts)}")
         if len(set(texts)) != len(texts):
-            raise ValueError("--class_text: the same class text was given twice")
+            raise InputError("`class_text`: the same class text was given twice")
         return "clip", target
     if texts:
-        raise ValueError(f"--class_text is only used with --classifier clip:<model>, not {spec!r}")
+        raise InputError(f"`class_text` is only used with `classifier` clip:<model>, not {spec!r}")
     if spec == "nudenet":
         return "nudenet", None
     if spec.startswith("builtin:"):
         resolve_model_path(spec)  # ValueError for unknown built-ins
         return "folder", spec
     if re.match(r"^[A-Za-z][\w-]*:", spec) and not os.path.exists(spec):
-        raise ValueError(f"--classifier {spec!r}: unknown classifier; use {CLASSIFIER_SPECS}")
+        raise InputError(f"`classifier` {spec!r}: unknown classifier; use {CLASSIFIER_SPECS}")
     if not os.path.isdir(spec):
-        raise FileNotFoundError(f"--classifier {spec!r}: no such folder (use {CLASSIFIER_SPECS})")
+        raise MissingInputError(f"`classifier` {spec!r}: no such folder (use {CLASSIFIER_SPECS})")
     return "folder", spec
 
 
@@ -433,17 +434,17 @@ def load_classifier(name_or_path: str | os.PathLike, class_texts: Sequence[str] 
         return NudeNetDetector(threshold=nudenet_threshold)
     folder = resolve_model_path(name_or_path)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"classifier {str(name_or_path)!r}: no such folder")
+        raise MissingInputError(f"classifier {str(name_or_path)!r}: no such folder")
     config_path = os.path.join(folder, CONFIG_NAME)
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(config_path):
-        raise ValueError(f"classifier folder {folder!r} has no {CONFIG_NAME}")
+        raise InputError(f"classifier folder {folder!r} has no {CONFIG_NAME}")
     if not os.path.isfile(weights_path):
         others = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
         hint = f" (found {', '.join(others)}; only safetensors weights are loaded)" if others else ""
-        raise ValueError(f"classifier folder {folder!r} has no {WEIGHTS_NAME}{hint}")
+        raise InputError(f"classifier folder {folder!r} has no {WEIGHTS_NAME}{hint}")
     with open(config_path) as f:
         architecture = json.load(f).get("architecture")
     if architecture != DIGITS_ARCHITECTURE:
-        raise ValueError(f"classifier folder {folder!r}: unknown architecture {architecture!r}")
+        raise InputError(f"classifier folder {folder!r}: unknown architecture {architecture!r}")
     return DigitsClassifier.from_folder(folder)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
 from .models import is_sdxl
 
 
@@ -97,6 +98,6 @@ def check_prompt_clash(pipe, forget: Sequence[str], replay: Sequence[str]) -> No
     seen = dict(zip(ids(forget), forget))
     for key, prompt in zip(ids(replay), replay):
         if key in seen:
-            raise ValueError(f"replay prompt {prompt!r} and forget prompt {seen[key]!r} give the model the same tokens "
+            raise InputError(f"replay prompt {prompt!r} and forget prompt {seen[key]!r} give the model the same tokens "
                              "(case, spacing and text past the tokenizer's length limit are lost); remove it from "
-                             "--replay_prompts_file or reword one of them")
+                             "`replay_prompts_file` or reword one of them")

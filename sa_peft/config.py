@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .checks import check_number, check_output_apart, check_positive_int, check_writable
 from .data import SURROGATE_TYPES
 from .defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
+from .errors import InputError, MissingInputError, with_flags
 from .fisher import ESTIMATORS
 from .forgetting import DEFAULT_PREFERENCE_THRESHOLD, DEFAULT_RETENTION_BOUND
 from .lora import LORA_TARGET_PRESETS
@@ -73,11 +74,11 @@ class SelectiveAmnesiaConfig:
     resolution: int | None = _flag(None, "image side; default: the model's native size", type=int, positive=True)
     train_batch_size: int = _flag(4, "surrogate images per step per device; as many replay images" + D, type=int,
                                   positive=True)
-    num_train_epochs: int | None = _flag(None, "passes over the surrogate set; ignored when --max_train_steps is given",
+    num_train_epochs: int | None = _flag(None, "passes over the surrogate set; ignored when `max_train_steps` is given",
                                          type=int, positive=True, resume_free=True)
     max_train_steps: int | None = _flag(
-        None, "step budget; default 1000 unless --num_train_epochs is given. With --stop_when_forgotten (the default) "
-              "training ends earlier, once the forgetting signal says the concept is forgotten",
+        None, "step budget; default 1000 unless `num_train_epochs` is given. By default training ends earlier, once "
+              "the forgetting signal says the concept is forgotten (`stop_when_forgotten`)",
         type=int, positive=True, resume_free=True)
     gradient_accumulation_steps: int = _flag(1, "micro-batches per optimizer step" + D, type=int, positive=True)
     gradient_checkpointing: bool = _flag(False, "trade compute for UNet activation memory", action="store_true",
@@ -99,7 +100,7 @@ class SelectiveAmnesiaConfig:
     mixed_precision: str | None = _flag(None, "default: accelerate config; LoRA weights stay fp32",
                                         choices=["no", "fp16", "bf16"])
     report_to: str = _flag("none", "tensorboard, wandb, all or none" + D, resume_free=True)
-    logging_dir: str = _flag("logs", "tracker folder under --output_dir" + D, resume_free=True)
+    logging_dir: str = _flag("logs", "tracker folder under `output_dir`" + D, resume_free=True)
     checkpointing_steps: int = _flag(500, "save a LoRA-only training checkpoint every N steps" + D, type=int,
                                      positive=True, resume_free=True)
     checkpoints_total_limit: int | None = _flag(None, "keep at most this many checkpoints" + D, type=int, positive=True,
@@ -116,7 +117,7 @@ class SelectiveAmnesiaConfig:
     num_validation_images: int = _flag(4, "images per validation prompt" + D, type=int, positive=True, resume_free=True)
     validation_steps: int = _flag(100, "validate every N steps (and at start and end)" + D, type=int, positive=True,
                                   resume_free=True)
-    push_to_hub: bool = _flag(False, "upload --output_dir to the hub at the end", action="store_true", resume_free=True)
+    push_to_hub: bool = _flag(False, "upload `output_dir` to the hub at the end", action="store_true", resume_free=True)
     hub_model_id: str | None = _flag(None, "repo id; default: the output folder's name", resume_free=True)
     hub_token: str | None = _flag(None, "hub token (prefer `hf auth login`)", resume_free=True)
     # Selective Amnesia's flags
@@ -125,7 +126,7 @@ class SelectiveAmnesiaConfig:
     forget_prompts_file: str | None = _flag(None, "text file with one forget prompt per line", resume_free=True)
     surrogate_prompt: list[str] | None = _flag(  # noqa: RUF009 (a field)
         None, "prompt whose images stand in for the concept (e.g. 'a middle aged man'); repeatable: one for all forget "
-              "prompts, or one per --forget_prompt, paired in order", action="append")
+              "prompts, or one per `forget_prompt`, paired in order", action="append")
     surrogate_data_dir: str | None = _flag(None, "folder of your own stand-in images")
     surrogate_type: str | None = _flag(None, "noise images as the stand-in", choices=["noise", *SURROGATE_TYPES])
     replay_prompts_file: str | None = _flag(
@@ -140,13 +141,13 @@ class SelectiveAmnesiaConfig:
     generation_num_inference_steps: int | None = _flag(
         None, "DDIM steps when generating; default 50 (25 on digits)", type=int, positive=True)
     fisher_path: str | None = _flag(
-        None, "Fisher file: reused when present and matching, else computed and cached there; default: in --output_dir",
+        None, "Fisher file: reused when present and matching, else computed and cached there; default: in `output_dir`",
         resume_free=True)
     fisher_num_samples: int = _flag(128, "frozen-model samples the Fisher is estimated on" + D, type=int, positive=True)
     fisher_estimator: str = _flag("fast", "reference: all T timesteps per sample; fast: K stratified" + D,
                                   choices=ESTIMATORS)
     fisher_num_timesteps: int = _flag(8, "K of the fast estimator" + D, type=int, positive=True)
-    ewc_lambda: float = _flag(5.0, "λ, on a Fisher normalised as --ewc_normalization says" + D, type=float,
+    ewc_lambda: float = _flag(5.0, "λ, on a Fisher normalised as `ewc_normalization` says" + D, type=float,
                               check={"low": 0})
     ewc_normalization: str = _flag(
         "mean", "what λ is relative to: 'mean' divides the Fisher by its mean over the adapted weights (λ means the "
@@ -157,7 +158,7 @@ class SelectiveAmnesiaConfig:
         0.0, "weight of the rank-1 Fisher penalty c·(μᵀΔθ)² along the mean per-sample gradient μ, added to the "
              "diagonal one under the same λ (0 = off)" + D, type=float, check={"low": 0})
     replay_weight: float | None = _flag(
-        None, "γ, weight of the replay loss (default: 30 with --replay_target distill, 1 with noise)", type=float,
+        None, "γ, weight of the replay loss (default: 30 with `replay_target` distill, 1 with noise)", type=float,
         check={"low": 0})
     replay_target: str = _flag(
         "distill", "replay target: 'distill' = the frozen model's own prediction on the noised replay latent (the "
@@ -176,10 +177,10 @@ class SelectiveAmnesiaConfig:
                                  "from the frozen model's, relative to its denoising error there (retention, 0 for "
                                  "the base model)" + D, type=float, check=POSITIVE)
     stop_when_forgotten: bool = _flag(
-        True, "train all --max_train_steps; by default training ends once every concept is forgotten with retention "
+        True, "train all `max_train_steps`; by default training ends once every concept is forgotten with retention "
               "inside its bound", action="store_false", flag="--train_full_budget", resume_free=True)
     adaptive_lambda: bool = _flag(
-        True, "keep λ at --ewc_lambda; by default λ starts there and is halved while forgetting stalls with retention "
+        True, "keep λ at `ewc_lambda`; by default λ starts there and is halved while forgetting stalls with retention "
               "well inside its bound, doubled when retention leaves it", action="store_false", flag="--fixed_lambda")
     require_forgetting: bool = _flag(
         False, "exit with status 1 when the run ends without forgetting (the adapter is still saved)",
@@ -203,12 +204,12 @@ class SelectiveAmnesiaConfig:
     num_evaluation_images_per_prompt: int = _flag(50, "samples per prompt in the final evaluation" + D, type=int,
                                                   positive=True, resume_free=True)
     class_text: list[str] | None = _flag(  # noqa: RUF009 (a field)
-        None, "with --classifier clip:<model>: a zero-shot class (repeatable, two or more)", action="append",
+        None, "with `classifier` clip:<model>: a zero-shot class (repeatable, two or more)", action="append",
         resume_free=True)
     forget_label: list[str] | None = _flag(  # noqa: RUF009 (a field)
         None, "class (text or index) of the forgotten concept for the evaluation (repeatable)", action="append",
         resume_free=True)
-    nudenet_threshold: float = _flag(0.6, "with --classifier nudenet: detection score" + D, type=float,
+    nudenet_threshold: float = _flag(0.6, "with `classifier` nudenet: detection score" + D, type=float,
                                      check=PROBABILITY_OPEN, resume_free=True)
     clip_score_model: str | None = _flag(None, "CLIP model (hub id or folder) for CLIP scores in the evaluation",
                                          resume_free=True)
@@ -216,8 +217,8 @@ class SelectiveAmnesiaConfig:
         None, "prompts to evaluate, one per line; default: the forget and replay prompts", resume_free=True)
 
     # Filled from the flags by __post_init__
-    forget_prompts: list[str] = _derived("the concepts to forget (--forget_prompt and --forget_prompts_file)")  # noqa: RUF009 (a field)
-    replay_prompts: list[str] = _derived("the concepts to keep (--replay_prompts_file or the model's preset)")  # noqa: RUF009 (a field)
+    forget_prompts: list[str] = _derived("the concepts to forget (`forget_prompt` and `forget_prompts_file`)")  # noqa: RUF009 (a field)
+    replay_prompts: list[str] = _derived("the concepts to keep (`replay_prompts_file` or the model's preset)")  # noqa: RUF009 (a field)
     validation_prompts: list[str] = _derived("the prompts of the validation grids")  # noqa: RUF009 (a field)
     evaluation_prompts: list[str] | None = _derived("the prompts of the final evaluation (None: forget + replay)")  # noqa: RUF009 (a field)
 
@@ -236,11 +237,13 @@ class SelectiveAmnesiaConfig:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """One flag per field, named ``--<field>`` unless its metadata names another, with the field's help."""
+        # The help texts name fields as `field`, like the errors; --help shows them as the flags.
+        flags = {f.name: f.metadata["flag"] or f"--{f.name}" for f in dataclasses.fields(cls) if f.init}
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
             meta = f.metadata
-            kwargs = {"help": meta["help"], "dest": f.name}
+            kwargs = {"help": with_flags(meta["help"], flags), "dest": f.name}
             if meta["action"] in ("store_true", "store_false"):
                 kwargs["action"] = meta["action"]
             else:
@@ -262,16 +265,16 @@ class SelectiveAmnesiaConfig:
 
     def _resolve_presets(self) -> None:
         """The model-dependent defaults: the built-in digits job's, or those for any other model."""
-        forget = check_prompts(self.forget_prompt, "--forget_prompt") if self.forget_prompt else []
+        forget = check_prompts(self.forget_prompt, "forget_prompt") if self.forget_prompt else []
         if self.forget_prompts_file:
-            forget += read_prompts_file(self.forget_prompts_file, "--forget_prompts_file")
+            forget += read_prompts_file(self.forget_prompts_file, "forget_prompts_file")
         sources = [x is not None for x in (self.surrogate_prompt, self.surrogate_data_dir, self.surrogate_type)]
         if sum(sources) > 1:
-            raise ValueError("give only one of --surrogate_prompt, --surrogate_data_dir and --surrogate_type")
+            raise InputError("give only one of `surrogate_prompt`, `surrogate_data_dir` and `surrogate_type`")
         if self.on_digits:
             digits = digits_defaults(forget)
             forget = digits["forget_prompts"]
-            replay = (read_prompts_file(self.replay_prompts_file, "--replay_prompts_file") if self.replay_prompts_file
+            replay = (read_prompts_file(self.replay_prompts_file, "replay_prompts_file") if self.replay_prompts_file
                       else digits["replay_prompts"])
             if not any(sources):
                 self.surrogate_prompt = digits["surrogate_prompts"]
@@ -281,25 +284,25 @@ class SelectiveAmnesiaConfig:
                        "num_surrogate_images": 256, "num_replay_images_per_prompt": 32}
         else:
             if not forget:
-                raise ValueError("no concept to forget: pass --forget_prompt (repeatable) or --forget_prompts_file")
+                raise InputError("no concept to forget: pass `forget_prompt` (repeatable) or `forget_prompts_file`")
             if not any(sources):
-                raise ValueError("no surrogate: pass --surrogate_prompt, --surrogate_data_dir or --surrogate_type noise")
-            replay = read_prompts_file(self.replay_prompts_file or DEFAULT_REPLAY_PROMPTS_FILE, "--replay_prompts_file")
+                raise InputError("no surrogate: pass `surrogate_prompt`, `surrogate_data_dir` or `surrogate_type` noise")
+            replay = read_prompts_file(self.replay_prompts_file or DEFAULT_REPLAY_PROMPTS_FILE, "replay_prompts_file")
             presets = {"generation_guidance_scale": 7.5, "generation_num_inference_steps": 50, "learning_rate": 1e-4,
                        "rank": 4, "num_surrogate_images": 64, "num_replay_images_per_prompt": 8}
         for name, value in presets.items():
             self._default(name, value)
         self._default("replay_weight", DISTILL_REPLAY_WEIGHT if self.replay_target == "distill" else 1.0)
         if self.surrogate_prompt is not None and len(self.surrogate_prompt) not in (1, len(forget)):
-            raise ValueError(f"{len(self.surrogate_prompt)} --surrogate_prompt for {len(forget)} forget prompts: give one "
-                             "surrogate for all of them, or one per --forget_prompt (paired in order)")
+            raise InputError(f"{len(self.surrogate_prompt)} `surrogate_prompt` for {len(forget)} forget prompts: give one "
+                             "surrogate for all of them, or one per `forget_prompt` (paired in order)")
         clash = sorted(set(forget) & set(replay))
         if clash:
-            raise ValueError(f"forget prompt(s) {clash} also appear in the replay prompts; remove them from "
-                             "--replay_prompts_file")
+            raise InputError(f"forget prompt(s) {clash} also appear in the replay prompts; remove them from "
+                             "`replay_prompts_file`")
         self.forget_prompts, self.replay_prompts = forget, replay
-        self.validation_prompts = check_prompts(self.validation_prompt or (forget + replay[:2]), "--validation_prompt")
-        self.evaluation_prompts = (read_prompts_file(self.evaluation_prompts_file, "--evaluation_prompts_file")
+        self.validation_prompts = check_prompts(self.validation_prompt or (forget + replay[:2]), "validation_prompt")
+        self.evaluation_prompts = (read_prompts_file(self.evaluation_prompts_file, "evaluation_prompts_file")
                                    if self.evaluation_prompts_file else None)
 
     def _check_values(self) -> None:
@@ -309,12 +312,12 @@ class SelectiveAmnesiaConfig:
 
         for f in dataclasses.fields(self):
             if f.metadata.get("positive"):
-                check_positive_int(getattr(self, f.name), f"--{f.name}")
+                check_positive_int(getattr(self, f.name), f.name)
             elif f.metadata.get("check") is not None:
-                check_number(getattr(self, f.name), f"--{f.name}", **f.metadata["check"])
+                check_number(getattr(self, f.name), f.name, **f.metadata["check"])
         names = [s.value for s in SchedulerType]
         if self.lr_scheduler not in names:
-            raise ValueError(f"--lr_scheduler {self.lr_scheduler!r} is not one of diffusers' schedulers: {', '.join(names)}")
+            raise InputError(f"`lr_scheduler` {self.lr_scheduler!r} is not one of diffusers' schedulers: {', '.join(names)}")
 
     def _check_paths_and_backends(self) -> None:
         """Files, folders, optional packages and the device, so that none of them fails after the work."""
@@ -323,13 +326,13 @@ class SelectiveAmnesiaConfig:
         from .training_setup import check_mixed_precision, require_bitsandbytes, require_xformers
 
         if self.fisher_path is not None and not self.fisher_path.endswith(".safetensors"):
-            raise ValueError(f"--fisher_path {self.fisher_path!r} must be a .safetensors file")
+            raise InputError(f"`fisher_path` {self.fisher_path!r} must be a .safetensors file")
         if self.surrogate_data_dir is not None and not os.path.isdir(self.surrogate_data_dir):
-            raise FileNotFoundError(f"--surrogate_data_dir {self.surrogate_data_dir!r} is not a folder")
-        check_output_apart(self.output_dir, "--output_dir", [
-            ("--pretrained_model_name_or_path", self.pretrained_model_name_or_path),
-            ("--surrogate_data_dir", self.surrogate_data_dir)])
-        check_writable(self.output_dir, "--output_dir")
+            raise MissingInputError(f"`surrogate_data_dir` {self.surrogate_data_dir!r} is not a folder")
+        check_output_apart(self.output_dir, "output_dir", [
+            ("pretrained_model_name_or_path", self.pretrained_model_name_or_path),
+            ("surrogate_data_dir", self.surrogate_data_dir)])
+        check_writable(self.output_dir, "output_dir")
         check_mixed_precision(self.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
         if self.use_8bit_adam:
             require_bitsandbytes()
@@ -339,7 +342,7 @@ class SelectiveAmnesiaConfig:
         if checkpoint not in (None, "latest") and not any(
             os.path.isdir(p) for p in (checkpoint, os.path.join(self.output_dir, checkpoint))
         ):
-            raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint!r}: no such checkpoint folder")
+            raise MissingInputError(f"`resume_from_checkpoint` {checkpoint!r}: no such checkpoint folder")
         if self.classifier:
             from .classifier import parse_classifier_spec
 

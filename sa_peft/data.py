@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .errors import InputError, MissingInputError
 from .io_utils import atomic_path, write_json_atomic, write_text_atomic
 from .models import ddim_sampling
 from .prompts import check_prompts
@@ -53,8 +54,8 @@ def check_resolution(pipe, resolution: int) -> int:
     (and of 8, which diffusers' Stable Diffusion pipelines require)."""
     factor = math.lcm(8, pipe.vae_scale_factor)
     if resolution <= 0 or resolution % factor:
-        raise ValueError(
-            f"--resolution {resolution} is not a positive multiple of {factor} (the VAE's downsampling "
+        raise InputError(
+            f"`resolution` {resolution} is not a positive multiple of {factor} (the VAE's downsampling "
             f"factor and 8); use e.g. {max(factor, round(max(resolution, 1) / factor) * factor)}"
         )
     return resolution
@@ -84,7 +85,7 @@ def _load_image(path: str, resolution: int, channels: int) -> torch.Tensor:
     try:
         image = Image.open(path).convert("L" if channels == 1 else "RGB")
     except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f"--surrogate_data_dir: cannot read the image {path!r} ({err}); replace or remove it") from None
+        raise InputError(f"`surrogate_data_dir`: cannot read the image {path!r} ({err}); replace or remove it") from None
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
@@ -133,7 +134,7 @@ def _build_set(pipe, output_dir: str, rows: list[dict], settings: dict, resoluti
         with open(settings_path) as f:
             existing = json.load(f)
         if existing != json.loads(json.dumps(settings)):
-            raise ValueError(
+            raise InputError(
                 f"{output_dir!r} holds a set made with other settings; choose another folder or delete it"
             )
     elif is_main:
@@ -202,9 +203,9 @@ def _common_settings(pipe, resolution, guidance_scale, num_inference_steps, seed
     }
 
 
-def _check_count(value: int, flag: str) -> None:
+def _check_count(value: int, parameter: str) -> None:
     if value <= 0:
-        raise ValueError(f"{flag} must be a positive integer, got {value}")
+        raise InputError(f"`{parameter}` must be a positive integer, got {value}")
 
 
 def generate_surrogate_set(
@@ -228,35 +229,35 @@ def generate_surrogate_set(
     prompt works the same way; a list gives each forget prompt its own, paired in order), ``surrogate_data_dir`` (the user's own images) or ``surrogate_type``
     (``uniform_noise``/``gaussian_noise`` images in [-1, 1], encoded by the VAE).
     """
-    forget_prompts = check_prompts(forget_prompts, "--forget_prompt")
-    _check_count(num_images, "--num_surrogate_images")
+    forget_prompts = check_prompts(forget_prompts, "forget_prompt")
+    _check_count(num_images, "num_surrogate_images")
     given = [x is not None for x in (surrogate_prompt, surrogate_data_dir, surrogate_type)]
     if sum(given) != 1:
-        raise ValueError(
-            "give exactly one surrogate source: --surrogate_prompt, --surrogate_data_dir or --surrogate_type"
+        raise InputError(
+            "give exactly one surrogate source: `surrogate_prompt`, `surrogate_data_dir` or `surrogate_type`"
         )
     resolution = check_resolution(pipe, default_resolution(pipe) if resolution is None else resolution)
     if surrogate_prompt is not None:
         # One surrogate for every forget prompt, or one each, paired in order (image i: forget prompt
         # i mod F with surrogate i mod F).
-        sources = check_prompts([surrogate_prompt] if isinstance(surrogate_prompt, str) else list(surrogate_prompt), "--surrogate_prompt")
+        sources = check_prompts([surrogate_prompt] if isinstance(surrogate_prompt, str) else list(surrogate_prompt), "surrogate_prompt")
         if len(sources) not in (1, len(forget_prompts)):
-            raise ValueError(f"{len(sources)} --surrogate_prompt for {len(forget_prompts)} forget prompts: give one "
+            raise InputError(f"{len(sources)} `surrogate_prompt` for {len(forget_prompts)} forget prompts: give one "
                              "surrogate for all of them, or one per forget prompt (paired in order)")
         kind = "prompt"
     elif surrogate_data_dir is not None:
         folder = os.path.abspath(os.fspath(surrogate_data_dir))
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--surrogate_data_dir {folder!r} is not a folder")
+            raise MissingInputError(f"`surrogate_data_dir` {folder!r} is not a folder")
         sources = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if p.lower().endswith(IMAGE_EXTENSIONS))
         if not sources:
-            raise ValueError(f"--surrogate_data_dir {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise InputError(f"`surrogate_data_dir` {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         kind = "images"
     else:
         if surrogate_type == "noise":
             surrogate_type = "uniform_noise"
         if surrogate_type not in SURROGATE_TYPES:
-            raise ValueError(f"--surrogate_type must be 'noise', {' or '.join(SURROGATE_TYPES)}; got {surrogate_type!r}")
+            raise InputError(f"`surrogate_type` must be 'noise', {' or '.join(SURROGATE_TYPES)}; got {surrogate_type!r}")
         kind, sources = surrogate_type, [surrogate_type]
     rows = [
         {
@@ -287,8 +288,8 @@ def generate_replay_set(
     show_progress: bool = True,
 ) -> ImageSet:
     """Build the replay set: the frozen pipeline's own samples of the concepts to keep, with their prompts."""
-    prompts = check_prompts(prompts, "--replay_prompts_file")
-    _check_count(num_images_per_prompt, "--num_replay_images_per_prompt")
+    prompts = check_prompts(prompts, "replay_prompts_file")
+    _check_count(num_images_per_prompt, "num_replay_images_per_prompt")
     resolution = check_resolution(pipe, default_resolution(pipe) if resolution is None else resolution)
     rows = []
     for j in range(num_images_per_prompt):
@@ -305,7 +306,7 @@ def load_image_set(folder: str | os.PathLike) -> ImageSet:
     """Load a complete set written by ``generate_surrogate_set``/``generate_replay_set``."""
     folder = os.fspath(folder)
     if not os.path.isfile(os.path.join(folder, "metadata.jsonl")):
-        raise FileNotFoundError(f"{folder!r} is not a complete sa-peft image set (no metadata.jsonl)")
+        raise MissingInputError(f"{folder!r} is not a complete sa-peft image set (no metadata.jsonl)")
     with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
         expected = sum(1 for line in f if line.strip())
     latents, rows = [], []
@@ -315,11 +316,11 @@ def load_image_set(folder: str | os.PathLike) -> ImageSet:
                 latents.append(f.get_tensor("latents"))
                 rows.extend(json.loads(f.metadata()["rows"]))
         except Exception as err:  # noqa: BLE001 (a truncated or foreign file: name it)
-            raise ValueError(f"image set {folder!r}: the shard {os.path.basename(path)!r} cannot be read ({err}); "
+            raise InputError(f"image set {folder!r}: the shard {os.path.basename(path)!r} cannot be read ({err}); "
                              "delete it and rerun the command that made the set to generate it again") from None
     if not latents:
-        raise FileNotFoundError(f"{folder!r} has no latents shards")
+        raise MissingInputError(f"{folder!r} has no latents shards")
     if len(rows) != expected:
-        raise ValueError(f"image set {folder!r} holds {len(rows)} images in its shards but its metadata.jsonl lists "
+        raise InputError(f"image set {folder!r} holds {len(rows)} images in its shards but its metadata.jsonl lists "
                          f"{expected}: a shard is missing; rerun the command that made the set to generate it again")
     return ImageSet(torch.cat(latents), [r["prompt"] for r in rows], rows)

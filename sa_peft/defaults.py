@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import InputError
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_PROMPTS = tuple(f"a handwritten digit {w}" for w in DIGIT_WORDS)
 DEFAULT_REPLAY_PROMPTS_FILE = os.path.join(os.path.dirname(__file__), "resources", "replay_prompts.txt")
@@ -25,7 +27,7 @@ def digits_defaults(forget_prompts: list[str]) -> dict:
     """
     forget = forget_prompts or [DIGIT_PROMPTS[0]]
     if len(forget) >= len(DIGIT_PROMPTS):
-        raise ValueError("every digit is being forgotten: nothing is left to replay or to stand in for them")
+        raise InputError("every digit is being forgotten: nothing is left to replay or to stand in for them")
     return {
         "forget_prompts": forget,
         "surrogate_prompts": [next_digit_surrogate(f, forget) for f in forget],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 
 def noise_scheduler_for(scheduler):
     """The DDPM scheduler with ``scheduler``'s config, for noising training samples.
@@ -27,7 +29,7 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r}; expected 'epsilon' or 'v_prediction'")
+    raise InputError(f"unsupported prediction_type {kind!r}; expected 'epsilon' or 'v_prediction'")
 
 
 def per_sample_diffusion_loss(

@@ -30,6 +30,7 @@ from .classifier import (
     resize_images,
     to_channels,
 )
+from .errors import InputError
 from .io_utils import atomic_path, write_json_atomic, write_text_atomic
 from .models import ddim_sampling
 
@@ -71,8 +72,8 @@ class SampleCache:
                 with open(path) as f:
                     existing = json.load(f)
                 if existing != settings:
-                    raise ValueError(f"sample cache {self.folder!r} holds samples made with other settings; "
-                                     "choose another --output_dir or delete that folder")
+                    raise InputError(f"sample cache {self.folder!r} holds samples made with other settings; "
+                                     "choose another `output_dir` or delete that folder")
             else:
                 write_json_atomic(path, settings)
 
@@ -118,9 +119,9 @@ def iter_samples(
     The pipeline's scheduler is swapped for DDIM and restored afterwards.
     """
     if num_per_prompt <= 0:
-        raise ValueError(f"num_per_prompt must be positive, got {num_per_prompt}")
+        raise InputError(f"num_per_prompt must be positive, got {num_per_prompt}")
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InputError(f"batch_size must be positive, got {batch_size}")
     prompts = list(dict.fromkeys(prompts))
     cache = SampleCache(cache_dir, cache_settings) if cache_dir is not None else None
     parts: dict[str, list[torch.Tensor]] = {}
@@ -198,7 +199,7 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     a = features_a.double().cpu().numpy()
     b = features_b.double().cpu().numpy()
     if len(a) < 2 or len(b) < 2:
-        raise ValueError("a Fréchet distance needs at least two samples per set")
+        raise InputError("a Fréchet distance needs at least two samples per set")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     w, v = np.linalg.eigh(cov_a)
@@ -224,7 +225,7 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
     """
     a, b = features_a.double().cpu(), features_b.double().cpu()
     if len(a) < 2 or len(b) < 2:
-        raise ValueError("KID needs at least two samples per set")
+        raise InputError("KID needs at least two samples per set")
     dim = a.shape[1]
 
     def offdiag_mean(k: torch.Tensor) -> torch.Tensor:
@@ -369,12 +370,12 @@ def _check_labels(retained, label_for_prompt, forget_prompts, forgotten_labels, 
     """A classifier's labels: one per retained prompt (unless ``allow_unlabeled``), all in range."""
     missing = [p for p in retained if label_for_prompt.get(p) is None]
     if missing and not allow_unlabeled:
-        raise ValueError(f"no class label for retained prompt(s) {missing}; every retained prompt needs one")
+        raise InputError(f"no class label for retained prompt(s) {missing}; every retained prompt needs one")
     for c in [*forgotten_labels, *(v for v in label_for_prompt.values() if v is not None)]:
         if not 0 <= int(c) < len(labels):
-            raise ValueError(f"class index {c} is out of range for a classifier with {len(labels)} labels")
+            raise InputError(f"class index {c} is out of range for a classifier with {len(labels)} labels")
     if forget_prompts and not forgotten_labels:
-        raise ValueError("forget prompts were given but no forgotten labels")
+        raise InputError("forget prompts were given but no forgotten labels")
 
 
 def _feature_space(classifier, clip_model):

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from .errors import InputError
 from .fisher import FisherInfo
 from .lora import iter_adapted_layers
 
@@ -59,33 +60,33 @@ class EWCPenalty(torch.nn.Module):
     ) -> None:
         super().__init__()
         if space not in ("full", "lowrank"):
-            raise ValueError(f"--ewc_space must be 'full' or 'lowrank', got {space!r}")
+            raise InputError(f"`ewc_space` must be 'full' or 'lowrank', got {space!r}")
         self.space = space
         self.layers = list(iter_adapted_layers(model, adapter))
         if not self.layers:
-            raise ValueError("the model has no LoRA layers for the EWC penalty; add the forget adapter first")
+            raise InputError("the model has no LoRA layers for the EWC penalty; add the forget adapter first")
         keys = [layer.name + ".weight" for layer in self.layers]
         missing = [k for k in keys if k not in fisher.shapes]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"the Fisher file does not cover {len(missing)} adapted module(s), e.g. {missing[:3]}; recompute it "
-                "with the same --lora_target (or delete --fisher_path so it is recomputed)"
+                "with the same `lora_target` (or delete `fisher_path` so it is recomputed)"
             )
         if space == "full" and not fisher.diagonal:
-            raise ValueError("this Fisher file is factored-only; use --ewc_space lowrank or recompute it in full")
+            raise InputError("this Fisher file is factored-only; use `ewc_space` lowrank or recompute it in full")
         if normalization == "mean":
             total = sum(float(fisher.row_sums[k].double().sum()) for k in keys)
             mean = total / sum(math.prod(fisher.shapes[k]) for k in keys)
             if not mean > 0:
-                raise ValueError("the Fisher is zero on every adapted weight; it cannot weight the penalty")
+                raise InputError("the Fisher is zero on every adapted weight; it cannot weight the penalty")
             self.normalizer = 1.0 / mean
         elif normalization == "none":
             self.normalizer = 1.0
         else:
-            raise ValueError(f"normalization must be 'mean' or 'none', got {normalization!r}")
+            raise InputError(f"normalization must be 'mean' or 'none', got {normalization!r}")
         device = self.layers[0].lora_a.device
         if chunk_elements is not None and chunk_elements < 1:
-            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+            raise InputError(f"chunk_elements must be positive, got {chunk_elements}")
         self.chunk_elements = chunk_elements
         # The Parameter objects themselves: peft keeps them for the adapter's life (dtype casts and
         # state-dict loads change their data in place), and looking them up through ModuleDicts every
@@ -300,20 +301,20 @@ class Rank1FisherPenalty(torch.nn.Module):
         super().__init__()
         self.layers = list(iter_adapted_layers(model, adapter))
         if not self.layers:
-            raise ValueError("the model has no LoRA layers for the rank-1 Fisher penalty; add the forget adapter first")
+            raise InputError("the model has no LoRA layers for the rank-1 Fisher penalty; add the forget adapter first")
         keys = [layer.name + ".weight" for layer in self.layers]
         missing = [k for k in keys if k not in fisher.mean_gradient]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"the Fisher file has no mean gradient for {len(missing)} adapted module(s), e.g. {missing[:3]} (it was "
-                "written by an older sa-peft or factored-only); recompute it (delete --fisher_path) for --fisher_rank1_weight"
+                "written by an older sa-peft or factored-only); recompute it (delete `fisher_path`) for `fisher_rank1_weight`"
             )
         device = self.layers[0].lora_a.device
         self.directions = [fisher.mean_gradient[k].reshape(fisher.mean_gradient[k].shape[0], -1).to(device, torch.float32)
                            for k in keys]
         norm_sq = sum(float(d.double().square().sum()) for d in self.directions)
         if not norm_sq > 0:
-            raise ValueError("the Fisher's mean gradient is zero on every adapted weight; it cannot weight the penalty")
+            raise InputError("the Fisher's mean gradient is zero on every adapted weight; it cannot weight the penalty")
         self.coefficient = sum(math.prod(fisher.shapes[k]) for k in keys) / norm_sq
         self.scales = [layer.scale for layer in self.layers]
         self.lora_a_params = [layer.module.lora_A[layer.adapter].weight for layer in self.layers]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .conditioning import PromptConditioning
 from .diffusion_loss import per_sample_diffusion_loss
+from .errors import InputError, MissingInputError
 from .io_utils import atomic_path
 from .safetensors_header import read_safetensors_header
 
@@ -76,7 +77,7 @@ def base_weights_hash(unet: torch.nn.Module, module_names: Sequence[str]) -> str
     for name in sorted(module_names):
         module = modules.get(name) or modules.get(name + ".base_layer")
         if module is None:
-            raise ValueError(f"module {name!r} is not in the UNet")
+            raise InputError(f"module {name!r} is not in the UNet")
         weight = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
         digest.update(name.encode())
         digest.update(weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -94,11 +95,11 @@ def fisher_timesteps(estimator: str, num_train_timesteps: int, num_timesteps: in
         return torch.arange(num_train_timesteps)
     if estimator == "fast":
         if not 0 < num_timesteps <= num_train_timesteps:
-            raise ValueError(f"--fisher_num_timesteps must be in 1..{num_train_timesteps}, got {num_timesteps}")
+            raise InputError(f"`fisher_num_timesteps` must be in 1..{num_train_timesteps}, got {num_timesteps}")
         edges = torch.linspace(0, num_train_timesteps, num_timesteps + 1)
         offsets = torch.rand(num_timesteps, generator=generator)
         return (edges[:-1] + offsets * (edges[1:] - edges[:-1])).long().clamp(max=num_train_timesteps - 1)
-    raise ValueError(f"--fisher_estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    raise InputError(f"`fisher_estimator` must be one of {ESTIMATORS}, got {estimator!r}")
 
 
 def estimate_fisher(
@@ -123,7 +124,7 @@ def estimate_fisher(
     depend on the number of processes. Noise and timesteps of sample n come from seed ``seed + n``.
     """
     if len(latents) == 0:
-        raise ValueError("no samples to estimate the Fisher from; raise --fisher_num_samples")
+        raise InputError("no samples to estimate the Fisher from; raise `fisher_num_samples`")
     if len(prompt_ids) != len(latents):
         raise ValueError("latents and prompt_ids differ in length")
     modules = dict(unet.named_modules())
@@ -202,7 +203,7 @@ def save_fisher(fisher: FisherInfo, path: str | os.PathLike, factored_only: bool
     for key in fisher.shapes:
         if not factored_only:
             if key not in fisher.diagonal:
-                raise ValueError(f"{key}: this Fisher is factored-only; save it with factored_only=True")
+                raise InputError(f"{key}: this Fisher is factored-only; save it with factored_only=True")
             tensors[f"diag/{key}"] = fisher.diagonal[key].contiguous()
         tensors[f"rows/{key}"] = fisher.row_sums[key].contiguous()
         tensors[f"cols/{key}"] = fisher.col_sums[key].contiguous()
@@ -217,8 +218,8 @@ def save_fisher(fisher: FisherInfo, path: str | os.PathLike, factored_only: bool
 
 
 # Metadata keys a reused Fisher must match, with the flag that sets each.
-FISHER_SETTING_FLAGS = {"estimator": "--fisher_estimator", "num_timesteps": "--fisher_num_timesteps",
-                        "num_samples": "--fisher_num_samples", "seed": "--seed", "prompts_hash": "the replay prompts"}
+FISHER_SETTING_PARAMETERS = {"estimator": "`fisher_estimator`", "num_timesteps": "`fisher_num_timesteps`",
+                             "num_samples": "`fisher_num_samples`", "seed": "`seed`", "prompts_hash": "the replay prompts"}
 
 
 def check_fisher_settings(fisher: FisherInfo, path: str | os.PathLike, expected: dict[str, str]) -> None:
@@ -227,11 +228,11 @@ def check_fisher_settings(fisher: FisherInfo, path: str | os.PathLike, expected:
     Before, a ``--fisher_path`` made with e.g. ``--fisher_estimator reference`` was reused by a run asking
     for ``fast``, and the card claimed ``fast``.
     """
-    differ = [f"{FISHER_SETTING_FLAGS.get(k, k)}: file {fisher.metadata.get(k)!r}, this run {v!r}"
+    differ = [f"{FISHER_SETTING_PARAMETERS.get(k, k)}: file {fisher.metadata.get(k)!r}, this run {v!r}"
               for k, v in expected.items() if fisher.metadata.get(k) != v]
     if differ:
-        raise ValueError(f"--fisher_path {os.fspath(path)!r} was made with other settings ({'; '.join(differ)}); "
-                         "delete the file, pass a new --fisher_path, or run with the file's settings")
+        raise InputError(f"`fisher_path` {os.fspath(path)!r} was made with other settings ({'; '.join(differ)}); "
+                         "delete the file, pass a new `fisher_path`, or run with the file's settings")
 
 
 def load_fisher(
@@ -242,12 +243,12 @@ def load_fisher(
     """Load a Fisher file; with ``unet``/``required_modules`` check it belongs to that base model and covers them."""
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--fisher_path {path!r} does not exist")
+        raise MissingInputError(f"`fisher_path` {path!r} does not exist")
     if not path.endswith(".safetensors"):
-        raise ValueError(f"--fisher_path {path!r}: Fisher files are read only from .safetensors files")
-    metadata = read_safetensors_header(path, "--fisher_path")
+        raise InputError(f"`fisher_path` {path!r}: Fisher files are read only from .safetensors files")
+    metadata = read_safetensors_header(path, "fisher_path")
     if metadata.get("format") != FISHER_FORMAT:
-        raise ValueError(f"--fisher_path {path!r} is not an sa-peft Fisher file (format {metadata.get('format')!r})")
+        raise InputError(f"`fisher_path` {path!r} is not an sa-peft Fisher file (format {metadata.get('format')!r})")
     shapes = {k: tuple(v) for k, v in json.loads(metadata.pop("shapes")).items()}
     factored_only = metadata.pop("factored_only", "false") == "true"
     with safe_open(path, framework="pt") as f:
@@ -260,16 +261,16 @@ def load_fisher(
     if required_modules is not None:
         missing = sorted(set(required_modules) - set(fisher.modules))
         if missing:
-            raise ValueError(
-                f"--fisher_path {path!r} does not cover {len(missing)} module(s) the LoRA adapts, e.g. "
-                f"{missing[:3]}; recompute it for this --lora_target (delete the file or pass a new --fisher_path)"
+            raise InputError(
+                f"`fisher_path` {path!r} does not cover {len(missing)} module(s) the LoRA adapts, e.g. "
+                f"{missing[:3]}; recompute it for this `lora_target` (delete the file or pass a new `fisher_path`)"
             )
     if unet is not None:
         expected = base_weights_hash(unet, fisher.modules)
         if expected != metadata.get("base_weights_hash"):
-            raise ValueError(
-                f"--fisher_path {path!r} was computed for another base model (weights hash differs); "
-                "recompute it for this --pretrained_model_name_or_path (delete the file or pass a new --fisher_path)"
+            raise InputError(
+                f"`fisher_path` {path!r} was computed for another base model (weights hash differs); "
+                "recompute it for this `pretrained_model_name_or_path` (delete the file or pass a new `fisher_path`)"
             )
     return fisher
 

@@ -32,6 +32,7 @@ import torch
 
 from .conditioning import PromptConditioning
 from .diffusion_loss import prediction_target
+from .errors import InputError
 
 DEFAULT_PREFERENCE_THRESHOLD = 0.0
 # Calibrated on the digits (benchmarks/RESULTS.md): at γ = 1, runs whose retained Fréchet distance rose by 10-17 %
@@ -88,13 +89,13 @@ class ForgettingProbe:
         surrogate_prompts: Sequence[str | None] | None = None,
     ) -> None:
         if not (len(forget_prompts) == len(concept_latents) == len(surrogate_latents)) or not forget_prompts:
-            raise ValueError("one set of concept and surrogate probe images is needed per forget prompt")
+            raise InputError("one set of concept and surrogate probe images is needed per forget prompt")
         if num_timesteps <= 0:
-            raise ValueError(f"--forgetting_num_timesteps must be a positive integer, got {num_timesteps}")
+            raise InputError(f"the probe's num_timesteps must be a positive integer, got {num_timesteps}")
         if not -10 <= threshold <= 10:  # finite and sane; ≥ 1 counts even the base model as forgotten
-            raise ValueError(f"--forgetting_threshold must be in [-10, 10], got {threshold}")
+            raise InputError(f"`forgetting_threshold` must be in [-10, 10], got {threshold}")
         if not retention_bound > 0:
-            raise ValueError(f"--retention_bound must be > 0, got {retention_bound}")
+            raise InputError(f"`retention_bound` must be > 0, got {retention_bound}")
         self.conditioning = conditioning
         self.forget_prompts = list(forget_prompts)
         self.threshold = threshold
@@ -105,7 +106,7 @@ class ForgettingProbe:
         for prompt, concept, surrogate in zip(self.forget_prompts, concept_latents, surrogate_latents):
             n = min(len(concept), len(surrogate))
             if n == 0:
-                raise ValueError(f"no probe images for forget prompt {prompt!r}")
+                raise InputError(f"no probe images for forget prompt {prompt!r}")
             ids = torch.full((n,), conditioning.prompts.index(prompt), dtype=torch.long)
             concept_batch = _probe_batch(concept[:n], ids, num_timesteps, num_train_timesteps, generator)
             # The surrogate images of this concept see exactly the concept's timesteps and noise.
@@ -279,7 +280,7 @@ def verdict_lines(forgetting: dict) -> list[str]:
                f"(drift {forgetting.get('retention', 0):.2e} on held-out replay images, bound "
                f"{forgetting.get('retention_bound', 0):.2e})"]
     for prompt, c in concepts.items():
-        attacked = (f", {c['attacked_preference']:+.3f} under the soft-prompt attack (--robust_forgetting)"
+        attacked = (f", {c['attacked_preference']:+.3f} under the soft-prompt attack (`robust_forgetting`)"
                     if "attacked_preference" in c else "")
         lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, forgotten at ≤ "
                      f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}")

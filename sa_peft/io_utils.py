@@ -8,6 +8,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 
+from .errors import ExistingOutputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -41,7 +43,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--output_dir") -> Iterator[str]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, parameter: str = "output_dir") -> Iterator[str]:
     """Yield a temporary folder beside ``path``; on success it takes ``path``'s place.
 
     An existing ``path`` is refused unless ``overwrite`` (then it is replaced only once the new folder is
@@ -51,7 +53,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--
 
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{flag} {path!r} already exists; choose a new folder or pass --overwrite")
+        raise ExistingOutputError(f"`{parameter}` {path!r} already exists; choose a new folder or pass `overwrite`")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)

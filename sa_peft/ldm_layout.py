@@ -23,6 +23,8 @@ import re
 
 import torch
 
+from .errors import InputError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_CLIP_PREFIX = "cond_stage_model.transformer."
@@ -51,16 +53,16 @@ class UnetLayout:
         layers = get("layers_per_block")
         if not isinstance(layers, int):
             if len(set(layers)) != 1:
-                raise ValueError(f"layers_per_block {layers}: the original layout needs the same count in every block")
+                raise InputError(f"layers_per_block {layers}: the original layout needs the same count in every block")
             layers = int(layers[0])
         self.layers = layers
         self.up_has_attention = ["CrossAttn" in t for t in get("up_block_types")]
         for key in ("class_embed_type", "encoder_hid_dim_type"):
             if get(key) is not None:
-                raise ValueError(f"UNet {key}={get(key)!r} has no original-layout mapping here")
+                raise InputError(f"UNet {key}={get(key)!r} has no original-layout mapping here")
         mid = get("mid_block_type", "UNetMidBlock2DCrossAttn")
         if mid not in (None, "UNetMidBlock2DCrossAttn"):
-            raise ValueError(f"UNet mid_block_type {mid!r} has no original-layout mapping here")
+            raise InputError(f"UNet mid_block_type {mid!r} has no original-layout mapping here")
 
     @classmethod
     def of(cls, unet_or_config):

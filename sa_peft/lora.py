@@ -10,6 +10,8 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from .errors import InputError
+
 # Presets follow the official Selective Amnesia / ESD code: "noxattn" (used for nudity) trains
 # everything but cross-attention, the output layer and the time embedding; "all" (celebrities)
 # trains every linear and conv layer.
@@ -52,12 +54,12 @@ def resolve_lora_targets(unet: torch.nn.Module, target: str | Sequence[str]) -> 
         else:
             names = adaptable
         if not names:
-            raise ValueError(f"--lora_target {target!r} matches no Linear/Conv2d module of this UNet")
+            raise InputError(f"`lora_target` {target!r} matches no Linear/Conv2d module of this UNet")
         return names
     entries = [target] if isinstance(target, str) else list(target)
     entries = [e.strip() for part in entries for e in part.split(",") if e.strip()]
     if not entries:
-        raise ValueError(f"--lora_target is empty; use one of {LORA_TARGET_PRESETS} or module names")
+        raise InputError(f"`lora_target` is empty; use one of {LORA_TARGET_PRESETS} or module names")
     names: list[str] = []
     for entry in entries:
         pattern = re.compile(entry) if any(c in entry for c in "*[]()|^$+?\\") else None
@@ -67,8 +69,8 @@ def resolve_lora_targets(unet: torch.nn.Module, target: str | Sequence[str]) -> 
             if n == entry or n.endswith("." + entry) or (pattern is not None and pattern.fullmatch(n))
         ]
         if not hits:
-            raise ValueError(
-                f"--lora_target entry {entry!r} matches no Linear/Conv2d module of the UNet; presets are "
+            raise InputError(
+                f"`lora_target` entry {entry!r} matches no Linear/Conv2d module of the UNet; presets are "
                 f"{', '.join(LORA_TARGET_PRESETS)}, or give names such as 'attn2.to_k' or a regex"
             )
         names.extend(h for h in hits if h not in names)
@@ -80,7 +82,7 @@ def make_lora_config(
 ) -> LoraConfig:
     """A peft ``LoraConfig`` for a forget adapter; ``B`` starts at zero so the adapter starts as a no-op."""
     if rank <= 0:
-        raise ValueError(f"--rank must be a positive integer, got {rank}")
+        raise InputError(f"`rank` must be a positive integer, got {rank}")
     return LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,

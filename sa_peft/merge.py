@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter_io import LORA_COMPONENTS, load_adapter_file, read_adapter_metadata, resolve_adapter_file
+from .errors import InputError
 from .io_utils import atomic_dir, atomic_path
 from .models import SDXL_PIPELINE
 
@@ -50,33 +51,33 @@ def _file_layer_count(tensors: dict[str, torch.Tensor]) -> int:
     return sum(1 for k in tensors if k.endswith((".lora_A.weight", ".lora_down.weight")))
 
 
-def check_lora_weights(loras: Sequence[str], weights: Sequence[float] | None, flag: str = "--lora") -> list[float]:
+def check_lora_weights(loras: Sequence[str], weights: Sequence[float] | None, parameter: str = "lora") -> list[float]:
     """One weight per LoRA (default 1.0 each); errors name the flags."""
     if not loras:
-        raise ValueError(f"no adapter given: pass {flag} PATH (repeatable)")
+        raise InputError(f"no adapter given: pass `{parameter}` PATH (repeatable)")
     if weights is None or len(weights) == 0:
         return [1.0] * len(loras)
     if len(weights) != len(loras):
-        raise ValueError(f"{flag}_weight was given {len(weights)} times for {len(loras)} {flag} values; "
-                         f"give one {flag}_weight per {flag}, in the same order (or none for 1.0 each)")
+        raise InputError(f"`{parameter}_weight` was given {len(weights)} times for {len(loras)} `{parameter}` values; "
+                         f"give one `{parameter}_weight` per `{parameter}`, in the same order (or none for 1.0 each)")
     return [float(w) for w in weights]
 
 
 def stack_forget_loras(pipe, loras: Sequence[str | os.PathLike], weights: Sequence[float] | None = None,
-                       flag: str = "--lora") -> list[str]:
+                       parameter: str = "lora") -> list[str]:
     """Load each LoRA (a ``.safetensors`` file or a training output folder; diffusers or kohya keys) as its own
     adapter with diffusers' ``load_lora_weights`` and activate them together with ``set_adapters(names, weights)``.
 
     Raises if a LoRA's layers do not all attach to this pipeline (diffusers only warns and drops them), which
     happens when it was trained for another base model.
     """
-    weights = check_lora_weights([os.fspath(p) for p in loras], weights, flag)
-    files = [resolve_adapter_file(p, flag) for p in loras]
+    weights = check_lora_weights([os.fspath(p) for p in loras], weights, parameter)
+    files = [resolve_adapter_file(p, parameter) for p in loras]
     names = adapter_names(len(files))
     for name, path in zip(names, files):
-        tensors, _ = load_adapter_file(path, flag)
+        tensors, _ = load_adapter_file(path, parameter)
         expected = _file_layer_count(tensors)
-        base = read_adapter_metadata(path, flag).get("sa_peft", {}).get("base_model")
+        base = read_adapter_metadata(path, parameter).get("sa_peft", {}).get("base_model")
         trained_for = f" (it was trained for {base!r})" if base else ""
         try:
             # From the file, so that diffusers reads the adapter config (alpha, rsLoRA) in its header.
@@ -84,13 +85,13 @@ def stack_forget_loras(pipe, loras: Sequence[str | os.PathLike], weights: Sequen
                                    adapter_name=name, use_safetensors=True)
         except (ValueError, RuntimeError, KeyError) as err:
             reason = " ".join(str(err).split())[:300]
-            raise ValueError(f"{flag} {path!r} does not fit this {type(pipe).__name__}{trained_for} ({reason}); "
-                             "pass the base model it was trained on with --pretrained_model_name_or_path") from None
+            raise InputError(f"`{parameter}` {path!r} does not fit this {type(pipe).__name__}{trained_for} ({reason}); "
+                             "pass the base model it was trained on with `pretrained_model_name_or_path`") from None
         loaded = _loaded_layer_count(pipe, name)
         if loaded != expected:
-            raise ValueError(f"{flag} {path!r}: only {loaded} of its {expected} LoRA layers match this "
+            raise InputError(f"`{parameter}` {path!r}: only {loaded} of its {expected} LoRA layers match this "
                              f"{type(pipe).__name__}{trained_for}; pass the base model it was trained on with "
-                             "--pretrained_model_name_or_path")
+                             "`pretrained_model_name_or_path`")
     pipe.set_adapters(names, adapter_weights=weights)
     return names
 
@@ -136,7 +137,7 @@ def original_layout_state_dict(pipe) -> dict[str, torch.Tensor]:
 
     name = type(pipe).__name__
     if name not in SINGLE_FILE_PIPELINES:
-        raise ValueError(f"single-file checkpoints support {', '.join(SINGLE_FILE_PIPELINES)}, not {name}")
+        raise InputError(f"single-file checkpoints support {', '.join(SINGLE_FILE_PIPELINES)}, not {name}")
 
     def weights(module):
         return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -163,7 +164,7 @@ def save_single_file_checkpoint(pipe, path: str | os.PathLike, info: dict | None
     """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
-        raise ValueError(f"--single_file {path!r} must end in .safetensors")
+        raise InputError(f"`single_file` {path!r} must end in .safetensors")
     tensors = original_layout_state_dict(pipe)
     metadata = {SINGLE_FILE_KEY: SINGLE_FILE_FORMAT, "pipeline_class": type(pipe).__name__,
                 "sa_peft": json.dumps(info or {}, sort_keys=True)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from .errors import InputError
 from .escaping import escape_controls, markdown_cell, markdown_code, python_literal
 from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
@@ -173,7 +174,7 @@ def read_evaluation_metrics(output_dir: str | os.PathLike) -> tuple[dict, dict |
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("before"), dict):
-        raise ValueError(f"{path!r} is not an sa-peft evaluation (no 'before' metrics)")  # noqa: TRY004 (bad file)
+        raise InputError(f"{path!r} is not an sa-peft evaluation (no 'before' metrics)")
     return data["before"], data.get("after")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError, MissingInputError
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"digits": "digits", "digits-classifier": "digits-classifier"}
@@ -24,10 +26,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     alias = name[len(BUILTIN_PREFIX) :]
     if alias not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
-        raise ValueError(f"unknown built-in model {name!r}; known: {known}")
+        raise InputError(f"unknown built-in model {name!r}; known: {known}")
     folder = BUILTIN_DIR / BUILTIN_MODELS[alias]
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"built-in model {name!r} is not installed at {folder}; reinstall sa-peft or run "
             "examples/digits/train_digits_model.py to build it"
         )
@@ -51,13 +53,13 @@ def load_pipeline(
     path = resolve_model_path(name_or_path)
     if os.path.exists(path):
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise ValueError(
-                f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline folder (no "
+            raise InputError(
+                f"`pretrained_model_name_or_path` {path!r} is not a diffusers pipeline folder (no "
                 "model_index.json); pass a folder written by save_pretrained, a hub id, or builtin:digits"
             )
     elif str(name_or_path).count("/") != 1 or os.path.isabs(path) or path.startswith((".", "~")):
-        raise FileNotFoundError(
-            f"--pretrained_model_name_or_path {path!r}: no such folder, and it does not look like a hub id "
+        raise MissingInputError(
+            f"`pretrained_model_name_or_path` {path!r}: no such folder, and it does not look like a hub id "
             "(owner/name)"
         )
     pipe = DiffusionPipeline.from_pretrained(

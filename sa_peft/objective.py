@@ -22,6 +22,7 @@ import torch
 
 from .conditioning import PromptConditioning
 from .diffusion_loss import per_sample_diffusion_loss, prediction_target, snr_weights
+from .errors import InputError
 
 REPLAY_TARGETS = ("noise", "distill")
 
@@ -55,7 +56,7 @@ class SALoss:
         return {"loss": self.total.item(), "forget": self.forget.item(), "replay": self.replay.item(), "ewc": self.ewc.item()}
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(InputError):
     """The training loss became NaN or infinite; the run stops before anything is saved (a ValueError: the
     settings caused it, and the message names the flags to change)."""
 
@@ -67,7 +68,7 @@ def check_finite_loss(loss: SALoss, step: int) -> None:
         return
     parts = ", ".join(f"{k} {v}" for k, v in loss.parts().items())
     raise NonFiniteLossError(f"the training loss is not finite at step {step} ({parts}); no adapter was written. "
-                             "Lower --learning_rate, --ewc_lambda or --noise_offset, or train without --mixed_precision fp16")
+                             "Lower `learning_rate`, `ewc_lambda` or `noise_offset`, or train without `mixed_precision` fp16")
 
 
 def selective_amnesia_loss(
@@ -97,7 +98,7 @@ def selective_amnesia_loss(
     ``base_conditioning`` (default ``conditioning``; the frozen text encoder's, when it is trained).
     """
     if replay_target not in REPLAY_TARGETS:
-        raise ValueError(f"--replay_target must be one of {REPLAY_TARGETS}, got {replay_target!r}")
+        raise InputError(f"`replay_target` must be one of {REPLAY_TARGETS}, got {replay_target!r}")
     use_replay = replay_latents is not None and len(replay_latents) > 0 and replay_weight != 0
     latents = torch.cat([surrogate_latents, replay_latents]) if use_replay else surrogate_latents
     prompt_ids = torch.cat([surrogate_prompt_ids, replay_prompt_ids]) if use_replay else surrogate_prompt_ids

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .conditioning import PromptConditioning, encode_prompts
 from .data import ImageSet, generate_replay_set, generate_surrogate_set
+from .errors import InputError
 from .fisher import FisherInfo, check_fisher_settings, estimate_fisher, load_fisher, prompts_hash, save_fisher
 from .forgetting import ForgettingProbe
 from .run_lock import file_lock
@@ -117,8 +118,8 @@ def estimate_fisher_on_set(unet, scheduler, image_set: ImageSet, conditioning: P
                            show_progress: bool = True) -> FisherInfo:
     """The Fisher of ``targets``' weights on the first ``num_samples`` samples of ``image_set``."""
     if len(image_set.latents) < num_samples:
-        raise ValueError(f"the image set holds {len(image_set.latents)} samples, fewer than --fisher_num_samples "
-                         f"{num_samples}; lower --fisher_num_samples or generate a larger set")
+        raise InputError(f"the image set holds {len(image_set.latents)} samples, fewer than `fisher_num_samples` "
+                         f"{num_samples}; lower `fisher_num_samples` or generate a larger set")
     used = ImageSet(image_set.latents[:num_samples], image_set.prompts[:num_samples], image_set.rows[:num_samples])
     ids = used.prompt_ids(conditioning.prompts)  # only the used samples' prompts need be encoded
     return estimate_fisher(unet, scheduler, used.latents, ids, conditioning, targets,
@@ -140,7 +141,7 @@ def load_or_estimate_fisher(unet, scheduler, replay: ImageSet, conditioning: Pro
                 "num_timesteps": str(fisher_num_timesteps(estimator, num_timesteps, scheduler)), "seed": str(seed),
                 "prompts_hash": prompts_hash([conditioning.prompts[i] for i in ids.tolist()])}
     main_process = accelerator is None or accelerator.is_main_process
-    with file_lock(path, "--fisher_path") if main_process else contextlib.nullcontext():
+    with file_lock(path, "fisher_path") if main_process else contextlib.nullcontext():
         if os.path.exists(path):
             fisher = load_fisher(path, unet=unet, required_modules=targets)
             check_fisher_settings(fisher, path, expected)

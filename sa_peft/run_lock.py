@@ -17,11 +17,13 @@ import socket
 import time
 from collections.abc import Iterator
 
+from .errors import ExistingOutputError
+
 LOCK_NAME = ".sa-peft.lock"
 TEMP_PREFIXES = (".tmp-", ".old-")
 
 
-class RunLockedError(FileExistsError):
+class RunLockedError(ExistingOutputError):
     """Another live run holds the folder."""
 
 
@@ -70,7 +72,7 @@ def _try_create(path: str, owner: dict) -> bool:
     return True
 
 
-def acquire(lock_path: str, flag: str) -> dict:
+def acquire(lock_path: str, parameter: str) -> dict:
     """Create ``lock_path`` for this process; refuse (``RunLockedError``) when a live run holds it."""
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "start_tick": _process_start_tick(os.getpid()),
@@ -82,12 +84,12 @@ def acquire(lock_path: str, flag: str) -> dict:
         if _alive(held) and held:
             folder = os.path.dirname(lock_path) or "."
             raise RunLockedError(
-                f"{flag} {folder!r} is in use by another sa-peft run (PID {held.get('pid')} on {held.get('host')}, "
-                f"started {held.get('started')}); wait for it to end or choose another {flag}. If that run is gone, "
+                f"`{parameter}` {folder!r} is in use by another sa-peft run (PID {held.get('pid')} on {held.get('host')}, "
+                f"started {held.get('started')}); wait for it to end or choose another `{parameter}`. If that run is gone, "
                 f"delete {lock_path!r}")
         with contextlib.suppress(FileNotFoundError):  # stale: the owner was killed; take it over
             os.remove(lock_path)
-    raise RunLockedError(f"{flag}: could not take the lock {lock_path!r}; another run keeps taking it")
+    raise RunLockedError(f"`{parameter}`: could not take the lock {lock_path!r}; another run keeps taking it")
 
 
 def release(lock_path: str, owner: dict) -> None:
@@ -120,7 +122,7 @@ def remove_leftover_temporaries(folder: str, max_depth: int = 3) -> list[str]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, flag: str, clean: bool = True, enabled: bool = True) -> Iterator[None]:
+def folder_lock(folder: str | os.PathLike, parameter: str, clean: bool = True, enabled: bool = True) -> Iterator[None]:
     """Hold ``folder``'s lock for the block; with ``clean``, first remove leftover temporaries in it.
 
     ``enabled=False`` (non-main processes of a distributed run) makes it a no-op: the main process
@@ -131,7 +133,7 @@ def folder_lock(folder: str | os.PathLike, flag: str, clean: bool = True, enable
         return
     folder = os.fspath(folder)
     lock_path = os.path.join(folder, LOCK_NAME)
-    owner = acquire(lock_path, flag)
+    owner = acquire(lock_path, parameter)
     try:
         if clean:
             remove_leftover_temporaries(folder)
@@ -141,10 +143,10 @@ def folder_lock(folder: str | os.PathLike, flag: str, clean: bool = True, enable
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, flag: str) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, parameter: str) -> Iterator[None]:
     """Hold a lock beside the file ``path`` (``<path>.lock``) for the block, e.g. a shared Fisher file."""
     lock_path = os.fspath(path) + ".lock"
-    owner = acquire(lock_path, flag)
+    owner = acquire(lock_path, parameter)
     try:
         yield
     finally:

@@ -11,6 +11,8 @@ import shutil
 
 import torch
 
+from .errors import InputError, MissingDependencyError
+
 
 def settings_key(settings: dict) -> str:
     """A short hash naming a cached phase's output by everything that determines it."""
@@ -20,7 +22,7 @@ def settings_key(settings: dict) -> str:
 def require_bitsandbytes():
     """Import bitsandbytes or say how to get it (``--use_8bit_adam``)."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("--use_8bit_adam needs bitsandbytes: pip install 'sa-peft[bnb]' (or drop --use_8bit_adam)")
+        raise MissingDependencyError("`use_8bit_adam` needs bitsandbytes: pip install 'sa-peft[bnb]' (or drop `use_8bit_adam`)")
     import bitsandbytes
 
     return bitsandbytes
@@ -29,12 +31,12 @@ def require_bitsandbytes():
 def require_xformers() -> None:
     """Fail early when ``--enable_xformers_memory_efficient_attention`` cannot work."""
     if importlib.util.find_spec("xformers") is None:
-        raise ImportError(
-            "--enable_xformers_memory_efficient_attention needs xformers (GPU only): pip install 'sa-peft[xformers]', "
+        raise MissingDependencyError(
+            "`enable_xformers_memory_efficient_attention` needs xformers (GPU only): pip install 'sa-peft[xformers]', "
             "or drop the flag to use PyTorch's scaled-dot-product attention"
         )
     if not torch.cuda.is_available():
-        raise RuntimeError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU")
+        raise MissingDependencyError("`enable_xformers_memory_efficient_attention` needs a CUDA GPU; drop the flag on CPU")
 
 
 def check_mixed_precision(mode: str | None, device_type: str) -> None:
@@ -44,8 +46,8 @@ def check_mixed_precision(mode: str | None, device_type: str) -> None:
     CPU autocast runs in bfloat16 only.
     """
     if mode == "fp16" and device_type != "cuda":
-        raise ValueError(f"--mixed_precision fp16 needs a CUDA GPU (this run is on {device_type}); use "
-                         "--mixed_precision bf16 or no on CPU (or `accelerate config` without fp16)")
+        raise InputError(f"`mixed_precision` fp16 needs a CUDA GPU (this run is on {device_type}); use "
+                         "`mixed_precision` bf16 or no on CPU (or `accelerate config` without fp16)")
 
 
 def make_optimizer(params, learning_rate: float, betas: tuple[float, float], weight_decay: float, eps: float,

@@ -180,34 +180,34 @@ def test_settings_mismatch_is_an_error(tiny_pipe, tmp_path):
 def test_bad_inputs_name_the_flag(tiny_pipe, tmp_path):
     out = tmp_path / "s"
     noise = dict(surrogate_type="noise", **FAST)
-    with pytest.raises(ValueError, match="--forget_prompt"):
+    with pytest.raises(ValueError, match="`forget_prompt`"):
         generate_surrogate_set(tiny_pipe, out, [], 2, **noise)
-    with pytest.raises(ValueError, match="--forget_prompt"):
+    with pytest.raises(ValueError, match="`forget_prompt`"):
         generate_surrogate_set(tiny_pipe, out, ["brad pitt", "  "], 2, **noise)
     for n in (0, -3):
-        with pytest.raises(ValueError, match="--num_surrogate_images"):
+        with pytest.raises(ValueError, match="`num_surrogate_images`"):
             generate_surrogate_set(tiny_pipe, out, ["brad pitt"], n, **noise)
-        with pytest.raises(ValueError, match="--num_replay_images_per_prompt"):
+        with pytest.raises(ValueError, match="`num_replay_images_per_prompt`"):
             generate_replay_set(tiny_pipe, out, ["a cat"], n, **FAST)
     with pytest.raises(ValueError, match="exactly one surrogate source"):
         generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, **FAST)
     with pytest.raises(ValueError, match="exactly one surrogate source"):
         generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_prompt="a man", **noise)
-    with pytest.raises(ValueError, match="--surrogate_type"):
+    with pytest.raises(ValueError, match="`surrogate_type`"):
         generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_type="pink_noise", **FAST)
-    with pytest.raises(ValueError, match="--surrogate_prompt"):
+    with pytest.raises(ValueError, match="`surrogate_prompt`"):
         generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_prompt=" ", **FAST)
     for resolution in (33, 0, -4):
-        with pytest.raises(ValueError, match="--resolution"):
+        with pytest.raises(ValueError, match="`resolution`"):
             generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, resolution=resolution, **noise)
-        with pytest.raises(ValueError, match="--resolution"):
+        with pytest.raises(ValueError, match="`resolution`"):
             generate_replay_set(tiny_pipe, out, ["a cat"], 1, resolution=resolution, **FAST)
-    with pytest.raises(ValueError, match="--replay_prompts_file"):
+    with pytest.raises(ValueError, match="`replay_prompts_file`"):
         generate_replay_set(tiny_pipe, out, [], 1, **FAST)
-    with pytest.raises(FileNotFoundError, match="--surrogate_data_dir"):
+    with pytest.raises(FileNotFoundError, match="`surrogate_data_dir`"):
         generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_data_dir=tmp_path / "missing", **FAST)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="--surrogate_data_dir"):
+    with pytest.raises(ValueError, match="`surrogate_data_dir`"):
         generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_data_dir=tmp_path / "empty", **FAST)
     assert not out.exists()  # nothing is written before the inputs are checked
 
@@ -216,7 +216,7 @@ def test_check_resolution(tiny_pipe):
     assert tiny_pipe.vae_scale_factor == 2
     assert check_resolution(tiny_pipe, 16) == 16
     for bad in (17, 12, 0, -16):  # 12 is a multiple of the VAE factor but not of 8, which the pipelines need
-        with pytest.raises(ValueError, match=f"--resolution {bad} is not a positive multiple"):
+        with pytest.raises(ValueError, match=f"`resolution` {bad} is not a positive multiple"):
             check_resolution(tiny_pipe, bad)
 
 
@@ -228,14 +228,14 @@ def test_other_resolution(tiny_pipe, tmp_path):
 def test_read_prompts_file(tmp_path):
     good = tmp_path / "prompts.txt"
     good.write_text("a photo of a cat\n\n  a red car  \n")
-    assert read_prompts_file(good, "--prompts_file") == ["a photo of a cat", "a red car"]
+    assert read_prompts_file(good, "prompts_file") == ["a photo of a cat", "a red car"]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n   \n")
-    with pytest.raises(ValueError, match="--prompts_file .* has no prompts"):
-        read_prompts_file(empty, "--prompts_file")
-    with pytest.raises(FileNotFoundError, match="--replay_prompts_file .* does not exist"):
-        read_prompts_file(tmp_path / "missing.txt", "--replay_prompts_file")
-    assert check_prompts([" a ", "b"], "--x") == ["a", "b"]
+    with pytest.raises(ValueError, match="`prompts_file` .* has no prompts"):
+        read_prompts_file(empty, "prompts_file")
+    with pytest.raises(FileNotFoundError, match="`replay_prompts_file` .* does not exist"):
+        read_prompts_file(tmp_path / "missing.txt", "replay_prompts_file")
+    assert check_prompts([" a ", "b"], "x") == ["a", "b"]
 
 
 def test_load_image_set_rejects_incomplete_folders(tmp_path):
@@ -307,7 +307,7 @@ def test_gaussian_noise_surrogate_is_half_a_standard_normal_clipped(tiny_pipe, t
 
 
 def test_load_image_center_crops_and_scales_to_minus_one_one(tmp_path):
-    """A centre square, resized to --resolution, as float32 in [-1, 1] (pixel / 127.5 − 1), grey or RGB."""
+    """A centre square, resized to `resolution`, as float32 in [-1, 1] (pixel / 127.5 − 1), grey or RGB."""
     import numpy as np
 
     from sa_peft.data import _load_image
@@ -330,7 +330,7 @@ def test_load_image_center_crops_and_scales_to_minus_one_one(tmp_path):
     assert _load_image(str(path), 8, 3).shape == (3, 8, 4 * 2)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"^--surrogate_data_dir: cannot read the image '.*bad\.png' \(.*\); replace or "
+    with pytest.raises(ValueError, match=r"^`surrogate_data_dir`: cannot read the image '.*bad\.png' \(.*\); replace or "
                                          r"remove it$"):
         _load_image(str(bad), 4, 3)
 
@@ -372,11 +372,11 @@ def test_set_builders_pass_their_defaults_settings_and_rows(tiny_pipe, tmp_path,
 
 
 def test_count_and_prompt_errors_are_whole_sentences(tiny_pipe, tmp_path):
-    with pytest.raises(ValueError, match="^--num_replay_images_per_prompt must be a positive integer, got 0$"):
+    with pytest.raises(ValueError, match="^`num_replay_images_per_prompt` must be a positive integer, got 0$"):
         generate_replay_set(tiny_pipe, tmp_path, ["a cat"], 0)
-    with pytest.raises(ValueError, match="^--num_surrogate_images must be a positive integer, got -1$"):
+    with pytest.raises(ValueError, match="^`num_surrogate_images` must be a positive integer, got -1$"):
         generate_surrogate_set(tiny_pipe, tmp_path, ["brad pitt"], -1, surrogate_type="noise")
-    with pytest.raises(ValueError, match="^--replay_prompts_file: no prompts given$"):
+    with pytest.raises(ValueError, match="^`replay_prompts_file`: no prompts given$"):
         generate_replay_set(tiny_pipe, tmp_path, [], 1)
 
 
@@ -391,8 +391,8 @@ def test_builders_pass_paired_surrogate_prompts_and_the_accelerator(tiny_pipe, t
     assert surrogate[3]["sources"] == ["a man", "a cat"]
     assert [(r["prompt"], r["source"]) for r in surrogate[2]] == [("brad pitt", "a man"), ("a dog", "a cat")] * 2
     assert surrogate[7] is accelerator and replay[7] is accelerator
-    with pytest.raises(ValueError, match="^--forget_prompt: no prompts given$"):
+    with pytest.raises(ValueError, match="^`forget_prompt`: no prompts given$"):
         generate_surrogate_set(tiny_pipe, tmp_path, [], 1, surrogate_type="noise")
-    with pytest.raises(ValueError, match="^give exactly one surrogate source: --surrogate_prompt, --surrogate_data_dir or "
-                                         "--surrogate_type$"):
+    with pytest.raises(ValueError, match="^give exactly one surrogate source: `surrogate_prompt`, `surrogate_data_dir` or "
+                                         "`surrogate_type`$"):
         generate_surrogate_set(tiny_pipe, tmp_path, ["brad pitt"], 1)

@@ -199,11 +199,11 @@ def test_evaluate_command_label_resolution_and_errors(tmp_path):
     labels = [f"c{i}" for i in range(3)]
     mapping, forgotten = before_after.resolve_labels(["x c1", "y"], ["c1", "2"], ["z c0"], None, labels)
     assert mapping == {"x c1": 1, "y": 2, "z c0": 0} and forgotten == [0]
-    with pytest.raises(ValueError, match="--label"):
+    with pytest.raises(ValueError, match="`label`"):
         before_after.resolve_labels(["a photo of a cat"], None, [], None, labels)
     with pytest.raises(ValueError, match="one per prompt"):
         before_after.resolve_labels(["x c1", "y c2"], ["c1"], [], None, labels)
-    with pytest.raises(ValueError, match="--forget_label"):
+    with pytest.raises(ValueError, match="`forget_label`"):
         before_after.resolve_labels(["x c1"], None, ["brad pitt"], None, labels)
     _, forgotten = before_after.resolve_labels(["x c1"], None, ["brad pitt"], ["c2"], labels)
     assert forgotten == [2]
@@ -213,7 +213,7 @@ def test_evaluate_command_label_resolution_and_errors(tmp_path):
         stack_forget_loras(None, [str(bad)], [])
     with pytest.raises(FileNotFoundError):
         stack_forget_loras(None, [str(tmp_path / "missing")], [])
-    with pytest.raises(ValueError, match="--lora_weight"):
+    with pytest.raises(ValueError, match="`lora_weight`"):
         stack_forget_loras(None, [str(bad)], [1.0, 2.0])
 
 

@@ -256,7 +256,7 @@ def test_fisher_missing_an_adapted_module_is_a_clear_error():
 def test_bad_arguments():
     unet, names = adapted_unet("xattn", rank=2)
     fisher = random_fisher(unet, names)
-    with pytest.raises(ValueError, match="--ewc_space"):
+    with pytest.raises(ValueError, match="`ewc_space`"):
         EWCPenalty(unet, fisher, space="diagonal")
     with pytest.raises(ValueError, match="chunk_elements"):
         EWCPenalty(unet, fisher, chunk_elements=0)
@@ -405,7 +405,7 @@ def test_rank1_penalty_refuses_bad_fishers_and_models():
     with pytest.raises(ValueError, match="the model has no LoRA layers for the rank-1 Fisher penalty; add the forget"):
         Rank1FisherPenalty(build_tiny_pipeline().unet, fisher)
     partial = FisherInfo.from_diagonal(fisher.diagonal, {}, {k: v for k, v in list(fisher.mean_gradient.items())[1:]})
-    with pytest.raises(ValueError, match=r"no mean gradient for 1 adapted module\(s\).*recompute it \(delete --fisher_path\)"):
+    with pytest.raises(ValueError, match=r"no mean gradient for 1 adapted module\(s\).*recompute it \(delete `fisher_path`\)"):
         Rank1FisherPenalty(unet, partial)
     zero = FisherInfo.from_diagonal(fisher.diagonal, {}, {k: torch.zeros_like(v) for k, v in fisher.mean_gradient.items()})
     with pytest.raises(ValueError, match="the Fisher's mean gradient is zero on every adapted weight"):
@@ -469,7 +469,7 @@ def test_rank1_penalty_errors_are_whole_sentences():
         Rank1FisherPenalty(unet, FisherInfo.from_diagonal(fisher.diagonal, {}, kept))
     assert str(info.value) == (
         f"the Fisher file has no mean gradient for 4 adapted module(s), e.g. {missing[:3]} (it was written by an older "
-        "sa-peft or factored-only); recompute it (delete --fisher_path) for --fisher_rank1_weight")
+        "sa-peft or factored-only); recompute it (delete `fisher_path`) for `fisher_rank1_weight`")
     zero = FisherInfo.from_diagonal(fisher.diagonal, {}, {k: torch.zeros_like(v) for k, v in fisher.mean_gradient.items()})
     with pytest.raises(ValueError, match="^the Fisher's mean gradient is zero on every adapted weight; it cannot weight "
                                          "the penalty$"):

@@ -474,22 +474,22 @@ def test_check_lora_file_accepts_lora_keys_and_refuses_other_files_naming_the_fl
         folder.mkdir()
         save_file({key: torch.zeros(2, 2)}, str(folder / LORA_WEIGHT_NAME))
         assert check_lora_file(folder) == str(folder / LORA_WEIGHT_NAME)
-        assert check_lora_file(folder / LORA_WEIGHT_NAME, "--x") == str(folder / LORA_WEIGHT_NAME)
+        assert check_lora_file(folder / LORA_WEIGHT_NAME, "x") == str(folder / LORA_WEIGHT_NAME)
     plain = tmp_path / "weights.safetensors"
     save_file({"conv_in.weight": torch.zeros(2, 2), "conv_in.lora_B.weight": torch.zeros(2, 2)}, str(plain))
     with pytest.raises(ValueError) as info:
-        check_lora_file(plain, "--adapter")
-    assert str(info.value) == (f"--adapter {str(plain)!r}: 'weights.safetensors' holds no LoRA weights (no lora_A/lora_down "
+        check_lora_file(plain, "adapter")
+    assert str(info.value) == (f"`adapter` {str(plain)!r}: 'weights.safetensors' holds no LoRA weights (no lora_A/lora_down "
                                "keys); pass a forget LoRA written by sa-peft or diffusers' save_lora_weights")
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match=r"^--adapter '.*broken\.safetensors' is not a valid safetensors file \(.*\); "
+    with pytest.raises(ValueError, match=r"^`adapter` '.*broken\.safetensors' is not a valid safetensors file \(.*\); "
                                          r"pass an adapter written by sa-peft or diffusers' save_lora_weights$"):
-        check_lora_file(broken, "--adapter")
-    with pytest.raises(FileNotFoundError, match="^--lora '.*missing': no such file or folder$"):
+        check_lora_file(broken, "adapter")
+    with pytest.raises(FileNotFoundError, match="^`lora` '.*missing': no such file or folder$"):
         check_lora_file(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="^--adapter '.*missing': no such file or folder$"):
-        check_lora_file(tmp_path / "missing", "--adapter")
+    with pytest.raises(FileNotFoundError, match="^`adapter` '.*missing': no such file or folder$"):
+        check_lora_file(tmp_path / "missing", "adapter")
 
 
 def test_local_unet_layout_never_downloads(monkeypatch):

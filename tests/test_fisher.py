@@ -259,9 +259,9 @@ def test_estimate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown UNet modules"):
         estimate_fisher(*args, latents, prompt_ids, conditioning, ["conv_in", "no.such.module"], show_progress=False)
     for k in (0, 1001):
-        with pytest.raises(ValueError, match="--fisher_num_timesteps"):
+        with pytest.raises(ValueError, match="`fisher_num_timesteps`"):
             estimate_fisher(*args, latents, prompt_ids, conditioning, MODULES, num_timesteps=k, show_progress=False)
-    with pytest.raises(ValueError, match="--fisher_estimator"):
+    with pytest.raises(ValueError, match="`fisher_estimator`"):
         estimate_fisher(*args, latents, prompt_ids, conditioning, MODULES, estimator="exact", show_progress=False)
 
 
@@ -343,9 +343,9 @@ def test_check_fisher_settings_names_every_differing_setting_and_its_flag(tmp_pa
         check_fisher_settings(fisher, path, {"estimator": "fast", "num_timesteps": "8", "seed": "3", "custom": "b",
                                              "prompts_hash": "abc"})
     assert str(info.value) == (
-        f"--fisher_path {str(path)!r} was made with other settings (--fisher_estimator: file 'reference', this run 'fast'; "
-        "--seed: file '0', this run '3'; custom: file 'a', this run 'b'; the replay prompts: file None, this run 'abc'); "
-        "delete the file, pass a new --fisher_path, or run with the file's settings")
+        f"`fisher_path` {str(path)!r} was made with other settings (`fisher_estimator`: file 'reference', this run 'fast'; "
+        "`seed`: file '0', this run '3'; custom: file 'a', this run 'b'; the replay prompts: file None, this run 'abc'); "
+        "delete the file, pass a new `fisher_path`, or run with the file's settings")
 
 
 def test_load_checks_base_model_and_coverage(tmp_path, estimated):
@@ -385,7 +385,7 @@ def test_load_errors_name_the_flag_and_the_foreign_format(tmp_path, estimated):
     _, _, fisher = estimated
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 this is not a safetensors file" * 10)
-    with pytest.raises(ValueError, match=r"^--fisher_path '.*garbage\.safetensors' is not a valid safetensors file"):
+    with pytest.raises(ValueError, match=r"^`fisher_path` '.*garbage\.safetensors' is not a valid safetensors file"):
         load_fisher(garbage)
     other = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "pt"})
@@ -408,14 +408,14 @@ def test_load_mismatch_errors_say_what_to_do(tmp_path, estimated):
     path = tmp_path / "fisher.safetensors"
     save_fisher(fisher, path)
     with pytest.raises(ValueError, match=r"was computed for another base model \(weights hash differs\); recompute it for "
-                                         r"this --pretrained_model_name_or_path \(delete the file or pass a new --fisher_path\)$"):
+                                         r"this `pretrained_model_name_or_path` \(delete the file or pass a new `fisher_path`\)$"):
         load_fisher(path, unet=build_tiny_pipeline(seed=1).unet)
     extra = ["conv_out", "time_embedding.linear_1", "time_embedding.linear_2", "down_blocks.0.resnets.0.conv1"]
     with pytest.raises(ValueError) as info:
         load_fisher(path, required_modules=[*modules, *extra])
     assert str(info.value) == (
-        f"--fisher_path {str(path)!r} does not cover 4 module(s) the LoRA adapts, e.g. {sorted(extra)[:3]}; recompute it "
-        "for this --lora_target (delete the file or pass a new --fisher_path)")
+        f"`fisher_path` {str(path)!r} does not cover 4 module(s) the LoRA adapts, e.g. {sorted(extra)[:3]}; recompute it "
+        "for this `lora_target` (delete the file or pass a new `fisher_path`)")
 
 
 def test_timestep_chunks_accumulate_into_one_per_sample_gradient():

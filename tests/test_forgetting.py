@@ -116,7 +116,7 @@ def test_probe_measures_one_for_the_frozen_model_and_moves_with_the_adapter(tiny
 def test_probe_rejects_bad_settings(tiny_pipe):
     cond = encode_prompts(tiny_pipe, PROMPTS)
     x = torch.zeros(2, 4, 8, 8)
-    with pytest.raises(ValueError, match="--forgetting_threshold"):
+    with pytest.raises(ValueError, match="`forgetting_threshold`"):
         ForgettingProbe(cond, ["brad pitt"], [x], [x], x, torch.ones(2, dtype=torch.long), 1000, threshold=float("nan"))
     with pytest.raises(ValueError, match="per forget prompt"):
         ForgettingProbe(cond, ["brad pitt"], [x, x], [x], x, torch.ones(2, dtype=torch.long), 1000)
@@ -144,7 +144,7 @@ def test_distilled_replay_is_zero_for_a_no_op_adapter_and_measures_the_drift_oth
     drift.total.backward()  # the frozen pass must not cut the adapted pass's gradients
     grads = [layer.module.lora_B["default"].weight.grad for layer in iter_adapted_layers(unet)]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    with pytest.raises(ValueError, match="--replay_target"):
+    with pytest.raises(ValueError, match="`replay_target`"):
         loss("frozen")
 
 

@@ -82,7 +82,7 @@ def test_empty_target(unet):
 
 @pytest.mark.parametrize("rank", [0, -2])
 def test_rank_must_be_positive(rank):
-    with pytest.raises(ValueError, match="--rank"):
+    with pytest.raises(ValueError, match="`rank`"):
         make_lora_config(["conv_in"], rank)
 
 

@@ -233,7 +233,7 @@ def test_save_merged_pipeline_refuses_an_existing_folder_unless_overwrite(tmp_pa
         calls.append(kwargs), open(os.path.join(folder, f"model-{len(calls)}.safetensors"), "w").close()))
     out = tmp_path / "out"
     assert save_merged_pipeline(pipe, out) == os.fspath(out)
-    with pytest.raises(FileExistsError, match="already exists; choose a new folder or pass --overwrite"):
+    with pytest.raises(FileExistsError, match="already exists; choose a new folder or pass `overwrite`"):
         save_merged_pipeline(pipe, out)
     assert os.listdir(out) == ["model-1.safetensors"]
     save_merged_pipeline(pipe, out, overwrite=True)
@@ -270,7 +270,7 @@ def test_merge_refuses_pickles_unknown_bases_and_other_architectures(tmp_path, c
     xl = build_tiny_sdxl_pipeline()
     add_forget_lora(xl.unet, "all")
     save_forget_lora(tmp_path / "xl", xl.unet, {"base_model": "tiny-sdxl"})
-    with pytest.raises(ValueError, match="trained for 'tiny-sdxl'.*--pretrained_model_name_or_path"):
+    with pytest.raises(ValueError, match="trained for 'tiny-sdxl'.*`pretrained_model_name_or_path`"):
         stack_forget_loras(build_tiny_pipeline(), [tmp_path / "xl"])
 
 

@@ -287,7 +287,7 @@ def test_distilled_replay_uses_the_given_base_unet_and_base_conditioning():
     torch.testing.assert_close(out.replay, replay.mean(), rtol=1e-5, atol=0)
     _, own, _ = distill_hand(pipe, conditioning, batch, seed=11)
     assert not torch.isclose(out.replay, own.mean(), rtol=1e-3)
-    with pytest.raises(ValueError, match="--replay_target must be one of .*'noise'.*'distill'.*got 'frozen'"):
+    with pytest.raises(ValueError, match="`replay_target` must be one of .*'noise'.*'distill'.*got 'frozen'"):
         loss(pipe, conditioning, batch, None, replay_target="frozen")
 
 
@@ -326,7 +326,7 @@ def test_check_finite_loss_passes_finite_losses_and_names_step_parts_and_flags_o
             check_finite_loss(parts(bad), 7)
         assert str(info.value) == (
             f"the training loss is not finite at step 7 (loss {bad}, forget 1.0, replay 0.25, ewc 2.0); no adapter was "
-            "written. Lower --learning_rate, --ewc_lambda or --noise_offset, or train without --mixed_precision fp16")
+            "written. Lower `learning_rate`, `ewc_lambda` or `noise_offset`, or train without `mixed_precision` fp16")
 
 
 def test_prediction_target_refuses_other_prediction_types_by_name():

@@ -235,8 +235,8 @@ def test_prompt_files_in_other_encodings_name_the_file(tmp_path):
     for encoding, text in (("utf-16", "a cat\n"), ("utf-16-le", "a cat\n"), ("latin-1", "café\n")):
         path = tmp_path / f"{encoding}.txt"
         path.write_bytes(text.encode(encoding))
-        with pytest.raises(ValueError, match=f"--replay_prompts_file {str(path)!r} .*save it as UTF-8"):
-            read_prompts_file(path, "--replay_prompts_file")
+        with pytest.raises(ValueError, match=f"`replay_prompts_file` {str(path)!r} .*save it as UTF-8"):
+            read_prompts_file(path, "replay_prompts_file")
 
 
 def test_corrupt_surrogate_image_names_the_file(tiny_pipe, tmp_path):
@@ -245,7 +245,7 @@ def test_corrupt_surrogate_image_names_the_file(tiny_pipe, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(ValueError, match="--surrogate_data_dir: cannot read the image .*broken.png"):
+    with pytest.raises(ValueError, match="`surrogate_data_dir`: cannot read the image .*broken.png"):
         generate_surrogate_set(tiny_pipe, tmp_path / "set", ["a"], 2, surrogate_data_dir=images, num_inference_steps=2,
                                show_progress=False)
 

@@ -128,10 +128,10 @@ def test_stack_helper_and_kohya_copies_stack_the_same(runs, tmp_path):
 
 def test_stack_rejects_mismatched_weights_and_non_safetensors(runs, tmp_path):
     pipe = build_tiny_pipeline()
-    with pytest.raises(ValueError, match="--lora_weight was given 1 times for 2 --lora"):
+    with pytest.raises(ValueError, match="`lora_weight` was given 1 times for 2 `lora`"):
         stack_forget_loras(pipe, list(runs), [1.0])
     (tmp_path / "adapter.bin").write_bytes(b"\x80\x04 not a pickle you should load")
     with pytest.raises(ValueError, match="not a .safetensors file"):
         stack_forget_loras(pipe, [tmp_path / "adapter.bin"])
-    with pytest.raises(FileNotFoundError, match="--lora .*no such file"):
+    with pytest.raises(FileNotFoundError, match="`lora` .*no such file"):
         stack_forget_loras(pipe, [tmp_path / "missing.safetensors"])

@@ -40,7 +40,7 @@ from sa_peft.conditioning import PromptConditioning, check_prompt_clash, tokeniz
 from sa_peft.config import DISTILL_REPLAY_WEIGHT, SelectiveAmnesiaConfig, training_info
 from sa_peft.data import check_resolution, default_resolution
 from sa_peft.diffusion_loss import noise_scheduler_for
-from sa_peft.errors import report_input_errors
+from sa_peft.errors import InputError, flags_of, input_errors_as_flags, report_input_errors
 from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties
 from sa_peft.fisher import base_weights_hash
 from sa_peft.forgetting import AdaptiveLambda
@@ -69,24 +69,34 @@ logger = get_logger(__name__, log_level="INFO")
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The flags, one per field of ``SelectiveAmnesiaConfig`` (where their help and defaults live)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     SelectiveAmnesiaConfig.add_arguments(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+FLAGS = flags_of([build_parser()])  # {config field: its flag}, for the errors
 
 
 def resolve_defaults(args: argparse.Namespace) -> SelectiveAmnesiaConfig:
     """The run's settings: model-dependent defaults filled, every flag checked before any heavy work."""
-    return SelectiveAmnesiaConfig.from_args(args)
+    with input_errors_as_flags(FLAGS):
+        return SelectiveAmnesiaConfig.from_args(args)
 
 
 def main(argv: list[str] | None = None):
-    """Run the whole job; returns the pipeline with the trained adapter loaded (for programmatic use)."""
-    config = resolve_defaults(parse_args(argv))
-    # One run per --output_dir; the main process holds the lock for all (accelerate sets RANK per process).
-    with folder_lock(config.output_dir, "--output_dir", enabled=int(os.environ.get("RANK", "0")) == 0):
-        return train(config)
+    """Run the whole job; returns the pipeline with the trained adapter loaded (for programmatic use).
+    Input errors name the flags (the library names its parameters)."""
+    with input_errors_as_flags(FLAGS):
+        config = resolve_defaults(parse_args(argv))
+        # One run per --output_dir; the main process holds the lock for all (accelerate sets RANK per process).
+        with folder_lock(config.output_dir, "output_dir", enabled=int(os.environ.get("RANK", "0")) == 0):
+            return train(config)
 
 
 def train(config: SelectiveAmnesiaConfig):
@@ -179,7 +189,7 @@ def load_base_pipeline(config: SelectiveAmnesiaConfig, accelerator):
     pipe.set_progress_bar_config(disable=True)
     resolution = check_resolution(pipe, config.resolution or default_resolution(pipe))
     if config.train_text_encoder and is_sdxl(pipe):
-        raise ValueError("--train_text_encoder supports SD 1.x/2.x pipelines; drop it for SDXL")
+        raise InputError("--train_text_encoder supports SD 1.x/2.x pipelines; drop it for SDXL")
     check_prompt_clash(pipe, config.forget_prompts, config.replay_prompts)
     pipe.to(accelerator.device)
     # Caches are keyed by the UNet's weights, so a changed local model never reuses stale samples.
@@ -451,7 +461,7 @@ def find_resume_checkpoint(config: SelectiveAmnesiaConfig, settings: dict) -> tu
     state = read_checkpoint_state(path)
     differ = settings_differences(state["settings"], settings)
     if differ and not config.resume_with_new_settings:
-        raise ValueError(f"--resume_from_checkpoint {path!r} was trained with other settings: {'; '.join(differ)}. "
+        raise InputError(f"--resume_from_checkpoint {path!r} was trained with other settings: {'; '.join(differ)}. "
                          "Rerun with the checkpoint's settings, start a new --output_dir, or pass "
                          "--resume_with_new_settings to continue with the new ones (the optimizer state is kept)")
     if differ:
@@ -463,7 +473,7 @@ def find_resume_checkpoint(config: SelectiveAmnesiaConfig, settings: dict) -> tu
 def check_resume_step(state: dict, path: str, max_train_steps: int | None) -> None:
     """A checkpoint past the step budget would be saved labelled with the smaller budget: refuse it."""
     if max_train_steps is not None and state["step"] > max_train_steps:
-        raise ValueError(f"--resume_from_checkpoint {path!r} is at step {state['step']}, past --max_train_steps "
+        raise InputError(f"--resume_from_checkpoint {path!r} is at step {state['step']}, past --max_train_steps "
                          f"{max_train_steps}; raise --max_train_steps to at least {state['step']} or resume an earlier checkpoint")
 
 
@@ -634,5 +644,5 @@ def push_folder(args) -> None:
 
 
 if __name__ == "__main__":
-    # Input errors (a flag, a file) print one line naming it; a bug keeps its traceback.
+    # Input errors (a flag, a file) print one line naming the flag; a bug keeps its traceback.
     sys.exit(report_input_errors(os.path.basename(__file__), main))

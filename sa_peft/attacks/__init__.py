@@ -7,6 +7,7 @@ classifier reads as the forgotten concept (``scoring``). ``prompts``: reworded f
 denoising loss on the concept; ``relearn``: the adapter fused and the model fine-tuned on benign data.
 """
 
+from ..errors import InputError
 from .context import AttackContext
 from .inversion import run_inversion_attack
 from .prompt_variants import prompt_variants, run_prompts_attack
@@ -28,7 +29,7 @@ def check_attack_names(names) -> list[str]:
     """The requested attacks in run order (relearn last); an unknown name is an error naming ``--attack``."""
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
-        raise ValueError(f"--attack {unknown[0]!r} is not an attack; choose from: {', '.join(ATTACKS)}")
+        raise InputError(f"`attack` {unknown[0]!r} is not an attack; choose from: {', '.join(ATTACKS)}")
     return [n for n in ATTACKS if n in names]
 
 

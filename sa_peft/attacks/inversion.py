@@ -11,6 +11,7 @@ import torch
 
 from ..conditioning import encode_prompts_with_grad
 from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from ..errors import InputError
 from .context import AttackContext, best_samples, pooled_rate, summarise
 from .sampling import sample
 
@@ -29,7 +30,7 @@ def add_token(pipe, token: str) -> list[tuple[torch.nn.Embedding, int]]:
     rows = []
     for tokenizer, encoder in _text_pairs(pipe):
         if tokenizer.add_tokens([token]) != 1:
-            raise ValueError(f"token {token!r} is already in the tokenizer")
+            raise InputError(f"token {token!r} is already in the tokenizer")
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set below
         embedding = encoder.get_input_embeddings()
         row = tokenizer.convert_tokens_to_ids(token)
@@ -74,8 +75,8 @@ def learn_token(ctx: AttackContext, latents: torch.Tensor, prompt: str, rows, st
             if step % 10 == 0 or step == steps - 1:
                 history.append(round(loss.item(), 5))
     finally:
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
+        for w, parameter in zip(weights, flags):
+            w.requires_grad_(parameter)
         ctx.enable_adapter()
     return history
 
@@ -85,7 +86,7 @@ def run_inversion_attack(ctx: AttackContext, steps: int = 300, lr: float = 5e-2,
     """One learned token per forget prompt; the adapted and the base model are sampled with ``template``
     (``{token}`` replaced by it) and scored."""
     if "{token}" not in template:
-        raise ValueError(f"--inversion_template {template!r} must contain {{token}}")
+        raise InputError(f"`inversion_template` {template!r} must contain {{token}}")
     per_concept, grids = {}, None
     for i, forget_prompt in enumerate(ctx.forget_prompts):
         latents = ctx.concept_latents(forget_prompt, num_train_images)

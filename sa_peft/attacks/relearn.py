@@ -15,6 +15,7 @@ import torch
 from ..conditioning import PromptConditioning, encode_prompts
 from ..data import IMAGE_EXTENSIONS, _encode_images, _load_image
 from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from ..errors import InputError, MissingInputError
 from ..merge import fuse_forget_loras
 from .context import AttackContext, best_samples, pooled_rate, summarise
 from .sampling import sample
@@ -51,10 +52,10 @@ def fine_tune_unet(unet, scheduler, latents: torch.Tensor, prompt_ids: torch.Ten
 def read_image_folder(folder: str, resolution: int, channels: int, default_prompt: str) -> tuple[torch.Tensor, list[str]]:
     """Images of ``folder`` (in [-1, 1]) and their captions: ``<name>.txt`` beside an image, else ``default_prompt``."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--relearn_data_dir {folder!r} is not a folder")
+        raise MissingInputError(f"`relearn_data_dir` {folder!r} is not a folder")
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
-        raise ValueError(f"--relearn_data_dir {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(f"`relearn_data_dir` {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
     images, prompts = [], []
     for name in names:
         images.append(_load_image(os.path.join(folder, name), resolution, channels))
@@ -97,11 +98,11 @@ def run_relearn_attack(ctx: AttackContext, adapter_names: Sequence[str], prompts
     """Fuse ``adapter_names`` into ``ctx.pipe`` (in place: run it last), fine-tune, and score the forget
     prompts at each of ``eval_steps`` (default: every quarter of ``steps``)."""
     if not prompts and not data_dir:
-        raise ValueError("the relearn attack needs benign data: pass --relearn_prompt / --relearn_prompts_file "
-                         "or --relearn_data_dir")
+        raise InputError("the relearn attack needs benign data: pass `relearn_prompt` / `relearn_prompts_file` "
+                         "or `relearn_data_dir`")
     eval_steps = sorted(set(eval_steps if eval_steps else [0, steps // 4, steps // 2, 3 * steps // 4, steps]))
     if eval_steps[-1] > steps or eval_steps[0] < 0:
-        raise ValueError(f"--relearn_eval_steps must lie in 0..{steps}, got {eval_steps}")
+        raise InputError(f"`relearn_eval_steps` must lie in 0..{steps}, got {eval_steps}")
     latents, captions = benign_data(ctx, prompts, images_per_prompt, data_dir, data_prompt)
     pipe = fuse_forget_loras(ctx.pipe, adapter_names)
     ctx.enable_adapter = ctx.disable_adapter = (lambda: None)  # the adapter is part of the weights now

@@ -10,6 +10,7 @@ import torch
 
 from ..conditioning import PromptConditioning, encode_prompts
 from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from ..errors import InputError
 from .context import AttackContext, best_samples, pooled_rate, summarise
 from .sampling import sample
 
@@ -58,7 +59,7 @@ def run_soft_prompt_attack(ctx: AttackContext, steps: int = 200, lr: float = 1e-
                            num_train_images: int = 64, train_batch_size: int = 16) -> dict:
     """One δ per forget prompt, fitted against the adapted model; both models sampled with the perturbed embedding."""
     if epsilon <= 0:
-        raise ValueError(f"--soft_prompt_epsilon must be positive, got {epsilon}")
+        raise InputError(f"`soft_prompt_epsilon` must be positive, got {epsilon}")
     pipe = ctx.pipe
     scheduler = noise_scheduler_for(pipe.scheduler)
     per_concept, grids = {}, None

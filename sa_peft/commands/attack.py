@@ -10,9 +10,10 @@ from ..attacks import ATTACKS, AttackContext, check_attack_names, run_attacks, w
 from ..before_after import resolve_evaluation_labels
 from ..classifier import CLASSIFIER_SPECS, load_classifier, parse_classifier_spec
 from ..defaults import DIGIT_PROMPTS
+from ..errors import InputError, MissingInputError
 from ..merge import check_lora_weights, stack_forget_loras
 from ..prompts import check_prompts, read_prompts_file
-from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args
+from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args, speaking_flags
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -63,49 +64,49 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="relearn: your own benign images (captions from <name>.txt, else --relearn_data_prompt)")
     parser.add_argument("--relearn_data_prompt", default="", help="relearn: caption of images without a .txt")
     parser.add_argument("--output_dir", required=True, help="where attack.json, report.md and attack_grid.png go")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=speaking_flags(run, parser))
     return parser
 
 
 def _positive(args, *names) -> None:
     for name in names:
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
     """Every check that needs no model: ``(attacks, forget prompts, relearn prompts)``; errors name the flag."""
     attacks = check_attack_names(args.attack or list(ATTACKS))
     if not args.forget_prompt:
-        raise ValueError("no forget prompt: pass --forget_prompt PROMPT (the concept the adapter erased; repeatable)")
-    forget = list(dict.fromkeys(check_prompts(args.forget_prompt, "--forget_prompt")))
+        raise InputError("no forget prompt: pass --forget_prompt PROMPT (the concept the adapter erased; repeatable)")
+    forget = list(dict.fromkeys(check_prompts(args.forget_prompt, "forget_prompt")))
     if not args.lora:
-        raise ValueError("no adapter to attack: pass --lora PATH (repeatable)")
+        raise InputError("no adapter to attack: pass --lora PATH (repeatable)")
     for path in args.lora:
-        resolve_adapter_file(path, "--lora")
+        resolve_adapter_file(path, "lora")
     check_lora_weights(args.lora, args.lora_weight)
     _positive(args, "num_images", "batch_size", "num_inference_steps", "prompts_num_images", "inversion_steps",
               "attack_num_train_images", "soft_prompt_steps", "soft_prompt_epsilon", "relearn_steps",
               "relearn_batch_size", "relearn_images_per_prompt")
     if "{token}" not in args.inversion_template:
-        raise ValueError(f"--inversion_template {args.inversion_template!r} must contain {{token}}")
+        raise InputError(f"--inversion_template {args.inversion_template!r} must contain {{token}}")
     if args.attack_prompts_file:
-        read_prompts_file(args.attack_prompts_file, "--attack_prompts_file")
+        read_prompts_file(args.attack_prompts_file, "attack_prompts_file")
     relearn = list(args.relearn_prompt or [])
     if args.relearn_prompts_file:
-        relearn += read_prompts_file(args.relearn_prompts_file, "--relearn_prompts_file")
+        relearn += read_prompts_file(args.relearn_prompts_file, "relearn_prompts_file")
     if "relearn" in attacks:
         if args.relearn_data_dir and not os.path.isdir(args.relearn_data_dir):
-            raise FileNotFoundError(f"--relearn_data_dir {args.relearn_data_dir!r} is not a folder")
+            raise MissingInputError(f"--relearn_data_dir {args.relearn_data_dir!r} is not a folder")
         if not relearn and not args.relearn_data_dir:
             if args.classifier != "builtin:digits-classifier":
-                raise ValueError("the relearn attack needs benign data: pass --relearn_prompt, --relearn_prompts_file "
+                raise InputError("the relearn attack needs benign data: pass --relearn_prompt, --relearn_prompts_file "
                                  "or --relearn_data_dir")
             relearn = [p for p in DIGIT_PROMPTS if p not in forget]
         for step in args.relearn_eval_steps or []:
             if not 0 <= step <= args.relearn_steps:
-                raise ValueError(f"--relearn_eval_steps {step} is outside 0..--relearn_steps ({args.relearn_steps})")
-    return attacks, forget, check_prompts(relearn, "--relearn_prompt") if relearn else []
+                raise InputError(f"--relearn_eval_steps {step} is outside 0..--relearn_steps ({args.relearn_steps})")
+    return attacks, forget, check_prompts(relearn, "relearn_prompt") if relearn else []
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
                         disable_adapter=pipe.disable_lora, num_images=args.num_images, seed=args.seed,
                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         batch_size=args.batch_size)
-    extra = read_prompts_file(args.attack_prompts_file, "--attack_prompts_file") if args.attack_prompts_file else []
+    extra = read_prompts_file(args.attack_prompts_file, "attack_prompts_file") if args.attack_prompts_file else []
     options = {
         "prompts": {"extra_prompts": extra, "num_images": args.prompts_num_images},
         "inversion": {"steps": args.inversion_steps, "lr": args.inversion_learning_rate,

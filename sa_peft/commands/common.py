@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
 from ..checks import check_number, check_positive_int
+from ..errors import flags_of, input_errors_as_flags
 from ..models import load_pipeline
 
 
@@ -37,12 +39,23 @@ def add_scoring_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def check_generation_arguments(args: argparse.Namespace) -> None:
     """The sampling flags of ``add_generation_arguments`` and the seed, before the pipeline is loaded
     (``--num_inference_steps 0`` was a ZeroDivisionError inside the scheduler)."""
-    check_positive_int(args.num_inference_steps, "--num_inference_steps")
-    check_positive_int(args.resolution, "--resolution")
-    check_number(args.guidance_scale, "--guidance_scale", low=0)
-    check_number(args.seed, "--seed", low=0)
+    check_positive_int(args.num_inference_steps, "num_inference_steps")
+    check_positive_int(args.resolution, "resolution")
+    check_number(args.guidance_scale, "guidance_scale", low=0)
+    check_number(args.seed, "seed", low=0)
 
 
 def load_pipeline_from_args(args: argparse.Namespace):
     pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     return pipe.to(args.device)
+
+
+def speaking_flags(run, parser: argparse.ArgumentParser):
+    """``run`` with the library's input errors naming ``parser``'s flags instead of the parameters."""
+
+    @functools.wraps(run)
+    def run_with_flags(args: argparse.Namespace):
+        with input_errors_as_flags(flags_of([parser])):
+            return run(args)
+
+    return run_with_flags

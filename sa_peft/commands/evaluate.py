@@ -18,9 +18,10 @@ from ..classifier import (
     parse_classifier_spec,
 )
 from ..defaults import DIGIT_PROMPTS
+from ..errors import InputError, MissingInputError
 from ..merge import stack_forget_loras
 from ..prompts import read_prompts_file
-from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args
+from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args, speaking_flags
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -72,26 +73,26 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="where metrics.json, report.md, samples_grid.png and the sample cache (samples/) go")
     parser.add_argument("--no_sample_cache", action="store_true",
                         help="do not store samples under OUTPUT_DIR/samples/ (no resuming)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=speaking_flags(run, parser))
     return parser
 
 
-def read_prompts_csv(path: str | os.PathLike, column: str, flag: str) -> list[str]:
+def read_prompts_csv(path: str | os.PathLike, column: str, parameter: str) -> list[str]:
     """The non-empty values of ``column`` in a CSV with a header row (an I2P or COCO captions CSV as is)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+        raise MissingInputError(f"`{parameter}` {path!r} does not exist")
     csv.field_size_limit(1 << 24)
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if column not in columns:
-            raise ValueError(f"{flag} {path!r} has no column {column!r} (columns: {', '.join(columns) or 'none'}); "
+            raise InputError(f"`{parameter}` {path!r} has no column {column!r} (columns: {', '.join(columns) or 'none'}); "
                              "pass --prompt_column")
         prompts = [" ".join((row.get(column) or "").split()) for row in reader]
     prompts = [p for p in prompts if p]
     if not prompts:
-        raise ValueError(f"{flag} {path!r}: column {column!r} holds no prompts")
+        raise InputError(f"`{parameter}` {path!r}: column {column!r} holds no prompts")
     return prompts
 
 
@@ -99,19 +100,19 @@ def collect_prompts(args: argparse.Namespace) -> tuple[list[str], list[str], boo
     """``(retained prompts, forget prompts, default_used)`` from --prompt / --prompts_file / --prompts_csv and the
     forget flags, without duplicates (a prompt given as both is a forget prompt), cut to --max_prompts."""
     if args.max_prompts is not None and args.max_prompts <= 0:
-        raise ValueError(f"--max_prompts must be positive, got {args.max_prompts}")
+        raise InputError(f"--max_prompts must be positive, got {args.max_prompts}")
     retained = list(args.prompt or [])
     for path in args.prompts_file:
-        retained += read_prompts_file(path, "--prompts_file")
+        retained += read_prompts_file(path, "prompts_file")
     for path in args.prompts_csv:
-        retained += read_prompts_csv(path, args.prompt_column, "--prompts_csv")
+        retained += read_prompts_csv(path, args.prompt_column, "prompts_csv")
     forget = list(args.forget_prompt)
     for path in args.forget_prompts_file:
-        forget += read_prompts_file(path, "--forget_prompts_file")
+        forget += read_prompts_file(path, "forget_prompts_file")
     for path in args.forget_prompts_csv:
-        forget += read_prompts_csv(path, args.prompt_column, "--forget_prompts_csv")
+        forget += read_prompts_csv(path, args.prompt_column, "forget_prompts_csv")
     if any(not p.strip() for p in [*retained, *forget]):
-        raise ValueError("--prompt / --forget_prompt: empty prompt")
+        raise InputError("--prompt / --forget_prompt: empty prompt")
     default_used = not retained and not (args.prompts_file or args.prompts_csv)
     if default_used:
         retained = list(DIGIT_PROMPTS)
@@ -163,33 +164,33 @@ def run(args: argparse.Namespace) -> dict:
     Every flag is checked, the prompts read and the classifier loaded before the pipeline is.
     """
     if args.num_images_per_prompt <= 0:
-        raise ValueError(f"--num_images_per_prompt must be positive, got {args.num_images_per_prompt}")
+        raise InputError(f"--num_images_per_prompt must be positive, got {args.num_images_per_prompt}")
     if args.batch_size <= 0:
-        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+        raise InputError(f"--batch_size must be positive, got {args.batch_size}")
     if not 0 < args.nudenet_threshold <= 1:
-        raise ValueError(f"--nudenet_threshold must be in (0, 1], got {args.nudenet_threshold}")
+        raise InputError(f"--nudenet_threshold must be in (0, 1], got {args.nudenet_threshold}")
     for path in args.lora:
-        check_lora_file(path, "--lora")  # before the base evaluation, which takes most of the time
-    check_output_apart(args.output_dir, "--output_dir", [("--lora", p) for p in args.lora] +
-                       [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)], allow_inside=True)
-    check_writable(args.output_dir, "--output_dir")
-    check_positive_int(args.num_inference_steps, "--num_inference_steps")
-    check_number(args.guidance_scale, "--guidance_scale", low=0)
-    check_number(args.seed, "--seed", low=0)
+        check_lora_file(path, "lora")  # before the base evaluation, which takes most of the time
+    check_output_apart(args.output_dir, "output_dir", [("lora", p) for p in args.lora] +
+                       [("pretrained_model_name_or_path", args.pretrained_model_name_or_path)], allow_inside=True)
+    check_writable(args.output_dir, "output_dir")
+    check_positive_int(args.num_inference_steps, "num_inference_steps")
+    check_number(args.guidance_scale, "guidance_scale", low=0)
+    check_number(args.seed, "seed", low=0)
     if args.lora_weight and len(args.lora_weight) != len(args.lora):
-        raise ValueError(f"--lora_weight was given {len(args.lora_weight)} times for {len(args.lora)} --lora values")
+        raise InputError(f"--lora_weight was given {len(args.lora_weight)} times for {len(args.lora)} --lora values")
     kind, _ = parse_classifier_spec(args.classifier, args.class_text)
     prompts, forget_prompts, default_used = collect_prompts(args)
     if default_used and kind != "folder":
         # The default digit prompts are for the digits classifier; elsewhere only the forget prompts are scored.
         prompts = []
         if not forget_prompts:
-            raise ValueError(f"--classifier {args.classifier}: give the prompts to evaluate (--prompt, --prompts_file, "
+            raise InputError(f"--classifier {args.classifier}: give the prompts to evaluate (--prompt, --prompts_file, "
                              "--prompts_csv, --forget_prompt, --forget_prompts_file or --forget_prompts_csv)")
     if kind == "nudenet" and (args.label or args.forget_label):
-        raise ValueError("--label / --forget_label have no meaning with --classifier nudenet")
+        raise InputError("--label / --forget_label have no meaning with --classifier nudenet")
     if args.label is not None and (args.prompts_file or args.prompts_csv):
-        raise ValueError("--label labels --prompt values one by one; it cannot be combined with --prompts_file "
+        raise InputError("--label labels --prompt values one by one; it cannot be combined with --prompts_file "
                          "or --prompts_csv")
     classifier = load_classifier(args.classifier, args.class_text, nudenet_threshold=args.nudenet_threshold,
                                  device=args.device)

@@ -7,6 +7,8 @@ import os
 
 from ..adapter_io import LORA_WEIGHT_NAME, export_kohya, resolve_adapter_file
 from ..checks import check_output_apart, check_writable
+from ..errors import InputError
+from .common import speaking_flags
 
 FORMATS = ("kohya",)
 
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", default=None,
                         help="file to write (.safetensors); default: beside the input, '<name>_kohya.safetensors'")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=speaking_flags(run, parser))
 
 
 def default_output(source: str, fmt: str) -> str:
@@ -35,11 +37,11 @@ def run(args: argparse.Namespace) -> str:
     source = resolve_adapter_file(args.path, "sa-peft export")
     output = args.output or default_output(source, args.format)
     if not output.endswith(".safetensors"):
-        raise ValueError(f"--output {output!r} must end in .safetensors")
-    check_output_apart(output, "--output", [("path", source)])
-    check_writable(output, "--output")
+        raise InputError(f"--output {output!r} must end in .safetensors")
+    check_output_apart(output, "output", [("path", source)])
+    check_writable(output, "output")
     if os.path.exists(output) and not args.overwrite:
-        raise ValueError(f"--output {output!r} already exists; pass --overwrite to replace it or choose another --output")
+        raise InputError(f"--output {output!r} already exists; pass --overwrite to replace it or choose another --output")
     export_kohya(source, output)
     print(f"wrote {output} ({args.format} keys) from {source}")
     if os.path.basename(source) == LORA_WEIGHT_NAME:

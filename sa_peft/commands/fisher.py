@@ -10,12 +10,19 @@ from ..checks import check_output_apart, check_positive_int, check_writable
 from ..conditioning import encode_prompts
 from ..data import generate_replay_set, load_image_set
 from ..diffusion_loss import noise_scheduler_for
+from ..errors import InputError
 from ..fisher import ESTIMATORS, save_fisher
 from ..lora import LORA_TARGET_PRESETS, resolve_lora_targets
 from ..phases import estimate_fisher_on_set
 from ..prompts import read_prompts_file
 from ..run_lock import file_lock
-from .common import add_generation_arguments, add_model_arguments, check_generation_arguments, load_pipeline_from_args
+from .common import (
+    add_generation_arguments,
+    add_model_arguments,
+    check_generation_arguments,
+    load_pipeline_from_args,
+    speaking_flags,
+)
 
 
 def register(subparsers) -> None:
@@ -33,23 +40,23 @@ def register(subparsers) -> None:
     parser.add_argument("--fisher_num_timesteps", type=int, default=8, help="K for the fast estimator")
     parser.add_argument("--lora_target", default="all", help=f"modules covered: a preset ({', '.join(LORA_TARGET_PRESETS)}) or names")
     parser.add_argument("--factored_only", action="store_true", help="store only row/column sums (low-rank penalty)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=speaking_flags(run, parser))
 
 
 def run(args: argparse.Namespace) -> None:
     if not args.output.endswith(".safetensors"):
-        raise ValueError(f"--output {args.output!r} must end in .safetensors")
+        raise InputError(f"--output {args.output!r} must end in .safetensors")
     check_generation_arguments(args)
-    check_positive_int(args.fisher_num_samples, "--fisher_num_samples")
-    check_positive_int(args.fisher_num_timesteps, "--fisher_num_timesteps")
-    inputs = [("--data_dir", args.data_dir), ("--prompts_file", args.prompts_file),
-              ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)]
-    for flag, output in (("--output", args.output), ("--samples_dir", args.samples_dir)):
+    check_positive_int(args.fisher_num_samples, "fisher_num_samples")
+    check_positive_int(args.fisher_num_timesteps, "fisher_num_timesteps")
+    inputs = [("data_dir", args.data_dir), ("prompts_file", args.prompts_file),
+              ("pretrained_model_name_or_path", args.pretrained_model_name_or_path)]
+    for parameter, output in (("output", args.output), ("samples_dir", args.samples_dir)):
         if output is not None:
-            check_output_apart(output, flag, inputs)
-            check_writable(output, flag)
-    prompts = read_prompts_file(args.prompts_file, "--prompts_file") if args.prompts_file else None
-    with file_lock(args.output, "--output"):  # one writer per Fisher file
+            check_output_apart(output, parameter, inputs)
+            check_writable(output, parameter)
+    prompts = read_prompts_file(args.prompts_file, "prompts_file") if args.prompts_file else None
+    with file_lock(args.output, "output"):  # one writer per Fisher file
         _estimate(args, prompts)
 
 
@@ -65,7 +72,7 @@ def _estimate(args: argparse.Namespace, prompts: list[str] | None) -> None:
     else:
         data = load_image_set(args.data_dir)
     if len(data.latents) < args.fisher_num_samples:
-        raise ValueError(f"--data_dir {args.data_dir!r} holds {len(data.latents)} samples, fewer than --fisher_num_samples "
+        raise InputError(f"--data_dir {args.data_dir!r} holds {len(data.latents)} samples, fewer than --fisher_num_samples "
                          f"{args.fisher_num_samples}; lower --fisher_num_samples or generate a larger set")
     # Only the prompts of the samples used are encoded.
     conditioning = encode_prompts(pipe, data.prompts[: args.fisher_num_samples], args.resolution)

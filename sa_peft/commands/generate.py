@@ -6,9 +6,16 @@ import argparse
 
 from ..checks import check_output_apart, check_positive_int, check_writable
 from ..data import generate_replay_set, generate_surrogate_set
+from ..errors import InputError
 from ..prompts import read_prompts_file
 from ..run_lock import folder_lock
-from .common import add_generation_arguments, add_model_arguments, check_generation_arguments, load_pipeline_from_args
+from .common import (
+    add_generation_arguments,
+    add_model_arguments,
+    check_generation_arguments,
+    load_pipeline_from_args,
+    speaking_flags,
+)
 
 
 def register(subparsers) -> None:
@@ -26,22 +33,22 @@ def register(subparsers) -> None:
     parser.add_argument("--num_surrogate_images", type=int, default=64, help="surrogate images")
     parser.add_argument("--replay_prompts_file", default=None, help="text file, one prompt per line (replay)")
     parser.add_argument("--num_replay_images_per_prompt", type=int, default=8, help="replay images per prompt")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=speaking_flags(run, parser))
 
 
 def run(args: argparse.Namespace) -> None:
     if args.kind == "surrogate" and not args.forget_prompt:
-        raise ValueError("--forget_prompt is required for a surrogate set")
+        raise InputError("--forget_prompt is required for a surrogate set")
     if args.kind == "replay" and args.replay_prompts_file is None:
-        raise ValueError("--replay_prompts_file is required for a replay set")
+        raise InputError("--replay_prompts_file is required for a replay set")
     check_generation_arguments(args)
-    check_positive_int(args.num_surrogate_images, "--num_surrogate_images")
-    check_positive_int(args.num_replay_images_per_prompt, "--num_replay_images_per_prompt")
-    check_output_apart(args.output_dir, "--output_dir", [
-        ("--surrogate_data_dir", args.surrogate_data_dir), ("--replay_prompts_file", args.replay_prompts_file),
-        ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)])
-    check_writable(args.output_dir, "--output_dir")
-    with folder_lock(args.output_dir, "--output_dir"):  # one writer per set folder
+    check_positive_int(args.num_surrogate_images, "num_surrogate_images")
+    check_positive_int(args.num_replay_images_per_prompt, "num_replay_images_per_prompt")
+    check_output_apart(args.output_dir, "output_dir", [
+        ("surrogate_data_dir", args.surrogate_data_dir), ("replay_prompts_file", args.replay_prompts_file),
+        ("pretrained_model_name_or_path", args.pretrained_model_name_or_path)])
+    check_writable(args.output_dir, "output_dir")
+    with folder_lock(args.output_dir, "output_dir"):  # one writer per set folder
         result = _generate(args)
     print(f"{args.kind} set: {len(result.latents)} images in {args.output_dir}")
 
@@ -56,7 +63,7 @@ def _generate(args: argparse.Namespace):
             guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
         )
     else:
-        prompts = read_prompts_file(args.replay_prompts_file, "--replay_prompts_file")
+        prompts = read_prompts_file(args.replay_prompts_file, "replay_prompts_file")
         pipe = load_pipeline_from_args(args)
         return generate_replay_set(
             pipe, args.output_dir, prompts, args.num_replay_images_per_prompt, seed=args.seed,

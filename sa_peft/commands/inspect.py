@@ -8,8 +8,10 @@ import os
 
 from ..adapter_io import SA_METADATA_KEY, component_configs, load_adapter_file, resolve_adapter_file
 from ..config import TRAINING_INFO_FIELDS
+from ..errors import InputError
 from ..escaping import escape_controls, safe_json
 from ..forgetting import verdict_lines
+from .common import speaking_flags
 
 
 def register(subparsers) -> None:
@@ -20,7 +22,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("path", help="adapter .safetensors file, a training output folder, or a merged --single_file")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=speaking_flags(run, parser))
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -46,7 +48,7 @@ def describe(path: str | os.PathLike) -> dict:
         out["format"] = "kohya/A1111 LoRA (lora_unet_… keys; pipe.load_lora_weights reads it too)"
         downs = {k: tensors[k] for k in kohya_keys}
     else:
-        raise ValueError(f"sa-peft inspect {file!r}: a safetensors file, but neither a LoRA adapter (no lora_A/lora_down "
+        raise InputError(f"sa-peft inspect {file!r}: a safetensors file, but neither a LoRA adapter (no lora_A/lora_down "
                          "keys) nor an sa-peft merged checkpoint")
     out["lora_layers"] = len(downs)
     out["ranks"] = sorted({int(v.shape[0]) for v in downs.values()})

@@ -9,6 +9,7 @@ import torch
 
 from ..adapter_io import read_adapter_metadata, resolve_adapter_file
 from ..checks import check_output_apart, check_writable
+from ..errors import InputError
 from ..merge import (
     check_lora_weights,
     merge_forget_loras,
@@ -17,7 +18,7 @@ from ..merge import (
     save_single_file_checkpoint,
 )
 from ..models import load_pipeline
-from .common import add_model_arguments
+from .common import add_model_arguments, speaking_flags
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
                         help="dtype of the saved weights (the merge itself is computed in float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_model_arguments(parser)
-    parser.set_defaults(func=run, pretrained_model_name_or_path=None)
+    parser.set_defaults(func=speaking_flags(run, parser), pretrained_model_name_or_path=None)
     for action in parser._actions:
         if action.dest == "pretrained_model_name_or_path":
             action.help = "base model (default: the base_model stored in the first --lora's sa-peft metadata)"
@@ -48,39 +49,39 @@ def register(subparsers) -> None:
 def _base_model(args, files: list[str]) -> str:
     if args.pretrained_model_name_or_path:
         return args.pretrained_model_name_or_path
-    bases = {f: read_adapter_metadata(f, "--lora").get("sa_peft", {}).get("base_model") for f in files}
+    bases = {f: read_adapter_metadata(f, "lora").get("sa_peft", {}).get("base_model") for f in files}
     known = {b for b in bases.values() if b}
     if not known:
-        raise ValueError("the --lora files carry no sa-peft metadata naming their base model; "
+        raise InputError("the --lora files carry no sa-peft metadata naming their base model; "
                          "pass --pretrained_model_name_or_path")
     if len(known) > 1:
-        raise ValueError(f"the --lora files were trained on different base models ({', '.join(sorted(known))}); "
+        raise InputError(f"the --lora files were trained on different base models ({', '.join(sorted(known))}); "
                          "pass --pretrained_model_name_or_path to choose one")
     return known.pop()
 
 
 def check_outputs(args) -> None:
     if args.output_dir is None and args.single_file is None:
-        raise ValueError("nothing to write: pass --output_dir (pipeline folder) and/or --single_file (one .safetensors)")
+        raise InputError("nothing to write: pass --output_dir (pipeline folder) and/or --single_file (one .safetensors)")
     if args.single_file is not None:
         if not args.single_file.endswith(".safetensors"):
-            raise ValueError(f"--single_file {args.single_file!r} must end in .safetensors")
+            raise InputError(f"--single_file {args.single_file!r} must end in .safetensors")
         if os.path.exists(args.single_file) and not args.overwrite:
-            raise ValueError(f"--single_file {args.single_file!r} already exists; pass --overwrite or choose another path")
+            raise InputError(f"--single_file {args.single_file!r} already exists; pass --overwrite or choose another path")
     if args.output_dir is not None and os.path.exists(args.output_dir) and not args.overwrite:
-        raise ValueError(f"--output_dir {args.output_dir!r} already exists; pass --overwrite or choose a new folder")
+        raise InputError(f"--output_dir {args.output_dir!r} already exists; pass --overwrite or choose a new folder")
     # --overwrite replaces --output_dir: it must not be (or hold) a --lora or the base model it reads.
-    inputs = [("--lora", p) for p in args.lora] + [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)]
-    for flag, output in (("--output_dir", args.output_dir), ("--single_file", args.single_file)):
+    inputs = [("lora", p) for p in args.lora] + [("pretrained_model_name_or_path", args.pretrained_model_name_or_path)]
+    for parameter, output in (("output_dir", args.output_dir), ("single_file", args.single_file)):
         if output is not None:
-            check_output_apart(output, flag, inputs)
-            check_writable(output, flag)
+            check_output_apart(output, parameter, inputs)
+            check_writable(output, parameter)
 
 
 def run(args: argparse.Namespace):
     check_outputs(args)
     weights = check_lora_weights(args.lora, args.lora_weight)
-    files = [resolve_adapter_file(p, "--lora") for p in args.lora]  # safetensors only, checked before loading
+    files = [resolve_adapter_file(p, "lora") for p in args.lora]  # safetensors only, checked before loading
     base = _base_model(args, files)
     pipe = load_pipeline(base, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     pipe.to(args.device)

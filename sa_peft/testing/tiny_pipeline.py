@@ -15,6 +15,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ..errors import InputError
 from .tokenizer import write_clip_tokenizer
 
 TINY_WORDS = ["a", "photo", "of", "an", "the", "man", "woman", "person", "middle", "aged", "wearing", "clothes", "brad", "pitt", "nudity", "naked", "cat", "dog", "car", "tree", "house", "red", "blue", "green", "painting", "style", "van", "gogh", "handwritten", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "noise"]
@@ -23,7 +24,7 @@ TINY_WORDS = ["a", "photo", "of", "an", "the", "man", "woman", "person", "middle
 
 def _check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        raise InputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
 
 def _tiny_vae(sample_size: int) -> AutoencoderKL:

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 from transformers import CLIPTokenizer
 
+from ..errors import InputError
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
@@ -50,7 +52,7 @@ def write_clip_tokenizer(folder: str | os.PathLike, words: Iterable[str]) -> CLI
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
         if not all(c in chars for c in word):
-            raise ValueError(f"word {word!r} has characters outside [a-z0-9]; the tokenizer only covers those")
+            raise InputError(f"word {word!r} has characters outside [a-z0-9]; the tokenizer only covers those")
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         # Merges of earlier words can split this one (e.g. "an</w>" inside "man"), so run BPE with the
         # merges so far and append merges until the word is one symbol. Appended merges rank last, so
