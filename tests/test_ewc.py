@@ -474,3 +474,69 @@ def test_rank1_penalty_errors_are_whole_sentences():
     with pytest.raises(ValueError, match="^the Fisher's mean gradient is zero on every adapted weight; it cannot weight "
                                          "the penalty$"):
         Rank1FisherPenalty(unet, zero)
+
+
+def test_ewc_penalty_errors_are_whole_sentences(tmp_path):
+    unet, names = adapted_unet("xattn", rank=2)
+    fisher = random_fisher(unet, names)
+    with pytest.raises(ValueError, match="^the model has no LoRA layers for the EWC penalty; add the forget adapter "
+                                         "first$"):
+        EWCPenalty(build_tiny_pipeline().unet, fisher)
+    kept = dict(list(fisher.diagonal.items())[4:])
+    missing = [f"{n}.weight" for n in names if f"{n}.weight" not in kept]
+    assert len(missing) == 4
+    with pytest.raises(ValueError) as info:
+        EWCPenalty(unet, FisherInfo.from_diagonal(kept, {}))
+    assert str(info.value) == (
+        f"the Fisher file does not cover 4 adapted module(s), e.g. {missing[:3]}; recompute it with the same "
+        "`lora_target` (or delete `fisher_path` so it is recomputed)")
+    save_fisher(fisher, tmp_path / "factored.safetensors", factored_only=True)
+    factored = load_fisher(tmp_path / "factored.safetensors")
+    with pytest.raises(ValueError, match="^this Fisher file is factored-only; use `ewc_space` lowrank or recompute it "
+                                         "in full$"):
+        EWCPenalty(unet, factored, space="full")
+    zero = FisherInfo.from_diagonal({k: torch.zeros_like(v) for k, v in fisher.diagonal.items()}, {})
+    with pytest.raises(ValueError, match="^the Fisher is zero on every adapted weight; it cannot weight the penalty$"):
+        EWCPenalty(unet, zero)
+
+
+@pytest.mark.parametrize("space", ["full", "lowrank"])
+def test_ewc_penalty_of_a_named_adapter_reads_that_adapters_factors(space):
+    from sa_peft.lora import make_lora_config, resolve_lora_targets
+
+    unet = build_tiny_pipeline().unet
+    names = resolve_lora_targets(unet, "xattn")[:2]
+    unet.add_adapter(make_lora_config(names, 2), adapter_name="forget")
+    with torch.no_grad():
+        for layer in iter_adapted_layers(unet, "forget"):
+            layer.module.lora_B["forget"].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    fisher = random_fisher(unet, names)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        EWCPenalty(unet, fisher, space=space)  # no "default" adapter
+    penalty = EWCPenalty(unet, fisher, space=space, adapter="forget", normalization="none")
+    reference = sum((fisher.diagonal[f"{layer.name}.weight"].double() * layer.delta_weight().detach().double().square()).sum()
+                    for layer in iter_adapted_layers(unet, "forget"))
+    assert reference > 0
+    if space == "full":
+        assert float(penalty()) == pytest.approx(float(reference), rel=1e-4)
+    else:
+        assert float(penalty()) > 0
+
+
+@pytest.mark.parametrize("space", ["full", "lowrank"])
+def test_bf16_lora_weights_get_a_float32_penalty(space):
+    """bf16 LoRA factors are cast to float32 before the products: the penalty equals the float32 one of the same
+    (bf16-representable) values, not a bf16 computation (whose rounding is ~1e-2 relative)."""
+    unet, names = adapted_unet("all", rank=4, alpha=2.0)
+    fisher = random_fisher(unet, names)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.copy_(p.to(torch.bfloat16).float())  # bf16-representable values
+    reference = EWCPenalty(unet, fisher, space=space)()
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(torch.bfloat16)
+    value = EWCPenalty(unet, fisher, space=space)()
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=0)
