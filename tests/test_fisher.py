@@ -440,6 +440,11 @@ def test_timestep_chunks_accumulate_into_one_per_sample_gradient():
         torch.testing.assert_close(whole.diagonal[key], expected, **tol)
         torch.testing.assert_close(chunked.diagonal[key], expected, **tol)
         torch.testing.assert_close(chunked.diagonal[key], whole.diagonal[key], **tol)
+        # The mean gradient (the rank-1 Fisher's direction) is the signed mean of the same per-sample gradients.
+        mean = (grads[0][i] + grads[1][i]) / 2
+        mean_tol = {"rtol": 1e-4, "atol": 1e-6 * float(mean.abs().max())}
+        torch.testing.assert_close(chunked.mean_gradient[key], mean, **mean_tol)
+        torch.testing.assert_close(whole.mean_gradient[key], mean, **mean_tol)
 
 
 @pytest.mark.slow
@@ -475,3 +480,46 @@ def test_two_real_processes_give_the_one_process_fisher(tmp_path):
     for key, expected in single.diagonal.items():
         assert expected.sum() > 0
         torch.testing.assert_close(launched[key], expected, rtol=1e-5, atol=1e-9 * float(expected.max()))
+
+
+
+def test_estimate_records_its_settings_and_refuses_bad_inputs_in_whole_sentences():
+    pipe, conditioning, latents, prompt_ids = setup(num_samples=2, num_train_timesteps=40)
+    args = (pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:1])
+    fast = estimate_fisher(*args, estimator="fast", num_timesteps=3, show_progress=False)
+    reference = estimate_fisher(*args, estimator="reference", num_timesteps=3, show_progress=False)
+    assert (fast.metadata["num_timesteps"], fast.metadata["num_train_timesteps"]) == ("3", "40")
+    assert (reference.metadata["num_timesteps"], reference.metadata["num_train_timesteps"]) == ("40", "40")
+    with pytest.raises(ValueError, match=r"^no samples to estimate the Fisher from; raise `fisher_num_samples`$"):
+        estimate_fisher(pipe.unet, pipe.scheduler, latents[:0], prompt_ids[:0], conditioning, MODULES[:1])
+    with pytest.raises(ValueError, match=r"^latents and prompt_ids differ in length$"):
+        estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids[:1], conditioning, MODULES[:1])
+    unknown = [f"nowhere.{i}" for i in range(7)]
+    with pytest.raises(ValueError) as info:
+        estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, unknown)
+    assert str(info.value) == f"unknown UNet modules for the Fisher: {unknown[:5]}"
+
+
+def test_prompts_hash_names_the_prompts_in_order():
+    assert prompts_hash(["a", "b"]) != prompts_hash(["b", "a"]) != prompts_hash(["a"])
+    assert prompts_hash(("a", "b")) == prompts_hash(["a", "b"])
+    assert len(prompts_hash(["a"])) == 16
+
+
+def test_bf16_unet_gets_a_float32_fisher_close_to_the_float32_one():
+    """A bf16 UNet's Fisher: the latents, noise and conditioning are cast to the UNet's dtype, the sums are
+    float32, and the base-weights hash reads bf16 weights (numpy has no bf16)."""
+    pipe, conditioning, latents, prompt_ids = setup(num_samples=2)
+    kwargs = {"estimator": "fast", "num_timesteps": 4, "seed": 1, "show_progress": False}
+    pipe.unet.to(torch.bfloat16)
+    half = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES, **kwargs)
+    bf16_hash = base_weights_hash(pipe.unet, MODULES)
+    pipe.unet.to(torch.float32)  # the same (bf16-representable) weights in float32
+    full = estimate_fisher(pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES, **kwargs)
+    assert bf16_hash == base_weights_hash(pipe.unet, MODULES)
+    assert half.metadata["model_dtype"] == "bfloat16"
+    for key, value in half.diagonal.items():
+        assert value.dtype == torch.float32
+        cosine = torch.nn.functional.cosine_similarity(value.flatten(), full.diagonal[key].flatten(), dim=0)
+        assert float(cosine) > 0.95
+        assert float(value.sum() / full.diagonal[key].sum()) == pytest.approx(1.0, rel=0.15)
