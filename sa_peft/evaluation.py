@@ -266,7 +266,6 @@ class OffManifold:
 
     def __init__(self, reference: torch.Tensor, quantile: float = 0.95):
         self.reference = reference
-        self.quantile = quantile
         self.a, self.b = _reference_halves(reference)
         self.thr_ab = torch.quantile(nearest_neighbour_distances(self.a, self.b), quantile).item()
         self.thr_ba = torch.quantile(nearest_neighbour_distances(self.b, self.a), quantile).item()

@@ -382,3 +382,109 @@ def test_kernel_inception_distance_equals_the_pairwise_u_statistic():
     with pytest.raises(ValueError, match="^KID needs at least two samples per set$"):
         kernel_inception_distance(a, b[:1])
 
+
+
+def test_kid_subsets_at_the_size_boundaries():
+    """Whole sets while both are at most ``subset_size`` (one equal to it); otherwise subsets of
+    ``min(len(a), len(b), subset_size)``, drawn for each side from the seed."""
+    import inspect
+
+    from sa_peft.evaluation import kernel_inception_distance
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(9, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(9, 3, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+    for na, nb in ((4, 3), (3, 4), (4, 4)):
+        assert kernel_inception_distance(a[:na], b[:nb], subset_size=4) == pytest.approx(
+            _kid_by_hand(a[:na], b[:nb]), rel=1e-12)
+    for na, nb in ((4, 9), (3, 9), (9, 3)):
+        g = torch.Generator().manual_seed(1)
+        m = min(na, nb, 5)
+        pairs = [(torch.randperm(na, generator=g)[:m], torch.randperm(nb, generator=g)[:m]) for _ in range(2)]
+        expected = sum(_kid_by_hand(a[:na][i], b[:nb][j]) for i, j in pairs) / 2
+        assert kernel_inception_distance(a[:na], b[:nb], subset_size=5, num_subsets=2, seed=1) == pytest.approx(
+            expected, rel=1e-12)
+    # The defaults are the KID protocol's: 100 subsets of 1000, seed 0.
+    defaults = {k: p.default for k, p in inspect.signature(kernel_inception_distance).parameters.items()}
+    assert (defaults["subset_size"], defaults["num_subsets"], defaults["seed"]) == (1000, 100, 0)
+
+
+def test_nearest_neighbour_distances_are_euclidean_over_all_channels_and_pixels():
+    from sa_peft.evaluation import nearest_neighbour_distances
+
+    gen = torch.Generator().manual_seed(0)
+    queries, gallery = torch.rand(5, 3, 4, 4, generator=gen), torch.rand(6, 3, 4, 4, generator=gen)
+    by_hand = torch.tensor([min(float((q - g).double().square().sum().sqrt()) for g in gallery) for q in queries],
+                           dtype=torch.float64)
+    torch.testing.assert_close(nearest_neighbour_distances(queries, gallery), by_hand)
+
+
+def test_off_manifold_halves_thresholds_and_strict_flags():
+    from sa_peft.evaluation import OffManifold, nearest_neighbour_distances
+
+    gen = torch.Generator().manual_seed(1)
+    reference = torch.rand(11, 1, 4, 4, generator=gen)
+    om = OffManifold(reference, 1.0)  # quantile 1: each threshold is one real image's distance, exactly
+    assert (len(om.a), len(om.b)) == (5, 6)
+    assert sorted(map(tuple, torch.cat([om.a, om.b]).flatten(1).tolist())) == sorted(map(tuple, reference.flatten(1).tolist()))
+    ab, ba = nearest_neighbour_distances(om.a, om.b), nearest_neighbour_distances(om.b, om.a)
+    assert (om.thr_ab, om.thr_ba) == (float(ab.max()), float(ba.max()))
+    assert om.threshold == pytest.approx((float(ab.max()) + float(ba.max())) / 2, rel=1e-12)
+    # The real images farthest from the other half sit exactly on the threshold: not off-manifold (">").
+    on_threshold = torch.cat([om.a[ab.argmax()][None], om.b[ba.argmax()][None]])
+    far = torch.full((1, 1, 4, 4), 5.0)
+    flags = om.flags(torch.cat([on_threshold, far]))
+    assert flags.shape == (3, 2)
+    assert flags[0, 0].item() is False and flags[1, 1].item() is False and flags[2].tolist() == [True, True]
+
+
+def test_sample_cache_files_are_named_by_the_prompt_hash_and_checked_by_their_header(tmp_path):
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sa_peft.evaluation import SampleCache
+
+    cache = SampleCache(tmp_path / "cache", {"steps": 2})
+    images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    assert cache.load("a cat") is None
+    cache.save("a cat", images)
+    path = cache.path("a cat")
+    assert path == str(tmp_path / "cache" / (hashlib.sha256(b"a cat").hexdigest()[:32] + ".safetensors"))
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"prompt": "a cat"} and list(f.keys()) == ["images"]
+    assert torch.equal(cache.load("a cat"), images)
+    save_file({"images": images}, path, metadata={"prompt": "a dog"})  # a foreign file under that name
+    assert cache.load("a cat") is None
+    save_file({"images": images}, path)  # no header at all
+    assert cache.load("a cat") is None
+    with pytest.raises(ValueError, match=r"^sample cache '.*cache' holds samples made with other settings; choose "
+                                         r"another `output_dir` or delete that folder$"):
+        SampleCache(tmp_path / "cache", {"steps": 3})
+
+
+def test_retained_reference_keeps_the_retained_classes_from_four_images_on():
+    from sa_peft.evaluation import _retained_reference
+
+    class Judge:
+        labels = ["zero", "one", "two"]
+
+        def __init__(self, counts):
+            self.ref_labels = torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])
+            self.images = torch.arange(len(self.ref_labels), dtype=torch.float32).view(-1, 1, 1, 1)
+
+        def reference_images(self):
+            return self.images
+
+        def reference_labels(self):
+            return self.ref_labels
+
+    four = Judge([3, 4, 2])
+    images, names = _retained_reference(four, [1])
+    assert names == ["one"] and images.flatten().tolist() == [3.0, 4.0, 5.0, 6.0]
+    images, names = _retained_reference(four, [2, 0, 2])
+    assert names == ["zero", "two"] and images.flatten().tolist() == [0.0, 1.0, 2.0, 7.0, 8.0]
+    three = Judge([3, 3, 3])
+    images, names = _retained_reference(three, [1])  # too few to compare with: all of them, unlabelled
+    assert names is None and len(images) == 9
