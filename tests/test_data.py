@@ -396,3 +396,103 @@ def test_builders_pass_paired_surrogate_prompts_and_the_accelerator(tiny_pipe, t
     with pytest.raises(ValueError, match="^give exactly one surrogate source: `surrogate_prompt`, `surrogate_data_dir` or "
                                          "`surrogate_type`$"):
         generate_surrogate_set(tiny_pipe, tmp_path, ["brad pitt"], 1)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_decoded_images_are_the_vae_decode_scaled_to_0_255(tiny_pipe, channels):
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    if channels == 1:  # a grey VAE, like the digits model's: PIL images in mode L
+        torch.manual_seed(0)
+        tiny_pipe.vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                      latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae = tiny_pipe.vae
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    expected = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert ((expected > 0) & (expected < 255)).any()
+    if channels == 3:  # this VAE saturates both ends: the clamp to [0, 1] is exercised
+        assert (expected == 0).any() and (expected == 255).any()
+    with torch.no_grad():
+        images = data_module._decode_to_pil(tiny_pipe, latents)
+    assert [im.mode for im in images] == ["RGB" if channels == 3 else "L"] * 2
+    for image, want in zip(images, expected):
+        got = np.asarray(image)
+        assert np.array_equal(got if channels == 3 else got[..., None], want)
+
+
+def test_check_resolution_uses_the_vaes_factor_and_suggests_the_nearest_size():
+    from types import SimpleNamespace
+
+    sixteen = SimpleNamespace(vae_scale_factor=16)
+    assert check_resolution(sixteen, 32) == 32
+    with pytest.raises(ValueError, match=r"^`resolution` 24 is not a positive multiple of 16 \(the VAE's downsampling "
+                                         r"factor and 8\); use e\.g\. 32$"):
+        check_resolution(sixteen, 24)  # a multiple of 8, not of the VAE's factor
+    eight = SimpleNamespace(vae_scale_factor=8)
+    with pytest.raises(ValueError, match=r"; use e\.g\. 32$"):
+        check_resolution(eight, 30)
+    with pytest.raises(ValueError, match=r"; use e\.g\. 96$"):
+        check_resolution(eight, 92)
+
+
+def test_set_folder_holds_only_the_set_and_nothing_lands_in_the_working_directory(tiny_pipe, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "set"
+    generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 2, surrogate_prompt="a middle aged man", **FAST)
+    assert sorted(os.listdir(out)) == ["images", "latents-00000.safetensors", "metadata.jsonl", "settings.json"]
+    assert sorted(os.listdir(out / "images")) == ["00000.png", "00001.png"]
+    assert os.listdir(cwd) == []
+    assert load_image_set(out).latents.shape[0] == 2  # read by its folder, from another working directory
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_lost_shard_of_a_complete_set_is_generated_again(tiny_pipe, tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(data_module, "SHARD_SIZE", 2)
+    out = tmp_path / "s"
+    kwargs = dict(surrogate_prompt="a middle aged man", seed=3, **FAST)
+    full = generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 5, **kwargs)
+    shard = out / "latents-00001.safetensors"
+    if damage == "deleted":
+        os.remove(shard)
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    calls = count_shard_generations(monkeypatch)
+    again = generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 5, **kwargs)  # metadata.jsonl is still there
+    assert len(calls) == 1
+    assert torch.equal(again.latents, full.latents)
+
+
+def test_set_errors_are_whole_sentences(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match=r"^2 `surrogate_prompt` for 3 forget prompts: give one surrogate for all of "
+                                         r"them, or one per forget prompt \(paired in order\)$"):
+        generate_surrogate_set(tiny_pipe, tmp_path / "a", ["x", "y", "z"], 3, surrogate_prompt=["p", "q"], **FAST)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"^`surrogate_data_dir` '.*empty' holds no images \(\.png, \.jpg, \.jpeg, "
+                                         r"\.webp, \.bmp\)$"):
+        generate_surrogate_set(tiny_pipe, tmp_path / "b", ["x"], 1, surrogate_data_dir=empty, **FAST)
+    with pytest.raises(ValueError, match=r"^`surrogate_type` must be 'noise', uniform_noise or gaussian_noise; got "
+                                         r"'pink'$"):
+        generate_surrogate_set(tiny_pipe, tmp_path / "c", ["x"], 1, surrogate_type="pink", **FAST)
+
+
+def test_image_set_load_errors_are_whole_sentences(tiny_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "SHARD_SIZE", 2)
+    out = tmp_path / "s"
+    generate_surrogate_set(tiny_pipe, out, ["brad pitt"], 3, surrogate_prompt="a middle aged man", **FAST)
+    (out / "latents-00001.safetensors").write_bytes(b"not a shard")
+    with pytest.raises(ValueError, match=r"^image set '.*s': the shard 'latents-00001\.safetensors' cannot be read "
+                                         r"\(.*\); delete it and rerun the command that made the set to generate it "
+                                         r"again$"):
+        load_image_set(out)
+    os.remove(out / "latents-00001.safetensors")
+    with pytest.raises(ValueError, match=r"^image set '.*s' holds 2 images in its shards but its metadata\.jsonl lists "
+                                         r"3: a shard is missing; rerun the command that made the set to generate it "
+                                         r"again$"):
+        load_image_set(out)
