@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .checks import check_number, check_output_apart, check_positive_int, check_writable
 from .data import SURROGATE_TYPES
 from .defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
+from .diffusion_loss import WEIGHTING_SCHEMES
 from .fisher import ESTIMATORS
 from .forgetting import DEFAULT_PREFERENCE_THRESHOLD, DEFAULT_RETENTION_BOUND
 from .lora import LORA_TARGET_PRESETS
@@ -89,6 +90,12 @@ class SelectiveAmnesiaConfig:
     lr_warmup_steps: int = _flag(0, "warm-up steps" + D, type=int, check={"low": 0})
     snr_gamma: float | None = _flag(None, "Min-SNR-γ loss weighting (5.0 recommended)" + D, type=float, check=POSITIVE)
     noise_offset: float = _flag(0.0, "offset noise scale" + D, type=float, check={"low": 0})
+    # Flow-matching models (SD3) only, as diffusers' train_dreambooth_lora_sd3.py (its defaults).
+    weighting_scheme: str = _flag("logit_normal", "flow matching (SD3): the σ density and loss weighting, as diffusers' "
+                                  "SD3 script (none = uniform)" + D, choices=list(WEIGHTING_SCHEMES))
+    logit_mean: float = _flag(0.0, "flow matching: mean of the logit_normal density" + D, type=float, check={})
+    logit_std: float = _flag(1.0, "flow matching: std of the logit_normal density" + D, type=float, check=POSITIVE)
+    mode_scale: float = _flag(1.29, "flow matching: scale of the mode density" + D, type=float, check={"low": 0})
     use_8bit_adam: bool = _flag(False, "bitsandbytes 8-bit AdamW (states really in 8 bits)", action="store_true")
     allow_tf32: bool = _flag(False, "allow TF32 matmuls on Ampere+ GPUs", action="store_true", resume_free=True)
     adam_beta1: float = _flag(0.9, D, type=float, check=BETA)
