@@ -13,14 +13,15 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from train_helpers import load_train_module, run_training, sample
 
 from sa_peft.adapter_io import read_adapter_metadata
-from sa_peft.conditioning import encode_prompts
+from sa_peft.conditioning import check_prompt_clash, encode_prompts
 from sa_peft.data import _decode_to_pil, _encode_images, default_resolution, generate_replay_set
 from sa_peft.diffusion_loss import FLOW_MATCHING, FlowMatchingNoise, noise_scheduler_for
 from sa_peft.fisher import estimate_fisher, fisher_timesteps, load_fisher
+from sa_peft.forgetting import ForgettingProbe
 from sa_peft.lora import TRANSFORMER_LORA_TARGET_PRESETS, iter_adapted_layers, make_lora_config, resolve_lora_targets
 from sa_peft.models import TRAINING_PIPELINES, load_pipeline
 from sa_peft.objective import adapters_disabled, selective_amnesia_loss
-from sa_peft.testing.tiny_pipeline import build_tiny_sd3_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_pipeline, build_tiny_sd3_pipeline
 
 PROMPTS = ["brad pitt", "a photo of a cat", "a red car"]
 
@@ -205,6 +206,31 @@ def test_sd3_fisher_is_per_sample_over_stratified_sigmas(sd3_pipe):
         got = fisher.diagonal[f"{name}.weight"]
         torch.testing.assert_close(got, s / 2, rtol=1e-4, atol=1e-6 * float(s.max()))
         assert got.sum() > 0, name  # the pooled-text MLP gets gradient only through pooled_projections
+
+
+def test_forgetting_signal_on_sd3_uses_stratified_sigmas(sd3_pipe):
+    """The probe's fixed timesteps are the density's stratified σ; the frozen transformer scores preference 1."""
+    pipe = sd3_pipe
+    cond = encode_prompts(pipe, ["brad pitt", "a photo of a cat"])
+    noise_scheduler = noise_scheduler_for(pipe.scheduler)
+    probe = ForgettingProbe(cond, ["brad pitt"], [latents_like(pipe, 2, 1)], [latents_like(pipe, 2, 2)],
+                            latents_like(pipe, 2, 3), torch.tensor([1, 1]), 1000, num_timesteps=3, seed=9,
+                            noise_scheduler=noise_scheduler)
+    expected = noise_scheduler.stratified_timesteps(2, 3, torch.Generator().manual_seed(9)).flatten()
+    torch.testing.assert_close(probe.concepts[0][0].timesteps, expected)
+    probe.calibrate(pipe.transformer, noise_scheduler)
+    signal = probe.measure(pipe.transformer, noise_scheduler)
+    assert signal["concepts"]["brad pitt"]["preference"] == pytest.approx(1.0) and signal["retention"] == 0.0
+
+
+def test_prompt_clash_check_sees_the_t5_tokens(sd3_pipe):
+    """Past CLIP's 77 tokens SD3 still tells prompts apart by T5's 256: not a clash there, but one on CLIP-only SD."""
+    forget, replay = "a " * 80 + "cat", "a " * 80 + "dog"
+    check_prompt_clash(sd3_pipe, [forget], [replay])
+    with pytest.raises(ValueError, match="give the model the same tokens"):
+        check_prompt_clash(build_tiny_pipeline(), [forget], [replay])
+    with pytest.raises(ValueError, match="give the model the same tokens"):
+        check_prompt_clash(sd3_pipe, ["a cat"], ["a  cat"])
 
 
 def test_transformer_lora_presets(sd3_pipe):
