@@ -121,6 +121,15 @@ def is_sdxl(model) -> bool:
     return (config.get("addition_embed_type") if hasattr(config, "get") else None) == "text_time"
 
 
+def sampler_description(pipe) -> str:
+    """How ``ddim_sampling`` samples ``pipe``, in words (evaluation reports)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        return "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
+    return "DDIM, eta 0"
+
+
 @contextlib.contextmanager
 def ddim_sampling(pipe):
     """Sample with DDIM (eta 0, as the reference code does) whatever the pipeline's own scheduler; restored after.

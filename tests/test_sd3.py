@@ -337,17 +337,52 @@ def test_sd3_training_through_the_script_reloads_identically(sd3_dir, replay_fil
 
 
 @pytest.mark.slow  # a second whole run: diffusers' SD3 preset, another scheme and replay target
-def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir, replay_file, tmp_path):
+def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir, tmp_path):
     """The attn preset holds the last block's attn.add_q_proj, whose Fisher is 0 (its context output is discarded):
     the low-rank EWC penalty was NaN from step 1."""
+    from sa_peft.classifier import DigitsClassifier, DigitsCNN
+
+    torch.manual_seed(0)
+    classifier = tmp_path / "classifier"
+    labels = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    DigitsClassifier(DigitsCNN(), labels, reference_images=torch.rand(20, 1, 16, 16),
+                     reference_labels=torch.arange(20) % 10).save(classifier)
+    digits = tmp_path / "digits.txt"  # prompts the classifier can label by their last word
+    digits.write_text("a handwritten digit one\na handwritten digit two\n")
     out = tmp_path / "sd3-attn"
-    pipe = run_training(load_train_module(), sd3_dir, out, replay_file, "--forget_prompt", "brad pitt",
+    pipe = run_training(load_train_module(), sd3_dir, out, digits, "--forget_prompt", "a handwritten digit zero",
                         "--surrogate_type", "noise", "--lora_target", "attn", "--weighting_scheme", "cosmap",
-                        "--replay_target", "noise")
-    fresh = reload_and_compare(sd3_dir, out, pipe)
+                        "--replay_target", "noise", "--classifier", str(classifier),
+                        "--num_evaluation_images_per_prompt", "2")
+    fresh = reload_and_compare(sd3_dir, out, pipe, prompt="a handwritten digit zero")
     assert {layer.name for layer in iter_adapted_layers(fresh.transformer, "default_0")} == \
         set(resolve_lora_targets(build_tiny_sd3_pipeline().transformer, "attn"))
     fisher = load_fisher(next((out / "cache").glob("fisher-*.safetensors")))
     assert fisher.metadata["weighting_scheme"] == "cosmap"
     assert fisher.diagonal["transformer_blocks.1.attn.add_q_proj.weight"].sum() == 0
+    # The final evaluation sampled with the pipeline's own flow-matching scheduler, and says so.
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["before"]["settings"]["sampler"] == "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
+    assert "Evaluation" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow  # three short runs
+def test_sd3_resumed_run_equals_the_uninterrupted_one(sd3_dir, replay_file, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    train = load_train_module()
+    common = ["--forget_prompt", "brad pitt", "--surrogate_prompt", "a middle aged man", "--max_train_steps", "4",
+              "--checkpointing_steps", "2", "--train_full_budget"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_training(train, sd3_dir, whole, replay_file, *common)
+    resumed.mkdir()
+    shutil.copytree(whole / "cache", resumed / "cache")
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    run_training(train, sd3_dir, resumed, replay_file, *common, "--resume_from_checkpoint", "latest")
+    a, b = (load_file(f / "pytorch_lora_weights.safetensors") for f in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), use_safetensors=True)
+    fresh.load_lora_weights(str(whole / "checkpoint-2"))  # checkpoints load like the final adapter
     assert isinstance(DiffusionPipeline.from_pretrained(str(sd3_dir)), StableDiffusion3Pipeline)
