@@ -109,6 +109,8 @@ def train(config: SelectiveAmnesiaConfig):
 
     # ---- Phase 2: Fisher of the weights the LoRA adapts, on the frozen model's own samples -------
     start = time.perf_counter()
+    # The prompts are encoded: the frozen text encoders (SD3's T5 too) and the VAE wait off the device.
+    move_frozen_encoders(pipe, "cpu", config)
     targets = resolve_lora_targets(denoiser(pipe), config.lora_target)
     fisher = None
     if config.ewc_lambda > 0:
@@ -123,6 +125,7 @@ def train(config: SelectiveAmnesiaConfig):
     # ---- Phase 3: the forget LoRA ------------------------------------------------------------------
     before_images = None
     if accelerator.is_main_process:
+        move_frozen_encoders(pipe, accelerator.device, config)  # back for sampling; prepare_training moves them off
         before_images = generate_validation_images(pipe, config.validation_prompts, config.num_validation_images,
                                                    config.seed, resolution, config.generation_guidance_scale,
                                                    config.generation_num_inference_steps)
