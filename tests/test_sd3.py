@@ -287,11 +287,39 @@ def test_unsupported_pipeline_class_is_refused_before_loading(tmp_path, train):
     assert "StableDiffusion3Pipeline" in supported
 
 
-def test_commands_without_sd3_support_refuse_it_by_name(sd3_dir):
+def test_commands_without_sd3_support_refuse_it_by_name(sd3_dir, tmp_path, capsys):
+    from sa_peft import cli
+
     with pytest.raises(ValueError, match="is a StableDiffusion3Pipeline, .*supported pipelines: StableDiffusionPipeline, "
                                          "StableDiffusionXLPipeline$"):
         load_pipeline(sd3_dir)
     assert type(load_pipeline(sd3_dir, supported=TRAINING_PIPELINES)).__name__ == "StableDiffusion3Pipeline"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit zero\n")
+    assert cli.main(["evaluate", "--pretrained_model_name_or_path", str(sd3_dir), "--prompts_file", str(prompts),
+                     "--classifier", "builtin:digits-classifier", "--output_dir", str(tmp_path / "eval"),
+                     "--device", "cpu"]) != 0
+    assert "is a StableDiffusion3Pipeline, which this command does not support" in capsys.readouterr().err
+
+
+def test_generate_and_fisher_commands_on_an_sd3_folder(sd3_dir, tmp_path, capsys):
+    """``sa-peft generate`` and ``sa-peft fisher`` take SD3 (the Fisher's flow-matching σ density named in the file)."""
+    from sa_peft import cli
+    from sa_peft.data import load_image_set
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    assert cli.main(["generate", "replay", "--pretrained_model_name_or_path", str(sd3_dir), "--replay_prompts_file",
+                     str(prompts), "--num_replay_images_per_prompt", "2", "--num_inference_steps", "2",
+                     "--output_dir", str(tmp_path / "set"), "--device", "cpu"]) == 0
+    assert load_image_set(tmp_path / "set").latents.shape == (2, 16, 16, 16)
+    out = tmp_path / "fisher.safetensors"
+    assert cli.main(["fisher", "--pretrained_model_name_or_path", str(sd3_dir), "--data_dir", str(tmp_path / "set"),
+                     "--fisher_num_samples", "2", "--fisher_num_timesteps", "2", "--lora_target", "context",
+                     "--weighting_scheme", "mode", "--output", str(out), "--device", "cpu"]) == 0
+    fisher = load_fisher(out, unet=build_tiny_sd3_pipeline().transformer)  # the base weights' hash matches
+    assert sorted(fisher.modules) == sorted(resolve_lora_targets(build_tiny_sd3_pipeline().transformer, "context"))
+    assert fisher.metadata["prediction_type"] == FLOW_MATCHING and fisher.metadata["weighting_scheme"] == "mode"
 
 
 @pytest.mark.parametrize("flag", [["--snr_gamma", "5"], ["--output_kohya_format"], ["--train_text_encoder"]])
