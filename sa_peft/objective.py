@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import PromptConditioning
-from .diffusion_loss import model_prediction, per_sample_diffusion_loss, prediction_target, sample_timesteps, snr_weights
+from .diffusion_loss import (
+    model_prediction,
+    per_sample_diffusion_loss,
+    prediction_target,
+    sample_timesteps,
+    snr_weights,
+)
 
 REPLAY_TARGETS = ("noise", "distill")
 
