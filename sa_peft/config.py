@@ -31,6 +31,9 @@ D = " (default: %(default)s)"
 # target) barely weighs it: on the digits the retained Fréchet distance rose 11-17 % forgetting one, three or
 # eight at γ = 1, 1-3 % at γ = 30, with the same step counts (benchmarks/RESULTS.md).
 DISTILL_REPLAY_WEIGHT = 30.0
+# The flow-matching (SD3) flags: a checkpoint records them only when they differ from their defaults, so checkpoints
+# written before they existed still resume (a changed value is still refused: absent there, set here).
+FLOW_MATCHING_FIELDS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 # Never written into the adapter header (it is published with the adapter).
 SECRET_FIELDS = ("hub_token",)
 
@@ -385,7 +388,8 @@ class SelectiveAmnesiaConfig:
         """What a checkpoint records of the run: every flag that changes a training step, the prompts as read
         from their files, and the base model's weights hash (JSON-normalised, for comparison)."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                    if f.init and not f.metadata["resume_free"]}
+                    if f.init and not f.metadata["resume_free"]
+                    and not (f.name in FLOW_MATCHING_FIELDS and getattr(self, f.name) == f.default)}
         settings.update(forget_prompts=self.forget_prompts, replay_prompts=self.replay_prompts, base_model_hash=model_key)
         return json.loads(json.dumps(dict(sorted(settings.items()))))
 

@@ -392,6 +392,7 @@ def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir,
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["before"]["settings"]["sampler"] == "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
     assert "Evaluation" in (out / "README.md").read_text()
+    assert isinstance(DiffusionPipeline.from_pretrained(str(sd3_dir)), StableDiffusion3Pipeline)
 
 
 @pytest.mark.slow  # three short runs
@@ -413,4 +414,17 @@ def test_sd3_resumed_run_equals_the_uninterrupted_one(sd3_dir, replay_file, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fresh = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), use_safetensors=True)
     fresh.load_lora_weights(str(whole / "checkpoint-2"))  # checkpoints load like the final adapter
-    assert isinstance(DiffusionPipeline.from_pretrained(str(sd3_dir)), StableDiffusion3Pipeline)
+    with pytest.raises(ValueError, match="weighting_scheme: checkpoint None, now 'cosmap'"):
+        run_training(train, sd3_dir, resumed, replay_file, *common, "--resume_from_checkpoint", "checkpoint-2",
+                     "--weighting_scheme", "cosmap")
+
+
+def test_checkpoints_record_the_flow_matching_flags_only_when_set(tmp_path):
+    """Checkpoints written before the SD3 flags existed still resume; a changed density is still a changed setting."""
+    from sa_peft.config import SelectiveAmnesiaConfig
+
+    common = {"forget_prompt": ["brad pitt"], "surrogate_type": "noise", "output_dir": str(tmp_path / "out")}
+    default = SelectiveAmnesiaConfig(**common).training_settings("key")
+    assert not {"weighting_scheme", "logit_mean", "logit_std", "mode_scale"} & set(default)
+    changed = SelectiveAmnesiaConfig(**common, weighting_scheme="mode", mode_scale=1.0).training_settings("key")
+    assert changed["weighting_scheme"] == "mode" and changed["mode_scale"] == 1.0 and "logit_std" not in changed
