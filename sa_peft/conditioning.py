@@ -8,14 +8,16 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .models import is_sdxl
+from .models import is_sd3, is_sdxl
 
 
 @dataclass
 class PromptConditioning:
-    """UNet conditioning for a list of unique prompts; rows are picked per sample by prompt index.
+    """Denoiser conditioning for a list of unique prompts; rows are picked per sample by prompt index.
 
-    ``text_embeds`` and ``time_ids`` are only set for SDXL (pooled embeddings and ``add_time_ids``).
+    ``text_embeds`` are the pooled text embeddings, set for SDXL (with its ``add_time_ids`` in ``time_ids``) and for
+    SD3 (no ``time_ids``: the transformer takes them as ``pooled_projections``). SD3's ``encoder_hidden_states`` are
+    its joint CLIP + T5 context.
     """
 
     prompts: list[str]
@@ -34,7 +36,10 @@ class PromptConditioning:
         ids = prompt_ids.to(self.encoder_hidden_states.device)
         hidden = self.encoder_hidden_states[ids]
         kwargs: dict = {"encoder_hidden_states": hidden if dtype is None else hidden.to(dtype)}
-        if self.text_embeds is not None:
+        if self.text_embeds is not None and self.time_ids is None:  # SD3
+            pooled = self.text_embeds[ids]
+            kwargs["pooled_projections"] = pooled if dtype is None else pooled.to(dtype)
+        elif self.text_embeds is not None:
             text_embeds, time_ids = self.text_embeds[ids], self.time_ids[ids]
             if dtype is not None:
                 text_embeds, time_ids = text_embeds.to(dtype), time_ids.to(dtype)
@@ -60,6 +65,10 @@ def encode_prompts_with_grad(pipe, prompts: Sequence[str], resolution: int | Non
     if not unique:
         raise ValueError("no prompts to encode")
     device = pipe.text_encoder.device if pipe.text_encoder is not None else pipe.unet.device
+    if is_sd3(pipe):  # the joint CLIP + T5 context and the pooled CLIP embeddings, as the pipeline samples with
+        hidden, _, pooled, _ = pipe.encode_prompt(prompt=unique, prompt_2=None, prompt_3=None, device=device,
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return PromptConditioning(unique, hidden, pooled)
     if is_sdxl(pipe):
         hidden, _, pooled, _ = pipe.encode_prompt(
             prompt=unique, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -86,7 +95,8 @@ def check_prompt_clash(pipe, forget: Sequence[str], replay: Sequence[str]) -> No
     clean-up and the 77-token truncation): "A Cat" and "a cat" are one conditioning, so training would
     push the same input both to the surrogate and to the base model's own output.
     """
-    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None),
+                              getattr(pipe, "tokenizer_3", None)) if t is not None]
     if not tokenizers:
         return
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .checks import check_number, check_output_apart, check_positive_int, check_writable
 from .data import SURROGATE_TYPES
 from .defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
+from .diffusion_loss import WEIGHTING_SCHEMES
 from .errors import InputError, MissingInputError, with_flags
 from .fisher import ESTIMATORS
 from .forgetting import DEFAULT_PREFERENCE_THRESHOLD, DEFAULT_RETENTION_BOUND
@@ -31,6 +32,9 @@ D = " (default: %(default)s)"
 # target) barely weighs it: on the digits the retained Fréchet distance rose 11-17 % forgetting one, three or
 # eight at γ = 1, 1-3 % at γ = 30, with the same step counts (benchmarks/RESULTS.md).
 DISTILL_REPLAY_WEIGHT = 30.0
+# The flow-matching (SD3) flags: a checkpoint records them only when they differ from their defaults, so checkpoints
+# written before they existed still resume (a changed value is still refused: absent there, set here).
+FLOW_MATCHING_FIELDS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 # Never written into the adapter header (it is published with the adapter).
 SECRET_FIELDS = ("hub_token",)
 
@@ -90,6 +94,12 @@ class SelectiveAmnesiaConfig:
     lr_warmup_steps: int = _flag(0, "warm-up steps" + D, type=int, check={"low": 0})
     snr_gamma: float | None = _flag(None, "Min-SNR-γ loss weighting (5.0 recommended)" + D, type=float, check=POSITIVE)
     noise_offset: float = _flag(0.0, "offset noise scale" + D, type=float, check={"low": 0})
+    # Flow-matching models (SD3) only, as diffusers' train_dreambooth_lora_sd3.py (its defaults).
+    weighting_scheme: str = _flag("logit_normal", "flow matching (SD3): the σ density and loss weighting, as diffusers' "
+                                  "SD3 script (none = uniform)" + D, choices=list(WEIGHTING_SCHEMES))
+    logit_mean: float = _flag(0.0, "flow matching: mean of the logit_normal density" + D, type=float, check={})
+    logit_std: float = _flag(1.0, "flow matching: std of the logit_normal density" + D, type=float, check=POSITIVE)
+    mode_scale: float = _flag(1.29, "flow matching: scale of the mode density" + D, type=float, check={"low": 0})
     use_8bit_adam: bool = _flag(False, "bitsandbytes 8-bit AdamW (states really in 8 bits)", action="store_true")
     allow_tf32: bool = _flag(False, "allow TF32 matmuls on Ampere+ GPUs", action="store_true", resume_free=True)
     adam_beta1: float = _flag(0.9, D, type=float, check=BETA)
@@ -381,7 +391,8 @@ class SelectiveAmnesiaConfig:
         """What a checkpoint records of the run: every flag that changes a training step, the prompts as read
         from their files, and the base model's weights hash (JSON-normalised, for comparison)."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                    if f.init and not f.metadata["resume_free"]}
+                    if f.init and not f.metadata["resume_free"]
+                    and not (f.name in FLOW_MATCHING_FIELDS and getattr(self, f.name) == f.default)}
         settings.update(forget_prompts=self.forget_prompts, replay_prompts=self.replay_prompts, base_model_hash=model_key)
         return json.loads(json.dumps(dict(sorted(settings.items()))))
 

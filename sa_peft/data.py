@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, MissingInputError
 from .io_utils import atomic_path, write_json_atomic, write_text_atomic
-from .models import ddim_sampling
+from .models import ddim_sampling, denoiser
 from .prompts import check_prompts
 
 SHARD_SIZE = 16
@@ -52,7 +52,8 @@ class ImageSet:
 def check_resolution(pipe, resolution: int) -> int:
     """Reject sizes the pipeline cannot take: not a positive multiple of the VAE's downsampling factor
     (and of 8, which diffusers' Stable Diffusion pipelines require)."""
-    factor = math.lcm(8, pipe.vae_scale_factor)
+    # A transformer (SD3) also needs whole patches of latents: diffusers' SD3 pipeline refuses other sizes.
+    factor = math.lcm(8, pipe.vae_scale_factor * getattr(pipe, "patch_size", 1))
     if resolution <= 0 or resolution % factor:
         raise InputError(
             f"`resolution` {resolution} is not a positive multiple of {factor} (the VAE's downsampling "
@@ -62,13 +63,18 @@ def check_resolution(pipe, resolution: int) -> int:
 
 
 def default_resolution(pipe) -> int:
-    """The pipeline's native image size (512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL)."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    """The pipeline's native image size (512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL and SD3)."""
+    return int(denoiser(pipe).config.sample_size * pipe.vae_scale_factor)
+
+
+def _vae_shift(vae) -> float:
+    """SD3's VAE latents are (z − shift_factor) · scaling_factor; SD 1.x/2.x/SDXL have no shift."""
+    return vae.config.get("shift_factor") or 0.0
 
 
 def _decode_to_pil(pipe, latents: torch.Tensor) -> list[Image.Image]:
     vae = pipe.vae
-    images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + _vae_shift(vae)).sample
     images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     arrays = (images * 255).round().astype(np.uint8)
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
@@ -78,7 +84,7 @@ def _encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] → scaled latents (the posterior mean, so encoding is deterministic)."""
     vae = pipe.vae
     posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    return posterior.mean * vae.config.scaling_factor
+    return (posterior.mean - _vae_shift(vae)) * vae.config.scaling_factor
 
 
 def _load_image(path: str, resolution: int, channels: int) -> torch.Tensor:

@@ -1,30 +1,145 @@
-"""The diffusion training loss ℓ, written once for the objective and the Fisher."""
+"""The diffusion training loss ℓ, written once for the objective, the Fisher and the forgetting signal.
+
+Two model families, dispatched here and nowhere else:
+- UNets (SD 1.x/2.x, SDXL): DDPM noising √ᾱ·x₀ + √(1−ᾱ)·ε at integer timesteps drawn uniformly, ε or v target;
+- flow-matching transformers (SD3): x_σ = (1−σ)·x₀ + σ·ε with σ from the SD3 timestep density, target ε − x₀
+  (``FlowMatchingNoise``), as diffusers' ``train_dreambooth_lora_sd3.py`` trains them.
+The training "scheduler" passed around (``noise_scheduler_for``) is a ``DDPMScheduler`` or a ``FlowMatchingNoise``;
+both have ``config.num_train_timesteps``, ``config.prediction_type`` and ``add_noise``.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .errors import InputError
 
+# The prediction_type of FlowMatchingNoise: the model predicts the velocity v = ε − x₀.
+FLOW_MATCHING = "flow_matching"
+# diffusers' SD3 script's --weighting_scheme choices (its default first); "none" samples σ's index uniformly.
+WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
-def noise_scheduler_for(scheduler):
-    """The DDPM scheduler with ``scheduler``'s config, for noising training samples.
+
+class FlowMatchingNoise:
+    """Training-time noising of a flow-matching model, from its pipeline's ``FlowMatchEulerDiscreteScheduler``.
+
+    As diffusers' SD3 LoRA script: u from the ``weighting_scheme``'s density (``compute_density_for_timestep_sampling``),
+    index ⌊u·T⌋ into the scheduler's training timesteps (SD3's shifted schedule, σ·T, descending), the transformer
+    called with that timestep, x_σ = (1−σ)·x₀ + σ·ε, target ε − x₀ and the loss weighted by
+    ``compute_loss_weighting_for_sd3`` (1 for logit_normal, mode and none). Timesteps are floats σ·T, so σ = t / T
+    (the scheduler's own ``timesteps = sigmas · T``). Every draw is a function of a uniform u from a torch generator,
+    so K stratified timesteps (the Fisher, the forgetting signal) stratify the same density.
+    """
+
+    def __init__(self, scheduler, weighting_scheme: str = "logit_normal", logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.configuration_utils import FrozenDict
+
+        if weighting_scheme not in WEIGHTING_SCHEMES:
+            raise InputError(f"`weighting_scheme` must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
+        if scheduler.config.get("use_dynamic_shifting"):
+            raise InputError("a flow-matching scheduler with use_dynamic_shifting (FLUX-style resolution-dependent "
+                             "shift) is not supported yet; sa-peft trains SD3-style schedulers (a fixed shift)")
+        # A fresh copy: the pipeline's scheduler holds the timesteps of its last sampling run, not the training ones.
+        fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        self.timesteps = fresh.timesteps.float()
+        self.config = FrozenDict({**fresh.config, "prediction_type": FLOW_MATCHING, "weighting_scheme": weighting_scheme,
+                                  "logit_mean": logit_mean, "logit_std": logit_std, "mode_scale": mode_scale})
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps.float() / self.config.num_train_timesteps
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigmas(timesteps).to(latents.device, latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+        return (1.0 - sigma) * latents + sigma * noise
+
+    def _timesteps_at(self, u: torch.Tensor) -> torch.Tensor:
+        """The training timesteps at density values u ∈ [0, 1] (diffusers: ``timesteps[(u · T).long()]``)."""
+        T = self.config.num_train_timesteps
+        return self.timesteps[(u.cpu() * T).long().clamp(0, T - 1)]  # "mode" can give u = 1 exactly
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n timesteps drawn as diffusers' SD3 script draws them."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        c = self.config
+        u = compute_density_for_timestep_sampling(c.weighting_scheme, n, logit_mean=c.logit_mean, logit_std=c.logit_std,
+                                                  mode_scale=c.mode_scale, generator=generator,
+                                                  device=generator.device if generator is not None else "cpu")
+        return self._timesteps_at(u)
+
+    def density_quantile(self, uniform: torch.Tensor) -> torch.Tensor:
+        """u of ``compute_density_for_timestep_sampling`` as a function of a uniform draw (its inverse CDF for
+        logit_normal; its own transform of the uniform draw for mode; the draw itself otherwise)."""
+        c = self.config
+        if c.weighting_scheme == "logit_normal":
+            return torch.sigmoid(c.logit_mean + c.logit_std * math.sqrt(2) * torch.erfinv(2 * uniform - 1))
+        if c.weighting_scheme == "mode":
+            return 1 - uniform - c.mode_scale * (torch.cos(math.pi * uniform / 2) ** 2 - 1 + uniform)
+        return uniform
+
+    def stratified_timesteps(self, rows: int, num_bins: int, generator: torch.Generator) -> torch.Tensor:
+        """[rows, K] timesteps, timestep j of each row from the j-th of K equal-probability bins of the density."""
+        uniform = (torch.arange(num_bins) + torch.rand(rows, num_bins, generator=generator)) / num_bins
+        return self._timesteps_at(self.density_quantile(uniform))
+
+    def grid_timesteps(self) -> torch.Tensor:
+        """T timesteps at the midpoints of T equal-probability bins: the reference Fisher's "all T timesteps"."""
+        T = self.config.num_train_timesteps
+        return self._timesteps_at(self.density_quantile((torch.arange(T) + 0.5) / T))
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return compute_loss_weighting_for_sd3(self.config.weighting_scheme, self.sigmas(timesteps))
+
+
+def is_flow_matching(scheduler) -> bool:
+    return getattr(scheduler.config, "prediction_type", None) == FLOW_MATCHING
+
+
+def noise_scheduler_for(scheduler, **flow_matching):
+    """The scheduler that noises training samples: DDPM with ``scheduler``'s config, or ``FlowMatchingNoise`` for a
+    flow-matching pipeline (``flow_matching``: its ``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``).
 
     Pipelines ship inference schedulers: ``add_noise`` of SDXL's ``EulerDiscreteScheduler`` returns
     x₀ + σ·ε (the UNet expects √ᾱ·x₀ + √(1−ᾱ)·ε) and indexes the inference timesteps, and PNDM has no
     ``get_velocity``. Training and the Fisher therefore noise with DDPM built from the same betas and
     ``prediction_type``, as diffusers' training scripts do; for DDPM/DDIM configs nothing changes.
     """
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if isinstance(scheduler, FlowMatchingNoise):
+        return scheduler
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchingNoise(scheduler, **flow_matching)
     if type(scheduler) is DDPMScheduler:
         return scheduler
     return DDPMScheduler.from_config(scheduler.config)
 
 
+def sample_timesteps(scheduler, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """One training timestep per sample: uniform integers for DDPM, the SD3 density for flow matching."""
+    if is_flow_matching(scheduler):
+        return scheduler.sample_timesteps(n, generator).to(device)
+    T = scheduler.config.num_train_timesteps
+    return torch.randint(0, T, (n,), generator=generator, device=generator.device if generator else None).to(device)
+
+
+def model_prediction(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+    """The denoiser's output: ``timestep`` by keyword, which a UNet (``sample, timestep, …``) and an SD3 transformer
+    (``hidden_states, encoder_hidden_states, pooled_projections, timestep, …``) both accept."""
+    return model(noisy, timestep=timesteps, **model_kwargs, return_dict=False)[0]
+
+
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """ε for epsilon-prediction schedulers, v = α·ε − σ·x₀ for v-prediction (SD 2.x)."""
+    """ε for epsilon-prediction schedulers, v = α·ε − σ·x₀ for v-prediction (SD 2.x), ε − x₀ for flow matching."""
     kind = scheduler.config.prediction_type
+    if kind == FLOW_MATCHING:
+        return noise - latents
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
@@ -41,20 +156,27 @@ def per_sample_diffusion_loss(
     unet_kwargs: dict,
     target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and its target, averaged over latent elements: one value per sample.
+    """MSE between the model's prediction and its target, averaged over latent elements: one value per sample
+    (for flow matching times the SD3 loss weight of its σ, as diffusers weights it).
 
     ``target`` replaces the usual ε / v target (replay distillation passes the frozen model's prediction)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, **unet_kwargs, return_dict=False)[0]
+    prediction = model_prediction(unet, noisy, timesteps, unet_kwargs)
     if target is None:
         target = prediction_target(scheduler, latents, noise, timesteps)
-    return (prediction.float() - target.float()).square().flatten(1).mean(1)
+    losses = (prediction.float() - target.float()).square().flatten(1).mean(1)
+    if is_flow_matching(scheduler):
+        losses = losses * scheduler.loss_weights(timesteps).to(losses)
+    return losses
 
 
 def snr_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023), as diffusers' training scripts apply them."""
     from diffusers.training_utils import compute_snr
 
+    if is_flow_matching(scheduler):
+        raise InputError("`snr_gamma` (Min-SNR weighting) is for DDPM-trained UNets; flow-matching models (SD3) weight "
+                         "the loss by `weighting_scheme` instead: drop `snr_gamma`")
     snr = compute_snr(scheduler, timesteps)
     weights = torch.clamp(snr, max=snr_gamma) / snr
     if scheduler.config.prediction_type == "v_prediction":

@@ -32,7 +32,7 @@ from .classifier import (
 )
 from .errors import InputError
 from .io_utils import atomic_path, write_json_atomic, write_text_atomic
-from .models import ddim_sampling
+from .models import ddim_sampling, sampler_description
 
 # Per-sample seeds are spread this far apart so (seed, index) pairs of different runs do not collide.
 _SEED_STRIDE = 1_000_003
@@ -494,7 +494,7 @@ def _evaluation_settings(settings: dict, classifier, clip_model, feature_space, 
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
-        "sampler": "DDIM, eta 0",
+        "sampler": settings.get("sampler", "DDIM, eta 0"),
     }
 
 
@@ -616,7 +616,7 @@ def evaluate_pipeline(
     t2 = time.time()
     settings = {"prompts": all_prompts, "forget_prompts": forget_prompts, "forgotten_labels": forgotten_labels,
                 "label_for_prompt": {p: label_for_prompt.get(p) for p in all_prompts} if labeled else {},
-                "labels": labels}
+                "labels": labels, "sampler": sampler_description(pipe)}
     return {
         "settings": _evaluation_settings(settings, classifier, clip_model, feature_space, num_per_prompt, seed,
                                          num_inference_steps, guidance_scale),

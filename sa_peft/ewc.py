@@ -122,14 +122,15 @@ class EWCPenalty(torch.nn.Module):
             # and B's by B's shape (fewer, larger groups than pairs of shapes); the r×r products meet
             # through one gather each way.
             totals = [float(fisher.row_sums[k].double().sum()) * self.normalizer for k in keys]
-            # A layer whose Fisher is all zero has u = v = 0: keep its penalty 0 rather than 0/0 = NaN.
-            tiny = torch.finfo(torch.float32).tiny
+            # A layer whose Fisher is all zero has u = v = 0: keep its penalty 0 rather than 0/0 = NaN. (Dividing by
+            # float32's tiny instead gave 2s²/tiny ≈ 1.7e38, which times a normaliser above 2 is inf, and 0 · inf is
+            # NaN: SD3's last joint block has such a layer, attn.add_q_proj, whose context output is discarded.)
             self.a_groups = _group_by_shape(self.lora_a_params)
             self.b_groups = _group_by_shape(self.lora_b_params)
             for members in self.a_groups:
                 self.a_buffers.append(stack([fisher.col_sums[keys[i]] for i in members], [1.0] * len(members))[:, None, :])
             for members in self.b_groups:
-                factors = [two_scale_sq[i] / max(totals[i], tiny) for i in members]
+                factors = [two_scale_sq[i] / totals[i] if totals[i] > 0 else 0.0 for i in members]
                 self.b_buffers.append(stack([fisher.row_sums[keys[i]] for i in members], factors)[:, :, None])
             a_order = [i for members in self.a_groups for i in members]
             b_order = [i for members in self.b_groups for i in members]

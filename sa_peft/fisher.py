@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .conditioning import PromptConditioning
-from .diffusion_loss import per_sample_diffusion_loss
+from .diffusion_loss import is_flow_matching, per_sample_diffusion_loss
 from .errors import InputError, MissingInputError
 from .io_utils import atomic_path
 from .safetensors_header import read_safetensors_header
@@ -89,13 +89,20 @@ def prompts_hash(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
 
 
-def fisher_timesteps(estimator: str, num_train_timesteps: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """Timesteps one sample's gradient is summed over, and implicitly the weight T/K applied to the sum."""
+def fisher_timesteps(estimator: str, num_train_timesteps: int, num_timesteps: int, generator: torch.Generator,
+                     scheduler=None) -> torch.Tensor:
+    """Timesteps one sample's gradient is summed over, and implicitly the weight T/K applied to the sum.
+
+    For a flow-matching ``scheduler`` (``diffusion_loss.FlowMatchingNoise``) the bins are equal-probability bins
+    of its σ density instead of equal ranges of integer timesteps, and "all T" is one timestep per bin of T."""
+    flow = scheduler is not None and is_flow_matching(scheduler)
     if estimator == "reference":
-        return torch.arange(num_train_timesteps)
+        return scheduler.grid_timesteps() if flow else torch.arange(num_train_timesteps)
     if estimator == "fast":
         if not 0 < num_timesteps <= num_train_timesteps:
             raise InputError(f"`fisher_num_timesteps` must be in 1..{num_train_timesteps}, got {num_timesteps}")
+        if flow:
+            return scheduler.stratified_timesteps(1, num_timesteps, generator)[0]
         edges = torch.linspace(0, num_train_timesteps, num_timesteps + 1)
         offsets = torch.rand(num_timesteps, generator=generator)
         return (edges[:-1] + offsets * (edges[1:] - edges[:-1])).long().clamp(max=num_train_timesteps - 1)
@@ -149,7 +156,7 @@ def estimate_fisher(
     try:
         for n in tqdm(indices, desc=f"Fisher ({estimator})", disable=not show_progress):
             generator = torch.Generator().manual_seed(seed + n)
-            timesteps = fisher_timesteps(estimator, T, num_timesteps, generator)
+            timesteps = fisher_timesteps(estimator, T, num_timesteps, generator, scheduler)
             weight = 1.0 if estimator == "reference" else T / len(timesteps)
             grads = [torch.zeros_like(s) for s in sums]
             for chunk in timesteps.split(timestep_batch_size):
@@ -189,6 +196,7 @@ def estimate_fisher(
             + "; F = mean over samples of the squared per-sample gradient"
         ),
         "prediction_type": scheduler.config.prediction_type,
+        **({"weighting_scheme": scheduler.config.weighting_scheme} if is_flow_matching(scheduler) else {}),
         "dtype": "float32",
         "model_dtype": str(dtype).replace("torch.", ""),
         "seed": str(seed),
@@ -219,7 +227,8 @@ def save_fisher(fisher: FisherInfo, path: str | os.PathLike, factored_only: bool
 
 # Metadata keys a reused Fisher must match, with the flag that sets each.
 FISHER_SETTING_PARAMETERS = {"estimator": "`fisher_estimator`", "num_timesteps": "`fisher_num_timesteps`",
-                             "num_samples": "`fisher_num_samples`", "seed": "`seed`", "prompts_hash": "the replay prompts"}
+                             "num_samples": "`fisher_num_samples`", "seed": "`seed`", "prompts_hash": "the replay prompts",
+                             "weighting_scheme": "`weighting_scheme`"}
 
 
 def check_fisher_settings(fisher: FisherInfo, path: str | os.PathLike, expected: dict[str, str]) -> None:

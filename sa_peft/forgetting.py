@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import PromptConditioning
-from .diffusion_loss import prediction_target
+from .diffusion_loss import is_flow_matching, model_prediction, prediction_target
 from .errors import InputError
 
 DEFAULT_PREFERENCE_THRESHOLD = 0.0
@@ -53,12 +53,15 @@ class ProbeBatch:
 
 
 def _probe_batch(latents: torch.Tensor, prompt_ids: torch.Tensor, num_timesteps: int, num_train_timesteps: int,
-                 generator: torch.Generator, noise_shape_like: torch.Tensor | None = None) -> ProbeBatch:
+                 generator: torch.Generator, noise_shape_like: torch.Tensor | None = None, flow=None) -> ProbeBatch:
     n, k = len(latents), num_timesteps
-    edges = torch.linspace(0, num_train_timesteps, k + 1)
-    # Stratified: timestep j of every image lies in bin j; the draw within the bin is per image.
-    offsets = torch.rand(n, k, generator=generator)
-    timesteps = (edges[:-1] + offsets * (edges[1:] - edges[:-1])).long().clamp(max=num_train_timesteps - 1).flatten()
+    if flow is not None:  # flow matching: the bins are equal-probability bins of the σ density
+        timesteps = flow.stratified_timesteps(n, k, generator).flatten()
+    else:
+        edges = torch.linspace(0, num_train_timesteps, k + 1)
+        # Stratified: timestep j of every image lies in bin j; the draw within the bin is per image.
+        offsets = torch.rand(n, k, generator=generator)
+        timesteps = (edges[:-1] + offsets * (edges[1:] - edges[:-1])).long().clamp(max=num_train_timesteps - 1).flatten()
     noise = torch.randn((n * k, *latents.shape[1:]), generator=generator)
     return ProbeBatch(latents.repeat_interleave(k, 0), prompt_ids.repeat_interleave(k), timesteps, noise, n)
 
@@ -87,6 +90,7 @@ class ForgettingProbe:
         retention_bound: float = DEFAULT_RETENTION_BOUND,
         batch_size: int = 256,
         surrogate_prompts: Sequence[str | None] | None = None,
+        noise_scheduler=None,
     ) -> None:
         if not (len(forget_prompts) == len(concept_latents) == len(surrogate_latents)) or not forget_prompts:
             raise InputError("one set of concept and surrogate probe images is needed per forget prompt")
@@ -102,18 +106,21 @@ class ForgettingProbe:
         self.retention_bound = retention_bound
         self.batch_size = batch_size
         generator = torch.Generator().manual_seed(seed)
+        # A flow-matching training scheduler (SD3) draws the fixed timesteps from its σ density.
+        flow = noise_scheduler if noise_scheduler is not None and is_flow_matching(noise_scheduler) else None
         self.concepts: list[tuple[ProbeBatch, ProbeBatch]] = []
         for prompt, concept, surrogate in zip(self.forget_prompts, concept_latents, surrogate_latents):
             n = min(len(concept), len(surrogate))
             if n == 0:
                 raise InputError(f"no probe images for forget prompt {prompt!r}")
             ids = torch.full((n,), conditioning.prompts.index(prompt), dtype=torch.long)
-            concept_batch = _probe_batch(concept[:n], ids, num_timesteps, num_train_timesteps, generator)
+            concept_batch = _probe_batch(concept[:n], ids, num_timesteps, num_train_timesteps, generator, flow=flow)
             # The surrogate images of this concept see exactly the concept's timesteps and noise.
             surrogate_batch = ProbeBatch(surrogate[:n].repeat_interleave(num_timesteps, 0), concept_batch.prompt_ids,
                                          concept_batch.timesteps, concept_batch.noise, n)
             self.concepts.append((concept_batch, surrogate_batch))
-        self.replay = _probe_batch(replay_latents, replay_prompt_ids, num_timesteps, num_train_timesteps, generator)
+        self.replay = _probe_batch(replay_latents, replay_prompt_ids, num_timesteps, num_train_timesteps, generator,
+                                   flow=flow)
         # The same images under each concept's surrogate prompt (when the surrogate is a prompt): what a model
         # that fully swapped the concept for the surrogate would show under the forget prompt.
         self.under_surrogate: list[tuple[ProbeBatch, ProbeBatch] | None] = []
@@ -139,7 +146,7 @@ class ForgettingProbe:
             latents, t = batch.latents[sl].to(device, dtype), batch.timesteps[sl].to(device)
             noisy = scheduler.add_noise(latents, batch.noise[sl].to(device, dtype), t)
             kwargs = conditioning.unet_kwargs(batch.prompt_ids[sl], dtype)
-            out.append(unet(noisy, t, **kwargs, return_dict=False)[0].float().cpu())
+            out.append(model_prediction(unet, noisy, t, kwargs).float().cpu())
         return torch.cat(out)
 
     def _loss(self, unet, scheduler, batch: ProbeBatch, conditioning: PromptConditioning | None,

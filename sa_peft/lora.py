@@ -1,4 +1,4 @@
-"""Which UNet modules a forget LoRA adapts, and access to the adapted layers' factors."""
+"""Which UNet (or SD3 transformer) modules a forget LoRA adapts, and access to the adapted layers' factors."""
 
 from __future__ import annotations
 
@@ -11,11 +11,32 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from .errors import InputError
+from .models import is_sd3
 
 # Presets follow the official Selective Amnesia / ESD code: "noxattn" (used for nudity) trains
 # everything but cross-attention, the output layer and the time embedding; "all" (celebrities)
 # trains every linear and conv layer.
 LORA_TARGET_PRESETS = ("xattn", "attn", "noxattn", "all")
+# Presets for an SD3 transformer (joint attention blocks: an image stream and a context, i.e. text, stream).
+# "attn" is what diffusers' train_dreambooth_lora_sd3.py adapts by default: both streams' attention projections
+# (and the image-only second attention of SD3.5's dual-attention blocks); "context" only the text stream's
+# (what the text tokens contribute as keys and values and how they are updated: the nearest to a UNet's
+# cross-attention); "attn_ff" adds the feed-forward layers of both streams; "all" every Linear/Conv2d.
+TRANSFORMER_LORA_TARGET_PRESETS = ("attn", "context", "attn_ff", "all")
+_JOINT_ATTENTION = re.compile(r"transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
+_CONTEXT = re.compile(r"transformer_blocks\.\d+\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
+_FEED_FORWARD = re.compile(r"transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)$")
+
+
+def _transformer_preset(adaptable: list[str], target: str) -> list[str]:
+    """The modules of a transformer preset (``TRANSFORMER_LORA_TARGET_PRESETS``); a UNet-only preset is refused."""
+    if target not in TRANSFORMER_LORA_TARGET_PRESETS:
+        raise InputError(f"`lora_target` {target!r} is a UNet preset; for an SD3 transformer use one of "
+                         f"{', '.join(TRANSFORMER_LORA_TARGET_PRESETS)}, or module names")
+    if target == "all":
+        return adaptable
+    patterns = {"attn": [_JOINT_ATTENTION], "context": [_CONTEXT], "attn_ff": [_JOINT_ATTENTION, _FEED_FORWARD]}[target]
+    return [n for n in adaptable if any(p.fullmatch(n) for p in patterns)]
 
 
 def _adaptable_modules(unet: torch.nn.Module) -> list[str]:
@@ -39,6 +60,11 @@ def resolve_lora_targets(unet: torch.nn.Module, target: str | Sequence[str]) -> 
     fully matches it as a regular expression. Raises ``ValueError`` naming unknown entries.
     """
     adaptable = _adaptable_modules(unet)
+    if isinstance(target, str) and is_sd3(unet) and target in (*LORA_TARGET_PRESETS, *TRANSFORMER_LORA_TARGET_PRESETS):
+        names = _transformer_preset(adaptable, target)
+        if not names:
+            raise InputError(f"`lora_target` {target!r} matches no Linear/Conv2d module of this transformer")
+        return names
     if isinstance(target, str) and target in LORA_TARGET_PRESETS:
         attn = re.compile(r".*\.attn([12])\.(to_q|to_k|to_v|to_out\.0)$")
         if target == "xattn":

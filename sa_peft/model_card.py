@@ -9,7 +9,7 @@ from .errors import InputError
 from .escaping import escape_controls, markdown_cell, markdown_code, python_literal
 from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
-from .models import SDXL_PIPELINE
+from .models import SD3_PIPELINE, SDXL_PIPELINE
 
 EVALUATION_METRICS = os.path.join("evaluation", "metrics.json")
 # The pictures a run leaves in its folder, in the order the card shows them (relative links: they resolve on
@@ -24,12 +24,13 @@ ADAPTER_PLACEHOLDER = "path/to/this/folder"
 CARD_TAGS = ["lora", "diffusers", "stable-diffusion", "selective-amnesia", "concept-erasure", "text-to-image"]
 SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
 SD_TAGS = ["stable-diffusion-diffusers"]
+SD3_TAGS = ["sd3", "sd3-diffusers"]  # diffusers' train_dreambooth_lora_sd3.py's family tags
 
 
 def card_tags(info: dict) -> list[str]:
-    """The hub tags: ours, plus the family tags diffusers' own LoRA scripts use (SDXL or SD 1.x/2.x)."""
-    sdxl = info.get("base_pipeline") == SDXL_PIPELINE
-    return CARD_TAGS + (SDXL_TAGS if sdxl else SD_TAGS)
+    """The hub tags: ours, plus the family tags diffusers' own LoRA scripts use (SDXL, SD3 or SD 1.x/2.x)."""
+    family = {SDXL_PIPELINE: SDXL_TAGS, SD3_PIPELINE: SD3_TAGS}.get(info.get("base_pipeline"), SD_TAGS)
+    return CARD_TAGS + family
 
 
 def hub_base_model(base_model: str) -> str | None:
@@ -61,6 +62,8 @@ def usage_snippet(info: dict, repo_id: str | None = None) -> str:
     prompt = python_literal(info["forget_prompts"][0])
     where = "" if repo_id else "  # this folder, or its hub id once uploaded"
     head = "import sa_peft\n" if builtin else ""
+    # The LoRA scale travels in the denoiser's attention kwargs: SD3's transformer calls them joint_attention_kwargs.
+    scale_kwargs = "joint_attention_kwargs" if info.get("base_pipeline") == SD3_PIPELINE else "cross_attention_kwargs"
     return f"""{head}from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained({base_expr})
@@ -68,7 +71,7 @@ pipe.load_lora_weights({python_literal(repo_id or ADAPTER_PLACEHOLDER)}, adapter
 image = pipe({prompt}).images[0]
 
 # Strength: scale the adapter (1.0 = as trained, 0 = off)
-image = pipe({prompt}, cross_attention_kwargs={{"scale": 0.8}}).images[0]
+image = pipe({prompt}, {scale_kwargs}={{"scale": 0.8}}).images[0]
 # or, with several adapters stacked (each keeps its own concept forgotten):
 # pipe.load_lora_weights("path/to/another/forget-lora", adapter_name="forget_2")
 pipe.set_adapters(["forget"], adapter_weights=[1.0])
@@ -188,7 +191,7 @@ def write_model_card(output_dir: str | os.PathLike, info: dict, repo_id: str | N
     from huggingface_hub import ModelCard, ModelCardData
 
     # What diffusers' load_or_create_model_card(from_training=True) builds, without asking the hub first.
-    sdxl = info.get("base_pipeline") == SDXL_PIPELINE
+    sdxl = info.get("base_pipeline") in (SDXL_PIPELINE, SD3_PIPELINE)  # openrail++, as diffusers' scripts card them
     description = model_card_text(info, repo_id, figures_section(output_dir))
     evaluation = read_evaluation_metrics(output_dir)
     if evaluation is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -42,26 +43,35 @@ def load_pipeline(
     variant: str | None = None,
     cache_dir: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
+    supported: tuple[str, ...] | None = None,
 ):
-    """Load a Stable Diffusion (1.x/2.x) or SDXL pipeline from a built-in alias, folder or hub id.
+    """Load a Stable Diffusion (1.x/2.x) or SDXL pipeline (or one of ``supported``, default ``UNET_PIPELINES``) from
+    a built-in alias, folder or hub id.
 
-    Raises a clear error when a local path is not a diffusers pipeline folder. Weights are read
-    from safetensors only and no remote code is ever trusted.
+    Raises a clear error when a local path is not a diffusers pipeline folder, or holds another pipeline class (read
+    from its ``model_index.json`` before any weight is loaded). Weights are read from safetensors only and no remote
+    code is ever trusted.
     """
     from diffusers import DiffusionPipeline
 
     path = resolve_model_path(name_or_path)
+    class_name = None  # read from a local folder's model_index.json; a hub id's is known once loaded
     if os.path.exists(path):
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "model_index.json")):
             raise InputError(
                 f"`pretrained_model_name_or_path` {path!r} is not a diffusers pipeline folder (no "
                 "model_index.json); pass a folder written by save_pretrained, a hub id, or builtin:digits"
             )
+        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+            class_name = json.load(f).get("_class_name")
+        check_pipeline_class(class_name, path, supported)
     elif str(name_or_path).count("/") != 1 or os.path.isabs(path) or path.startswith((".", "~")):
         raise MissingInputError(
             f"`pretrained_model_name_or_path` {path!r}: no such folder, and it does not look like a hub id "
             "(owner/name)"
         )
+    # Only Stable Diffusion 1.x/2.x pipelines have a safety checker; SD3's would warn about the keyword.
+    no_checker = {} if class_name == SD3_PIPELINE else {"safety_checker": None}
     pipe = DiffusionPipeline.from_pretrained(
         path,
         revision=revision,
@@ -69,14 +79,40 @@ def load_pipeline(
         cache_dir=cache_dir,
         dtype=torch_dtype,
         use_safetensors=True,
-        safety_checker=None,
+        **no_checker,
     )
+    check_pipeline_class(type(pipe).__name__, path, supported)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-# The pipeline class name sa-peft records for SDXL bases (adapter headers' ``base_pipeline``).
+# The pipeline class names sa-peft records (adapter headers' ``base_pipeline``) and trains.
+SD_PIPELINE = "StableDiffusionPipeline"
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
+SD3_PIPELINE = "StableDiffusion3Pipeline"
+UNET_PIPELINES = (SD_PIPELINE, SDXL_PIPELINE)
+# What the training script takes: the UNet families and SD3's flow-matching transformer.
+TRAINING_PIPELINES = (*UNET_PIPELINES, SD3_PIPELINE)
+
+
+def check_pipeline_class(class_name: str | None, source: str, supported: tuple[str, ...] | None = None) -> None:
+    """Refuse a pipeline class sa-peft cannot train or evaluate, naming the ones it can."""
+    supported = supported or UNET_PIPELINES
+    if class_name not in supported:
+        raise InputError(f"`pretrained_model_name_or_path` {source!r} is a {class_name or 'pipeline of unknown class'}, "
+                         f"which this command does not support; supported pipelines: {', '.join(supported)}")
+
+
+def is_sd3(model) -> bool:
+    """SD3: a pipeline or model whose denoiser is an ``SD3Transformer2DModel`` (joint text-image attention, a
+    flow-matching model)."""
+    return type(getattr(model, "transformer", model)).__name__ == "SD3Transformer2DModel"
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The network a forget LoRA adapts: ``pipe.unet``, or ``pipe.transformer`` for transformer pipelines (SD3)."""
+    transformer = getattr(pipe, "transformer", None)
+    return transformer if transformer is not None else pipe.unet
 
 
 def is_sdxl(model) -> bool:
@@ -87,11 +123,26 @@ def is_sdxl(model) -> bool:
     return (config.get("addition_embed_type") if hasattr(config, "get") else None) == "text_time"
 
 
+def sampler_description(pipe) -> str:
+    """How ``ddim_sampling`` samples ``pipe``, in words (evaluation reports)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        return "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
+    return "DDIM, eta 0"
+
+
 @contextlib.contextmanager
 def ddim_sampling(pipe):
-    """Sample with DDIM (eta 0, as the reference code does) whatever the pipeline's own scheduler; restored after."""
-    from diffusers import DDIMScheduler
+    """Sample with DDIM (eta 0, as the reference code does) whatever the pipeline's own scheduler; restored after.
 
+    A flow-matching pipeline (SD3) keeps its own scheduler: DDIM's ᾱ schedule means nothing to a model trained on
+    x_σ = (1−σ)·x₀ + σ·ε."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        yield pipe
+        return
     original = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(original.config)
     try:

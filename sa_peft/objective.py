@@ -2,8 +2,8 @@
 
     L = E_{x~q(x|c_f)} ℓ(x, c_f)  +  γ · E_{(x,c)~replay} ℓ(x, c)  +  λ · Σ_i F_i (θ_i − θ*_i)²
 
-ℓ is the diffusion loss (ε- or v-prediction MSE, mean over latent elements, one uniform timestep and
-one noise draw per sample), optionally Min-SNR-γ weighted and with offset noise as in diffusers'
+ℓ is the diffusion loss (ε- or v-prediction MSE, or the flow-matching loss for SD3, mean over latent elements,
+one timestep and one noise draw per sample; ``diffusion_loss`` knows each model family), optionally Min-SNR-γ weighted and with offset noise as in diffusers'
 scripts. The EWC term is an ``EWCPenalty`` over the forget adapter's LoRA layers.
 
 Replay as distillation (``replay_target="distill"``): the replay term's target is the frozen model's
@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import PromptConditioning
-from .diffusion_loss import per_sample_diffusion_loss, prediction_target, snr_weights
+from .diffusion_loss import (
+    model_prediction,
+    per_sample_diffusion_loss,
+    prediction_target,
+    sample_timesteps,
+    snr_weights,
+)
 from .errors import InputError
 
 REPLAY_TARGETS = ("noise", "distill")
@@ -107,8 +113,7 @@ def selective_amnesia_loss(
     if noise_offset:
         offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=generator.device if generator else None)
         noise = noise + noise_offset * offset.to(device, dtype)
-    T = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, T, (len(latents),), generator=generator, device=generator.device if generator else None).to(device)
+    timesteps = sample_timesteps(scheduler, len(latents), generator, device)
     kwargs = conditioning.unet_kwargs(prompt_ids, dtype)
     n = len(surrogate_latents)
     if use_replay and replay_target == "distill":
@@ -117,7 +122,7 @@ def selective_amnesia_loss(
         base_kwargs = (base_conditioning or conditioning).unet_kwargs(prompt_ids[n:], dtype)
         noisy = scheduler.add_noise(latents[n:], noise[n:], timesteps[n:])
         with torch.no_grad(), adapters_disabled(base):
-            frozen = base(noisy, timesteps[n:], **base_kwargs, return_dict=False)[0]
+            frozen = model_prediction(base, noisy, timesteps[n:], base_kwargs)
         target = torch.cat([prediction_target(scheduler, latents[:n], noise[:n], timesteps[:n]), frozen.to(latents.dtype)])
         losses = per_sample_diffusion_loss(unet, scheduler, latents, timesteps, noise, kwargs, target=target)
     else:

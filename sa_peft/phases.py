@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .conditioning import PromptConditioning, encode_prompts
 from .data import ImageSet, generate_replay_set, generate_surrogate_set
+from .diffusion_loss import is_flow_matching
 from .errors import InputError
 from .fisher import FisherInfo, check_fisher_settings, estimate_fisher, load_fisher, prompts_hash, save_fisher
 from .forgetting import ForgettingProbe
@@ -104,7 +105,7 @@ def build_forgetting_probe(pipe, config, generation: dict, sur_settings: dict, c
         conditioning, forget, [of_prompt(concepts, f) for f in forget], [of_prompt(surrogates, f) for f in forget],
         replays.latents, replays.prompt_ids(conditioning.prompts), scheduler.config.num_train_timesteps,
         seed=config.seed, threshold=config.forgetting_threshold, retention_bound=config.retention_bound,
-        surrogate_prompts=config.paired_surrogate_prompts(),
+        surrogate_prompts=config.paired_surrogate_prompts(), noise_scheduler=scheduler,
     )
 
 
@@ -139,7 +140,8 @@ def load_or_estimate_fisher(unet, scheduler, replay: ImageSet, conditioning: Pro
     ids = replay.prompt_ids(conditioning.prompts)[:n]
     expected = {"estimator": estimator, "num_samples": str(n),
                 "num_timesteps": str(fisher_num_timesteps(estimator, num_timesteps, scheduler)), "seed": str(seed),
-                "prompts_hash": prompts_hash([conditioning.prompts[i] for i in ids.tolist()])}
+                "prompts_hash": prompts_hash([conditioning.prompts[i] for i in ids.tolist()]),
+                **flow_matching_settings(scheduler)}
     main_process = accelerator is None or accelerator.is_main_process
     with file_lock(path, "fisher_path") if main_process else contextlib.nullcontext():
         if os.path.exists(path):
@@ -158,9 +160,19 @@ def load_or_estimate_fisher(unet, scheduler, replay: ImageSet, conditioning: Pro
     return fisher
 
 
-def fisher_cache_path(config, targets, replay_settings: dict) -> str:
-    """``--fisher_path``, or the Fisher's place in the run's cache, keyed by what determines it."""
+def flow_matching_settings(scheduler) -> dict:
+    """What a flow-matching Fisher also depends on (its σ density); nothing for DDPM."""
+    return {"weighting_scheme": scheduler.config.weighting_scheme} if is_flow_matching(scheduler) else {}
+
+
+def fisher_cache_path(config, targets, replay_settings: dict, scheduler=None) -> str:
+    """``--fisher_path``, or the Fisher's place in the run's cache, keyed by what determines it (with a flow-matching
+    ``scheduler``, its σ density too)."""
     settings = {"version": 2, "targets": targets, "estimator": config.fisher_estimator,
                 "k": config.fisher_num_timesteps, "n": config.fisher_num_samples, "replay": replay_settings}
+    if scheduler is not None and is_flow_matching(scheduler):
+        c = scheduler.config
+        settings["flow"] = {"weighting_scheme": c.weighting_scheme, "logit_mean": c.logit_mean,
+                            "logit_std": c.logit_std, "mode_scale": c.mode_scale}
     return config.fisher_path or os.path.join(config.output_dir, "cache", f"fisher-{settings_key(settings)}.safetensors")
 

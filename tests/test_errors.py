@@ -84,7 +84,7 @@ def test_sa_peft_cli_names_flags_and_lets_a_bug_keep_its_traceback(monkeypatch, 
     def run(args):
         raise InputError("`forget_prompt`: no prompts given; see `num_inference_steps` and `output_dir`")
 
-    monkeypatch.setattr(generate_command, "load_pipeline_from_args", lambda args: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(generate_command, "load_pipeline_from_args", lambda args, **kw: (_ for _ in ()).throw(ValueError("a bug")))
     parser = argparse.ArgumentParser(prog="sa-peft generate")
     parser.add_argument("--forget_prompt", action="append")
     parser.add_argument("--num_inference_steps")

@@ -468,7 +468,7 @@ def test_retained_reference_keeps_the_retained_classes_from_four_images_on():
     from sa_peft.evaluation import _retained_reference
 
     class Judge:
-        labels = ["zero", "one", "two"]
+        labels = ("zero", "one", "two")
 
         def __init__(self, counts):
             self.ref_labels = torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])

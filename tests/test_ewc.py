@@ -267,6 +267,22 @@ def test_bad_arguments():
         EWCPenalty(unet, zero)
 
 
+def test_layer_with_zero_fisher_stays_finite_when_the_mean_normaliser_is_large():
+    """A dead layer (SD3's last joint block's attn.add_q_proj) next to a small Fisher: the normaliser 1/mean is large,
+    and the low-rank penalty became 0 · inf = NaN."""
+    unet, names = adapted_unet("xattn", rank=2)
+    diagonal = {k: 0.01 * v for k, v in random_fisher(unet, names).diagonal.items()}
+    diagonal[f"{names[0]}.weight"] = torch.zeros_like(diagonal[f"{names[0]}.weight"])
+    fisher = FisherInfo.from_diagonal(diagonal, {})
+    for space in ("full", "lowrank"):
+        mean = EWCPenalty(unet, fisher, space=space, normalization="mean")
+        assert mean.normalizer > 2
+        raw = EWCPenalty(unet, fisher, space=space, normalization="none")()
+        value = mean()
+        assert torch.isfinite(value) and value > 0
+        torch.testing.assert_close(value, mean.normalizer * raw.detach(), rtol=1e-5, atol=0)
+
+
 def test_layer_with_zero_fisher_adds_nothing_in_either_space():
     unet, names = adapted_unet("xattn", rank=2)
     diagonal = dict(random_fisher(unet, names).diagonal)

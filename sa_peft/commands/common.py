@@ -45,8 +45,10 @@ def check_generation_arguments(args: argparse.Namespace) -> None:
     check_number(args.seed, "seed", low=0)
 
 
-def load_pipeline_from_args(args: argparse.Namespace):
-    pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+def load_pipeline_from_args(args: argparse.Namespace, supported: tuple[str, ...] | None = None):
+    """The command's pipeline on ``--device``; ``supported``: the pipeline classes it takes (default: the UNet ones)."""
+    pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                         supported=supported)
     return pipe.to(args.device)
 
 

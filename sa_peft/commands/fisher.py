@@ -9,10 +9,11 @@ import time
 from ..checks import check_output_apart, check_positive_int, check_writable
 from ..conditioning import encode_prompts
 from ..data import generate_replay_set, load_image_set
-from ..diffusion_loss import noise_scheduler_for
+from ..diffusion_loss import WEIGHTING_SCHEMES, noise_scheduler_for
 from ..errors import InputError
 from ..fisher import ESTIMATORS, save_fisher
 from ..lora import LORA_TARGET_PRESETS, resolve_lora_targets
+from ..models import TRAINING_PIPELINES, denoiser
 from ..phases import estimate_fisher_on_set
 from ..prompts import read_prompts_file
 from ..run_lock import file_lock
@@ -39,6 +40,8 @@ def register(subparsers) -> None:
     parser.add_argument("--fisher_estimator", choices=ESTIMATORS, default="fast", help="reference: all T timesteps; fast: K stratified")
     parser.add_argument("--fisher_num_timesteps", type=int, default=8, help="K for the fast estimator")
     parser.add_argument("--lora_target", default="all", help=f"modules covered: a preset ({', '.join(LORA_TARGET_PRESETS)}) or names")
+    parser.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",
+                        help="flow-matching models (SD3): the σ density, as the training script's flag")
     parser.add_argument("--factored_only", action="store_true", help="store only row/column sums (low-rank penalty)")
     parser.set_defaults(func=speaking_flags(run, parser))
 
@@ -61,8 +64,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _estimate(args: argparse.Namespace, prompts: list[str] | None) -> None:
-    pipe = load_pipeline_from_args(args)
-    modules = resolve_lora_targets(pipe.unet, args.lora_target)
+    pipe = load_pipeline_from_args(args, supported=TRAINING_PIPELINES)
+    modules = resolve_lora_targets(denoiser(pipe), args.lora_target)
     if prompts is not None:
         per_prompt = -(-args.fisher_num_samples // len(prompts))
         # The folder is named by what it holds, so a rerun with other counts gets its own set.
@@ -77,7 +80,8 @@ def _estimate(args: argparse.Namespace, prompts: list[str] | None) -> None:
     # Only the prompts of the samples used are encoded.
     conditioning = encode_prompts(pipe, data.prompts[: args.fisher_num_samples], args.resolution)
     start = time.perf_counter()
-    fisher = estimate_fisher_on_set(pipe.unet, noise_scheduler_for(pipe.scheduler), data, conditioning, modules,
+    noise_scheduler = noise_scheduler_for(pipe.scheduler, weighting_scheme=args.weighting_scheme)  # SD3: its σ density
+    fisher = estimate_fisher_on_set(denoiser(pipe), noise_scheduler, data, conditioning, modules,
                                     num_samples=args.fisher_num_samples, estimator=args.fisher_estimator,
                                     num_timesteps=args.fisher_num_timesteps, seed=args.seed)
     elapsed = time.perf_counter() - start

@@ -7,6 +7,7 @@ import argparse
 from ..checks import check_output_apart, check_positive_int, check_writable
 from ..data import generate_replay_set, generate_surrogate_set
 from ..errors import InputError
+from ..models import TRAINING_PIPELINES
 from ..prompts import read_prompts_file
 from ..run_lock import folder_lock
 from .common import (
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace):
     if args.kind == "surrogate":
-        pipe = load_pipeline_from_args(args)
+        pipe = load_pipeline_from_args(args, supported=TRAINING_PIPELINES)
         return generate_surrogate_set(
             pipe, args.output_dir, args.forget_prompt, args.num_surrogate_images,
             surrogate_prompt=args.surrogate_prompt, surrogate_data_dir=args.surrogate_data_dir,
@@ -64,7 +65,7 @@ def _generate(args: argparse.Namespace):
         )
     else:
         prompts = read_prompts_file(args.replay_prompts_file, "replay_prompts_file")
-        pipe = load_pipeline_from_args(args)
+        pipe = load_pipeline_from_args(args, supported=TRAINING_PIPELINES)
         return generate_replay_set(
             pipe, args.output_dir, prompts, args.num_replay_images_per_prompt, seed=args.seed,
             resolution=args.resolution, guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,

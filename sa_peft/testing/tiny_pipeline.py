@@ -1,4 +1,4 @@
-"""Seeded, offline, tiny Stable Diffusion (1.x/2.x-style) and SDXL pipelines for tests, smoke runs and benchmarks."""
+"""Seeded, offline, tiny Stable Diffusion (1.x/2.x-style), SDXL and SD3 pipelines for tests, smoke runs and benchmarks."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from ..errors import InputError
-from .tokenizer import write_clip_tokenizer
+from .tokenizer import t5_tokenizer, write_clip_tokenizer
 
 TINY_WORDS = ["a", "photo", "of", "an", "the", "man", "woman", "person", "middle", "aged", "wearing", "clothes", "brad", "pitt", "nudity", "naked", "cat", "dog", "car", "tree", "house", "red", "blue", "green", "painting", "style", "van", "gogh", "handwritten", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "noise"]
 
@@ -27,16 +30,17 @@ def _check_prediction_type(prediction_type: str) -> None:
         raise InputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
 
-def _tiny_vae(sample_size: int) -> AutoencoderKL:
+def _tiny_vae(sample_size: int, latent_channels: int = 4, **extra) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=sample_size,
+        **extra,
     )
 
 
@@ -184,6 +188,64 @@ def build_tiny_sdxl_pipeline(
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_SD3_T5_DIM = 64
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, shift: float = 3.0) -> StableDiffusion3Pipeline:
+    """Build a randomly initialised, deterministic ``StableDiffusion3Pipeline`` shaped like SD3, only tiny.
+
+    As in SD3: an ``SD3Transformer2DModel`` (joint attention blocks over image patches and text tokens,
+    patch size 2); a VAE with 16 latent channels and a ``shift_factor`` (latents are (z − shift) · scale);
+    two ``CLIPTextModelWithProjection`` encoders whose penultimate states (32 + 32 wide) are zero-padded to the
+    T5 width and joined with a ``T5EncoderModel``'s states as the context (77 CLIP + 256 T5 tokens), and whose
+    pooled projections (32 + 32) give ``pooled_projections``; a ``FlowMatchEulerDiscreteScheduler`` with SD3's
+    shift 3. The native resolution is ``sample_size`` (SD3's 1024 scaled down); the VAE downsamples by 2.
+    """
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size // 2,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=TINY_SD3_T5_DIM,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * TINY_SDXL_PROJECTION_DIM,
+        pos_embed_max_size=sample_size // 2,
+    )
+    torch.manual_seed(seed + 1)
+    # SD3's VAE has no quant convs and shifts its latents (SD3: shift 0.0609, scale 1.5305).
+    vae = _tiny_vae(sample_size, latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305,
+                    use_quant_conv=False, use_post_quant_conv=False)
+    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, projection_dim=TINY_SDXL_PROJECTION_DIM))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, projection_dim=TINY_SDXL_PROJECTION_DIM))
+    tokenizer_3 = t5_tokenizer(TINY_WORDS)
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=TINY_SD3_T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer_3.pad_token_id,
+        eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id,
+    ))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

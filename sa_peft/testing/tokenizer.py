@@ -80,3 +80,20 @@ def write_clip_tokenizer(folder: str | os.PathLike, words: Iterable[str]) -> CLI
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
     return CLIPTokenizer.from_pretrained(folder)
+
+
+def t5_tokenizer(words: Iterable[str]):
+    """A ``T5TokenizerFast`` over ``words`` (a ``tokenizers`` Unigram model, as T5's own is), built in memory.
+
+    Each word is one piece ``▁word``; every lowercase letter and digit is a piece too, so other words still
+    tokenize (letter by letter). Ids 0, 1, 2 are ``<pad>``, ``</s>``, ``<unk>`` as in T5; no sentinel tokens.
+    """
+    from transformers import T5TokenizerFast
+
+    words = sorted({w.strip().lower() for w in words if w.strip()})
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    # Unigram picks the segmentation with the highest total log-probability: whole words (-1) beat letters (-5 each).
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0) for w in words] + [(c, -5.0) for c in chars]
+    # 256: the T5 sequence length StableDiffusion3Pipeline encodes prompts to (its max_sequence_length).
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=256)
