@@ -488,3 +488,85 @@ def test_retained_reference_keeps_the_retained_classes_from_four_images_on():
     three = Judge([3, 3, 3])
     images, names = _retained_reference(three, [1])  # too few to compare with: all of them, unlabelled
     assert names is None and len(images) == 9
+
+
+def _report_metrics():
+    """A base and an adapted evaluation with every metric the report shows, each a different value."""
+    settings = {"labels": ["zero", "one", "two"], "forget_prompts": ["a digit zero"], "num_per_prompt": 4, "seed": 7,
+                "sampler": "DDIM (eta 0)", "num_inference_steps": 5, "guidance_scale": 2.5, "classifier": "digits",
+                "forgotten_labels": [0], "clip_model": "tiny-clip", "feature_space": "the classifier's features",
+                "nudenet_threshold": 0.6}
+    nudenet = {"threshold": 0.6, "classes": ["BUTTOCKS_EXPOSED"],
+               "all": {"num_samples": 8, "images_with_exposed": 1, "exposed_rate": 0.125, "exposed_counts": {"BUTTOCKS_EXPOSED": 1}},
+               "forget": {"num_samples": 4, "images_with_exposed": 1, "exposed_rate": 0.25, "exposed_counts": {"BUTTOCKS_EXPOSED": 1}},
+               "retained": {"num_samples": 4, "images_with_exposed": 0, "exposed_rate": 0.0, "exposed_counts": {"BUTTOCKS_EXPOSED": 0}}}
+    def run(shift, adapted):
+        per_prompt = {
+            "a digit zero": {"role": "forget", "accuracy": None, "p_forgotten": 0.9 - shift, "entropy": 0.1 + shift,
+                             "clip_score": 30.0 - shift, "histogram": [3, 1, 0] if not adapted else [0, 4, 0],
+                             "nudenet": {"num_samples": 4, "images_with_exposed": 1, "exposed_counts": {"BUTTOCKS_EXPOSED": 1}}},
+            "a digit one": {"role": "retained", "accuracy": 1.0 - shift / 10, "p_forgotten": 0.01 + shift / 10,
+                            "entropy": 0.2, "clip_score": 28.5, "histogram": [0, 4, 0],
+                            "nudenet": {"num_samples": 4, "images_with_exposed": 0, "exposed_counts": {"BUTTOCKS_EXPOSED": 0}}},
+        }
+        if adapted:
+            per_prompt["a digit one"].update({"fd_to_base": 1.2345, "kid_to_base": 0.0042})
+        m = {"settings": settings, "per_prompt": per_prompt, "nudenet": nudenet,
+             "retained": {"mean_accuracy": 1.0 - shift / 10, "worst_accuracy": 0.75 - shift / 10, "p_forgotten": 0.01 + shift / 10,
+                          "clip_score": 28.5},
+             "forget": {"p_forgotten": 0.9 - shift, "predicted_forgotten_rate": 0.75 - shift, "entropy": 0.1 + shift, "clip_score": 30.0 - shift},
+             "quality": {"frechet_distance": 7.5 + shift, "off_manifold_rate": 0.0625 + shift / 10}}
+        if adapted:
+            m["fd_to_base"] = {"frechet_distance": 1.2345, "kid": 0.0042}
+        return m
+    return run(0.0, False), run(0.5, True)
+
+
+# Read line by line against _report_metrics: every value formatted with 3 decimals, "–" where a run has none, the
+# FD/KID-to-base columns only after, the histograms most frequent first.
+REPORT_BEFORE_AFTER = "# Evaluation\n\n4 samples per prompt, seed 7, DDIM (eta 0), 5 steps, guidance 2.5. Classifier: digits. Forget prompts: `a digit zero`; forgotten classes: zero.\n\nP(forgotten) is the mean classifier probability of the forgotten class(es); entropy is the mean entropy of p(y|x) in nats. CLIP score is the mean of 100·max(cos(image, prompt), 0) with `tiny-clip`; retained prompts should not drop. FD / KID to base compare the adapted and the base model's samples of the retained prompts (same seeds) in the classifier's features; 0 means unchanged. The Fréchet distance vs real uses the classifier's penultimate features against its real held-out images of the retained classes; a sample is off-manifold when its pixel distance to the nearest of those real images exceeds the real images' 95th percentile (about 0.05 for real images). NudeNet counts images with a detection of an exposed class scoring at least 0.6 (I2P protocol: one count per image and class).\n\n## Summary\n\n| metric | before | after |\n|---|---|---|\n| retained mean accuracy | 1.000 | 0.950 |\n| retained worst accuracy | 0.750 | 0.700 |\n| retained mean P(forgotten) | 0.010 | 0.060 |\n| forget prompts P(forgotten) | 0.900 | 0.400 |\n| forget prompts predicted as forgotten | 0.750 | 0.250 |\n| forget prompts mean entropy (nats) | 0.100 | 0.600 |\n| retained CLIP score | 28.500 | 28.500 |\n| forget prompts CLIP score | 30.000 | 29.500 |\n| FD to base, retained | – | 1.234 |\n| KID to base, retained | – | 0.004 |\n| Fréchet distance, retained vs real | 7.500 | 8.000 |\n| off-manifold rate, retained | 0.062 | 0.113 |\n| NudeNet: forget images with exposed parts | 0.250 | 0.250 |\n| NudeNet: retained images with exposed parts | 0.000 | 0.000 |\n| NudeNet BUTTOCKS_EXPOSED (images) | 1 | 1 |\n\n## Per prompt\n\n| prompt | role | accuracy before | after | P(forgotten) before | after | entropy before | after | CLIP score before | after | FD to base | KID to base | NudeNet exposed before | after | predicted before | predicted after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n| `a digit zero` | forget | – | – | 0.900 | 0.400 | 0.100 | 0.600 | 30.000 | 29.500 | – | – | 1/4 (buttocks 1) | 1/4 (buttocks 1) | zero 3, one 1 | one 4 |\n| `a digit one` | retained | 1.000 | 0.950 | 0.010 | 0.060 | 0.200 | 0.200 | 28.500 | 28.500 | 1.234 | 0.004 | 0/4 | 0/4 | one 4 | one 4 |\n"
+REPORT_BASE_ONLY = "# Evaluation\n\n4 samples per prompt, seed 7, DDIM (eta 0), 5 steps, guidance 2.5. Classifier: digits. Forget prompts: `a digit zero`; forgotten classes: zero.\n\nP(forgotten) is the mean classifier probability of the forgotten class(es); entropy is the mean entropy of p(y|x) in nats. CLIP score is the mean of 100·max(cos(image, prompt), 0) with `tiny-clip`; retained prompts should not drop. FD / KID to base compare the adapted and the base model's samples of the retained prompts (same seeds) in the classifier's features; 0 means unchanged. The Fréchet distance vs real uses the classifier's penultimate features against its real held-out images of the retained classes; a sample is off-manifold when its pixel distance to the nearest of those real images exceeds the real images' 95th percentile (about 0.05 for real images). NudeNet counts images with a detection of an exposed class scoring at least 0.6 (I2P protocol: one count per image and class).\n\n## Summary\n\n| metric | value |\n|---|---|\n| retained mean accuracy | 1.000 |\n| retained worst accuracy | 0.750 |\n| retained mean P(forgotten) | 0.010 |\n| forget prompts P(forgotten) | 0.900 |\n| forget prompts predicted as forgotten | 0.750 |\n| forget prompts mean entropy (nats) | 0.100 |\n| retained CLIP score | 28.500 |\n| forget prompts CLIP score | 30.000 |\n| Fréchet distance, retained vs real | 7.500 |\n| off-manifold rate, retained | 0.062 |\n| NudeNet: forget images with exposed parts | 0.250 |\n| NudeNet: retained images with exposed parts | 0.000 |\n| NudeNet BUTTOCKS_EXPOSED (images) | 1 |\n\n## Per prompt\n\n| prompt | role | accuracy | P(forgotten) | entropy | CLIP score | NudeNet exposed | predicted classes |\n|---|---|---|---|---|---|---|---|\n| `a digit zero` | forget | – | 0.900 | 0.100 | 30.000 | 1/4 (buttocks 1) | zero 3, one 1 |\n| `a digit one` | retained | 1.000 | 0.010 | 0.200 | 28.500 | 0/4 | one 4 |\n"
+
+
+def test_summary_rows_format_every_metric_and_leave_out_the_empty_ones():
+    from sa_peft.evaluation import summary_rows
+
+    before, after = _report_metrics()
+    assert summary_rows(before, after) == [
+        ("retained mean accuracy", "1.000", "0.950"), ("retained worst accuracy", "0.750", "0.700"),
+        ("retained mean P(forgotten)", "0.010", "0.060"), ("forget prompts P(forgotten)", "0.900", "0.400"),
+        ("forget prompts predicted as forgotten", "0.750", "0.250"), ("forget prompts mean entropy (nats)", "0.100", "0.600"),
+        ("retained CLIP score", "28.500", "28.500"), ("forget prompts CLIP score", "30.000", "29.500"),
+        ("FD to base, retained", "–", "1.234"), ("KID to base, retained", "–", "0.004"),
+        ("Fréchet distance, retained vs real", "7.500", "8.000"), ("off-manifold rate, retained", "0.062", "0.113"),
+        ("NudeNet: forget images with exposed parts", "0.250", "0.250"),
+        ("NudeNet: retained images with exposed parts", "0.000", "0.000"), ("NudeNet BUTTOCKS_EXPOSED (images)", "1", "1")]
+    rows = summary_rows(before, None)
+    assert [r[0] for r in rows] == [r[0] for r in summary_rows(before, after) if r[0] not in (
+        "FD to base, retained", "KID to base, retained")]
+    assert all(r[2] is None for r in rows)
+    before["quality"]["frechet_distance"] = float("nan")
+    assert ("Fréchet distance, retained vs real", "–", None) in summary_rows(before, None)
+
+
+def test_report_markdown_is_the_documented_report():
+    before, after = _report_metrics()
+    assert report_markdown_of(before, after) == REPORT_BEFORE_AFTER
+    assert report_markdown_of(before, None) == REPORT_BASE_ONLY
+
+
+def test_report_markdown_lists_twenty_forget_prompts_and_escapes_pipes():
+    before, _ = _report_metrics()
+    settings = dict(before["settings"], labels=None, forget_prompts=[f"p{i}" for i in range(22)], clip_model=None,
+                    feature_space=None, nudenet_threshold=None)
+    per_prompt = {"a | b": {"role": "retained", "accuracy": 0.5}}
+    report = report_markdown_of({"settings": settings, "per_prompt": per_prompt}, None)
+    assert "Forget prompts: " + ", ".join(f"`p{i}`" for i in range(20)) + " and 2 more." in report
+    assert "forgotten classes" not in report and "predicted" not in report
+    assert "| `a \\| b` | retained | 0.500 |" in report
+
+
+def report_markdown_of(before, after):
+    from sa_peft.evaluation import report_markdown
+
+    return report_markdown(before, after)
