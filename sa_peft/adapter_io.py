@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from .errors import InputError, MissingInputError
 from .io_utils import share_file
-from .models import SD3_PIPELINE, SDXL_PIPELINE, is_sd3, is_sdxl
+from .models import SDXL_PIPELINE, TRANSFORMER_PIPELINES, is_flux, is_sd3, is_sdxl
 from .safetensors_header import read_safetensors_header
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -33,8 +33,10 @@ def unet_lora_state_dict(unet: torch.nn.Module, adapter: str = "default") -> dic
 
 
 def _pipeline_class_for(unet: torch.nn.Module):
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if is_flux(unet):
+        return FluxPipeline
     if is_sd3(unet):
         return StableDiffusion3Pipeline
     return StableDiffusionXLPipeline if is_sdxl(unet) else StableDiffusionPipeline
@@ -70,8 +72,8 @@ def save_forget_lora(
                 raise ValueError("text_encoder_2_lora_layers: only SDXL has a second text encoder")
             kwargs["text_encoder_2_lora_layers"] = text_encoder_2_lora_layers
             kwargs["text_encoder_2_lora_adapter_metadata"] = text_encoder_2_adapter_metadata
-        # SD3's saver names the denoiser "transformer" (keys ``transformer.…``), SD/SDXL's "unet".
-        denoiser = "transformer" if pipeline_class.__name__ == SD3_PIPELINE else "unet"
+        # SD3's and FLUX's savers name the denoiser "transformer" (keys ``transformer.…``), SD/SDXL's "unet".
+        denoiser = "transformer" if pipeline_class.__name__ in TRANSFORMER_PIPELINES else "unet"
         kwargs[f"{denoiser}_lora_layers"] = unet_lora_state_dict(unet, adapter)
         kwargs[f"{denoiser}_lora_adapter_metadata"] = unet.peft_config[adapter].to_dict()
         pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
