@@ -288,6 +288,10 @@ def test_flux_training_through_the_script_reloads_identically(flux_dir, replay_f
     assert load_fisher(next((out / "cache").glob("fisher-*.safetensors"))).metadata["prediction_type"] == FLOW_MATCHING
     assert all(getattr(pipe, n).device.type == "cpu" for n in ("text_encoder", "text_encoder_2"))
     assert card_tags({"base_pipeline": "FluxPipeline"})[-2:] == ["flux", "flux-diffusers"]
+    from sa_peft.adapter_io import export_kohya
+
+    with pytest.raises(ValueError, match=r"unknown components \['transformer'\]"):  # no kohya FLUX writer yet
+        export_kohya(out, tmp_path / "kohya.safetensors")
 
 
 def test_unsupported_pipeline_error_names_flux_as_supported(tmp_path, train):
@@ -298,3 +302,24 @@ def test_unsupported_pipeline_error_names_flux_as_supported(tmp_path, train):
                                          "FluxPipeline$"):
         train.main(["--pretrained_model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out"),
                     "--forget_prompt", "brad pitt", "--surrogate_type", "noise"])
+
+
+def test_generate_and_fisher_commands_on_a_flux_folder(flux_dir, tmp_path):
+    """``sa-peft generate`` and ``sa-peft fisher`` take FLUX folders (the guidance embedding at --guidance_scale)."""
+    from sa_peft import cli
+    from sa_peft.data import load_image_set
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    assert cli.main(["generate", "replay", "--pretrained_model_name_or_path", str(flux_dir), "--replay_prompts_file",
+                     str(prompts), "--num_replay_images_per_prompt", "2", "--num_inference_steps", "2",
+                     "--resolution", str(SIDE), "--guidance_scale", "3.5", "--output_dir", str(tmp_path / "set"),
+                     "--device", "cpu"]) == 0
+    assert load_image_set(tmp_path / "set").latents.shape == (2, 16, SIDE // 2, SIDE // 2)
+    out = tmp_path / "fisher.safetensors"
+    assert cli.main(["fisher", "--pretrained_model_name_or_path", str(flux_dir), "--data_dir", str(tmp_path / "set"),
+                     "--fisher_num_samples", "2", "--fisher_num_timesteps", "2", "--lora_target", "attn",
+                     "--guidance_scale", "3.5", "--output", str(out), "--device", "cpu"]) == 0
+    transformer = build_tiny_flux_pipeline(guidance_embeds=True).transformer
+    fisher = load_fisher(out, unet=transformer)  # the base weights' hash matches
+    assert sorted(fisher.modules) == sorted(resolve_lora_targets(transformer, "attn"))
