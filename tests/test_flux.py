@@ -249,7 +249,7 @@ def test_flux_sets_are_the_pipelines_own_latents_unpacked(flux_pipe, tmp_path):
         check_resolution(pipe, 36)
 
 
-@pytest.mark.parametrize("flag", [["--snr_gamma", "5"], ["--output_kohya_format"], ["--train_text_encoder"]])
+@pytest.mark.parametrize("flag", [["--snr_gamma", "5"], ["--train_text_encoder"], ["--robust_forgetting"]])
 def test_unet_only_flags_are_refused_for_flux(flux_dir, replay_file, tmp_path, train, flag):
     with pytest.raises(ValueError, match=f"{flag[0]}: not supported for FluxPipeline"):
         # a run the check let through would be short: it fails on the refusal's absence, not on a timeout
@@ -264,7 +264,8 @@ def test_flux_training_through_the_script_reloads_identically(flux_dir, replay_f
     out = tmp_path / "flux-run"
     pipe = run_training(load_train_module(), flux_dir, out, replay_file, "--forget_prompt", "brad pitt",
                         "--surrogate_prompt", "a middle aged man", "--rank", "4", "--lora_alpha", "2",
-                        "--resolution", str(SIDE), "--generation_guidance_scale", "3.5", "--lora_target", "attn_ff")
+                        "--resolution", str(SIDE), "--generation_guidance_scale", "3.5", "--lora_target", "attn_ff",
+                        "--output_kohya_format")
     assert type(pipe).__name__ == "FluxPipeline"
     fresh = FluxPipeline.from_pretrained(str(flux_dir), use_safetensors=True)
     fresh.set_progress_bar_config(disable=True)
@@ -288,10 +289,13 @@ def test_flux_training_through_the_script_reloads_identically(flux_dir, replay_f
     assert load_fisher(next((out / "cache").glob("fisher-*.safetensors"))).metadata["prediction_type"] == FLOW_MATCHING
     assert all(getattr(pipe, n).device.type == "cpu" for n in ("text_encoder", "text_encoder_2"))
     assert card_tags({"base_pipeline": "FluxPipeline"})[-2:] == ["flux", "flux-diffusers"]
-    from sa_peft.adapter_io import export_kohya
+    from safetensors.torch import load_file
 
-    with pytest.raises(ValueError, match=r"unknown components \['transformer'\]"):  # no kohya FLUX writer yet
-        export_kohya(out, tmp_path / "kohya.safetensors")
+    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")  # --output_kohya_format
+    assert {k.rsplit(".", 2)[0] for k in kohya} == {
+        f"lora_unet_double_blocks_0_{n}" for n in ("img_attn_qkv", "txt_attn_qkv", "img_attn_proj", "txt_attn_proj",
+                                                   "img_mlp_0", "img_mlp_2", "txt_mlp_0", "txt_mlp_2")} | {
+        "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
 
 
 def test_unsupported_pipeline_error_names_flux_as_supported(tmp_path, train):
@@ -323,3 +327,67 @@ def test_generate_and_fisher_commands_on_a_flux_folder(flux_dir, tmp_path):
     transformer = build_tiny_flux_pipeline(guidance_embeds=True).transformer
     fisher = load_fisher(out, unet=transformer)  # the base weights' hash matches
     assert sorted(fisher.modules) == sorted(resolve_lora_targets(transformer, "attn"))
+
+
+def test_kohya_export_of_a_flux_adapter_loads_to_the_same_images(tmp_path):
+    """The kohya-keyed copy (fused img/txt qkv in the block-diagonal form) read by diffusers' kohya FLUX reader gives
+    the adapter's images; q and v without k, alpha ≠ rank, and a single block's linear2 (proj_out)."""
+    from safetensors.torch import load_file
+
+    from sa_peft.adapter_io import export_kohya, save_forget_lora
+
+    pipe = build_tiny_flux_pipeline()
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.add_k_proj",
+             "transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.ff_context.net.2",
+             "single_transformer_blocks.0.proj_out"]
+    pipe.transformer.add_adapter(make_lora_config(names, 2, alpha=3.0))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in iter_adapted_layers(pipe.transformer):
+            for w in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight):
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
+    file = save_forget_lora(tmp_path / "lora", pipe.transformer, {"forget_prompts": ["brad pitt"]})
+    kohya_file = export_kohya(file, tmp_path / "kohya.safetensors")
+    kohya = load_file(kohya_file)
+    assert {k.rsplit(".", 2)[0] for k in kohya} == {
+        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+        "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_mlp_2",
+        "lora_unet_single_blocks_0_linear2"}
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (6, 32)  # 3 members × rank 2, width 32
+    fresh = build_tiny_flux_pipeline()
+    fresh.load_lora_weights(str(kohya_file))
+    np.testing.assert_allclose(flux_sample(fresh), flux_sample(pipe), atol=1e-5)
+    assert np.abs(flux_sample(pipe) - flux_sample(build_tiny_flux_pipeline())).max() > 1e-3
+
+
+def test_kohya_export_refuses_layers_the_flux_reader_cannot_map(tmp_path):
+    from sa_peft.adapter_io import export_kohya, save_forget_lora
+
+    pipe = build_tiny_flux_pipeline()
+    pipe.transformer.add_adapter(make_lora_config(["x_embedder", "transformer_blocks.0.attn.to_q"], 2))
+    file = save_forget_lora(tmp_path / "lora", pipe.transformer, {"forget_prompts": ["brad pitt"]})
+    with pytest.raises(ValueError, match=r"no name diffusers' reader maps back for \['x_embedder'\]"):
+        export_kohya(file, tmp_path / "kohya.safetensors")
+
+
+def test_kohya_single_block_linear1_at_flux_widths_splits_back_exactly():
+    """A single block's linear1 (to_q/k/v and proj_mlp fused) at FLUX.1's widths, the only ones diffusers' reader
+    splits it at (3072 × 3 + 12288): its split gives back each member's scale · B · A, and zero for proj_mlp."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from sa_peft.kohya_flux import flux_kohya_state_dict
+
+    gen = torch.Generator().manual_seed(0)
+    members = ["attn.to_q", "attn.to_k", "attn.to_v"]
+    state = {}
+    for m in members:
+        state[f"transformer.single_transformer_blocks.0.{m}.lora_A.weight"] = torch.randn(1, 3072, generator=gen)
+        state[f"transformer.single_transformer_blocks.0.{m}.lora_B.weight"] = torch.randn(3072, 1, generator=gen)
+    scales = {f"single_transformer_blocks.0.{m}": 0.5 for m in members}
+    converted = _convert_kohya_flux_lora_to_diffusers(flux_kohya_state_dict(state, scales))
+    for m in [*members, "proj_mlp"]:
+        key = f"transformer.single_transformer_blocks.0.{m}"
+        delta = converted[f"{key}.lora_B.weight"] @ converted[f"{key}.lora_A.weight"]
+        expected = (0.5 * state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"] if m in members
+                    else torch.zeros(12288, 3072))
+        torch.testing.assert_close(delta, expected)

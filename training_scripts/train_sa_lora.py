@@ -47,7 +47,7 @@ from sa_peft.forgetting import AdaptiveLambda
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
-from sa_peft.models import TRAINING_PIPELINES, denoiser, is_flow_transformer, is_sdxl, load_pipeline
+from sa_peft.models import FLUX_PIPELINE, TRAINING_PIPELINES, denoiser, is_flow_transformer, is_sdxl, load_pipeline
 from sa_peft.objective import check_finite_loss, selective_amnesia_loss
 from sa_peft.phases import (
     TrainingSets,
@@ -212,7 +212,8 @@ SD3_UNSUPPORTED_FLAGS = {"train_text_encoder": "--train_text_encoder", "snr_gamm
 def check_sd3_flags(config, pipeline: str = "StableDiffusion3Pipeline") -> None:
     """SD3 and FLUX runs take every flag but these (Min-SNR is DDPM's; the others are not written for transformers
     yet)."""
-    given = [flag for name, flag in SD3_UNSUPPORTED_FLAGS.items() if getattr(config, name) not in (None, False)]
+    given = [flag for name, flag in SD3_UNSUPPORTED_FLAGS.items() if getattr(config, name) not in (None, False)
+             and not (name == "output_kohya_format" and pipeline == FLUX_PIPELINE)]  # FLUX has a kohya writer
     if given:
         raise InputError(f"{', '.join(given)}: not supported for {pipeline} yet (UNet pipelines only; "
                          "flow-matching transformers weight their loss by --weighting_scheme); drop it")
