@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from .errors import InputError, MissingInputError
 from .io_utils import share_file
-from .models import SD3_PIPELINE, SDXL_PIPELINE, is_sd3, is_sdxl
+from .models import FLUX_PIPELINE, SDXL_PIPELINE, TRANSFORMER_PIPELINES, is_flux, is_sd3, is_sdxl
 from .safetensors_header import read_safetensors_header
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -33,8 +33,10 @@ def unet_lora_state_dict(unet: torch.nn.Module, adapter: str = "default") -> dic
 
 
 def _pipeline_class_for(unet: torch.nn.Module):
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if is_flux(unet):
+        return FluxPipeline
     if is_sd3(unet):
         return StableDiffusion3Pipeline
     return StableDiffusionXLPipeline if is_sdxl(unet) else StableDiffusionPipeline
@@ -70,8 +72,8 @@ def save_forget_lora(
                 raise ValueError("text_encoder_2_lora_layers: only SDXL has a second text encoder")
             kwargs["text_encoder_2_lora_layers"] = text_encoder_2_lora_layers
             kwargs["text_encoder_2_lora_adapter_metadata"] = text_encoder_2_adapter_metadata
-        # SD3's saver names the denoiser "transformer" (keys ``transformer.…``), SD/SDXL's "unet".
-        denoiser = "transformer" if pipeline_class.__name__ == SD3_PIPELINE else "unet"
+        # SD3's and FLUX's savers name the denoiser "transformer" (keys ``transformer.…``), SD/SDXL's "unet".
+        denoiser = "transformer" if pipeline_class.__name__ in TRANSFORMER_PIPELINES else "unet"
         kwargs[f"{denoiser}_lora_layers"] = unet_lora_state_dict(unet, adapter)
         kwargs[f"{denoiser}_lora_adapter_metadata"] = unet.peft_config[adapter].to_dict()
         pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
@@ -330,18 +332,20 @@ def export_kohya(
     or, for code that still holds it, a live UNet carrying ``adapter``; both go through ``kohya_state_dict``.
     From a file, the ``sa_peft`` training info is copied into the new file's header, and the SDXL UNet layout is
     read from the header (files written by ``save_forget_lora``) or from the base model's config if it is local.
-    The file appears atomically.
+    The file appears atomically. A FLUX adapter (``base_pipeline`` FluxPipeline in its header, or a live FLUX
+    transformer) gets kohya's FLUX names instead (``sa_peft.kohya_flux``).
     """
     import warnings
 
-    from .io_utils import atomic_path
-
     header_out: dict[str, str] = {}
+    flux = False
     if isinstance(source, torch.nn.Module):
         from peft.utils import get_peft_model_state_dict
 
-        state_dict = {f"unet.{k}": v for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()}
-        configs = {"unet": source.peft_config[adapter].to_dict()}
+        flux = is_flux(source)
+        component = "transformer" if flux else "unet"
+        state_dict = {f"{component}.{k}": v for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()}
+        configs = {component: source.peft_config[adapter].to_dict()}
         layout = unet_layout_info(source)
     else:
         state_dict, header = load_adapter_file(source, "export source")
@@ -352,6 +356,12 @@ def export_kohya(
         layout = _header_unet_layout(header, source) if UNET_LAYOUT_KEY in header else _local_unet_layout(info.get("base_model"))
         if layout is None and info.get("base_pipeline") == SDXL_PIPELINE:
             layout = {"addition_embed_type": "text_time"}
+        flux = info.get("base_pipeline") == FLUX_PIPELINE
+    if flux:  # kohya's FLUX names (fused qkv/linear1), sa_peft.kohya_flux; SD3 adapters stay refused
+        from .kohya_flux import flux_kohya_state_dict
+
+        scales = {k.partition(".")[2]: scale for k, (_, scale) in layer_scales(state_dict, configs).items()}
+        return _write_kohya(flux_kohya_state_dict(state_dict, scales), path, header_out, metadata, None)
     sdxl = is_sdxl(layout or {}) or any(
         k.startswith(("text_encoder_2.", "unet.add_embedding.")) for k in state_dict)
     if sdxl and not (layout or {}).get("layers_per_block"):
@@ -359,10 +369,18 @@ def export_kohya(
                       "not found locally); UNet keys keep diffusers' names, which A1111 maps incompletely", stacklevel=2)
         layout = None
     kohya = kohya_state_dict(state_dict, configs, sdxl=sdxl, unet_layout=layout if sdxl else None)
+    return _write_kohya(kohya, path, header_out, metadata, "sdxl_base_v1-0" if sdxl else None)
+
+
+def _write_kohya(kohya: dict[str, torch.Tensor], path, header_out: dict[str, str], metadata: dict | None,
+                 base_model_version: str | None) -> str:
+    """The kohya file, atomically, with kohya's own header entries (network module, dim, base version)."""
+    from .io_utils import atomic_path
+
     unet_ranks = {int(v.shape[0]) for k, v in kohya.items() if k.startswith("lora_unet_") and k.endswith("lora_down.weight")}
     header_out["ss_network_module"] = "networks.lora"
-    if sdxl:
-        header_out["ss_base_model_version"] = "sdxl_base_v1-0"
+    if base_model_version:
+        header_out["ss_base_model_version"] = base_model_version
     if len(unet_ranks) == 1:
         header_out["ss_network_dim"] = str(unet_ranks.pop())
     header_out.update({k: str(v) for k, v in (metadata or {}).items()})

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, MissingInputError
 from .io_utils import atomic_path, write_json_atomic, write_text_atomic
-from .models import ddim_sampling, denoiser
+from .models import ddim_sampling, denoiser, is_flux
 from .prompts import check_prompts
 
 SHARD_SIZE = 16
@@ -52,8 +52,10 @@ class ImageSet:
 def check_resolution(pipe, resolution: int) -> int:
     """Reject sizes the pipeline cannot take: not a positive multiple of the VAE's downsampling factor
     (and of 8, which diffusers' Stable Diffusion pipelines require)."""
-    # A transformer (SD3) also needs whole patches of latents: diffusers' SD3 pipeline refuses other sizes.
-    factor = math.lcm(8, pipe.vae_scale_factor * getattr(pipe, "patch_size", 1))
+    # A transformer (SD3) also needs whole patches of latents: diffusers' SD3 pipeline refuses other sizes. FLUX packs
+    # 2×2 latent patches (its pipeline would silently resize to a multiple of twice the VAE's factor).
+    patch = 2 if is_flux(pipe) else getattr(pipe, "patch_size", 1)
+    factor = math.lcm(8, pipe.vae_scale_factor * patch)
     if resolution <= 0 or resolution % factor:
         raise InputError(
             f"`resolution` {resolution} is not a positive multiple of {factor} (the VAE's downsampling "
@@ -63,12 +65,16 @@ def check_resolution(pipe, resolution: int) -> int:
 
 
 def default_resolution(pipe) -> int:
-    """The pipeline's native image size (512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL and SD3)."""
+    """The pipeline's native image size (512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL, SD3 and FLUX).
+
+    FLUX's transformer has no ``sample_size``: its pipeline's default, ``default_sample_size`` (128) latents, is used."""
+    if is_flux(pipe):
+        return int(pipe.default_sample_size * pipe.vae_scale_factor)
     return int(denoiser(pipe).config.sample_size * pipe.vae_scale_factor)
 
 
 def _vae_shift(vae) -> float:
-    """SD3's VAE latents are (z − shift_factor) · scaling_factor; SD 1.x/2.x/SDXL have no shift."""
+    """SD3's and FLUX's VAE latents are (z − shift_factor) · scaling_factor; SD 1.x/2.x/SDXL have no shift."""
     return vae.config.get("shift_factor") or 0.0
 
 
@@ -105,7 +111,7 @@ def _latents_for_rows(pipe, rows: list[dict], resolution: int, guidance_scale: f
     channels = pipe.vae.config.in_channels
     if kind in ("prompt", "replay"):
         generators = [torch.Generator().manual_seed(r["seed"]) for r in rows]
-        return pipe(
+        latents = pipe(
             [r["source"] for r in rows],
             height=resolution,
             width=resolution,
@@ -114,6 +120,8 @@ def _latents_for_rows(pipe, rows: list[dict], resolution: int, guidance_scale: f
             generator=generators,
             output_type="latent",
         ).images
+        # FLUX returns its latents packed ([N, tokens, 64]); sets hold [N, 16, h, w] like every other family's.
+        return pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor) if is_flux(pipe) else latents
     if kind == "images":
         images = torch.stack([_load_image(r["source"], resolution, channels) for r in rows])
     elif kind in SURROGATE_TYPES:

@@ -2,8 +2,9 @@
 
 Two model families, dispatched here and nowhere else:
 - UNets (SD 1.x/2.x, SDXL): DDPM noising √ᾱ·x₀ + √(1−ᾱ)·ε at integer timesteps drawn uniformly, ε or v target;
-- flow-matching transformers (SD3): x_σ = (1−σ)·x₀ + σ·ε with σ from the SD3 timestep density, target ε − x₀
-  (``FlowMatchingNoise``), as diffusers' ``train_dreambooth_lora_sd3.py`` trains them.
+- flow-matching transformers (SD3, FLUX): x_σ = (1−σ)·x₀ + σ·ε with σ from the SD3 timestep density, target ε − x₀
+  (``FlowMatchingNoise``), as diffusers' ``train_dreambooth_lora_sd3.py`` and ``_flux.py`` train them; FLUX's
+  transformer sees the noisy latents packed into 2×2 patches with their image ids (``model_prediction``).
 The training "scheduler" passed around (``noise_scheduler_for``) is a ``DDPMScheduler`` or a ``FlowMatchingNoise``;
 both have ``config.num_train_timesteps``, ``config.prediction_type`` and ``add_noise``.
 """
@@ -40,9 +41,9 @@ class FlowMatchingNoise:
 
         if weighting_scheme not in WEIGHTING_SCHEMES:
             raise InputError(f"`weighting_scheme` must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
-        if scheduler.config.get("use_dynamic_shifting"):
-            raise InputError("a flow-matching scheduler with use_dynamic_shifting (FLUX-style resolution-dependent "
-                             "shift) is not supported yet; sa-peft trains SD3-style schedulers (a fixed shift)")
+        # FLUX's scheduler has use_dynamic_shifting: its own training schedule is then unshifted (σ = t / T on a linear
+        # grid; the resolution-dependent shift μ is applied only by set_timesteps, at sampling), and diffusers'
+        # train_dreambooth_lora_flux.py draws its training timesteps from that unshifted schedule, as this does.
         # A fresh copy: the pipeline's scheduler holds the timesteps of its last sampling run, not the training ones.
         fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         self.timesteps = fresh.timesteps.float()
@@ -131,8 +132,26 @@ def sample_timesteps(scheduler, n: int, generator: torch.Generator | None, devic
 
 def model_prediction(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
     """The denoiser's output: ``timestep`` by keyword, which a UNet (``sample, timestep, …``) and an SD3 transformer
-    (``hidden_states, encoder_hidden_states, pooled_projections, timestep, …``) both accept."""
+    (``hidden_states, encoder_hidden_states, pooled_projections, timestep, …``) both accept; FLUX's conditioning
+    (its ``txt_ids``) goes through ``flux_prediction``. Latents stay [B, C, h, w] outside it, so the noise, the
+    targets and the loss are the same code for every family."""
+    if "txt_ids" in model_kwargs:  # the kwargs, not the model's class: a DDP- or compile-wrapped FLUX model is FLUX too
+        return flux_prediction(model, noisy, timesteps, model_kwargs)
     return model(noisy, timestep=timesteps, **model_kwargs, return_dict=False)[0]
+
+
+def flux_prediction(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+    """A FLUX transformer's velocity for [B, 16, h, w] latents, as diffusers' FLUX LoRA script calls it: the noisy
+    latents packed into (h/2)(w/2) tokens of 2×2 patches with the pipeline's image ids (0, row, column), the timestep
+    divided by 1000 (the transformer multiplies it back), and the output unpacked to [B, 16, h, w]."""
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+    img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype)
+    out = model(hidden_states=packed, timestep=timesteps / 1000, img_ids=img_ids, **model_kwargs, return_dict=False)[0]
+    # _unpack_latents takes the image size in pixels and the VAE factor: the latent size with a factor of 1.
+    return FluxPipeline._unpack_latents(out, height, width, 1)
 
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -175,7 +194,7 @@ def snr_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.T
     from diffusers.training_utils import compute_snr
 
     if is_flow_matching(scheduler):
-        raise InputError("`snr_gamma` (Min-SNR weighting) is for DDPM-trained UNets; flow-matching models (SD3) weight "
+        raise InputError("`snr_gamma` (Min-SNR weighting) is for DDPM-trained UNets; flow-matching models (SD3, FLUX) weight "
                          "the loss by `weighting_scheme` instead: drop `snr_gamma`")
     snr = compute_snr(scheduler, timesteps)
     weights = torch.clamp(snr, max=snr_gamma) / snr

@@ -1,4 +1,4 @@
-"""Which UNet (or SD3 transformer) modules a forget LoRA adapts, and access to the adapted layers' factors."""
+"""Which UNet (or SD3/FLUX transformer) modules a forget LoRA adapts, and access to the adapted layers' factors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from .errors import InputError
-from .models import is_sd3
+from .models import is_flow_transformer, is_flux
 
 # Presets follow the official Selective Amnesia / ESD code: "noxattn" (used for nudity) trains
 # everything but cross-attention, the output layer and the time embedding; "all" (celebrities)
@@ -26,17 +26,29 @@ TRANSFORMER_LORA_TARGET_PRESETS = ("attn", "context", "attn_ff", "all")
 _JOINT_ATTENTION = re.compile(r"transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
 _CONTEXT = re.compile(r"transformer_blocks\.\d+\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
 _FEED_FORWARD = re.compile(r"transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)$")
+# FLUX: the same names for its double-stream blocks (``transformer_blocks``: attention with add_*_proj/to_add_out and
+# both feed-forwards, as above); its single-stream blocks (``single_transformer_blocks``) hold one attention over the
+# joint text + image sequence (attn.to_q/to_k/to_v, no output projection) whose output proj_out shares with the
+# parallel MLP's (proj_mlp). "attn" adds the single blocks' attention and proj_out (its attention output), "attn_ff"
+# their proj_mlp too; "context" is the double blocks' text stream only (the single blocks share weights between
+# text and image tokens).
+_SINGLE_ATTENTION = re.compile(r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_out)$")
+_SINGLE_MLP = re.compile(r"single_transformer_blocks\.\d+\.proj_mlp$")
 
 
-def _transformer_preset(adaptable: list[str], target: str) -> list[str]:
+def _transformer_preset(adaptable: list[str], target: str, flux: bool = False) -> list[str]:
     """The modules of a transformer preset (``TRANSFORMER_LORA_TARGET_PRESETS``); a UNet-only preset is refused."""
     if target not in TRANSFORMER_LORA_TARGET_PRESETS:
-        raise InputError(f"`lora_target` {target!r} is a UNet preset; for an SD3 transformer use one of "
+        raise InputError(f"`lora_target` {target!r} is a UNet preset; for an SD3 or FLUX transformer use one of "
                          f"{', '.join(TRANSFORMER_LORA_TARGET_PRESETS)}, or module names")
     if target == "all":
         return adaptable
     patterns = {"attn": [_JOINT_ATTENTION], "context": [_CONTEXT], "attn_ff": [_JOINT_ATTENTION, _FEED_FORWARD]}[target]
-    return [n for n in adaptable if any(p.fullmatch(n) for p in patterns)]
+    if flux:
+        patterns = patterns + {"attn": [_SINGLE_ATTENTION], "context": [],
+                               "attn_ff": [_SINGLE_ATTENTION, _SINGLE_MLP]}[target]
+    # match from a name's start: "transformer_blocks" must not match inside "single_transformer_blocks"
+    return [n for n in adaptable if any(p.match(n) for p in patterns)]
 
 
 def _adaptable_modules(unet: torch.nn.Module) -> list[str]:
@@ -60,8 +72,9 @@ def resolve_lora_targets(unet: torch.nn.Module, target: str | Sequence[str]) -> 
     fully matches it as a regular expression. Raises ``ValueError`` naming unknown entries.
     """
     adaptable = _adaptable_modules(unet)
-    if isinstance(target, str) and is_sd3(unet) and target in (*LORA_TARGET_PRESETS, *TRANSFORMER_LORA_TARGET_PRESETS):
-        names = _transformer_preset(adaptable, target)
+    if isinstance(target, str) and is_flow_transformer(unet) and target in (*LORA_TARGET_PRESETS,
+                                                                          *TRANSFORMER_LORA_TARGET_PRESETS):
+        names = _transformer_preset(adaptable, target, flux=is_flux(unet))
         if not names:
             raise InputError(f"`lora_target` {target!r} matches no Linear/Conv2d module of this transformer")
         return names

@@ -9,7 +9,7 @@ from .errors import InputError
 from .escaping import escape_controls, markdown_cell, markdown_code, python_literal
 from .forgetting import verdict_lines
 from .io_utils import write_text_atomic
-from .models import SD3_PIPELINE, SDXL_PIPELINE
+from .models import FLUX_PIPELINE, SD3_PIPELINE, SDXL_PIPELINE, TRANSFORMER_PIPELINES
 
 EVALUATION_METRICS = os.path.join("evaluation", "metrics.json")
 # The pictures a run leaves in its folder, in the order the card shows them (relative links: they resolve on
@@ -25,11 +25,13 @@ CARD_TAGS = ["lora", "diffusers", "stable-diffusion", "selective-amnesia", "conc
 SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
 SD_TAGS = ["stable-diffusion-diffusers"]
 SD3_TAGS = ["sd3", "sd3-diffusers"]  # diffusers' train_dreambooth_lora_sd3.py's family tags
+FLUX_TAGS = ["flux", "flux-diffusers"]  # diffusers' train_dreambooth_lora_flux.py's
 
 
 def card_tags(info: dict) -> list[str]:
-    """The hub tags: ours, plus the family tags diffusers' own LoRA scripts use (SDXL, SD3 or SD 1.x/2.x)."""
-    family = {SDXL_PIPELINE: SDXL_TAGS, SD3_PIPELINE: SD3_TAGS}.get(info.get("base_pipeline"), SD_TAGS)
+    """The hub tags: ours, plus the family tags diffusers' own LoRA scripts use (SDXL, SD3, FLUX or SD 1.x/2.x)."""
+    family = {SDXL_PIPELINE: SDXL_TAGS, SD3_PIPELINE: SD3_TAGS, FLUX_PIPELINE: FLUX_TAGS}.get(info.get("base_pipeline"),
+                                                                                              SD_TAGS)
     return CARD_TAGS + family
 
 
@@ -62,8 +64,10 @@ def usage_snippet(info: dict, repo_id: str | None = None) -> str:
     prompt = python_literal(info["forget_prompts"][0])
     where = "" if repo_id else "  # this folder, or its hub id once uploaded"
     head = "import sa_peft\n" if builtin else ""
-    # The LoRA scale travels in the denoiser's attention kwargs: SD3's transformer calls them joint_attention_kwargs.
-    scale_kwargs = "joint_attention_kwargs" if info.get("base_pipeline") == SD3_PIPELINE else "cross_attention_kwargs"
+    # The LoRA scale travels in the denoiser's attention kwargs: SD3's and FLUX's transformers call them
+    # joint_attention_kwargs.
+    scale_kwargs = ("joint_attention_kwargs" if info.get("base_pipeline") in TRANSFORMER_PIPELINES
+                    else "cross_attention_kwargs")
     return f"""{head}from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained({base_expr})
@@ -191,14 +195,17 @@ def write_model_card(output_dir: str | os.PathLike, info: dict, repo_id: str | N
     from huggingface_hub import ModelCard, ModelCardData
 
     # What diffusers' load_or_create_model_card(from_training=True) builds, without asking the hub first.
-    sdxl = info.get("base_pipeline") in (SDXL_PIPELINE, SD3_PIPELINE)  # openrail++, as diffusers' scripts card them
+    # The base families' licenses, as diffusers' scripts card them: openrail++ for SDXL and SD3, "other" for FLUX
+    # (FLUX.1 [dev]'s non-commercial licence), creativeml-openrail-m for SD 1.x/2.x.
+    license = {SDXL_PIPELINE: "openrail++", SD3_PIPELINE: "openrail++", FLUX_PIPELINE: "other"}.get(
+        info.get("base_pipeline"), "creativeml-openrail-m")
     description = model_card_text(info, repo_id, figures_section(output_dir))
     evaluation = read_evaluation_metrics(output_dir)
     if evaluation is not None:
         description = description.replace("\n## Limits\n", "\n" + evaluation_section(*evaluation) + "\n## Limits\n", 1)
     card = ModelCard.from_template(
         card_data=ModelCardData(
-            license="openrail++" if sdxl else "creativeml-openrail-m",  # the base families' licenses
+            license=license,
             library_name="diffusers",
             inference=True,
             base_model=hub_base_model(info["base_model"]),

@@ -70,8 +70,8 @@ def load_pipeline(
             f"`pretrained_model_name_or_path` {path!r}: no such folder, and it does not look like a hub id "
             "(owner/name)"
         )
-    # Only Stable Diffusion 1.x/2.x pipelines have a safety checker; SD3's would warn about the keyword.
-    no_checker = {} if class_name == SD3_PIPELINE else {"safety_checker": None}
+    # Only Stable Diffusion 1.x/2.x pipelines have a safety checker; SD3's and FLUX's would warn about the keyword.
+    no_checker = {} if class_name in TRANSFORMER_PIPELINES else {"safety_checker": None}
     pipe = DiffusionPipeline.from_pretrained(
         path,
         revision=revision,
@@ -90,9 +90,12 @@ def load_pipeline(
 SD_PIPELINE = "StableDiffusionPipeline"
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 SD3_PIPELINE = "StableDiffusion3Pipeline"
+FLUX_PIPELINE = "FluxPipeline"
 UNET_PIPELINES = (SD_PIPELINE, SDXL_PIPELINE)
-# What the training script takes: the UNet families and SD3's flow-matching transformer.
-TRAINING_PIPELINES = (*UNET_PIPELINES, SD3_PIPELINE)
+# The flow-matching transformer families (SD3's joint blocks; FLUX's double- and single-stream blocks).
+TRANSFORMER_PIPELINES = (SD3_PIPELINE, FLUX_PIPELINE)
+# What the training script takes: the UNet families and the flow-matching transformers.
+TRAINING_PIPELINES = (*UNET_PIPELINES, *TRANSFORMER_PIPELINES)
 
 
 def check_pipeline_class(class_name: str | None, source: str, supported: tuple[str, ...] | None = None) -> None:
@@ -109,8 +112,19 @@ def is_sd3(model) -> bool:
     return type(getattr(model, "transformer", model)).__name__ == "SD3Transformer2DModel"
 
 
+def is_flux(model) -> bool:
+    """FLUX: a pipeline or model whose denoiser is a ``FluxTransformer2DModel`` (double- and single-stream blocks over
+    packed 2×2 latent patches, rotary position ids, a flow-matching model)."""
+    return type(getattr(model, "transformer", model)).__name__ == "FluxTransformer2DModel"
+
+
+def is_flow_transformer(model) -> bool:
+    """A flow-matching transformer (SD3 or FLUX): the families whose LoRA presets and saved keys are a transformer's."""
+    return is_sd3(model) or is_flux(model)
+
+
 def denoiser(pipe) -> torch.nn.Module:
-    """The network a forget LoRA adapts: ``pipe.unet``, or ``pipe.transformer`` for transformer pipelines (SD3)."""
+    """The network a forget LoRA adapts: ``pipe.unet``, or ``pipe.transformer`` for transformer pipelines (SD3, FLUX)."""
     transformer = getattr(pipe, "transformer", None)
     return transformer if transformer is not None else pipe.unet
 

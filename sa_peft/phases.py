@@ -71,8 +71,10 @@ def build_training_sets(pipe, config, resolution: int, model_key: str, scheduler
     replay = generate_replay_set(pipe, os.path.join(cache, f"replay-{settings_key(rep_settings)}"), replay_prompts,
                                  per_prompt, seed=config.seed + 1_000_000, **common)
     # The surrogate prompts too: the forgetting signal measures the held-out images under them.
+    # A guidance-distilled FLUX transformer is trained, distilled and measured at the guidance its sets were sampled
+    # with (the replay targets are the frozen model's predictions there).
     conditioning = encode_prompts(pipe, config.forget_prompts + replay_prompts + (config.surrogate_prompt or []),
-                                  resolution)
+                                  resolution, guidance_scale=config.generation_guidance_scale)
     probe = build_forgetting_probe(pipe, config, generation, sur_settings, conditioning, scheduler, common)
     return TrainingSets(surrogate, replay, conditioning, probe, rep_settings, per_prompt)
 

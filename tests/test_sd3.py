@@ -277,11 +277,12 @@ def test_sd3_sets_are_sampled_by_the_pipelines_own_scheduler_and_vae(sd3_pipe, t
 
 
 def test_unsupported_pipeline_class_is_refused_before_loading(tmp_path, train):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "img2img"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Img2ImgPipeline",
+                                                         "transformer": ["diffusers", "X"]}))
     supported = ", ".join(TRAINING_PIPELINES)
-    with pytest.raises(ValueError, match=f"is a FluxPipeline, .*supported pipelines: {supported}$"):
+    with pytest.raises(ValueError, match=f"is a StableDiffusion3Img2ImgPipeline, .*supported pipelines: {supported}$"):
         train.main(["--pretrained_model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out"),
                     "--forget_prompt", "brad pitt", "--surrogate_type", "noise"])
     assert "StableDiffusion3Pipeline" in supported

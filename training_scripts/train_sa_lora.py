@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a Selective Amnesia "forget" LoRA for a Stable Diffusion pipeline (SD 1.x/2.x, SDXL or SD3).
+"""Train a Selective Amnesia "forget" LoRA for a Stable Diffusion pipeline (SD 1.x/2.x, SDXL, SD3) or FLUX.
 
     accelerate launch training_scripts/train_sa_lora.py \
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -47,7 +47,7 @@ from sa_peft.forgetting import AdaptiveLambda
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
-from sa_peft.models import TRAINING_PIPELINES, denoiser, is_sd3, is_sdxl, load_pipeline
+from sa_peft.models import FLUX_PIPELINE, TRAINING_PIPELINES, denoiser, is_flow_transformer, is_sdxl, load_pipeline
 from sa_peft.objective import check_finite_loss, selective_amnesia_loss
 from sa_peft.phases import (
     TrainingSets,
@@ -195,8 +195,8 @@ def load_base_pipeline(config: SelectiveAmnesiaConfig, accelerator):
     resolution = check_resolution(pipe, config.resolution or default_resolution(pipe))
     if config.train_text_encoder and is_sdxl(pipe):
         raise InputError("--train_text_encoder supports SD 1.x/2.x pipelines; drop it for SDXL")
-    if is_sd3(pipe):
-        check_sd3_flags(config)
+    if is_flow_transformer(pipe):
+        check_sd3_flags(config, type(pipe).__name__)
     check_prompt_clash(pipe, config.forget_prompts, config.replay_prompts)
     pipe.to(accelerator.device)
     # Caches are keyed by the denoiser's weights, so a changed local model never reuses stale samples.
@@ -204,17 +204,19 @@ def load_base_pipeline(config: SelectiveAmnesiaConfig, accelerator):
     return pipe, resolution, model_key
 
 
-# Flags whose code is written for UNets only, refused on SD3 before any work (rather than run wrongly).
+# Flags whose code is written for UNets only, refused on SD3 and FLUX before any work (rather than run wrongly).
 SD3_UNSUPPORTED_FLAGS = {"train_text_encoder": "--train_text_encoder", "snr_gamma": "--snr_gamma",
                          "output_kohya_format": "--output_kohya_format", "robust_forgetting": "--robust_forgetting"}
 
 
-def check_sd3_flags(config) -> None:
-    """SD3 runs take every flag but these (Min-SNR is DDPM's; the others are not written for transformers yet)."""
-    given = [flag for name, flag in SD3_UNSUPPORTED_FLAGS.items() if getattr(config, name) not in (None, False)]
+def check_sd3_flags(config, pipeline: str = "StableDiffusion3Pipeline") -> None:
+    """SD3 and FLUX runs take every flag but these (Min-SNR is DDPM's; the others are not written for transformers
+    yet)."""
+    given = [flag for name, flag in SD3_UNSUPPORTED_FLAGS.items() if getattr(config, name) not in (None, False)
+             and not (name == "output_kohya_format" and pipeline == FLUX_PIPELINE)]  # FLUX has a kohya writer
     if given:
-        raise InputError(f"{', '.join(given)}: not supported for StableDiffusion3Pipeline yet (UNet pipelines only; "
-                         "SD3 weights its loss by --weighting_scheme); drop it")
+        raise InputError(f"{', '.join(given)}: not supported for {pipeline} yet (UNet pipelines only; "
+                         "flow-matching transformers weight their loss by --weighting_scheme); drop it")
 
 
 class ForgetRun(types.SimpleNamespace):

@@ -78,7 +78,8 @@ def _estimate(args: argparse.Namespace, prompts: list[str] | None) -> None:
         raise InputError(f"--data_dir {args.data_dir!r} holds {len(data.latents)} samples, fewer than --fisher_num_samples "
                          f"{args.fisher_num_samples}; lower --fisher_num_samples or generate a larger set")
     # Only the prompts of the samples used are encoded.
-    conditioning = encode_prompts(pipe, data.prompts[: args.fisher_num_samples], args.resolution)
+    conditioning = encode_prompts(pipe, data.prompts[: args.fisher_num_samples], args.resolution,
+                                  guidance_scale=args.guidance_scale)  # a guidance-distilled FLUX's embedding
     start = time.perf_counter()
     noise_scheduler = noise_scheduler_for(pipe.scheduler, weighting_scheme=args.weighting_scheme)  # SD3: its σ density
     fisher = estimate_fisher_on_set(denoiser(pipe), noise_scheduler, data, conditioning, modules,

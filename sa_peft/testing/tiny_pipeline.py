@@ -1,4 +1,4 @@
-"""Seeded, offline, tiny Stable Diffusion (1.x/2.x-style), SDXL and SD3 pipelines for tests, smoke runs and benchmarks."""
+"""Seeded, offline, tiny Stable Diffusion (1.x/2.x-style), SDXL, SD3 and FLUX pipelines for tests, smoke runs and benchmarks."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -196,6 +198,14 @@ def build_tiny_sdxl_pipeline(
 TINY_SD3_T5_DIM = 64
 
 
+def _tiny_t5(tokenizer, d_model: int) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, shift: float = 3.0) -> StableDiffusion3Pipeline:
     """Build a randomly initialised, deterministic ``StableDiffusion3Pipeline`` shaped like SD3, only tiny.
 
@@ -231,11 +241,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, shift: float =
     text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, projection_dim=TINY_SDXL_PROJECTION_DIM))
     tokenizer_3 = t5_tokenizer(TINY_WORDS)
     torch.manual_seed(seed + 4)
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_3), d_model=TINY_SD3_T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer_3.pad_token_id,
-        eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id,
-    ))
+    text_encoder_3 = _tiny_t5(tokenizer_3, TINY_SD3_T5_DIM)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
@@ -246,6 +252,56 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, shift: float =
         tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_FLUX_T5_DIM = 32
+# FLUX.1's scheduler config: shift 3 and use_dynamic_shifting (the pipeline shifts σ by the image's token count, from
+# base_shift at 256 tokens to max_shift at 4096); its training schedule is therefore the unshifted one.
+FLUX_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                         "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance_embeds: bool = False) -> FluxPipeline:
+    """Build a randomly initialised, deterministic ``FluxPipeline`` shaped like FLUX.1, only tiny.
+
+    As in FLUX.1: a ``FluxTransformer2DModel`` with one double-stream block (separate image and text weights, joint
+    attention) and one single-stream block, on latents packed into 2×2 patches (16 channels × 4 = 64 inputs), rotary
+    position ids over (0, row, column), and a guidance embedding when ``guidance_embeds`` (FLUX.1-dev is guidance
+    distilled, FLUX.1-schnell is not); a VAE with 16 latent channels and FLUX's shift and scale (latents are
+    (z − 0.1159) · 0.3611); a ``CLIPTextModel`` whose pooled output is ``pooled_projections`` and a
+    ``T5EncoderModel`` whose states are the context; ``FlowMatchEulerDiscreteScheduler`` configured as FLUX.1's
+    (``FLUX_SCHEDULER_CONFIG``). The VAE downsamples by 2, so ``sample_size`` pixels are ``sample_size // 2`` latents,
+    ``(sample_size // 4)²`` image tokens. (``FluxPipeline`` samples at 128 · the VAE's factor unless told a
+    ``height``/``width``: pass ``sample_size`` to it, or ``--resolution`` to the training script.)
+    """
+    if sample_size % 4:
+        raise InputError(f"sample_size must be a multiple of 4, got {sample_size} (2×2 patches of 2× downsampled latents)")
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=TINY_FLUX_T5_DIM, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(sample_size, latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
+                    use_quant_conv=False, use_post_quant_conv=False)
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    tokenizer_2 = t5_tokenizer(TINY_WORDS)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = _tiny_t5(tokenizer_2, TINY_FLUX_T5_DIM)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
