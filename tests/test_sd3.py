@@ -429,3 +429,47 @@ def test_checkpoints_record_the_flow_matching_flags_only_when_set(tmp_path):
     assert not {"weighting_scheme", "logit_mean", "logit_std", "mode_scale"} & set(default)
     changed = SelectiveAmnesiaConfig(**common, weighting_scheme="mode", mode_scale=1.0).training_settings("key")
     assert changed["weighting_scheme"] == "mode" and changed["mode_scale"] == 1.0 and "logit_std" not in changed
+
+
+def test_density_quantile_is_diffusers_draw_of_the_same_uniform():
+    """"mode" transforms the uniform draw itself (diffusers draws u ~ U(0, 1) and maps it); logit_normal's quantile
+    at Φ(z) is sigmoid(mean + std·z); "none" and the others keep the draw."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    uniform = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    mode = FlowMatchingNoise(scheduler, "mode", mode_scale=1.29)
+    expected = compute_density_for_timestep_sampling("mode", 64, mode_scale=1.29,
+                                                     generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mode.density_quantile(uniform), expected)
+    z = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    normal = FlowMatchingNoise(scheduler, "logit_normal", logit_mean=0.3, logit_std=0.7)
+    phi = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    torch.testing.assert_close(normal.density_quantile(phi), torch.sigmoid(0.3 + 0.7 * z))
+    torch.testing.assert_close(FlowMatchingNoise(scheduler, "none").density_quantile(uniform), uniform)
+
+
+def test_density_values_index_the_training_timesteps_and_the_grid_covers_them():
+    noise = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), "none")
+    T = 1000
+    at = noise._timesteps_at(torch.tensor([0.0, 0.0004, 0.5, 0.9995, 1.0]))
+    assert at.tolist() == [noise.timesteps[i].item() for i in (0, 0, 500, 999, 999)]  # u = 1 clamps to the last
+    torch.testing.assert_close(noise.grid_timesteps(), noise.timesteps[:T])  # T midpoints: every timestep once
+
+
+def test_flow_matching_noise_keeps_the_latents_dtype():
+    noise = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    latents = torch.randn(2, 16, 4, 4).to(torch.bfloat16)
+    eps = torch.randn(2, 16, 4, 4).to(torch.bfloat16)
+    t = noise.timesteps[[100, 900]]
+    noisy = noise.add_noise(latents, eps, t)
+    assert noisy.dtype == torch.bfloat16
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy.float(), ((1 - sigma) * latents.float() + sigma * eps.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_snr_gamma_refusal_is_a_whole_sentence(sd3_pipe):
+    from sa_peft.diffusion_loss import snr_weights
+
+    with pytest.raises(ValueError, match=r"^`snr_gamma` \(Min-SNR weighting\) is for DDPM-trained UNets; flow-matching "
+                                         r"models \(SD3, FLUX\) weight the loss by `weighting_scheme` instead: drop "
+                                         r"`snr_gamma`$"):
+        snr_weights(noise_scheduler_for(sd3_pipe.scheduler), torch.tensor([10]), 5.0)
