@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import add_forget_lora
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from train_helpers import load_train_module, run_training, sample
@@ -98,15 +99,6 @@ def test_dynamic_shifting_trains_on_the_unshifted_schedule_as_diffusers_flux_scr
     torch.testing.assert_close(noise.sigmas(t), scheduler.sigmas[(u * 1000).long()])
 
 
-def with_lora(pipe, target="attn"):
-    names = resolve_lora_targets(pipe.transformer, target)
-    pipe.transformer.add_adapter(make_lora_config(names, 2))
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for layer in iter_adapted_layers(pipe.transformer):
-            for w in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight):
-                w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
-    return names
 
 
 def flux_script_prediction(transformer, noisy, timesteps, cond, ids, guidance_scale):
@@ -151,7 +143,7 @@ def hand_flux_losses(pipe, cond, latents, ids, seed, scheme, guidance_scale, fro
 def test_packed_flow_matching_objective_matches_the_flux_script_by_hand(scheme, replay_target, guidance_embeds):
     pipe = build_tiny_flux_pipeline(guidance_embeds=guidance_embeds)
     cond = encode_prompts(pipe, PROMPTS, guidance_scale=4.0)
-    with_lora(pipe, "attn_ff")
+    add_forget_lora(pipe.transformer, "attn_ff", seed=4)
     latents = latents_like(4)
     out = selective_amnesia_loss(
         pipe.transformer, noise_scheduler_for(pipe.scheduler, weighting_scheme=scheme), cond, latents[:2],

@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import add_forget_lora
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-from train_helpers import load_train_module, run_training, sample
+from train_helpers import load_train_module, reload_and_compare, run_training, sample
 
 from sa_peft.adapter_io import read_adapter_metadata
 from sa_peft.conditioning import check_prompt_clash, encode_prompts
@@ -18,7 +19,7 @@ from sa_peft.data import _decode_to_pil, _encode_images, default_resolution, gen
 from sa_peft.diffusion_loss import FLOW_MATCHING, FlowMatchingNoise, noise_scheduler_for
 from sa_peft.fisher import estimate_fisher, fisher_timesteps, load_fisher
 from sa_peft.forgetting import ForgettingProbe
-from sa_peft.lora import TRANSFORMER_LORA_TARGET_PRESETS, iter_adapted_layers, make_lora_config, resolve_lora_targets
+from sa_peft.lora import TRANSFORMER_LORA_TARGET_PRESETS, iter_adapted_layers, resolve_lora_targets
 from sa_peft.models import TRAINING_PIPELINES, load_pipeline
 from sa_peft.objective import adapters_disabled, selective_amnesia_loss
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline, build_tiny_sd3_pipeline
@@ -112,15 +113,6 @@ def test_stratified_timesteps_stratify_the_density():
     torch.testing.assert_close(fisher_timesteps("fast", 1000, 2, gen, noise), noise.stratified_timesteps(1, 2, ref)[0])
 
 
-def with_lora(pipe, target="attn"):
-    names = resolve_lora_targets(pipe.transformer, target)
-    pipe.transformer.add_adapter(make_lora_config(names, 2))
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for layer in iter_adapted_layers(pipe.transformer):
-            for w in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight):
-                w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
-    return names
 
 
 def hand_flow_losses(pipe, cond, latents, ids, seed, scheme, frozen_replay_from=None):
@@ -150,7 +142,7 @@ def hand_flow_losses(pipe, cond, latents, ids, seed, scheme, frozen_replay_from=
 def test_flow_matching_objective_matches_the_sd3_script_by_hand(scheme, replay_target):
     pipe = build_tiny_sd3_pipeline()
     cond = encode_prompts(pipe, PROMPTS)
-    with_lora(pipe)
+    add_forget_lora(pipe.transformer, "attn", seed=4)
     latents = latents_like(pipe, 4)
     out = selective_amnesia_loss(
         pipe.transformer, noise_scheduler_for(pipe.scheduler, weighting_scheme=scheme), cond, latents[:2],
@@ -330,17 +322,6 @@ def test_unet_only_flags_are_refused_for_sd3(sd3_dir, tmp_path, train, flag):
                     "--forget_prompt", "brad pitt", "--surrogate_type", "noise", *flag])
 
 
-def reload_and_compare(model_dir, out, trained_pipe, prompt="brad pitt"):
-    fresh = StableDiffusion3Pipeline.from_pretrained(str(model_dir), use_safetensors=True)
-    fresh.set_progress_bar_config(disable=True)
-    base = sample(fresh, prompt)
-    fresh.load_lora_weights(str(out))
-    trained = sample(trained_pipe, prompt)
-    assert np.abs(trained - base).max() > 1e-3, "training changed nothing"
-    np.testing.assert_array_equal(sample(fresh, prompt), trained)
-    assert len(list(iter_adapted_layers(fresh.transformer, "default_0"))) == \
-        len(list(iter_adapted_layers(trained_pipe.transformer)))
-    return fresh
 
 
 def test_sd3_training_through_the_script_reloads_identically(sd3_dir, replay_file, tmp_path):
@@ -383,7 +364,7 @@ def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir,
                         "--surrogate_type", "noise", "--lora_target", "attn", "--weighting_scheme", "cosmap",
                         "--replay_target", "noise", "--classifier", str(classifier),
                         "--num_evaluation_images_per_prompt", "2")
-    fresh = reload_and_compare(sd3_dir, out, pipe, prompt="a handwritten digit zero")
+    fresh, _ = reload_and_compare(sd3_dir, out, pipe, prompt="a handwritten digit zero")
     assert {layer.name for layer in iter_adapted_layers(fresh.transformer, "default_0")} == \
         set(resolve_lora_targets(build_tiny_sd3_pipeline().transformer, "attn"))
     fisher = load_fisher(next((out / "cache").glob("fisher-*.safetensors")))

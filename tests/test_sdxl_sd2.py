@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
-from train_helpers import load_train_module, run_training, sample
+from train_helpers import load_train_module, reload_and_compare, run_training, sample
 
 from sa_peft import cli
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, read_adapter_metadata
@@ -16,7 +16,6 @@ from sa_peft.conditioning import encode_prompts
 from sa_peft.data import default_resolution, load_image_set
 from sa_peft.diffusion_loss import noise_scheduler_for
 from sa_peft.fisher import estimate_fisher, fisher_timesteps, load_fisher
-from sa_peft.lora import iter_adapted_layers
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 PROMPTS = ["a photo of a cat", "a red car"]
@@ -130,16 +129,6 @@ def test_fisher_command_on_an_sdxl_folder(sdxl_dir, tmp_path, capsys):
     assert all(v.sum() > 0 for v in fisher.diagonal.values())
 
 
-def reload_and_compare(model_dir, out, trained_pipe, prompt="brad pitt"):
-    fresh = DiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True)
-    fresh.set_progress_bar_config(disable=True)
-    base = sample(fresh, prompt)
-    fresh.load_lora_weights(str(out))
-    trained = sample(trained_pipe, prompt)
-    assert np.abs(trained - base).max() > 1e-3, "training changed nothing"
-    np.testing.assert_array_equal(sample(fresh, prompt), trained)
-    assert len(list(iter_adapted_layers(fresh.unet, "default_0"))) == len(list(iter_adapted_layers(trained_pipe.unet)))
-    return trained
 
 
 @pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
@@ -149,7 +138,7 @@ def test_sdxl_training_end_to_end_reloads_identically(sdxl_dir, replay_file, tmp
                         "--surrogate_prompt", "a middle aged man", "--output_kohya_format", "--rank", "4",
                         "--lora_alpha", "2")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    trained = reload_and_compare(sdxl_dir, out, pipe)
+    _, trained = reload_and_compare(sdxl_dir, out, pipe)
     kohya = build_tiny_sdxl_pipeline()
     kohya.load_lora_weights(str(out), weight_name=KOHYA_WEIGHT_NAME)
     np.testing.assert_allclose(sample(kohya, "brad pitt"), trained, atol=1e-5)

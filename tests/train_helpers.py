@@ -39,3 +39,24 @@ def sample(pipe, prompt="brad pitt", steps=3, **kwargs):
     """Images as a float array, with a fixed seed, so two pipelines can be compared element-wise."""
     return pipe(prompt, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0),
                 **kwargs).images
+
+
+def reload_and_compare(model_dir, out, trained_pipe, prompt="brad pitt"):
+    """A fresh pipeline from ``model_dir`` with the adapter saved in ``out`` samples exactly as ``trained_pipe``
+    (which training changed) and adapts as many layers; returns the fresh pipeline and the trained samples."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from sa_peft.lora import iter_adapted_layers
+    from sa_peft.models import denoiser
+
+    fresh = DiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True)
+    fresh.set_progress_bar_config(disable=True)
+    base = sample(fresh, prompt)
+    fresh.load_lora_weights(str(out))
+    trained = sample(trained_pipe, prompt)
+    assert np.abs(trained - base).max() > 1e-3, "training changed nothing"
+    np.testing.assert_array_equal(sample(fresh, prompt), trained)
+    assert len(list(iter_adapted_layers(denoiser(fresh), "default_0"))) == \
+        len(list(iter_adapted_layers(denoiser(trained_pipe))))
+    return fresh, trained
