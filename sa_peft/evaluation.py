@@ -494,7 +494,6 @@ def _evaluation_settings(settings: dict, classifier, clip_model, feature_space, 
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
-        "sampler": settings.get("sampler", "DDIM, eta 0"),
     }
 
 

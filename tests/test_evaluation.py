@@ -570,3 +570,252 @@ def report_markdown_of(before, after):
     from sa_peft.evaluation import report_markdown
 
     return report_markdown(before, after)
+
+
+# ---------------------------------------------------------------- evaluate_pipeline's whole result, scripted
+#
+# The sampler, the classifier, CLIP and the clock are stand-ins whose every output is known, so each entry of the
+# result can be checked against a value worked out by hand (the digits run above only bounds them).
+
+
+class _Clock:
+    """``time.time`` for sa_peft.evaluation: moves only when the stand-ins say so."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _scripted_stream(monkeypatch, images_for_prompt, clock=None, sampling_seconds=0.0):
+    """Replace ``iter_samples`` by one yielding ``images_for_prompt`` in order; returns the kwargs it got."""
+    from sa_peft import evaluation
+
+    calls = []
+
+    def fake_iter_samples(pipe, prompts, num_per_prompt, seed, **kwargs):
+        calls.append({"prompts": list(prompts), "num_per_prompt": num_per_prompt, "seed": seed, **kwargs})
+        for prompt in prompts:
+            if clock is not None:
+                clock.now += sampling_seconds
+            yield prompt, images_for_prompt[prompt][:num_per_prompt]
+
+    monkeypatch.setattr(evaluation, "iter_samples", fake_iter_samples)
+    if clock is not None:
+        monkeypatch.setattr(evaluation.time, "time", clock)
+    return calls
+
+
+def _flat_images(values):
+    """One 1×4×4 image per value, every pixel that value."""
+    return torch.tensor(values, dtype=torch.float32)[:, None, None, None].expand(-1, 1, 4, 4).clone()
+
+
+class _ReferenceClassifier(ImageClassifier):
+    """Predicts class round(mean pixel · 2) of three; features are the mean and the first pixel; has references."""
+
+    def __init__(self, clock=None, scoring_seconds=0.0):
+        self.labels = ["zero", "one", "two"]
+        self.clock, self.scoring_seconds = clock, scoring_seconds
+
+    def predict_proba(self, images):
+        if self.clock is not None:
+            self.clock.now += self.scoring_seconds
+        pred = (images.mean(dim=(1, 2, 3)) * 2).round().long().clamp(0, 2)
+        return _one_hot_probs(pred.tolist())
+
+    def features(self, images):
+        return torch.stack([images.mean(dim=(1, 2, 3)), images.flatten(1)[:, 0]], dim=1).double()
+
+    def reference_images(self):
+        # classes one and two: pixel values spread around 0.5 and 1.0
+        return _flat_images([0.45, 0.5, 0.55, 0.6, 0.9, 0.95, 1.0, 1.0])
+
+    def reference_labels(self):
+        return torch.tensor([1, 1, 1, 1, 2, 2, 2, 2])
+
+
+class _FakeClip:
+    """A CLIP stand-in: image features are the first three pixels; the score is their sum times the prompt's length."""
+
+    name = "fake-clip"
+
+    def __init__(self):
+        self.image_feature_calls = 0
+
+    def image_features(self, images):
+        self.image_feature_calls += 1
+        return images.flatten(1)[:, :3].double()
+
+    def clip_scores(self, images, text, image_features=None):
+        feats = self.image_features(images) if image_features is None else image_features
+        return feats.sum(dim=1) * len(text)
+
+
+def test_evaluate_pipeline_hands_its_defaults_to_the_sampler_and_reports_them(monkeypatch):
+    from types import SimpleNamespace
+
+    one, two = "a digit one", "a digit two"
+    calls = _scripted_stream(monkeypatch, {one: _flat_images([0.5, 0.5]), two: _flat_images([1.0, 1.0])})
+    pipe = SimpleNamespace(scheduler=None)
+    metrics = evaluate_pipeline(pipe, _ReferenceClassifier(), [one, two], {one: 1, two: 2}, [], [],
+                                num_per_prompt=2, seed=7)
+    assert calls == [{"prompts": [one, two], "num_per_prompt": 2, "seed": 7, "num_inference_steps": 25,
+                      "guidance_scale": 3.0, "batch_size": 50, "show_progress": True, "cache_dir": None,
+                      "cache_settings": None, "desc": "evaluation samples"}]
+    assert metrics["settings"] == {
+        "prompts": [one, two], "forget_prompts": [], "forgotten_labels": [], "label_for_prompt": {one: 1, two: 2},
+        "labels": ["zero", "one", "two"], "sampler": "DDIM, eta 0", "classifier": "_ReferenceClassifier",
+        "label_texts": ["zero", "one", "two"], "clip_model": None,
+        "feature_space": "_ReferenceClassifier penultimate features", "nudenet_threshold": None,
+        "num_per_prompt": 2, "seed": 7, "num_inference_steps": 25, "guidance_scale": 3.0}
+    assert metrics["num_per_prompt"] == 2 and metrics["seed"] == 7
+    assert metrics["forget"] is None and metrics["fd_to_base"] is None and metrics["nudenet"] is None
+    # all samples are kept without keep_samples (the same tensors the sampler gave)
+    assert [len(s) for s in metrics["samples"].values()] == [2, 2]
+
+
+def test_evaluate_pipeline_result_for_a_scripted_run(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    one, two, zero = "a digit one", "a digit two", "a digit zero"
+    images = {one: _flat_images([0.5, 0.5, 0.55]), two: _flat_images([1.0, 0.95, 0.5]),
+              zero: _flat_images([0.0, 0.1, 1.0])}
+    clock = _Clock()
+    calls = _scripted_stream(monkeypatch, images, clock, sampling_seconds=1.1111)
+    classifier = _ReferenceClassifier(clock, scoring_seconds=0.25)
+    clip = _FakeClip()
+    # base features: two rows for `one` (enough for a distance), one row for `two` (too few)
+    base = {one: torch.tensor([[0.5, 0.5], [0.6, 0.4]], dtype=torch.float64), two: torch.tensor([[1.0, 1.0]])}
+    pipe = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler())
+    metrics = evaluate_pipeline(pipe, classifier, [one, two, one], {one: 1, two: 2, zero: 0}, [zero, zero], [0],
+                                num_per_prompt=3, seed=3, num_inference_steps=4, guidance_scale=2.5, batch_size=2,
+                                clip_model=clip, base_features=base, cache_dir=tmp_path, cache_settings={"k": 1},
+                                keep_samples=1, show_progress=False, desc="after")
+    assert calls == [{"prompts": [one, two, zero], "num_per_prompt": 3, "seed": 3, "num_inference_steps": 4,
+                      "guidance_scale": 2.5, "batch_size": 2, "show_progress": False, "cache_dir": tmp_path,
+                      "cache_settings": {"k": 1}, "desc": "after"}]
+    settings = metrics["settings"]
+    assert settings["sampler"] == "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
+    assert settings["prompts"] == [one, two, zero] and settings["forget_prompts"] == [zero]
+    assert settings["forgotten_labels"] == [0] and settings["label_for_prompt"] == {one: 1, two: 2, zero: 0}
+    assert settings["clip_model"] == "fake-clip" and settings["num_inference_steps"] == 4
+    assert settings["guidance_scale"] == 2.5 and settings["seed"] == 3 and settings["num_per_prompt"] == 3
+    # three prompts, 1.1111 s of sampling and 0.25 s of scoring each
+    assert metrics["timing"] == {"sampling_seconds": 3.33, "scoring_seconds": 0.75, "total_seconds": 4.08}
+
+    per = metrics["per_prompt"]
+    assert list(per) == [one, two, zero] and [per[p]["role"] for p in per] == ["retained", "retained", "forget"]
+    # predictions: one → [1, 1, 1]; two → [2, 2, 1]; zero → [0, 0, 2]
+    assert per[one]["accuracy"] == pytest.approx(1.0) and per[two]["accuracy"] == pytest.approx(2 / 3)
+    assert per[zero]["predicted_forgotten_rate"] == pytest.approx(2 / 3)
+    # CLIP scores: the sum of the first three pixels times the prompt's length (11 or 12 characters)
+    assert per[one]["clip_score"] == pytest.approx((1.5 + 1.5 + 1.65) / 3 * 11)
+    assert per[zero]["clip_score"] == pytest.approx((0.0 + 0.3 + 3.0) / 3 * 12)
+    # a classifier that is not CLIP: the CLIP score computes its own image features, once per prompt
+    assert clip.image_feature_calls == 3
+    # per-prompt distances to the base run only where both have at least two samples
+    ours_one = classifier.features(images[one])
+    assert per[one]["fd_to_base"] == pytest.approx(frechet_distance(ours_one, base[one]))
+    assert "kid_to_base" in per[one] and "fd_to_base" not in per[two] and "kid_to_base" not in per[two]
+    assert "fd_to_base" not in per[zero]
+    assert metrics["fd_to_base"]["prompts"] == [one, two] and metrics["fd_to_base"]["num_base_samples"] == 3
+    assert metrics["fd_to_base"]["feature_space"] == "_ReferenceClassifier penultimate features"
+    # off-manifold: the retained samples only (the forget prompt's black images are far from every reference)
+    quality = metrics["quality"]
+    assert quality["num_samples"] == 6 and quality["num_reference"] == 8
+    assert quality["reference_classes"] == ["one", "two"]
+    assert quality["off_manifold_rate"] == pytest.approx(0.0)
+    # samples: the first keep_samples of each prompt; features: all of them
+    assert [len(s) for s in metrics["samples"].values()] == [1, 1, 1]
+    assert torch.equal(metrics["samples"][two], images[two][:1])
+    assert [len(f) for f in metrics["features"].values()] == [3, 3, 3]
+
+
+def test_evaluate_pipeline_with_a_clip_classifier_shares_the_image_features(monkeypatch):
+    from types import SimpleNamespace
+
+    from sa_peft.classifier import ClipZeroShotClassifier
+
+    class FakeClipClassifier(ClipZeroShotClassifier):
+        def __init__(self, clip):
+            self.clip, self.labels, self.label_texts = clip, ["cat", "dog"], ["a photo of a cat", "a photo of a dog"]
+            self.given_features, self._reference_images = [], None
+
+        def predict_proba(self, images, features=None):
+            self.given_features.append(features)
+            return _one_hot_probs([0] * len(images), num_classes=2)
+
+        def features(self, images):
+            return self.clip.image_features(images)
+
+    cat, dog = "a cat", "a dog"
+    _scripted_stream(monkeypatch, {cat: _flat_images([0.2, 0.4]), dog: _flat_images([0.6, 0.8])})
+    clip = _FakeClip()
+    classifier = FakeClipClassifier(clip)
+    metrics = evaluate_pipeline(SimpleNamespace(scheduler=None), classifier, [cat], {cat: 0, dog: 1}, [dog], [1],
+                                num_per_prompt=2, seed=0)
+    settings = metrics["settings"]
+    assert settings["classifier"] == "clip:fake-clip"
+    assert settings["label_texts"] == ["a photo of a cat", "a photo of a dog"]
+    assert settings["clip_model"] == "fake-clip" and settings["feature_space"] == "CLIP image embeddings (fake-clip)"
+    # the image features are computed once per prompt and reused by the classifier and the CLIP score
+    assert clip.image_feature_calls == 2
+    assert all(f is not None and f.shape == (2, 3) for f in classifier.given_features)
+    assert metrics["per_prompt"][cat]["clip_score"] == pytest.approx((0.6 + 1.2) / 2 * 5)
+
+
+def test_evaluate_pipeline_with_a_detector_and_clip(monkeypatch):
+    from types import SimpleNamespace
+
+    from sa_peft.classifier import NudeNetDetector
+
+    class FakeDetector(NudeNetDetector):
+        def __init__(self):
+            self.threshold, self.classes = 0.5, ["A", "B"]
+
+        def exposed(self, images):
+            mean = images.mean(dim=(1, 2, 3))
+            return torch.stack([mean > 0.5, mean > 0.9], dim=1)
+
+    nude, park = "a nude person", "a park"
+    _scripted_stream(monkeypatch, {park: _flat_images([0.2, 0.7]), nude: _flat_images([1.0, 0.6])})
+    clip = _FakeClip()
+    base = {park: torch.tensor([[0.1, 0.1, 0.1], [0.8, 0.8, 0.8]], dtype=torch.float64)}
+    metrics = evaluate_pipeline(SimpleNamespace(scheduler=None), FakeDetector(), [park], {}, [nude], [],
+                                num_per_prompt=2, seed=0, clip_model=clip, base_features=base)
+    settings = metrics["settings"]
+    assert settings["classifier"] == "nudenet" and settings["nudenet_threshold"] == 0.5
+    assert settings["labels"] == [] and settings["label_texts"] == [] and settings["label_for_prompt"] == {}
+    assert settings["forgotten_labels"] == [] and settings["feature_space"] == "CLIP image embeddings (fake-clip)"
+    per = metrics["per_prompt"]
+    assert "accuracy" not in per[park] and per[park]["role"] == "retained"
+    # a detector has no features of its own: CLIP's are the distances' space, shared with the CLIP score
+    assert clip.image_feature_calls == 2 and "fd_to_base" in per[park]
+    assert metrics["fd_to_base"]["feature_space"] == "CLIP image embeddings (fake-clip)"
+    assert per[nude]["nudenet"]["exposed_counts"] == {"A": 2, "B": 1}
+    assert metrics["nudenet"]["forget"]["images_with_exposed"] == 2
+    assert metrics["nudenet"]["retained"]["images_with_exposed"] == 1
+    assert metrics["quality"] is None and metrics["retained"]["mean_accuracy"] is None
+
+
+def test_evaluate_pipeline_allow_unlabeled_scores_unlabeled_retained_prompts_without_accuracy(monkeypatch):
+    from types import SimpleNamespace
+
+    one, other, zero = "a digit one", "a doodle", "a digit zero"
+    stream = {one: _flat_images([0.5]), other: _flat_images([0.5]), zero: _flat_images([0.0])}
+    _scripted_stream(monkeypatch, stream)
+    with pytest.raises(ValueError, match="no class label for retained prompt"):
+        evaluate_pipeline(SimpleNamespace(scheduler=None), _ReferenceClassifier(), [one, other], {one: 1}, [zero],
+                          [0], num_per_prompt=1, seed=0)
+    metrics = evaluate_pipeline(SimpleNamespace(scheduler=None), _ReferenceClassifier(), [one, other], {one: 1},
+                                [zero], [0], num_per_prompt=1, seed=0, allow_unlabeled=True)
+    assert metrics["per_prompt"][other]["accuracy"] is None and metrics["per_prompt"][one]["accuracy"] == 1.0
+    assert metrics["settings"]["label_for_prompt"] == {one: 1, other: None, zero: None}
+    # forget prompts without forgotten labels are refused, whatever allow_unlabeled says
+    with pytest.raises(ValueError, match="no forgotten labels"):
+        evaluate_pipeline(SimpleNamespace(scheduler=None), _ReferenceClassifier(), [one], {one: 1}, [zero], [],
+                          num_per_prompt=1, seed=0, allow_unlabeled=True)

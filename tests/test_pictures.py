@@ -283,6 +283,7 @@ def test_card_embeds_the_pictures_that_exist(tmp_path):
     assert "FORGOTTEN after 3 steps (first reached at step 3)" in card
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: samples the built-in model (~6 s idle), also covered in CI
 def test_builtin_card_snippet_runs_as_written(tmp_path):
     """The card of a digits adapter, its snippet exec'd as a user would (only the folder filled in): ~4 s."""
     from sa_peft.adapter_io import save_forget_lora

@@ -69,6 +69,7 @@ def test_a_robust_run_is_forgotten_only_when_forgotten_under_the_attack_too():
     assert "'c1': preference -0.100, +0.300 under the soft-prompt attack" in text and "c1'" in text.split("\n")[-1]
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: an attack optimisation (~5 s idle), also covered in CI
 def test_refresh_finds_an_embedding_that_lowers_the_adapters_loss_on_the_concept():
     pipe = build_tiny_pipeline()
     add_forget_lora(pipe.unet, "all", seed=5)

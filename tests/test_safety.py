@@ -99,6 +99,7 @@ def test_a_second_run_on_one_output_dir_fails_at_once_naming_the_first(train, ti
     assert sorted(os.listdir(out)) == []  # nothing written, and the lock went with the first "run"
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_a_stale_lock_is_taken_over_and_temporaries_are_cleaned(train, tiny_pipe_dir, replay_file, tmp_path):
     out = tmp_path / "run"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -271,6 +272,7 @@ def test_a_missing_or_truncated_shard_is_regenerated(tiny_pipe, tmp_path):
     assert torch.equal(generate_replay_set(tiny_pipe, folder, ["a cat", "a dog"], 10, **kwargs).latents, first.latents)
 
 
+@pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_a_fisher_made_with_other_settings_is_not_reused(train, tiny_pipe_dir, replay_file, tmp_path):
     fisher = tmp_path / "fisher.safetensors"
     train.main(tiny_args(tiny_pipe_dir, replay_file, tmp_path / "a", "--fisher_path", str(fisher)))
@@ -394,13 +396,13 @@ def test_adapter_and_merged_weights_are_world_readable(trained_dir, tmp_path):
 
 # ---- resume -----------------------------------------------------------------------------------------
 
-@pytest.fixture
-def checkpointed_run(train, tiny_pipe_dir, replay_file, tmp_path):
-    """A 4-step run with a checkpoint at step 2, and its arguments."""
-    args = tiny_args(tiny_pipe_dir, replay_file, tmp_path / "run", "--max_train_steps", "4", "--checkpointing_steps", "2",
+@pytest.fixture(scope="module")
+def checkpointed_run(train, tiny_pipe_dir, replay_file, tmp_path_factory):
+    """A 4-step run with a checkpoint at step 2, and its arguments; one run for the module (the tests only read it)."""
+    args = tiny_args(tiny_pipe_dir, replay_file, tmp_path_factory.mktemp("checkpointed") / "run", "--max_train_steps", "4", "--checkpointing_steps", "2",
                      "--learning_rate", "1e-2")
     train.main(args)
-    return tmp_path / "run", args
+    return Path(args[args.index("--output_dir") + 1]), args
 
 
 def _resume(args, output_dir, checkpoint, *extra):
