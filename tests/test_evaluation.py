@@ -728,7 +728,15 @@ def test_evaluate_pipeline_result_for_a_scripted_run(monkeypatch, tmp_path):
     quality = metrics["quality"]
     assert quality["num_samples"] == 6 and quality["num_reference"] == 8
     assert quality["reference_classes"] == ["one", "two"]
-    assert quality["off_manifold_rate"] == pytest.approx(0.0)
+    assert quality["off_manifold_rate"] == pytest.approx(0.0) and quality["off_manifold_space"] == "pixels"
+    reference_features = classifier.features(classifier.reference_images())
+    assert quality["frechet_distance"] == pytest.approx(
+        frechet_distance(torch.cat([classifier.features(images[one]), classifier.features(images[two])]),
+                         reference_features))
+    assert set(quality) == {"frechet_distance", "frechet_distance_real_split", "off_manifold_rate",
+                            "off_manifold_threshold", "off_manifold_space", "num_samples", "num_reference",
+                            "reference_classes"}
+    assert quality["off_manifold_threshold"] > 0
     # samples: the first keep_samples of each prompt; features: all of them
     assert [len(s) for s in metrics["samples"].values()] == [1, 1, 1]
     assert torch.equal(metrics["samples"][two], images[two][:1])
@@ -819,3 +827,214 @@ def test_evaluate_pipeline_allow_unlabeled_scores_unlabeled_retained_prompts_wit
     with pytest.raises(ValueError, match="no forgotten labels"):
         evaluate_pipeline(SimpleNamespace(scheduler=None), _ReferenceClassifier(), [one], {one: 1}, [zero], [],
                           num_per_prompt=1, seed=0, allow_unlabeled=True)
+
+
+def test_prompt_metrics_are_the_documented_entries():
+    from sa_peft.evaluation import _prompt_metrics
+
+    labels = ["zero", "one", "two"]
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    entropy = [-(torch.tensor(r) * torch.tensor(r).log()).sum().item() for r in probs.tolist()]
+    m = _prompt_metrics(probs, 1, [0, 2], labels)
+    assert m.pop("p_forgotten_per_class") == pytest.approx({"zero": (0.7 + 0.1 + 0.2 + 0.5) / 4,
+                                                            "two": (0.1 + 0.3 + 0.6 + 0.1) / 4})
+    assert m == pytest.approx({
+        "num_samples": 4, "label": 1, "label_name": "one", "accuracy": 0.25,
+        "p_forgotten": (0.8 + 0.4 + 0.8 + 0.6) / 4,
+        "predicted_forgotten_rate": 0.75, "entropy": sum(entropy) / 4, "mean_confidence": (0.7 + 0.6 + 0.6 + 0.5) / 4,
+        "histogram": [2, 1, 1]})
+    # no label (an unlabeled prompt) and nothing forgotten
+    m = _prompt_metrics(probs, None, [], labels)
+    assert m["label"] is None and m["label_name"] is None and m["accuracy"] is None
+    assert m["p_forgotten"] is None and m["p_forgotten_per_class"] == {} and m["predicted_forgotten_rate"] is None
+    assert m["entropy"] == pytest.approx(sum(entropy) / 4)
+
+
+def test_summaries_over_retained_and_forget_prompts():
+    from sa_peft.evaluation import _summaries
+
+    per = {"a": {"accuracy": 0.5, "p_forgotten": 0.1, "entropy": 1.0, "clip_score": 20.0},
+           "b": {"accuracy": None, "p_forgotten": 0.3, "entropy": 3.0},
+           "c": {"accuracy": 0.25, "p_forgotten": 0.2, "entropy": 2.0, "clip_score": 30.0},
+           "f": {"accuracy": 0.0, "p_forgotten": 0.9, "predicted_forgotten_rate": 1.0, "entropy": 0.5,
+                 "clip_score": 10.0}}
+    retained, forget = _summaries(per, ["a", "b", "c"], ["f"], [0], ["zero", "one"])
+    assert retained == pytest.approx({"prompts": ["a", "b", "c"], "mean_accuracy": 0.375, "worst_accuracy": 0.25,
+                                      "worst_prompt": "c", "p_forgotten": 0.2, "entropy": 2.0, "clip_score": 25.0})
+    assert forget == pytest.approx({"prompts": ["f"], "forgotten_labels": ["zero"], "p_forgotten": 0.9,
+                                    "predicted_forgotten_rate": 1.0, "entropy": 0.5, "accuracy": 0.0,
+                                    "clip_score": 10.0})
+    retained, forget = _summaries(per, ["a"], [], [], ["zero", "one"])
+    assert forget is None and retained["p_forgotten"] is None and retained["clip_score"] == 20.0
+
+
+def test_fd_to_base_summary_needs_two_samples_on_each_side():
+    from sa_peft.evaluation import _fd_to_base_summary
+
+    two = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    one = two[:1]
+    assert _fd_to_base_summary({"a": two}, {"a": one}, ["a"], "space") is None
+    assert _fd_to_base_summary({"a": one}, {"a": two}, ["a"], "space") is None
+    assert _fd_to_base_summary({"a": two}, {"b": two}, ["a"], "space") is None
+    summary = _fd_to_base_summary({"a": two, "b": two}, {"a": two, "b": torch.cat([two, two])}, ["a", "b"], "space")
+    assert summary["num_samples"] == 4 and summary["num_base_samples"] == 6 and summary["prompts"] == ["a", "b"]
+    assert summary["feature_space"] == "space" and set(summary) == {"frechet_distance", "kid", "num_samples",
+                                                                    "num_base_samples", "prompts", "feature_space"}
+
+
+def test_label_checks_name_the_problem():
+    from sa_peft.evaluation import _check_labels
+
+    labels = ["zero", "one", "two"]
+    _check_labels(["a"], {"a": 2, "b": None}, [], [], labels, False)  # a label of None for another prompt is fine
+    with pytest.raises(ValueError, match=r"^class index 3 is out of range for a classifier with 3 labels$"):
+        _check_labels(["a"], {"a": 3}, [], [], labels, False)
+    with pytest.raises(ValueError, match=r"^class index -1 is out of range"):
+        _check_labels(["a"], {"a": 1}, ["f"], [-1], labels, False)
+    with pytest.raises(ValueError, match=r"^forget prompts were given but no forgotten labels$"):
+        _check_labels(["a"], {"a": 1}, ["f"], [], labels, False)
+
+
+def test_distances_refuse_single_samples_with_the_reason():
+    from sa_peft.evaluation import kernel_inception_distance
+
+    two, one = torch.randn(2, 3), torch.randn(1, 3)
+    for a, b in ((two, one), (one, two)):
+        with pytest.raises(ValueError, match=r"^a Fréchet distance needs at least two samples per set$"):
+            frechet_distance(a, b)
+        with pytest.raises(ValueError, match=r"^KID needs at least two samples per set$"):
+            kernel_inception_distance(a, b)
+
+
+def test_kid_defaults_are_a_thousand_per_subset_a_hundred_subsets_seed_zero():
+    # The subsets themselves are checked with small sizes in test_kid_subsets_at_the_size_boundaries; running the
+    # defaults for real takes 300 kernels of 1000 × 1000, so only the documented defaults are checked here.
+    import inspect
+
+    from sa_peft.evaluation import kernel_inception_distance
+
+    params = inspect.signature(kernel_inception_distance).parameters
+    assert [params[k].default for k in ("subset_size", "num_subsets", "seed")] == [1000, 100, 0]
+
+
+def test_histogram_text_lists_classes_by_count():
+    from sa_peft.evaluation import _histogram_text
+
+    assert _histogram_text([1, 3, 0, 2], ["a", "b", "c", "d"]) == "b 3, d 2, a 1"
+    assert _histogram_text([2, 2, 5], ["a", "b", "c"]) == "c 5, a 2, b 2"  # ties keep the class order
+    assert _histogram_text([0, 0], ["a", "b"]) == "–"
+
+
+def test_sample_seed_is_seed_times_the_stride_plus_the_index_below_two_to_the_63():
+    from sa_peft.evaluation import _SEED_STRIDE, sample_seed
+
+    assert sample_seed(0, 1) == 1 and sample_seed(2, 3) == 2 * _SEED_STRIDE + 3
+    big = 2**63 // _SEED_STRIDE + 1  # seed · stride passes 2**63
+    assert sample_seed(big, 5) == (big * _SEED_STRIDE + 5) - 2**63
+    torch.Generator().manual_seed(sample_seed(big, 5))  # a valid torch seed
+
+
+def test_iter_samples_defaults_progress_bar_and_errors(monkeypatch):
+    from sa_peft import evaluation
+    from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    seen, bars = [], []
+    real_call = type(pipe).__call__
+
+    def recording_call(self, **kwargs):
+        seen.append({k: kwargs[k] for k in ("num_inference_steps", "guidance_scale")} | {"n": len(kwargs["prompt"])})
+        return real_call(self, **{**kwargs, "num_inference_steps": 1})
+
+    class RecordingBar:
+        def __init__(self, **kwargs):
+            bars.append(kwargs)
+
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(type(pipe), "__call__", recording_call)
+    monkeypatch.setattr(evaluation, "tqdm", RecordingBar)
+    out = dict(evaluation.iter_samples(pipe, ["a cat", "a dog"], 1, seed=0))
+    assert list(out) == ["a cat", "a dog"] and all(len(v) == 1 for v in out.values())
+    assert seen == [{"num_inference_steps": 25, "guidance_scale": 3.0, "n": 2}]
+    assert bars == [{"total": 2, "initial": 0, "desc": "evaluation samples", "disable": False, "unit": "img"}]
+    # 51 samples of one prompt: the default batch of 50, then 1
+    seen.clear()
+    dict(evaluation.iter_samples(pipe, ["a cat"], 51, seed=0, show_progress=False, desc="after"))
+    assert [s["n"] for s in seen] == [50, 1] and bars[-1]["disable"] is True and bars[-1]["desc"] == "after"
+    with pytest.raises(ValueError, match=r"^num_per_prompt must be positive, got 0$"):
+        next(evaluation.iter_samples(pipe, ["a cat"], 0, seed=0))
+    with pytest.raises(ValueError, match=r"^batch_size must be positive, got 0$"):
+        next(evaluation.iter_samples(pipe, ["a cat"], 1, seed=0, batch_size=0))
+    next(evaluation.iter_samples(pipe, ["a cat"], 1, seed=0, batch_size=1))  # one is allowed for both
+
+
+def test_iter_samples_checks_the_cache_settings(tmp_path):
+    from sa_peft.evaluation import iter_samples
+    from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    dict(iter_samples(pipe, ["a cat"], 1, seed=0, num_inference_steps=1, cache_dir=tmp_path,
+                      cache_settings={"steps": 1}, show_progress=False))
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"steps": 1}
+    with pytest.raises(ValueError, match="other settings"):
+        next(iter_samples(pipe, ["a cat"], 1, seed=0, num_inference_steps=2, cache_dir=tmp_path,
+                          cache_settings={"steps": 2}, show_progress=False))
+
+
+def test_samples_grid_rows_cells_and_headers(monkeypatch):
+    from sa_peft import image_grid
+    from sa_peft.evaluation import samples_grid
+
+    calls = []
+    monkeypatch.setattr(image_grid, "render_grid", lambda rows, **kw: calls.append((rows, kw)) or "grid")
+    grey = torch.tensor([0.0, 0.5, 1.0, 2.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)  # 2.0 is clamped to white
+    before = {"a": grey, "b": grey[:1]}
+    after = {"a": grey[:2], "c": grey[1:3]}
+    assert samples_grid(before, after, num_samples=3) == "grid"
+    rows, kwargs = calls[-1]
+    assert kwargs == {"column_headers": ["before (base model)", "after (with the adapter)"], "max_cell_px": 128}
+    assert [label for label, _ in rows] == ["a", "b", "c"]
+    cells = {label: [None if im is None else np.asarray(im)[0, 0].tolist() for im in ims] for label, ims in rows}
+    assert cells["a"] == [[0, 0, 0], [128, 128, 128], [255, 255, 255], [0, 0, 0], [128, 128, 128], None]
+    assert cells["b"] == [[0, 0, 0], None, None, None, None, None]
+    assert cells["c"] == [None, None, None, [128, 128, 128], [255, 255, 255], None]
+    # one model: one header, and the defaults (10 samples, 24 prompts)
+    many = {f"p{i}": torch.rand(12, 1, 2, 2) for i in range(25)}
+    samples_grid(many)
+    rows, kwargs = calls[-1]
+    assert kwargs["column_headers"] == ["samples"] and len(rows) == 24 and all(len(ims) == 10 for _, ims in rows)
+    assert np.asarray(rows[0][1][0]).shape == (2, 2, 3)
+    samples_grid(many, max_prompts=2, max_cell_px=64, titles=("x", "y", "z"))
+    assert len(calls[-1][0]) == 2 and calls[-1][1]["max_cell_px"] == 64
+
+
+def test_write_evaluation_report_json_grid_and_its_sample_count(monkeypatch, tmp_path):
+    from sa_peft import evaluation
+
+    grids = []
+    real_grid = evaluation.samples_grid
+
+    def recording_grid(before, after, **kwargs):
+        grids.append((before, after, kwargs))
+        return real_grid(before, after, **kwargs)
+
+    monkeypatch.setattr(evaluation, "samples_grid", recording_grid)
+    before, after = _report_metrics()
+    before = {**before, "samples": {"p": torch.zeros(2, 1, 4, 4)}}
+    after = {**after, "samples": {"p": torch.ones(2, 1, 4, 4)}}
+    paths = write_evaluation_report(before, after, tmp_path)
+    text = (tmp_path / "metrics.json").read_text()
+    assert text.startswith('{\n  "before": {\n    "') and text.endswith("}\n")  # indented by two, one last newline
+    assert grids[-1][0] is before["samples"] and grids[-1][1] is after["samples"]
+    assert grids[-1][2] == {"num_samples": 10}
+    assert (tmp_path / "samples_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "grid" in paths
+    # an after run without samples: no grid, even though the base run has them
+    paths = write_evaluation_report(before, {k: v for k, v in after.items() if k != "samples"}, tmp_path / "b")
+    assert "grid" not in paths and not (tmp_path / "b" / "samples_grid.png").exists()
+    write_evaluation_report(before, None, tmp_path / "c", num_grid_samples=1)
+    assert grids[-1][1] is None and grids[-1][2] == {"num_samples": 1}
