@@ -25,7 +25,7 @@ from sa_peft.training_curves import (
     render_training_curves,
     write_training_curves,
 )
-from sa_peft.validation import generate_validation_images, save_before_after_grid
+from sa_peft.validation import encode_for_sampling, generate_validation_images, save_before_after_grid
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -281,6 +281,39 @@ def test_card_embeds_the_pictures_that_exist(tmp_path):
     assert "samples_grid.png" not in card  # no evaluation ran
     assert card.index("## Did it forget?") < card.index("## Pictures") < card.index("## Usage")
     assert "FORGOTTEN after 3 steps (first reached at step 3)" in card
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_validation_from_precomputed_embeddings_needs_no_text_encoder_and_draws_the_same_images(family,
+                                                                                                guidance_scale):
+    from sa_peft.testing import tiny_pipeline
+
+    build = {"sd": tiny_pipeline.build_tiny_pipeline, "sdxl": tiny_pipeline.build_tiny_sdxl_pipeline,
+             "sd3": tiny_pipeline.build_tiny_sd3_pipeline, "flux": tiny_pipeline.build_tiny_flux_pipeline}[family]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["brad pitt", "a photo of a cat"]
+    kwargs = {"seed": 3, "resolution": 32, "guidance_scale": guidance_scale, "num_inference_steps": 2}
+    from_prompts = generate_validation_images(pipe, prompts, 2, **kwargs)
+    embeddings = encode_for_sampling(pipe, prompts, guidance_scale)
+    assert all(t.shape[0] == 1 and t.device.type == "cpu" for e in embeddings.values() for t in e.values())
+    # negative embeddings only where the family samples with classifier-free guidance
+    assert ("negative_prompt_embeds" in embeddings[prompts[0]]) == (guidance_scale > 1 and family != "flux")
+    def unusable(*args, **kwargs):
+        raise AssertionError("a text encoder was called")
+
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # as if off the device: any call fails
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).forward = unusable
+    from_embeddings = generate_validation_images(pipe, prompts, 2, **kwargs, embeddings=embeddings)
+    for prompt in prompts:
+        for a, b in zip(from_prompts[prompt], from_embeddings[prompt], strict=True):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    # the prompts' embeddings are not interchangeable: the comparison above can fail
+    swapped = {prompts[0]: embeddings[prompts[1]], prompts[1]: embeddings[prompts[0]]}
+    other = generate_validation_images(pipe, prompts, 2, **kwargs, embeddings=swapped)
+    assert np.abs(np.asarray(other[prompts[0]][0], dtype=int) - np.asarray(from_prompts[prompts[0]][0], dtype=int)).max() > 2
 
 
 @pytest.mark.slow  # fast tier under 3 minutes: samples the built-in model (~6 s idle), also covered in CI

@@ -324,10 +324,22 @@ def test_unet_only_flags_are_refused_for_sd3(sd3_dir, tmp_path, train, flag):
 
 
 
-def test_sd3_training_through_the_script_reloads_identically(sd3_dir, replay_file, tmp_path):
+def test_sd3_training_through_the_script_reloads_identically(sd3_dir, replay_file, tmp_path, monkeypatch):
     out = tmp_path / "sd3-run"
-    pipe = run_training(load_train_module(), sd3_dir, out, replay_file, "--forget_prompt", "brad pitt",
-                        "--surrogate_prompt", "a middle aged man", "--rank", "4", "--lora_alpha", "2")
+    train = load_train_module()
+    validations = []
+    real_validation = train.generate_validation_images
+
+    def recording_validation(pipe, prompts, *args):
+        validations.append(args[-1])  # the precomputed embeddings
+        return real_validation(pipe, prompts, *args)
+
+    monkeypatch.setattr(train, "generate_validation_images", recording_validation)
+    pipe = run_training(train, sd3_dir, out, replay_file, "--forget_prompt", "brad pitt",
+                        "--surrogate_prompt", "a middle aged man", "--rank", "4", "--lora_alpha", "2",
+                        "--validation_steps", "2")
+    # before, at step 2 and after: every validation sampled from embeddings encoded once, T5 off the device
+    assert len(validations) == 3 and all(v is not None and "brad pitt" in v for v in validations)
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
     reload_and_compare(sd3_dir, out, pipe)
     info = read_adapter_metadata(out)["sa_peft"]

@@ -60,7 +60,12 @@ from sa_peft.robust import AdversarialSoftPrompt, with_attack
 from sa_peft.run_lock import folder_lock
 from sa_peft.training_curves import write_training_curves
 from sa_peft.training_setup import check_mixed_precision, list_checkpoints, make_optimizer, prune_checkpoints
-from sa_peft.validation import generate_validation_images, save_before_after_grid, validation_grid
+from sa_peft.validation import (
+    encode_for_sampling,
+    generate_validation_images,
+    save_before_after_grid,
+    validation_grid,
+)
 
 __all__ = ["DISTILL_REPLAY_WEIGHT", "main", "parse_args", "resolve_defaults"]
 
@@ -133,14 +138,19 @@ def train(config: SelectiveAmnesiaConfig):
     timings["fisher_s"] = time.perf_counter() - start
 
     # ---- Phase 3: the forget LoRA ------------------------------------------------------------------
-    before_images = None
+    before_images = validation_embeddings = None
     if accelerator.is_main_process:
         move_frozen_encoders(pipe, accelerator.device, config)  # back for sampling; prepare_training moves them off
+        # Encoded once, so that validation during training samples with the text encoders (SD3's and FLUX's T5)
+        # off the device; a trained text encoder re-encodes each time, its LoRA changes the embeddings.
+        if not config.train_text_encoder:
+            validation_embeddings = encode_for_sampling(pipe, config.validation_prompts,
+                                                        config.generation_guidance_scale)
         before_images = generate_validation_images(pipe, config.validation_prompts, config.num_validation_images,
                                                    config.seed, resolution, config.generation_guidance_scale,
-                                                   config.generation_num_inference_steps)
+                                                   config.generation_num_inference_steps, validation_embeddings)
     run = prepare_training(config, accelerator, pipe, scheduler, sets, targets, fisher, resolution)
-    run.settings = settings
+    run.settings, run.validation_embeddings = settings, validation_embeddings
     global_step = resume_training(run, resume_path, resume_state)
     run.info = training_info(config, **run_facts(run, targets))
     if accelerator.is_main_process:
@@ -417,7 +427,8 @@ def after_step(run: ForgetRun, global_step: int) -> None:
                          "reached_step": run.reached_step, "previous_done": run.previous_done},
                         write_lora=lambda folder: save_adapter(run, folder, {**run.info, "trained_steps": global_step}))
     if accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step < run.max_train_steps:
-        log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step)
+        log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step,
+                       run.validation_embeddings)
         update_training_curves(accelerator, config, run.log_path, global_step)
 
 
@@ -451,7 +462,8 @@ def save_outputs(run: ForgetRun, before_images, global_step: int, timings: dict)
     if config.output_kohya_format:  # the same code as `sa-peft export --format kohya`, from the saved file
         export_kohya(lora_file, os.path.join(config.output_dir, KOHYA_WEIGHT_NAME))
     reload_saved_adapter(run)
-    after_images = log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step)
+    after_images = log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step,
+                                  run.validation_embeddings)
     save_before_after_grid(before_images, after_images, os.path.join(config.output_dir, "validation_before_after.png"),
                            step=global_step)
     update_training_curves(accelerator, config, run.log_path, global_step)
@@ -586,10 +598,10 @@ def report_forgetting(summary: dict) -> None:
                        "changed; try a higher --replay_weight or --ewc_lambda.")
 
 
-def move_frozen_encoders(pipe, device, args) -> None:
+def move_frozen_encoders(pipe, device, args, text_encoders: bool = True) -> None:
     """Move the VAE and the text encoder(s) that are not being trained (they are only needed to sample; SD3's T5 is
-    off the device during training like the others)."""
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+    off the device during training like the others); only the VAE with ``text_encoders=False``."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae") if text_encoders else ("vae",):
         if getattr(pipe, name, None) is not None and not (name == "text_encoder" and args.train_text_encoder):
             getattr(pipe, name).to(device)
 
@@ -614,14 +626,16 @@ def evaluate_forgetting(accelerator, pipe, config) -> None:
     )
 
 
-def log_validation(accelerator, pipe, prompts, args, resolution, step):
-    """Sample the validation prompts with the current LoRA and send them to the trackers."""
-    move_frozen_encoders(pipe, accelerator.device, args)
+def log_validation(accelerator, pipe, prompts, args, resolution, step, embeddings=None):
+    """Sample the validation prompts with the current LoRA and send them to the trackers. With the prompts'
+    ``embeddings`` (``encode_for_sampling``) only the VAE comes to the device."""
+    move_frozen_encoders(pipe, accelerator.device, args, text_encoders=embeddings is None)
     was_training = denoiser(pipe).training
     denoiser(pipe).eval()
     with accelerator.autocast():
         images = generate_validation_images(pipe, prompts, args.num_validation_images, args.seed, resolution,
-                                            args.generation_guidance_scale, args.generation_num_inference_steps)
+                                            args.generation_guidance_scale, args.generation_num_inference_steps,
+                                            embeddings)
     denoiser(pipe).train(was_training)
     move_frozen_encoders(pipe, "cpu", args)
     log_image_to_trackers(accelerator, "validation", validation_grid(images, step), step)
