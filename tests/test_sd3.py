@@ -391,6 +391,7 @@ def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir,
 
 @pytest.mark.slow  # three short runs
 def test_sd3_resumed_run_equals_the_uninterrupted_one(sd3_dir, replay_file, tmp_path):
+    import os
     import shutil
 
     from safetensors.torch import load_file
@@ -403,6 +404,8 @@ def test_sd3_resumed_run_equals_the_uninterrupted_one(sd3_dir, replay_file, tmp_
     resumed.mkdir()
     shutil.copytree(whole / "cache", resumed / "cache")
     shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    assert sorted(os.listdir(whole / "checkpoint-2")) == ["lora_transformer.safetensors", "optimizer.safetensors",
+                                                          "pytorch_lora_weights.safetensors", "training_state.json"]
     run_training(train, sd3_dir, resumed, replay_file, *common, "--resume_from_checkpoint", "latest")
     a, b = (load_file(f / "pytorch_lora_weights.safetensors") for f in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

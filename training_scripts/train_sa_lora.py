@@ -242,7 +242,9 @@ class ForgetRun(types.SimpleNamespace):
 
     @property
     def checkpoint_models(self) -> dict:
-        return {"unet": self.unet} if self.text_encoder is None else {"unet": self.unet, "text_encoder": self.text_encoder}
+        """The trained models by the name of their resume file (``lora_<name>.safetensors``)."""
+        models = {"transformer" if is_flow_transformer(self.pipe) else "unet": self.unet}
+        return models if self.text_encoder is None else {**models, "text_encoder": self.text_encoder}
 
 
 def prepare_training(config, accelerator, pipe, scheduler, sets: TrainingSets, targets, fisher, resolution) -> ForgetRun:
