@@ -406,6 +406,11 @@ def test_stack_defaults_to_weight_one_and_names_its_parameter(sd_adapters, tmp_p
     with pytest.raises(FileNotFoundError) as info:
         stack_forget_loras(build_tiny_pipeline(), [tmp_path / "gone"], parameter="forget")
     assert str(info.value) == f"`forget` {str(tmp_path / 'gone')!r}: no such file or folder"
+    with pytest.raises(FileNotFoundError) as info:
+        stack_forget_loras(build_tiny_pipeline(), [tmp_path / "gone"])
+    assert str(info.value) == f"`lora` {str(tmp_path / 'gone')!r}: no such file or folder"
+    with pytest.raises(ValueError, match="^`lora_weight` was given 2 times for 1 `lora` values"):
+        stack_forget_loras(build_tiny_pipeline(), [sd_adapters[0]], [1.0, 1.0])
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match=r"^`forget` '.*junk\.safetensors' is not a valid safetensors file"):
         stack_forget_loras(build_tiny_pipeline(), [tmp_path / "junk.safetensors"], parameter="forget")
