@@ -570,3 +570,12 @@ def test_single_file_holds_the_original_layout_and_its_header(tmp_path):
     with safe_open(xl, framework="pt") as f:
         assert f.metadata() == {SINGLE_FILE_KEY: "original-sd", "pipeline_class": "StableDiffusionXLPipeline",
                                 "sa_peft": "{}"}
+
+
+def test_stack_names_its_parameter_for_a_damaged_header(sd_adapters, tmp_path):
+    tensors, header = load_adapter_file(sd_adapters[0])
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path), metadata={**header, "sa_peft": "{not json"})
+    with pytest.raises(ValueError) as info:
+        stack_forget_loras(build_tiny_pipeline(), [path], parameter="forget")
+    assert str(info.value) == f"`forget` {str(path)!r}: the 'sa_peft' header entry is not valid JSON; the file is damaged"
