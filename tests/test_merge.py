@@ -579,3 +579,20 @@ def test_stack_names_its_parameter_for_a_damaged_header(sd_adapters, tmp_path):
     with pytest.raises(ValueError) as info:
         stack_forget_loras(build_tiny_pipeline(), [path], parameter="forget")
     assert str(info.value) == f"`forget` {str(path)!r}: the 'sa_peft' header entry is not valid JSON; the file is damaged"
+
+
+def test_stack_takes_each_named_file_of_a_shared_folder(sd_adapters, tmp_path):
+    import shutil
+
+    for i, name in enumerate(("b.safetensors", "a.safetensors")):
+        shutil.copy(sd_adapters[i] / "pytorch_lora_weights.safetensors", tmp_path / name)
+    pipe = build_tiny_pipeline()
+    names = stack_forget_loras(pipe, [tmp_path / "b.safetensors", tmp_path / "a.safetensors"])
+    modules = dict(pipe.unet.named_modules())
+    for name, folder in zip(names, sd_adapters):
+        tensors = load_adapter_file(folder)[0]
+        assert {k for k, m in modules.items() if name in getattr(m, "lora_A", {})} == {
+            k.removeprefix("unet.").removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}
+        for key, value in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                assert torch.equal(modules[key.removeprefix("unet.").removesuffix(".lora_A.weight")].lora_A[name].weight, value)
