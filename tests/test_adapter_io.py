@@ -317,8 +317,10 @@ def test_read_adapter_metadata_parses_both_entries_or_names_the_damaged_one(sd, 
         with pytest.raises(InputError) as err:
             read_adapter_metadata(path)
         assert str(err.value) == f"`adapter` {str(path)!r}: the {key!r} header entry is not valid JSON; the file is damaged"
-    with pytest.raises(MissingInputError, match=r"^`lora` "):
-        read_adapter_metadata(tmp_path / "gone.safetensors", "lora")
+    with pytest.raises(MissingInputError, match=r"^`adapter` '.*gone\.safetensors': no such file or folder$"):
+        read_adapter_metadata(tmp_path / "gone.safetensors")
+    with pytest.raises(MissingInputError, match=r"^`forget` '.*gone\.safetensors': no such file or folder$"):
+        read_adapter_metadata(tmp_path / "gone.safetensors", "forget")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(InputError, match=rf"^`adapter` .* is not a valid safetensors file .*; {HINT}$"):
         read_adapter_metadata(tmp_path / "junk.safetensors")
