@@ -603,7 +603,8 @@ def test_export_of_an_sdxl_file_without_layout_reads_the_local_base_or_warns(xl,
         with pytest.warns(UserWarning) as record:
             out = export_kohya(str(copy), tmp_path / "diffusers-names.safetensors")
         assert [str(w.message) for w in record] == [message]
-        assert not record[0].filename.endswith(os.path.join("sa_peft", "adapter_io.py"))  # the caller's line (stacklevel)
+        # the caller's line (stacklevel 2); under mutmut its trampoline's frames come between
+        assert record[0].filename == __file__ or os.sep + "mutmut" + os.sep in record[0].filename
         kohya = load_file(out)
         assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in kohya and "lora_unet_label_emb_0_0.alpha" in kohya
         assert not any("output_blocks" in k for k in kohya)
@@ -635,6 +636,12 @@ def test_export_tells_sdxl_from_its_keys_or_its_header(xl, tmp_path):
     assert unet_names(load_file(out)) == {
         "lora_unet_" + unet_module_to_ldm(k.removeprefix("unet.").removesuffix(".lora_A.weight"), layout).replace(".", "_")
         for k in attn if k.endswith("lora_A.weight")}
+    # ... or from its header's pipeline alone (no layout, the base model not found).
+    save_file(attn, str(tmp_path / "named.safetensors"),
+              metadata={"sa_peft": json.dumps({"base_pipeline": "StableDiffusionXLPipeline"})})
+    with pytest.warns(UserWarning, match="SDXL adapter without its UNet layout"):
+        out = export_kohya(tmp_path / "named.safetensors", tmp_path / "k5.safetensors")
+    assert header_of(out)["ss_base_model_version"] == "sdxl_base_v1-0"
     # An SD adapter is none of these: no warning, no base version.
     save_file(attn, str(tmp_path / "sd.safetensors"), metadata={"sa_peft": json.dumps({"base_pipeline": "StableDiffusionPipeline"})})
     with warnings.catch_warnings():
@@ -712,6 +719,8 @@ def test_flux_export_from_a_file_or_the_live_transformer(tmp_path):
         assert_same(load_file(out), expected)
     info = header_of(file)["sa_peft"]
     assert header_of(from_file) == {"sa_peft": info, **BASE_KOHYA_HEADER, "ss_network_dim": "2"}
+    with_metadata = export_kohya(file, tmp_path / "m.safetensors", metadata={"ss_network_dim": 5, "note": "x"})
+    assert header_of(with_metadata) == {"sa_peft": info, **BASE_KOHYA_HEADER, "ss_network_dim": "5", "note": "x"}
     assert header_of(live) == {**BASE_KOHYA_HEADER, "ss_network_dim": "2"}
 
 
@@ -723,3 +732,24 @@ def test_sd3_adapters_are_refused_by_the_kohya_export(tmp_path):
         with pytest.raises(InputError, match=r"^LoRA keys of unknown components \['transformer'\]"):
             export_kohya(source, tmp_path / "k.safetensors")
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_export_of_a_live_sdxl_unet_takes_its_layout(xl, xl_file, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = export_kohya(xl.unet, tmp_path / "live.safetensors")
+    kohya = load_file(out)
+    assert unet_names(kohya) == sgm_names(xl.unet)
+    from_file = load_file(export_kohya(xl_file, tmp_path / "file.safetensors"))
+    assert all(torch.equal(kohya[k], from_file[k]) for k in kohya)
+    assert header_of(out) == {**BASE_KOHYA_HEADER, "ss_network_dim": "2", "ss_base_model_version": "sdxl_base_v1-0"}
+
+
+def test_export_errors_name_the_export_source(tmp_path):
+    with pytest.raises(MissingInputError) as info:
+        export_kohya(tmp_path / "gone.safetensors", tmp_path / "k.safetensors")
+    assert str(info.value) == f"`export source` {str(tmp_path / 'gone.safetensors')!r}: no such file or folder"
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match=rf"^`export source` '.*junk\.safetensors' is not a valid safetensors file \(.+\); {HINT}$"):
+        export_kohya(tmp_path / "junk.safetensors", tmp_path / "k.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["junk.safetensors"]
