@@ -343,7 +343,8 @@ def export_kohya(
         from peft.utils import get_peft_model_state_dict
 
         flux = is_flux(source)
-        component = "transformer" if flux else "unet"
+        # SD3's transformer keeps its component name, so that it is refused like an SD3 file (no kohya SD3 names).
+        component = "transformer" if flux or is_sd3(source) else "unet"
         state_dict = {f"{component}.{k}": v for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()}
         configs = {component: source.peft_config[adapter].to_dict()}
         layout = unet_layout_info(source)

@@ -63,6 +63,22 @@ def add_forget_lora(unet, target="all", rank=2, alpha=None, use_rslora=False, ra
     return names
 
 
+def add_text_encoder_lora(text_encoder, rank, alpha, seed):
+    """A random text-encoder LoRA (attention and MLP), as ``--train_text_encoder`` adds; returns (layers, config)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    # peft's own injection, as the training script does (transformers 5.24's add_adapter asks for peft >= 0.22).
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    inject_adapter_in_model(config, text_encoder, "default")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in text_encoder.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return get_peft_model_state_dict(text_encoder), config.to_dict()
+
+
 def random_fisher(unet, module_names, seed=0, extra_modules=()):
     """A positive random diagonal Fisher over ``module_names`` (and ``extra_modules``) of ``unet``."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import add_forget_lora
+from conftest import add_forget_lora, add_text_encoder_lora
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from train_helpers import load_train_module, run_training, sample
@@ -23,22 +23,6 @@ from sa_peft.testing.tiny_pipeline import build_tiny_pipeline, build_tiny_sdxl_p
 
 PROMPT = "a photo of a cat"
 LORA_SETTINGS = [{"rank": 4, "alpha": 2, "use_rslora": True}, {"rank": 3, "alpha": 6}]
-
-
-def add_text_encoder_lora(text_encoder, rank, alpha, seed):
-    """A random text-encoder LoRA (attention and MLP), as ``--train_text_encoder`` adds; returns (layers, config)."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
-
-    # peft's own injection, as the training script does (transformers 5.24's add_adapter asks for peft >= 0.22).
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
-    inject_adapter_in_model(config, text_encoder, "default")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in text_encoder.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    return get_peft_model_state_dict(text_encoder), config.to_dict()
 
 
 def kohya_unet_name(module, xl, unet):
@@ -83,16 +67,6 @@ def test_kohya_export_from_file_reads_back_identically(xl, settings, tmp_path):
     np.testing.assert_allclose(sample(fresh, PROMPT), expected, atol=1e-6)
     with safe_open(str(kohya_file), framework="pt") as f:
         assert json.loads(f.metadata()["sa_peft"])["base_model"] == "tiny"
-
-
-def test_export_from_live_unet_equals_export_from_file(tmp_path):
-    pipe = build_tiny_pipeline()
-    add_forget_lora(pipe.unet, "noxattn", rank=2, alpha=5)
-    lora_file = save_forget_lora(tmp_path, pipe.unet, {})
-    from_file = load_file(export_kohya(lora_file, tmp_path / "a.safetensors"))
-    live = load_file(export_kohya(pipe.unet, tmp_path / "b.safetensors"))
-    assert from_file.keys() == live.keys()
-    assert all(torch.equal(from_file[k], live[k]) for k in live)
 
 
 def test_export_command(tmp_path, capsys):
@@ -432,101 +406,3 @@ def test_sdxl_export_without_layout_keeps_diffusers_names_and_warns(tmp_path):
     save_file(tensors, lora_file, metadata=header)
     kohya = load_file(export_kohya(lora_file, tmp_path / "local.safetensors"))
     assert "lora_unet_output_blocks_1_2_conv.alpha" in kohya and not any("up_blocks" in k for k in kohya)
-
-
-@pytest.mark.parametrize("entry", ["not json", "[1, 2]", '{"layers_per_block": "x", "up_block_types": 3}'])
-def test_export_refuses_a_damaged_layout_header(tmp_path, entry):
-    from sa_peft.adapter_io import UNET_LAYOUT_KEY
-
-    pipe = build_tiny_sdxl_pipeline()
-    add_forget_lora(pipe.unet, "attn")
-    lora_file = save_forget_lora(tmp_path, pipe.unet, {})
-    with safe_open(lora_file, framework="pt") as f:
-        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    save_file(tensors, lora_file, metadata={**header, UNET_LAYOUT_KEY: entry})
-    with pytest.raises(ValueError, match="header entry is not a UNet layout"):
-        export_kohya(lora_file, tmp_path / "out.safetensors")
-    assert not (tmp_path / "out.safetensors").exists()
-
-
-def test_sgm_names_only_where_diffusers_reads_them_back():
-    """An upsampler after an up block without attention would be ``output_blocks.N.1.conv``, which diffusers' sgm
-    reader takes for an attention: such a UNet keeps diffusers' names even as SDXL (SDXL itself has none)."""
-    from peft.utils import get_peft_model_state_dict
-
-    from sa_peft.adapter_io import kohya_state_dict, unet_layout_info
-
-    unet = build_tiny_pipeline().unet  # up blocks: UpBlock2D (with upsampler), CrossAttnUpBlock2D
-    add_forget_lora(unet, "all")
-    state_dict = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-    kohya = kohya_state_dict(state_dict, {"unet": unet.peft_config["default"].to_dict()}, sdxl=True,
-                             unet_layout=unet_layout_info(unet))
-    assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in kohya
-    assert not any("output_blocks" in k for k in kohya)
-
-
-def test_check_lora_file_accepts_lora_keys_and_refuses_other_files_naming_the_flag(tmp_path):
-    from sa_peft.adapter_io import check_lora_file
-
-    for i, key in enumerate(("unet.conv_in.lora_A.weight", "lora_unet_conv_in.lora_down.weight",
-                             "unet.conv_in.lora.down.weight")):
-        folder = tmp_path / f"run{i}"
-        folder.mkdir()
-        save_file({key: torch.zeros(2, 2)}, str(folder / LORA_WEIGHT_NAME))
-        assert check_lora_file(folder) == str(folder / LORA_WEIGHT_NAME)
-        assert check_lora_file(folder / LORA_WEIGHT_NAME, "x") == str(folder / LORA_WEIGHT_NAME)
-    plain = tmp_path / "weights.safetensors"
-    save_file({"conv_in.weight": torch.zeros(2, 2), "conv_in.lora_B.weight": torch.zeros(2, 2)}, str(plain))
-    with pytest.raises(ValueError) as info:
-        check_lora_file(plain, "adapter")
-    assert str(info.value) == (f"`adapter` {str(plain)!r}: 'weights.safetensors' holds no LoRA weights (no lora_A/lora_down "
-                               "keys); pass a forget LoRA written by sa-peft or diffusers' save_lora_weights")
-    broken = tmp_path / "broken.safetensors"
-    broken.write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match=r"^`adapter` '.*broken\.safetensors' is not a valid safetensors file \(.*\); "
-                                         r"pass an adapter written by sa-peft or diffusers' save_lora_weights$"):
-        check_lora_file(broken, "adapter")
-    with pytest.raises(FileNotFoundError, match="^`lora` '.*missing': no such file or folder$"):
-        check_lora_file(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="^`adapter` '.*missing': no such file or folder$"):
-        check_lora_file(tmp_path / "missing", "adapter")
-
-
-def test_local_unet_layout_never_downloads(monkeypatch):
-    from diffusers import UNet2DConditionModel
-
-    from sa_peft.adapter_io import _local_unet_layout
-
-    calls = []
-
-    def load_config(name, **kwargs):
-        calls.append((name, kwargs))
-        if name == "missing":
-            raise OSError("not in the cache")
-        return {"layers_per_block": 2, "down_block_types": ("A", "B"), "up_block_types": ["C"], "sample_size": 64}
-
-    monkeypatch.setattr(UNet2DConditionModel, "load_config", load_config)
-    assert _local_unet_layout("some/model") == {"layers_per_block": 2, "down_block_types": ["A", "B"],
-                                                "up_block_types": ["C"]}
-    assert _local_unet_layout("missing") is None
-    assert _local_unet_layout(None) is None and _local_unet_layout("") is None
-    assert calls == [(name, {"subfolder": "unet", "local_files_only": True}) for name in ("some/model", "missing")]
-
-
-def test_export_from_live_unet_takes_the_named_adapter(tmp_path):
-    from sa_peft.lora import make_lora_config, resolve_lora_targets
-
-    pipe = build_tiny_pipeline()
-    add_forget_lora(pipe.unet, "noxattn", rank=2, alpha=5)
-    reference = load_file(export_kohya(pipe.unet, tmp_path / "default.safetensors"))
-    names = resolve_lora_targets(pipe.unet, "xattn")
-    pipe.unet.add_adapter(make_lora_config(names, 3, alpha=1.5), adapter_name="forget")
-    with torch.no_grad():
-        for layer in iter_adapted_layers(pipe.unet, "forget"):
-            layer.module.lora_B["forget"].weight.fill_(0.5)
-    named = load_file(export_kohya(pipe.unet, tmp_path / "forget.safetensors", adapter="forget"))
-    assert named.keys() != reference.keys()
-    assert all(named[k].shape[0] == 3 for k in named if k.endswith("lora_down.weight"))
-    assert all(float(named[k]) == pytest.approx(1.5) for k in named if k.endswith(".alpha"))
-    assert all(torch.all(named[k] == 0.5) for k in named if k.endswith("lora_up.weight"))
-    assert len([k for k in named if k.endswith("lora_down.weight")]) == len(names)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import add_forget_lora
+from conftest import add_forget_lora, add_text_encoder_lora
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -16,6 +16,7 @@ from train_helpers import sample
 
 from sa_peft import cli, ldm_layout
 from sa_peft.adapter_io import component_configs, layer_scales, load_adapter_file, save_forget_lora
+from sa_peft.lora import resolve_lora_targets
 from sa_peft.merge import (
     SINGLE_FILE_FORMAT,
     SINGLE_FILE_KEY,
@@ -312,3 +313,286 @@ def test_builtin_digits_single_file_round_trip(tmp_path):
     path = save_single_file_checkpoint(pipe, tmp_path / "digits.safetensors")
     loaded = read_single_file(StableDiffusionPipeline, path, tmp_path / "base")
     np.testing.assert_allclose(sample(loaded, "a handwritten digit seven"), expected, atol=TOLERANCE)
+
+
+# --- the helpers one by one, without sampling (fast enough for mutation testing) ---------------------------------
+
+
+def test_adapter_names_are_numbered_and_none_is_inside_another():
+    from sa_peft.merge import adapter_names
+
+    assert adapter_names(0) == []
+    assert adapter_names(3) == ["forget_000_", "forget_001_", "forget_002_"]
+    names = adapter_names(12)
+    assert names[10] == "forget_010_" and len(set(names)) == 12
+    assert not any(a in b for a in names for b in names if a != b)
+    assert not any(name in key for name in names for key in ("lora_A", "lora_B", "lora_down", "lora_up", "alpha"))
+
+
+def test_layer_counts_of_a_file_and_of_a_pipeline(tmp_path):
+    from sa_peft.merge import _file_layer_count, _loaded_layer_count
+
+    assert _file_layer_count({"a.lora_A.weight": 0, "a.lora_B.weight": 0, "b.lora_down.weight": 0, "b.lora_up.weight": 0,
+                              "b.alpha": 0, "c.weight": 0, "lora_A.weight.d": 0}) == 2
+    pipe = build_tiny_pipeline()
+    names = add_forget_lora(pipe.unet, "attn")
+    te_layers, _ = add_text_encoder_lora(pipe.text_encoder, 2, 2, seed=0)
+    assert _loaded_layer_count(pipe, "default") == len(names) + len(te_layers) // 2
+    assert _loaded_layer_count(pipe, "other") == 0
+    unet_only = build_tiny_pipeline()
+    add_forget_lora(unet_only.unet, "xattn")
+    assert _loaded_layer_count(unet_only, "default") == len(resolve_lora_targets(unet_only.unet, "xattn"))
+    xl = build_tiny_sdxl_pipeline()
+    te2_layers, _ = add_text_encoder_lora(xl.text_encoder_2, 2, 2, seed=1)
+    assert _loaded_layer_count(xl, "default") == len(te2_layers) // 2
+
+
+def test_check_lora_weights_defaults_to_one_each_and_names_the_flags():
+    from sa_peft.errors import InputError
+    from sa_peft.merge import check_lora_weights
+
+    assert check_lora_weights(["a", "b"], None) == [1.0, 1.0]
+    assert check_lora_weights(["a", "b"], []) == [1.0, 1.0]
+    weights = check_lora_weights(["a"], [2])
+    assert weights == [2.0] and type(weights[0]) is float
+    assert check_lora_weights(["a", "b"], (0.5, -1)) == [0.5, -1.0]
+    with pytest.raises(InputError) as info:
+        check_lora_weights([], [1.0])
+    assert str(info.value) == "no adapter given: pass `lora` PATH (repeatable)"
+    with pytest.raises(InputError) as info:
+        check_lora_weights([], None, "forget")
+    assert str(info.value) == "no adapter given: pass `forget` PATH (repeatable)"
+    with pytest.raises(InputError) as info:
+        check_lora_weights(["a", "b", "c"], [1.0, 2.0], "x")
+    assert str(info.value) == ("`x_weight` was given 2 times for 3 `x` values; give one `x_weight` per `x`, in the same "
+                               "order (or none for 1.0 each)")
+
+
+def layer_scalings(pipe, name):
+    from peft.tuners.lora import LoraLayer
+
+    return {module_name: layer.scaling[name] for module_name, layer in pipe.unet.named_modules()
+            if isinstance(layer, LoraLayer) and name in layer.scaling}
+
+
+def test_stack_loads_each_file_as_its_own_adapter_at_its_weight(sd_adapters, tmp_path, monkeypatch):
+    pipe = build_tiny_pipeline()
+    # As paths, one a folder and one a file relative to the working directory.
+    monkeypatch.chdir(sd_adapters[1])
+    names = stack_forget_loras(pipe, [sd_adapters[0], "pytorch_lora_weights.safetensors"], WEIGHTS)
+    assert names == ["forget_000_", "forget_001_"]
+    assert pipe.get_list_adapters() == {"unet": names}
+    assert sorted(pipe.get_active_adapters()) == names
+    modules = dict(pipe.unet.named_modules())
+    for name, folder, weight in zip(names, sd_adapters, WEIGHTS):
+        tensors, header = load_adapter_file(folder)
+        scales = layer_scales(tensors, component_configs(header))  # alpha and rsLoRA from the file's header
+        assert layer_scalings(pipe, name) == pytest.approx({k.removeprefix("unet."): weight * s for k, (_, s) in scales.items()})
+        for key in scales:
+            module = modules[key.removeprefix("unet.")]
+            assert torch.equal(module.lora_A[name].weight, tensors[f"{key}.lora_A.weight"])
+            assert torch.equal(module.lora_B[name].weight, tensors[f"{key}.lora_B.weight"])
+
+
+def test_stack_defaults_to_weight_one_and_names_its_parameter(sd_adapters, tmp_path):
+    pipe = build_tiny_pipeline()
+    assert stack_forget_loras(pipe, [sd_adapters[1]]) == ["forget_000_"]
+    tensors, header = load_adapter_file(sd_adapters[1])
+    assert layer_scalings(pipe, "forget_000_") == pytest.approx(
+        {k.removeprefix("unet."): s for k, (_, s) in layer_scales(tensors, component_configs(header)).items()})
+    with pytest.raises(ValueError) as info:
+        stack_forget_loras(build_tiny_pipeline(), sd_adapters, [1.0], parameter="forget")
+    assert str(info.value).startswith("`forget_weight` was given 1 times for 2 `forget` values")
+    with pytest.raises(FileNotFoundError) as info:
+        stack_forget_loras(build_tiny_pipeline(), [tmp_path / "gone"], parameter="forget")
+    assert str(info.value) == f"`forget` {str(tmp_path / 'gone')!r}: no such file or folder"
+    with pytest.raises(FileNotFoundError) as info:
+        stack_forget_loras(build_tiny_pipeline(), [tmp_path / "gone"])
+    assert str(info.value) == f"`lora` {str(tmp_path / 'gone')!r}: no such file or folder"
+    with pytest.raises(ValueError, match="^`lora_weight` was given 2 times for 1 `lora` values"):
+        stack_forget_loras(build_tiny_pipeline(), [sd_adapters[0]], [1.0, 1.0])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"^`forget` '.*junk\.safetensors' is not a valid safetensors file"):
+        stack_forget_loras(build_tiny_pipeline(), [tmp_path / "junk.safetensors"], parameter="forget")
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError, KeyError])
+def test_stack_turns_a_load_failure_into_a_sentence_naming_the_base(sd_adapters, tiny_pipe_dir, tmp_path, monkeypatch,
+                                                                    error):
+    def failing(*args, **kwargs):
+        raise error("size mismatch\n  for   conv_in:\t" + "x" * 400)
+
+    collapsed = " ".join(str(error("size mismatch\n  for   conv_in:\t" + "x" * 400)).split())[:300]
+    assert len(collapsed) == 300 and "  " not in collapsed
+    for path, trained_for in ((str(sd_adapters[0] / "pytorch_lora_weights.safetensors"),
+                               f" (it was trained for {str(tiny_pipe_dir)!r})"), (plain_adapter(tmp_path), "")):
+        pipe = build_tiny_pipeline()
+        monkeypatch.setattr(pipe, "load_lora_weights", failing)
+        with pytest.raises(ValueError) as info:
+            stack_forget_loras(pipe, [os.path.dirname(path)], parameter="forget")
+        assert str(info.value) == (f"`forget` {path!r} does not fit this StableDiffusionPipeline{trained_for} ({collapsed}); "
+                                   "pass the base model it was trained on with `pretrained_model_name_or_path`")
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_stack_lets_other_load_errors_through(sd_adapters, monkeypatch):
+    pipe = build_tiny_pipeline()
+
+    def failing(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(pipe, "load_lora_weights", failing)
+    with pytest.raises(OSError, match="^disk gone$"):
+        stack_forget_loras(pipe, [sd_adapters[0]])
+
+
+def test_stack_counts_the_layers_that_attached(sd_adapters, tiny_pipe_dir, tmp_path, monkeypatch):
+    """diffusers only warns when layers find no module; here none attach (a loader that loads nothing)."""
+    expected = sum(1 for k in load_adapter_file(sd_adapters[0])[0] if k.endswith(".lora_A.weight"))
+    for path, trained_for in ((str(sd_adapters[0] / "pytorch_lora_weights.safetensors"),
+                               f" (it was trained for {str(tiny_pipe_dir)!r})"), (plain_adapter(tmp_path, "all"), "")):
+        pipe = build_tiny_pipeline()
+        monkeypatch.setattr(pipe, "load_lora_weights", lambda *args, **kwargs: None)
+        with pytest.raises(ValueError) as info:
+            stack_forget_loras(pipe, [path], parameter="forget")
+        assert str(info.value) == (f"`forget` {path!r}: only 0 of its {expected} LoRA layers match this "
+                                   f"StableDiffusionPipeline{trained_for}; pass the base model it was trained on with "
+                                   "`pretrained_model_name_or_path`")
+
+
+def plain_adapter(folder, target="attn"):
+    """A diffusers-saved adapter without sa-peft's header (no base model named)."""
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, target)
+    pipe.save_lora_weights(folder, unet_lora_layers=__import__("peft").utils.get_peft_model_state_dict(pipe.unet))
+    return os.path.join(folder, "pytorch_lora_weights.safetensors")
+
+
+def lora_deltas(folder, weight):
+    """``{module: weight · scale · B A}`` of an adapter file, by hand."""
+    tensors, header = load_adapter_file(folder)
+    return {name.removeprefix("unet."): weight * scale * (tensors[f"{name}.lora_B.weight"].flatten(1)
+                                                         @ tensors[f"{name}.lora_A.weight"].flatten(1))
+            for name, (_, scale) in layer_scales(tensors, component_configs(header)).items()}
+
+
+def test_fuse_folds_only_the_named_adapters_into_the_weights_and_removes_the_lora_layers(sd_adapters):
+    from sa_peft.merge import fuse_forget_loras
+
+    base = dict(build_tiny_pipeline().unet.named_modules())
+    pipe = build_tiny_pipeline()
+    names = stack_forget_loras(pipe, sd_adapters, WEIGHTS)
+    assert fuse_forget_loras(pipe, names[1:]) is pipe
+    assert pipe.get_list_adapters() == {} and not any("lora" in k for k in pipe.unet.state_dict())
+    deltas = lora_deltas(sd_adapters[1], WEIGHTS[1])
+    modules = dict(pipe.unet.named_modules())
+    for name, module in modules.items():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            expected = base[name].weight + deltas[name].reshape(base[name].weight.shape) if name in deltas else base[name].weight
+            torch.testing.assert_close(module.weight, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_merge_returns_the_fused_pipeline_with_default_weights(sd_adapters):
+    base = dict(build_tiny_pipeline().unet.named_modules())
+    pipe = build_tiny_pipeline()
+    assert merge_forget_loras(pipe, [sd_adapters[0]]) is pipe
+    deltas = lora_deltas(sd_adapters[0], 1.0)
+    for name, module in pipe.unet.named_modules():
+        if name in deltas:
+            torch.testing.assert_close(module.weight, base[name].weight + deltas[name].reshape(module.weight.shape),
+                                       rtol=1e-5, atol=1e-6, msg=name)
+
+
+def by_hand_original_layout(pipe, openclip=False):
+    def weights(module):
+        return dict(module.state_dict())
+
+    out = {**ldm_layout.unet_to_ldm(weights(pipe.unet), pipe.unet.config),
+           **ldm_layout.vae_to_ldm(weights(pipe.vae), pipe.vae.config)}
+    if hasattr(pipe, "text_encoder_2"):
+        out.update(ldm_layout.clip_to_ldm(weights(pipe.text_encoder), "conditioner.embedders.0.transformer."))
+        out.update(ldm_layout.openclip_to_ldm(weights(pipe.text_encoder_2), "conditioner.embedders.1.model."))
+    elif openclip:
+        out.update(ldm_layout.openclip_to_ldm(weights(pipe.text_encoder), "cond_stage_model.model."))
+    else:
+        out.update(ldm_layout.clip_to_ldm(weights(pipe.text_encoder), "cond_stage_model.transformer."))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_original_layout_state_dict_is_each_component_under_its_prefix(kind):
+    from sa_peft.merge import original_layout_state_dict
+
+    pipe = build_tiny_sdxl_pipeline() if kind == "sdxl" else build_tiny_pipeline()
+    if kind == "sd2":
+        pipe.text_encoder.config.hidden_act = "gelu"  # what tells OpenCLIP (SD 2.x) from CLIP
+    expected = by_hand_original_layout(pipe, openclip=kind == "sd2")
+    out = original_layout_state_dict(pipe)
+    assert sorted(out) == sorted(expected)
+    assert all(torch.equal(out[k], expected[k]) and out[k].is_contiguous() for k in expected)
+    assert {k.split(".")[0] for k in out} == ({"model", "first_stage_model", "conditioner"} if kind == "sdxl" else
+                                              {"model", "first_stage_model", "cond_stage_model"})
+    assert any(k.startswith({"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model.",
+                             "sdxl": "conditioner.embedders.1.model."}[kind]) for k in out)
+
+
+def test_single_files_are_only_for_sd_and_sdxl_and_end_in_safetensors(tmp_path):
+    from sa_peft.errors import InputError
+    from sa_peft.merge import original_layout_state_dict
+    from sa_peft.testing.tiny_pipeline import build_tiny_sd3_pipeline
+
+    with pytest.raises(InputError) as info:
+        original_layout_state_dict(build_tiny_sd3_pipeline())
+    assert str(info.value) == ("single-file checkpoints support StableDiffusionPipeline, StableDiffusionXLPipeline, "
+                               "not StableDiffusion3Pipeline")
+    with pytest.raises(InputError) as info:
+        save_single_file_checkpoint(build_tiny_pipeline(), tmp_path / "model.ckpt")
+    assert str(info.value) == f"`single_file` {str(tmp_path / 'model.ckpt')!r} must end in .safetensors"
+    assert os.listdir(tmp_path) == []
+
+
+def test_single_file_holds_the_original_layout_and_its_header(tmp_path):
+    from safetensors.torch import load_file
+
+    pipe = build_tiny_pipeline()
+    path = save_single_file_checkpoint(pipe, tmp_path / "m.safetensors", {"b": 1, "a": [2]})
+    assert path == str(tmp_path / "m.safetensors") and os.listdir(tmp_path) == ["m.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    tensors = load_file(path)
+    expected = by_hand_original_layout(pipe)
+    assert sorted(tensors) == sorted(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {SINGLE_FILE_KEY: "original-sd", "pipeline_class": "StableDiffusionPipeline",
+                                "sa_peft": '{"a": [2], "b": 1}'}
+    xl = save_single_file_checkpoint(build_tiny_sdxl_pipeline(), str(tmp_path / "xl.safetensors"))
+    with safe_open(xl, framework="pt") as f:
+        assert f.metadata() == {SINGLE_FILE_KEY: "original-sd", "pipeline_class": "StableDiffusionXLPipeline",
+                                "sa_peft": "{}"}
+
+
+def test_stack_names_its_parameter_for_a_damaged_header(sd_adapters, tmp_path):
+    tensors, header = load_adapter_file(sd_adapters[0])
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path), metadata={**header, "sa_peft": "{not json"})
+    with pytest.raises(ValueError) as info:
+        stack_forget_loras(build_tiny_pipeline(), [path], parameter="forget")
+    assert str(info.value) == f"`forget` {str(path)!r}: the 'sa_peft' header entry is not valid JSON; the file is damaged"
+
+
+def test_stack_takes_each_named_file_of_a_shared_folder(sd_adapters, tmp_path):
+    import shutil
+
+    for i, name in enumerate(("b.safetensors", "a.safetensors")):
+        shutil.copy(sd_adapters[i] / "pytorch_lora_weights.safetensors", tmp_path / name)
+    pipe = build_tiny_pipeline()
+    names = stack_forget_loras(pipe, [tmp_path / "b.safetensors", tmp_path / "a.safetensors"])
+    modules = dict(pipe.unet.named_modules())
+    for name, folder in zip(names, sd_adapters):
+        tensors = load_adapter_file(folder)[0]
+        assert {k for k, m in modules.items() if name in getattr(m, "lora_A", {})} == {
+            k.removeprefix("unet.").removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}
+        for key, value in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                assert torch.equal(modules[key.removeprefix("unet.").removesuffix(".lora_A.weight")].lora_A[name].weight, value)
