@@ -338,7 +338,6 @@ def export_kohya(
     import warnings
 
     header_out: dict[str, str] = {}
-    flux = False
     if isinstance(source, torch.nn.Module):
         from peft.utils import get_peft_model_state_dict
 
