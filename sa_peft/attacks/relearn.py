@@ -25,16 +25,17 @@ from .sampling import sample
 
 def fine_tune_unet(unet, scheduler, latents: torch.Tensor, prompt_ids: torch.Tensor, conditioning: PromptConditioning,
                    steps: int, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
-                   callback: Callable[[int], None] | None = None) -> None:
+                   callback: Callable[[int], None] | None = None) -> list[float]:
     """Plain diffusion-loss fine-tuning of every weight of ``unet`` (the denoiser: a UNet or an SD3/FLUX transformer)
     with AdamW, noised and weighted by ``scheduler`` (``noise_scheduler_for``: DDPM, or flow matching with its
     timestep density); ``callback(step)`` runs after step 0 (before training) and after every step, so a caller can
-    measure the curve at the steps it wants."""
+    measure the curve at the steps it wants. Returns the training loss of step 1, every 10th step and the last."""
     unet.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
+    history = []
     if callback is not None:
         callback(0)
     for step in range(1, steps + 1):
@@ -46,11 +47,14 @@ def fine_tune_unet(unet, scheduler, latents: torch.Tensor, prompt_ids: torch.Ten
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if step == 1 or step % 10 == 0 or step == steps:
+            history.append(round(loss.item(), 5))
         if callback is not None:
             unet.eval()
             callback(step)
             unet.train()
     unet.eval().requires_grad_(False)
+    return history
 
 
 def read_image_folder(folder: str, resolution: int, channels: int, default_prompt: str) -> tuple[torch.Tensor, list[str]]:
@@ -124,11 +128,11 @@ def run_relearn_attack(ctx: AttackContext, adapter_names: Sequence[str], prompts
         ctx.log(f"relearn step {step}: concept rate {curve[-1]['success_rate']:.3f}")
         last["images"] = torch.cat(list(images.values()))
 
-    fine_tune_unet(denoiser(pipe), noise_scheduler_for(pipe.scheduler), latents, prompt_ids, conditioning, steps, lr,
-                   batch_size, ctx.seed + 5, measure)
+    history = fine_tune_unet(denoiser(pipe), noise_scheduler_for(pipe.scheduler), latents, prompt_ids, conditioning,
+                             steps, lr, batch_size, ctx.seed + 5, measure)
     return {
         "attack_success_rate": curve[-1]["success_rate"],
-        "recovery_curve": curve,
+        "recovery_curve": curve, "loss_history": history,
         "steps": steps, "learning_rate": lr, "batch_size": batch_size, "num_benign_images": len(latents),
         "benign_prompts": list(dict.fromkeys(captions)),
         "_grid": (None, best_samples(ctx, last["images"])),
