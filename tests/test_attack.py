@@ -15,7 +15,7 @@ from sa_peft.adapter_io import save_forget_lora
 from sa_peft.attacks import AttackContext, prompt_variants, run_attacks, write_attack_report
 from sa_peft.attacks.inversion import add_token, learn_token
 from sa_peft.attacks.sampling import sample
-from sa_peft.attacks.soft_prompt import optimise_soft_prompt, perturbed, project
+from sa_peft.attacks.soft_prompt import optimise_soft_prompt, perturbed, project, run_soft_prompt_attack
 from sa_peft.classifier import ImageClassifier
 from sa_peft.commands import attack as attack_command
 from sa_peft.conditioning import encode_prompts
@@ -311,6 +311,12 @@ def test_soft_prompt_on_sd3_and_flux_perturbs_the_context_inside_its_bound(flow_
     torch.testing.assert_close(attacked.encoder_hidden_states, hidden + delta)
     assert attacked.text_embeds is not None and torch.equal(attacked.text_embeds, cond.text_embeds)
     assert attacked.guidance == cond.guidance and (attacked.text_ids is None) == (flow_family[0] == "sd3")
+    # The attack itself: the adapted model's loss under the prompt encoded at the sampling guidance (FLUX-dev's
+    # guidance embedding), on the base model's concept samples.
+    run = run_soft_prompt_attack(ctx, steps=1, num_train_images=2, train_batch_size=2)
+    plain = encode_prompts(pipe, [DIGIT], guidance_scale=ctx.guidance_scale)
+    expected = hand_flow_loss(pipe.transformer, pipe, plain, latents, 2, ctx.seed + 3)
+    assert run["per_concept"][DIGIT]["loss_history"][0] == pytest.approx(expected, rel=1e-4)
 
 
 def test_inversion_on_sd3_and_flux_adds_the_token_to_every_text_encoder_t5_too(flow_family):
@@ -323,7 +329,12 @@ def test_inversion_on_sd3_and_flux_adds_the_token_to_every_text_encoder_t5_too(f
     rows = add_token(pipe, "<concept>")
     assert len(rows) == len(encoders)
     latents = ctx.concept_latents(DIGIT, 2)
+    ctx.disable_adapter()  # the token is learned on the base model
+    expected = hand_flow_loss(pipe.transformer, pipe, encode_prompts(pipe, ["a photo of <concept>"],
+                                                                     guidance_scale=ctx.guidance_scale), latents, 2, 5)
+    ctx.enable_adapter()
     history = learn_token(ctx, latents, "a photo of <concept>", rows, steps=3, lr=0.1, batch_size=2, seed=5)
+    assert history[0] == pytest.approx(expected, rel=1e-4)
     assert all(math.isfinite(h) for h in history)
     for encoder, old, (embedding, row) in zip(encoders, before, rows):
         after = encoder.get_input_embeddings().weight.detach()
