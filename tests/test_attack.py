@@ -394,3 +394,12 @@ def test_attack_refuses_an_unsupported_pipeline_naming_the_supported_ones(lora_f
     assert "is a KandinskyPipeline" in err
     assert ("supported pipelines: StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, "
             "FluxPipeline") in err
+
+
+def test_a_resolution_the_transformer_cannot_take_is_refused_by_flag(flow_family, tmp_path, capsys):
+    _, _, folder, lora = flow_family
+    assert cli.main(["attack", "--pretrained_model_name_or_path", str(folder), "--lora", str(lora), "--forget_prompt",
+                     DIGIT, "--attack", "prompts", "--resolution", "20", "--output_dir", str(tmp_path / "out"),
+                     "--device", "cpu"]) == 2
+    assert "--resolution 20 is not a positive multiple of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

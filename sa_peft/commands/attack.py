@@ -9,6 +9,7 @@ from ..adapter_io import resolve_adapter_file
 from ..attacks import ATTACKS, AttackContext, check_attack_names, run_attacks, write_attack_report
 from ..before_after import resolve_evaluation_labels
 from ..classifier import CLASSIFIER_SPECS, load_classifier, parse_classifier_spec
+from ..data import check_resolution
 from ..defaults import DIGIT_PROMPTS
 from ..errors import InputError, MissingInputError
 from ..merge import check_lora_weights, stack_forget_loras
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace) -> dict:
     _, forgotten, _ = resolve_evaluation_labels(classifier, [], None, forget, args.forget_label)
     # Every family the training script makes forget LoRAs for: the UNets and the SD3/FLUX transformers.
     pipe = load_pipeline_from_args(args, supported=TRAINING_PIPELINES)
+    if args.resolution is not None:  # the VAE's factor and the transformer's patches: known once the model is
+        check_resolution(pipe, args.resolution)
     names = stack_forget_loras(pipe, args.lora, args.lora_weight)
     pipe.set_progress_bar_config(disable=True)
     ctx = AttackContext(pipe, classifier, forget, forgotten, enable_adapter=pipe.enable_lora,
