@@ -248,7 +248,8 @@ def test_every_attack_runs_through_the_command_on_sd3_and_flux(flow_family, tmp_
                      "--output_dir", str(out), "--device", "cpu"]) == 0
     payload = json.loads((out / "attack.json").read_text())
     settings = payload["settings"]
-    assert settings["sampler"] == "FlowMatchEulerDiscreteScheduler (the pipeline's own)" and settings["resolution"] == SIDE
+    assert settings["sampler"] == "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
+    assert settings["resolution"] == SIDE
     assert set(payload["attacks"]) == {"prompts", "inversion", "soft_prompt", "relearn"}
     for result in payload["attacks"].values():
         assert 0 <= result["attack_success_rate"] <= 1 and 0 <= result["base_rate"] <= 1
@@ -322,7 +323,7 @@ def test_soft_prompt_on_sd3_and_flux_perturbs_the_context_inside_its_bound(flow_
 def test_inversion_on_sd3_and_flux_adds_the_token_to_every_text_encoder_t5_too(flow_family):
     ctx, _ = flow_context(flow_family)
     pipe = ctx.pipe
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None))
+    encoders = [e for e in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
                 if e is not None]
     assert type(encoders[-1]).__name__ == "T5EncoderModel"
     before = [e.get_input_embeddings().weight.detach().clone() for e in encoders]

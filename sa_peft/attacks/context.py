@@ -19,7 +19,8 @@ class AttackContext:
     where any exposed part counts). Samples use the evaluation's sampler (``sa_peft.models.sampler_description``:
     DDIM, eta 0, or a flow-matching pipeline's own scheduler) with ``num_inference_steps`` and ``guidance_scale``
     (a guidance-distilled FLUX's guidance embedding, and the value its losses are computed with), at ``resolution``
-    pixels (default: the pipeline's own); sample ``i`` of every attack starts from the noise of ``sample_seed(seed, i)``.
+    pixels (default: the pipeline's own); sample ``i`` of every attack starts from the noise of
+    ``sample_seed(seed, i)``.
     """
 
     pipe: object

@@ -26,7 +26,8 @@ from .context import AttackContext, best_samples, pooled_rate, summarise
 from .sampling import sample
 
 
-def project(delta: torch.Tensor, reference: torch.Tensor, epsilon: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def project(delta: torch.Tensor, reference: torch.Tensor, epsilon: float,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
     """``delta`` (zero outside ``mask``) with each token's vector shrunk to at most ``epsilon`` × that token's
     embedding norm."""
     if mask is not None:
@@ -97,7 +98,8 @@ def run_soft_prompt_attack(ctx: AttackContext, steps: int = 200, lr: float = 1e-
     for i, forget_prompt in enumerate(ctx.forget_prompts):
         latents = ctx.concept_latents(forget_prompt, num_train_images)
         ctx.enable_adapter()
-        # With the adapter, should it change a text encoder; a guidance-distilled FLUX's losses at the sampling guidance.
+        # With the adapter, should it change a text encoder; a guidance-distilled FLUX's losses at the sampling
+        # guidance (the value its samples are drawn with).
         conditioning = encode_prompts(pipe, [forget_prompt], ctx.resolution, ctx.guidance_scale)
         delta, history = optimise_soft_prompt(denoiser(pipe), scheduler, conditioning, latents, steps, lr, epsilon,
                                               train_batch_size, ctx.seed + 3 + i)
