@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,12 +14,15 @@ from sa_peft import cli
 from sa_peft.adapter_io import save_forget_lora
 from sa_peft.attacks import AttackContext, prompt_variants, run_attacks, write_attack_report
 from sa_peft.attacks.inversion import add_token, learn_token
-from sa_peft.attacks.soft_prompt import project
+from sa_peft.attacks.sampling import sample
+from sa_peft.attacks.soft_prompt import optimise_soft_prompt, perturbed, project, run_soft_prompt_attack
 from sa_peft.classifier import ImageClassifier
 from sa_peft.commands import attack as attack_command
+from sa_peft.conditioning import encode_prompts
+from sa_peft.diffusion_loss import FlowMatchingNoise, noise_scheduler_for, per_sample_diffusion_loss
 from sa_peft.evaluation import iter_samples
 from sa_peft.merge import stack_forget_loras
-from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
+from sa_peft.testing.tiny_pipeline import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sd3_pipeline
 
 PROMPT = "a photo of a cat"
 FAST = {"num_images": 4, "num_inference_steps": 2, "guidance_scale": 3.0, "batch_size": 8}
@@ -197,3 +202,205 @@ def test_missing_lora_fails_before_any_work(tmp_path, no_work, capsys):
             "--output_dir", str(tmp_path / "out")]
     assert cli.main(argv) == 2
     assert "--lora" in capsys.readouterr().err and no_work == []
+
+
+# ------------------------------------------------------------------ SD3 and FLUX (flow-matching transformers)
+
+SIDE = 32  # the tiny transformers' native size (FluxPipeline would sample 256 px on its tiny one unless told)
+DIGIT = "a handwritten digit zero"
+# FLUX.1-dev-like (guidance-distilled: the guidance embedding is the sampling guidance) and SD3 with real CFG.
+FAMILIES = {"sd3": lambda: build_tiny_sd3_pipeline(), "flux": lambda: build_tiny_flux_pipeline(guidance_embeds=True)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def flow_family(request, tmp_path_factory):
+    """``(name, build, saved pipeline folder, forget LoRA folder)`` of a tiny SD3 / FLUX model."""
+    build = FAMILIES[request.param]
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    build().save_pretrained(folder)
+    pipe = build()
+    add_forget_lora(pipe.transformer, "all", seed=3)
+    lora = tmp_path_factory.mktemp(f"{request.param}-lora")
+    save_forget_lora(lora, pipe.transformer, {"base_model": str(folder), "forget_prompts": [DIGIT]})
+    return request.param, build, folder, lora
+
+
+def flow_context(flow_family, **overrides):
+    _, build, _, lora = flow_family
+    pipe = build()
+    names = stack_forget_loras(pipe, [lora])
+    pipe.set_progress_bar_config(disable=True)
+    ctx = AttackContext(pipe, BrightnessClassifier(0.5), [DIGIT], [1], enable_adapter=pipe.enable_lora,
+                        disable_adapter=pipe.disable_lora, log=lambda _: None,
+                        **{**FAST, "num_images": 2, "resolution": SIDE, **overrides})
+    return ctx, names
+
+
+def test_every_attack_runs_through_the_command_on_sd3_and_flux(flow_family, tmp_path):
+    _, _, folder, lora = flow_family
+    out = tmp_path / "out"
+    assert cli.main(["attack", "--pretrained_model_name_or_path", str(folder), "--lora", str(lora),
+                     "--forget_prompt", DIGIT, "--num_images", "2", "--prompts_num_images", "1",
+                     "--num_inference_steps", "2", "--resolution", str(SIDE), "--inversion_steps", "2",
+                     "--attack_num_train_images", "2", "--soft_prompt_steps", "2", "--soft_prompt_epsilon", "0.5",
+                     "--soft_prompt_learning_rate", "1.0", "--relearn_steps", "2", "--relearn_prompt",
+                     "a handwritten digit one", "--relearn_images_per_prompt", "2", "--relearn_batch_size", "2",
+                     "--output_dir", str(out), "--device", "cpu"]) == 0
+    payload = json.loads((out / "attack.json").read_text())
+    settings = payload["settings"]
+    assert settings["sampler"] == "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
+    assert settings["resolution"] == SIDE
+    assert set(payload["attacks"]) == {"prompts", "inversion", "soft_prompt", "relearn"}
+    for result in payload["attacks"].values():
+        assert 0 <= result["attack_success_rate"] <= 1 and 0 <= result["base_rate"] <= 1
+    assert 0.4 < payload["attacks"]["soft_prompt"]["per_concept"][DIGIT]["max_relative_norm"] <= 0.5 + 1e-5
+    assert [c["step"] for c in payload["attacks"]["relearn"]["recovery_curve"]] == [0, 1, 2]
+    assert "FlowMatchEulerDiscreteScheduler" in (out / "report.md").read_text()
+    assert (out / "attack_grid.png").stat().st_size > 0
+
+
+def test_sampling_from_embeddings_is_sampling_from_the_prompt_on_sd3_and_flux(flow_family):
+    """The soft-prompt attack samples from embeddings: with δ = 0 they must give the prompt's own images (SD3: the
+    pooled embedding and the pipeline's own empty negative for CFG; FLUX-dev: the guidance embedding), latents too."""
+    ctx, _ = flow_context(flow_family)
+    cond = encode_prompts(ctx.pipe, [DIGIT], guidance_scale=ctx.guidance_scale)
+    from_prompt = sample(ctx, 2, prompt=DIGIT)
+    assert from_prompt.shape == (2, 3, SIDE, SIDE)
+    torch.testing.assert_close(sample(ctx, 2, conditioning=cond), from_prompt, atol=1e-5, rtol=0)
+    latents = sample(ctx, 2, conditioning=cond, output_type="latent")
+    assert latents.shape == (2, 16, SIDE // 2, SIDE // 2)  # FLUX's packed latents unpacked, as the losses take them
+    torch.testing.assert_close(latents, sample(ctx, 2, prompt=DIGIT, output_type="latent"), atol=1e-5, rtol=0)
+    other = encode_prompts(ctx.pipe, ["a red car"], guidance_scale=ctx.guidance_scale)
+    assert (sample(ctx, 2, conditioning=other) - from_prompt).abs().max() > 1e-3
+
+
+def hand_flow_loss(model, pipe, cond, latents, batch_size, seed):
+    """The first step's loss of the soft prompt / inversion loops, written out: diffusers' SD3/FLUX training noise
+    (logit-normal σ density over the pipeline's own training timesteps) drawn from the loop's generator."""
+    noise_fn = FlowMatchingNoise(pipe.scheduler)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(latents), (batch_size,), generator=gen)
+    t = noise_fn.sample_timesteps(batch_size, gen)
+    noise = torch.randn(latents[idx].shape, generator=gen)
+    kwargs = cond.unet_kwargs(torch.zeros(batch_size, dtype=torch.long))
+    with torch.no_grad():
+        return per_sample_diffusion_loss(model, noise_fn, latents[idx], t, noise, kwargs).mean().item()
+
+
+def test_soft_prompt_on_sd3_and_flux_perturbs_the_context_inside_its_bound(flow_family):
+    """δ lies on the context the transformer attends to (SD3's joint CLIP + T5 states, FLUX's T5 states), within ε per
+    token, zero on SD3's zero padding; the pooled embedding, FLUX's text ids and guidance stay the prompt's; the loss
+    is the family's flow-matching loss (its first value, at δ = 0, equals the one written out by hand)."""
+    ctx, _ = flow_context(flow_family)
+    pipe = ctx.pipe
+    latents = ctx.concept_latents(DIGIT, 2)
+    cond = encode_prompts(pipe, [DIGIT], guidance_scale=ctx.guidance_scale)
+    if flow_family[0] == "sd3":  # real SD3 zero-pads its CLIP states (768 + 1280 wide) to T5's 4096; the tiny one's fit
+        hidden = cond.encoder_hidden_states.clone()
+        hidden[:, :77, 48:] = 0
+        cond = replace(cond, encoder_hidden_states=hidden)
+    delta, history = optimise_soft_prompt(pipe.transformer, noise_scheduler_for(pipe.scheduler), cond, latents,
+                                          steps=3, lr=1.0, epsilon=0.2, batch_size=2, seed=7)
+    assert history[0] == pytest.approx(hand_flow_loss(pipe.transformer, pipe, cond, latents, 2, 7), rel=1e-4)
+    hidden = cond.encoder_hidden_states
+    assert delta.shape == hidden.shape
+    relative = delta.norm(dim=-1) / hidden.norm(dim=-1)
+    assert (relative <= 0.2 + 1e-5).all() and relative.max() > 0.19
+    assert torch.equal(delta[hidden == 0], torch.zeros_like(delta[hidden == 0]))
+    assert (delta[hidden != 0] != 0).float().mean() > 0.9
+    attacked = perturbed(cond, delta)
+    torch.testing.assert_close(attacked.encoder_hidden_states, hidden + delta)
+    assert attacked.text_embeds is not None and torch.equal(attacked.text_embeds, cond.text_embeds)
+    assert attacked.guidance == cond.guidance and (attacked.text_ids is None) == (flow_family[0] == "sd3")
+    # The attack itself: the adapted model's loss under the prompt encoded at the sampling guidance (FLUX-dev's
+    # guidance embedding), on the base model's concept samples.
+    run = run_soft_prompt_attack(ctx, steps=1, num_train_images=2, train_batch_size=2)
+    plain = encode_prompts(pipe, [DIGIT], guidance_scale=ctx.guidance_scale)
+    expected = hand_flow_loss(pipe.transformer, pipe, plain, latents, 2, ctx.seed + 3)
+    assert run["per_concept"][DIGIT]["loss_history"][0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_inversion_on_sd3_and_flux_adds_the_token_to_every_text_encoder_t5_too(flow_family):
+    ctx, _ = flow_context(flow_family)
+    pipe = ctx.pipe
+    encoders = [e for e in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+                if e is not None]
+    assert type(encoders[-1]).__name__ == "T5EncoderModel"
+    before = [e.get_input_embeddings().weight.detach().clone() for e in encoders]
+    rows = add_token(pipe, "<concept>")
+    assert len(rows) == len(encoders)
+    latents = ctx.concept_latents(DIGIT, 2)
+    ctx.disable_adapter()  # the token is learned on the base model
+    expected = hand_flow_loss(pipe.transformer, pipe, encode_prompts(pipe, ["a photo of <concept>"],
+                                                                     guidance_scale=ctx.guidance_scale), latents, 2, 5)
+    ctx.enable_adapter()
+    history = learn_token(ctx, latents, "a photo of <concept>", rows, steps=3, lr=0.1, batch_size=2, seed=5)
+    assert history[0] == pytest.approx(expected, rel=1e-4)
+    assert all(math.isfinite(h) for h in history)
+    for encoder, old, (embedding, row) in zip(encoders, before, rows):
+        after = encoder.get_input_embeddings().weight.detach()
+        assert embedding is encoder.get_input_embeddings()
+        assert torch.equal(after[:row], old[:row]) and not torch.allclose(after[row], old[:row].mean(0))
+    t5_tokenizer = pipe.tokenizer_3 if flow_family[0] == "sd3" else pipe.tokenizer_2
+    assert t5_tokenizer.convert_tokens_to_ids("<concept>") == rows[-1][1]
+    assert rows[-1][1] in t5_tokenizer("a photo of <concept>").input_ids
+
+
+def test_relearn_on_sd3_and_flux_fine_tunes_the_fused_transformer(flow_family):
+    """Relearn fuses the adapter (step 0 is the adapted model's samples, no LoRA layer is left) and fine-tunes the
+    transformer with the family's flow-matching loss (its first loss is the one written out by hand on the fused
+    model and the benign samples); the transformer's output moves."""
+    from peft.tuners.lora import LoraLayer
+
+    from sa_peft.attacks.relearn import benign_data
+    from sa_peft.merge import fuse_forget_loras
+
+    reference, reference_names = flow_context(flow_family)
+    latents, captions = benign_data(reference, ["a red car"], 2, None, "")
+    fused = fuse_forget_loras(reference.pipe, reference_names)
+    cond = encode_prompts(fused, captions, guidance_scale=reference.guidance_scale)
+    expected = hand_flow_loss(fused.transformer, fused, cond, latents, 2, reference.seed + 5)
+    probe_noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    probe = {"latents": latents, "timesteps": torch.full((2,), 500.0), "noise": probe_noise,
+             "unet_kwargs": cond.unet_kwargs(torch.zeros(2, dtype=torch.long))}
+    noise_fn = noise_scheduler_for(fused.scheduler)
+    with torch.no_grad():
+        before = per_sample_diffusion_loss(fused.transformer, noise_fn, **probe)
+
+    ctx, names = flow_context(flow_family)
+    adapted = sample(ctx, 2, prompt=DIGIT)
+    result = run_attacks(ctx, ["relearn"], {"relearn": {"adapter_names": names, "prompts": ["a red car"],
+                                                        "images_per_prompt": 2, "steps": 2, "lr": 1e-3,
+                                                        "batch_size": 2}}, {})[0]["attacks"]["relearn"]
+    _, adapted_score = ctx.concept_scores(adapted)
+    curve = result["recovery_curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2]
+    assert curve[0]["mean_concept_score"] == pytest.approx(adapted_score.double().mean().item(), abs=1e-5)
+    assert result["loss_history"][0] == pytest.approx(expected, abs=1e-4, rel=1e-4)
+    transformer = ctx.pipe.transformer
+    assert not any(isinstance(m, LoraLayer) for m in transformer.modules())
+    with torch.no_grad():
+        after = per_sample_diffusion_loss(transformer, noise_fn, **probe)
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_attack_refuses_an_unsupported_pipeline_naming_the_supported_ones(lora_file, tmp_path, capsys):
+    folder = tmp_path / "kandinsky"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    assert cli.main(["attack", "--pretrained_model_name_or_path", str(folder), "--lora", str(lora_file),
+                     "--forget_prompt", DIGIT, "--attack", "prompts", "--output_dir", str(tmp_path / "out"),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is a KandinskyPipeline" in err
+    assert ("supported pipelines: StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, "
+            "FluxPipeline") in err
+
+
+def test_a_resolution_the_transformer_cannot_take_is_refused_by_flag(flow_family, tmp_path, capsys):
+    _, _, folder, lora = flow_family
+    assert cli.main(["attack", "--pretrained_model_name_or_path", str(folder), "--lora", str(lora), "--forget_prompt",
+                     DIGIT, "--attack", "prompts", "--resolution", "20", "--output_dir", str(tmp_path / "out"),
+                     "--device", "cpu"]) == 2
+    assert "--resolution 20 is not a positive multiple of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -16,8 +16,11 @@ class AttackContext:
 
     ``enable_adapter`` / ``disable_adapter`` switch ``pipe`` between the adapted and the base model.
     ``forgotten_labels`` are the classifier's class indices of the forgotten concept(s) (empty for NudeNet,
-    where any exposed part counts). Samples use DDIM with ``num_inference_steps`` and ``guidance_scale``;
-    sample ``i`` of every attack starts from the noise of ``sample_seed(seed, i)``.
+    where any exposed part counts). Samples use the evaluation's sampler (``sa_peft.models.sampler_description``:
+    DDIM, eta 0, or a flow-matching pipeline's own scheduler) with ``num_inference_steps`` and ``guidance_scale``
+    (a guidance-distilled FLUX's guidance embedding, and the value its losses are computed with), at ``resolution``
+    pixels (default: the pipeline's own); sample ``i`` of every attack starts from the noise of
+    ``sample_seed(seed, i)``.
     """
 
     pipe: object
@@ -31,6 +34,7 @@ class AttackContext:
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
     batch_size: int = 50
+    resolution: int | None = None
     log: Callable[[str], None] = print
     _concept_latents: dict = field(default_factory=dict)
 

@@ -1,7 +1,9 @@
 """The ``inversion`` attack (concept inversion, Pham et al. 2023): learn a new token's embedding with textual
 inversion on the *base* model's images of the concept, then sample the adapted model with that token.
 
-Only the new rows of the input embedding tables move (gradients of every other row are masked, and Adam
+Every text encoder gets the token: SD 1.x/2.x one CLIP, SDXL two, SD3 two CLIPs and T5, FLUX a CLIP and T5, so
+the learned concept reaches the denoiser through every text path it conditions on (the pooled CLIP embedding and
+the context). Only the new rows of the input embedding tables move (gradients of every other row are masked, and Adam
 without weight decay leaves a row with zero gradient exactly where it is), so the model is otherwise unchanged.
 """
 
@@ -10,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..conditioning import encode_prompts_with_grad
-from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss, sample_timesteps
 from ..errors import InputError
+from ..models import denoiser
 from .context import AttackContext, best_samples, pooled_rate, summarise
 from .sampling import sample
 
@@ -19,21 +22,25 @@ DEFAULT_TEMPLATE = "{token}"
 
 
 def _text_pairs(pipe):
-    return [(t, e) for t, e in ((pipe.tokenizer, pipe.text_encoder),
-                                (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)))
-            if t is not None and e is not None]
+    suffixes = ("", "_2", "_3")  # SD3's T5 is the third; FLUX's the second
+    pairs = ((getattr(pipe, f"tokenizer{s}", None), getattr(pipe, f"text_encoder{s}", None)) for s in suffixes)
+    return [(t, e) for t, e in pairs if t is not None and e is not None]
 
 
 def add_token(pipe, token: str) -> list[tuple[torch.nn.Embedding, int]]:
-    """Add ``token`` to every tokenizer (SDXL has two) and a row for it to each text encoder's input
-    embeddings, initialised to the mean embedding (no hint of the concept); returns ``(embedding, row)`` pairs."""
+    """Add ``token`` to every tokenizer (SDXL has two, SD3 three, FLUX two) and a row for it to each text
+    encoder's input embeddings, initialised to the mean embedding (no hint of the concept); returns
+    ``(embedding, row)`` pairs."""
     rows = []
     for tokenizer, encoder in _text_pairs(pipe):
         if tokenizer.add_tokens([token]) != 1:
             raise InputError(f"token {token!r} is already in the tokenizer")
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set below
-        embedding = encoder.get_input_embeddings()
         row = tokenizer.convert_tokens_to_ids(token)
+        # T5's table has more rows than its tokenizer has tokens (32128 for 32100): the new id is then an unused
+        # row already; resizing to len(tokenizer) would cut the table instead. CLIP's table grows by one.
+        if row >= encoder.get_input_embeddings().num_embeddings:
+            encoder.resize_token_embeddings(row + 1, mean_resizing=False)  # the row is set below
+        embedding = encoder.get_input_embeddings()
         with torch.no_grad():
             embedding.weight[row] = embedding.weight[:row].mean(dim=0)
         rows.append((embedding, row))
@@ -55,17 +62,18 @@ def learn_token(ctx: AttackContext, latents: torch.Tensor, prompt: str, rows, st
         w.requires_grad_(True)
     optimizer = torch.optim.Adam(weights, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    model = denoiser(pipe)
+    device, dtype = model.device, model.dtype
     history = []
     ctx.disable_adapter()
     try:
         for step in range(steps):
             idx = torch.randint(len(latents), (batch_size,), generator=gen)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+            t = sample_timesteps(scheduler, batch_size, gen, "cpu")  # the family's density (uniform for DDPM)
             noise = torch.randn(latents[idx].shape, generator=gen)
-            cond = encode_prompts_with_grad(pipe, [prompt])
+            cond = encode_prompts_with_grad(pipe, [prompt], ctx.resolution, ctx.guidance_scale)
             kwargs = cond.unet_kwargs(torch.zeros(batch_size, dtype=torch.long), dtype)
-            loss = per_sample_diffusion_loss(pipe.unet, scheduler, latents[idx].to(device, dtype), t.to(device),
+            loss = per_sample_diffusion_loss(model, scheduler, latents[idx].to(device, dtype), t.to(device),
                                              noise.to(device, dtype), kwargs).mean()
             grads = torch.autograd.grad(loss, weights)
             for w, g, mask in zip(weights, grads, masks):

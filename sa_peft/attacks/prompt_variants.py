@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..defaults import DIGIT_WORDS
-from ..evaluation import iter_samples
 from .context import AttackContext, best_samples, pooled_rate, summarise
+from .sampling import sample_prompts
 
 # Synonyms and translations (numeral, English alternatives, Spanish, French, German, Italian) of the digit words,
 # so the built-in job is attacked with words the forget prompt never used.
@@ -61,8 +61,7 @@ def run_prompts_attack(ctx: AttackContext, extra_prompts: Sequence[str] = (), nu
     runs = {}
     for stage, switch in (("base", ctx.disable_adapter), ("adapted", ctx.enable_adapter)):
         switch()
-        runs[stage] = dict(iter_samples(ctx.pipe, variants, n, ctx.seed, ctx.num_inference_steps, ctx.guidance_scale,
-                                        ctx.batch_size, desc=f"prompts attack, {stage}"))
+        runs[stage] = sample_prompts(ctx, variants, n)
     ctx.enable_adapter()
     per_prompt = {v: {"adapted": summarise(ctx, runs["adapted"][v]), "base": summarise(ctx, runs["base"][v])}
                   for v in variants}

@@ -1,4 +1,5 @@
-"""The ``relearn`` attack: fuse the forget adapter, fine-tune the whole UNet on benign data (the retained
+"""The ``relearn`` attack: fuse the forget adapter, fine-tune the whole denoiser (UNet or SD3/FLUX transformer, with
+its family's diffusion loss) on benign data (the retained
 concepts' samples of the base model, or a user's images) and follow P(concept) as it comes back.
 
 benchmarks/RESULTS.md measured it first on the digits: the default forget-zero LoRA fused, then 300 steps of
@@ -14,39 +15,46 @@ import torch
 
 from ..conditioning import PromptConditioning, encode_prompts
 from ..data import IMAGE_EXTENSIONS, _encode_images, _load_image
-from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss, sample_timesteps
 from ..errors import InputError, MissingInputError
 from ..merge import fuse_forget_loras
+from ..models import denoiser
 from .context import AttackContext, best_samples, pooled_rate, summarise
 from .sampling import sample
 
 
 def fine_tune_unet(unet, scheduler, latents: torch.Tensor, prompt_ids: torch.Tensor, conditioning: PromptConditioning,
                    steps: int, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
-                   callback: Callable[[int], None] | None = None) -> None:
-    """Plain diffusion-loss fine-tuning of every UNet weight with AdamW; ``callback(step)`` runs after step
-    0 (before training) and after every step, so a caller can measure the curve at the steps it wants."""
+                   callback: Callable[[int], None] | None = None) -> list[float]:
+    """Plain diffusion-loss fine-tuning of every weight of ``unet`` (the denoiser: a UNet or an SD3/FLUX transformer)
+    with AdamW, noised and weighted by ``scheduler`` (``noise_scheduler_for``: DDPM, or flow matching with its
+    timestep density); ``callback(step)`` runs after step 0 (before training) and after every step, so a caller can
+    measure the curve at the steps it wants. Returns the training loss of step 1, every 10th step and the last."""
     unet.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
+    history = []
     if callback is not None:
         callback(0)
     for step in range(1, steps + 1):
         idx = torch.randint(len(latents), (batch_size,), generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        t = sample_timesteps(scheduler, batch_size, gen, "cpu")  # the family's density (uniform for DDPM)
         noise = torch.randn(latents[idx].shape, generator=gen)
         loss = per_sample_diffusion_loss(unet, scheduler, latents[idx].to(device, dtype), t.to(device),
                                          noise.to(device, dtype), conditioning.unet_kwargs(prompt_ids[idx], dtype)).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if step == 1 or step % 10 == 0 or step == steps:
+            history.append(round(loss.item(), 5))
         if callback is not None:
             unet.eval()
             callback(step)
             unet.train()
     unet.eval().requires_grad_(False)
+    return history
 
 
 def read_image_folder(folder: str, resolution: int, channels: int, default_prompt: str) -> tuple[torch.Tensor, list[str]]:
@@ -81,9 +89,9 @@ def benign_data(ctx: AttackContext, prompts: Sequence[str], images_per_prompt: i
     finally:
         ctx.enable_adapter()
     if data_dir:
-        from ..data import default_resolution
+        from .sampling import image_size
 
-        images, folder_prompts = read_image_folder(data_dir, default_resolution(ctx.pipe),
+        images, folder_prompts = read_image_folder(data_dir, image_size(ctx),
                                                    ctx.pipe.vae.config.in_channels, data_prompt)
         with torch.no_grad():
             latents.append(_encode_images(ctx.pipe, images).float().cpu())
@@ -106,7 +114,7 @@ def run_relearn_attack(ctx: AttackContext, adapter_names: Sequence[str], prompts
     latents, captions = benign_data(ctx, prompts, images_per_prompt, data_dir, data_prompt)
     pipe = fuse_forget_loras(ctx.pipe, adapter_names)
     ctx.enable_adapter = ctx.disable_adapter = (lambda: None)  # the adapter is part of the weights now
-    conditioning = encode_prompts(pipe, captions)
+    conditioning = encode_prompts(pipe, captions, ctx.resolution, ctx.guidance_scale)  # FLUX-dev: the sampling guidance
     prompt_ids = torch.tensor([conditioning.prompts.index(c) for c in captions], dtype=torch.long)
     curve, last = [], {}
 
@@ -120,11 +128,11 @@ def run_relearn_attack(ctx: AttackContext, adapter_names: Sequence[str], prompts
         ctx.log(f"relearn step {step}: concept rate {curve[-1]['success_rate']:.3f}")
         last["images"] = torch.cat(list(images.values()))
 
-    fine_tune_unet(pipe.unet, noise_scheduler_for(pipe.scheduler), latents, prompt_ids, conditioning, steps, lr,
-                   batch_size, ctx.seed + 5, measure)
+    history = fine_tune_unet(denoiser(pipe), noise_scheduler_for(pipe.scheduler), latents, prompt_ids, conditioning,
+                             steps, lr, batch_size, ctx.seed + 5, measure)
     return {
         "attack_success_rate": curve[-1]["success_rate"],
-        "recovery_curve": curve,
+        "recovery_curve": curve, "loss_history": history,
         "steps": steps, "learning_rate": lr, "batch_size": batch_size, "num_benign_images": len(latents),
         "benign_prompts": list(dict.fromkeys(captions)),
         "_grid": (None, best_samples(ctx, last["images"])),

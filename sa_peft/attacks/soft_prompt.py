@@ -2,46 +2,78 @@
 *adapted* model denoises the base model's images of the concept well again (no classifier in the loop),
 then sampled. δ is bounded per token: ‖δ_j‖ ≤ ε·‖e_j‖ (projected after each step), so the attack searches
 near the forget prompt rather than writing an arbitrary new conditioning.
+
+What is perturbed is the token sequence the denoiser attends to (``encoder_hidden_states``): the UNets'
+cross-attention context, SD3's joint CLIP + T5 context, FLUX's T5 states. The pooled embedding (SDXL's
+``text_embeds``, SD3's and FLUX's ``pooled_projections``) stays the prompt's own: it is not a token sequence, it
+enters as one global modulation of every block (adaLN in SD3/FLUX), and keeping it fixed keeps the attack the same
+attack on every family (SDXL's never perturbed it); ε is therefore measured on the context tokens alone. δ is
+also zero where the context is exactly zero, which is SD3's CLIP states zero-padded to T5's width: the model
+never saw those columns non-zero, and a perturbation there would be a conditioning no prompt can produce.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..conditioning import PromptConditioning, encode_prompts
-from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss, sample_timesteps
 from ..errors import InputError
+from ..models import denoiser
 from .context import AttackContext, best_samples, pooled_rate, summarise
 from .sampling import sample
 
 
-def project(delta: torch.Tensor, reference: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``delta`` with each token's vector shrunk to at most ``epsilon`` × that token's embedding norm."""
+def project(delta: torch.Tensor, reference: torch.Tensor, epsilon: float,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``delta`` (zero outside ``mask``) with each token's vector shrunk to at most ``epsilon`` × that token's
+    embedding norm."""
+    if mask is not None:
+        delta = delta * mask
     limit = epsilon * reference.norm(dim=-1, keepdim=True)
     norm = delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return delta * (limit / norm).clamp(max=1.0)
 
 
+def perturbable(hidden: torch.Tensor) -> torch.Tensor:
+    """Where δ may be non-zero: wherever the prompt's context is not exactly zero, i.e. everywhere but SD3's zero
+    padding of its CLIP states (a text encoder's output is never exactly zero by chance)."""
+    return hidden.ne(0).to(torch.float32)
+
+
+def perturbed(conditioning: PromptConditioning, delta: torch.Tensor) -> PromptConditioning:
+    """``conditioning``'s first row with ``delta`` added to its context; every other field (pooled embedding, SDXL's
+    time ids, FLUX's text ids and guidance) is the prompt's own."""
+    hidden = conditioning.encoder_hidden_states[:1]
+    first = lambda t: None if t is None else t[:1]
+    return replace(conditioning, prompts=conditioning.prompts[:1], encoder_hidden_states=hidden + delta.to(hidden),
+                   text_embeds=first(conditioning.text_embeds), time_ids=first(conditioning.time_ids))
+
+
 def optimise_soft_prompt(unet, scheduler, conditioning: PromptConditioning, latents: torch.Tensor, steps: int,
                          lr: float, epsilon: float, batch_size: int, seed: int,
                          init: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
-    """δ that lowers ``unet``'s diffusion loss on ``latents`` under ``conditioning``'s first row + δ, starting
-    from ``init`` (zeros by default; robust training warm-starts from the previous δ)."""
+    """δ that lowers ``unet``'s (the denoiser's) diffusion loss on ``latents`` under ``conditioning``'s first row + δ,
+    starting from ``init`` (zeros by default; robust training warm-starts from the previous δ). ``scheduler`` is the
+    training noise (``noise_scheduler_for``): its timestep density and loss, DDPM or flow matching."""
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
-    hidden = conditioning.encoder_hidden_states[:1].to(device, torch.float32)
+    conditioning = conditioning.to(device)
+    hidden = conditioning.encoder_hidden_states[:1].to(torch.float32)
+    conditioning = replace(conditioning, encoder_hidden_states=hidden)  # e + δ summed in float32, then cast
+    mask = perturbable(hidden)
     start = torch.zeros_like(hidden) if init is None else init.to(device, torch.float32).clone()
-    delta = start.requires_grad_(True)
+    delta = project(start, hidden, epsilon, mask).requires_grad_(True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
     for step in range(steps):
         idx = torch.randint(len(latents), (batch_size,), generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        t = sample_timesteps(scheduler, batch_size, gen, "cpu")  # the family's density (uniform for DDPM)
         noise = torch.randn(latents[idx].shape, generator=gen)
-        perturbed = PromptConditioning(conditioning.prompts[:1], hidden + delta, conditioning.text_embeds,
-                                       conditioning.time_ids)
-        kwargs = perturbed.unet_kwargs(torch.zeros(batch_size, dtype=torch.long), dtype)
+        kwargs = perturbed(conditioning, delta).unet_kwargs(torch.zeros(batch_size, dtype=torch.long), dtype)
         loss = per_sample_diffusion_loss(unet, scheduler, latents[idx].to(device, dtype), t.to(device),
                                          noise.to(device, dtype), kwargs).mean()
         (grad,) = torch.autograd.grad(loss, [delta])
@@ -49,7 +81,7 @@ def optimise_soft_prompt(unet, scheduler, conditioning: PromptConditioning, late
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            delta.copy_(project(delta, hidden, epsilon))
+            delta.copy_(project(delta, hidden, epsilon, mask))
         if step % 10 == 0 or step == steps - 1:
             history.append(round(loss.item(), 5))
     return delta.detach(), history
@@ -66,13 +98,14 @@ def run_soft_prompt_attack(ctx: AttackContext, steps: int = 200, lr: float = 1e-
     for i, forget_prompt in enumerate(ctx.forget_prompts):
         latents = ctx.concept_latents(forget_prompt, num_train_images)
         ctx.enable_adapter()
-        conditioning = encode_prompts(pipe, [forget_prompt])  # with the adapter, should it change the text encoder
-        delta, history = optimise_soft_prompt(pipe.unet, scheduler, conditioning, latents, steps, lr, epsilon,
+        # With the adapter, should it change a text encoder; a guidance-distilled FLUX's losses at the sampling
+        # guidance (the value its samples are drawn with).
+        conditioning = encode_prompts(pipe, [forget_prompt], ctx.resolution, ctx.guidance_scale)
+        delta, history = optimise_soft_prompt(denoiser(pipe), scheduler, conditioning, latents, steps, lr, epsilon,
                                               train_batch_size, ctx.seed + 3 + i)
         ctx.log(f"soft prompt for {forget_prompt!r}: loss {history[0]:.4f} → {history[-1]:.4f} in {steps} steps")
         hidden = conditioning.encoder_hidden_states[:1]
-        attacked = PromptConditioning(conditioning.prompts[:1], hidden + delta.to(hidden.device, hidden.dtype),
-                                      conditioning.text_embeds, conditioning.time_ids)
+        attacked = perturbed(conditioning, delta)
         relative = (delta.norm(dim=-1) / hidden.float().norm(dim=-1).clamp_min(1e-12)).max().item()
         adapted = sample(ctx, ctx.num_images, conditioning=attacked)
         ctx.disable_adapter()

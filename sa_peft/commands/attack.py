@@ -9,9 +9,11 @@ from ..adapter_io import resolve_adapter_file
 from ..attacks import ATTACKS, AttackContext, check_attack_names, run_attacks, write_attack_report
 from ..before_after import resolve_evaluation_labels
 from ..classifier import CLASSIFIER_SPECS, load_classifier, parse_classifier_spec
+from ..data import check_resolution
 from ..defaults import DIGIT_PROMPTS
 from ..errors import InputError, MissingInputError
 from ..merge import check_lora_weights, stack_forget_loras
+from ..models import TRAINING_PIPELINES, sampler_description
 from ..prompts import check_prompts, read_prompts_file
 from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args, speaking_flags
 
@@ -38,6 +40,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--nudenet_threshold", type=float, default=0.6, help="--classifier nudenet: detection score")
     parser.add_argument("--num_images", type=int, default=50, help="samples per attack prompt / concept")
     add_scoring_sampling_arguments(parser)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels of every sample (default: the model's native size)")
     parser.add_argument("--attack_prompts_file", default=None,
                         help="prompts attack: more prompts, one per line ({prompt} and {word} are filled in)")
     parser.add_argument("--prompts_num_images", type=int, default=20, help="prompts attack: samples per variant")
@@ -85,6 +89,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str], list[str
     for path in args.lora:
         resolve_adapter_file(path, "lora")
     check_lora_weights(args.lora, args.lora_weight)
+    if args.resolution is not None:
+        _positive(args, "resolution")
     _positive(args, "num_images", "batch_size", "num_inference_steps", "prompts_num_images", "inversion_steps",
               "attack_num_train_images", "soft_prompt_steps", "soft_prompt_epsilon", "relearn_steps",
               "relearn_batch_size", "relearn_images_per_prompt")
@@ -116,13 +122,16 @@ def run(args: argparse.Namespace) -> dict:
     classifier = load_classifier(args.classifier, args.class_text, nudenet_threshold=args.nudenet_threshold,
                                  device=args.device)
     _, forgotten, _ = resolve_evaluation_labels(classifier, [], None, forget, args.forget_label)
-    pipe = load_pipeline_from_args(args)
+    # Every family the training script makes forget LoRAs for: the UNets and the SD3/FLUX transformers.
+    pipe = load_pipeline_from_args(args, supported=TRAINING_PIPELINES)
+    if args.resolution is not None:  # the VAE's factor and the transformer's patches: known once the model is
+        check_resolution(pipe, args.resolution)
     names = stack_forget_loras(pipe, args.lora, args.lora_weight)
     pipe.set_progress_bar_config(disable=True)
     ctx = AttackContext(pipe, classifier, forget, forgotten, enable_adapter=pipe.enable_lora,
                         disable_adapter=pipe.disable_lora, num_images=args.num_images, seed=args.seed,
                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, resolution=args.resolution)
     extra = read_prompts_file(args.attack_prompts_file, "attack_prompts_file") if args.attack_prompts_file else []
     options = {
         "prompts": {"extra_prompts": extra, "num_images": args.prompts_num_images},
@@ -141,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
                 "forgotten_labels": [getattr(classifier, "labels", [])[c] for c in forgotten],
                 "classifier": args.classifier, "num_images": args.num_images, "seed": args.seed,
                 "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                "sampler": "DDIM, eta 0", "attacks": attacks,
+                "resolution": args.resolution, "sampler": sampler_description(pipe), "attacks": attacks,
                 "options": {k: {o: v for o, v in options[k].items() if o != "adapter_names"} for k in attacks}}
     payload, grids = run_attacks(ctx, attacks, options, settings)
     payload["paths"] = write_attack_report(payload, grids, args.output_dir)
