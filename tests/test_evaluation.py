@@ -992,7 +992,7 @@ def test_samples_grid_rows_cells_and_headers(monkeypatch):
 
     calls = []
     monkeypatch.setattr(image_grid, "render_grid", lambda rows, **kw: calls.append((rows, kw)) or "grid")
-    grey = torch.tensor([0.0, 0.5, 1.0, 2.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)  # 2.0 is clamped to white
+    grey = torch.tensor([-1.0, 0.5, 2.0, 1.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)  # clamped to black and white
     before = {"a": grey, "b": grey[:1]}
     after = {"a": grey[:2], "c": grey[1:3]}
     assert samples_grid(before, after, num_samples=3) == "grid"
@@ -1011,6 +1011,8 @@ def test_samples_grid_rows_cells_and_headers(monkeypatch):
     assert np.asarray(rows[0][1][0]).shape == (2, 2, 3)
     samples_grid(many, max_prompts=2, max_cell_px=64, titles=("x", "y", "z"))
     assert len(calls[-1][0]) == 2 and calls[-1][1]["max_cell_px"] == 64
+    samples_grid(many, many, titles=("x", "y", "z"))
+    assert calls[-1][1]["column_headers"] == ["x", "y"]  # two blocks, two headers
 
 
 def test_write_evaluation_report_json_grid_and_its_sample_count(monkeypatch, tmp_path):
@@ -1038,3 +1040,26 @@ def test_write_evaluation_report_json_grid_and_its_sample_count(monkeypatch, tmp
     assert "grid" not in paths and not (tmp_path / "b" / "samples_grid.png").exists()
     write_evaluation_report(before, None, tmp_path / "c", num_grid_samples=1)
     assert grids[-1][1] is None and grids[-1][2] == {"num_samples": 1}
+
+
+def test_report_markdown_edge_cases_of_the_settings_line_and_the_table():
+    before, _ = _report_metrics()
+    base = dict(before["settings"], clip_model=None, feature_space=None, nudenet_threshold=None)
+    twenty = dict(base, forget_prompts=[f"p{i}" for i in range(20)])
+    assert "`p19`; forgotten classes" in report_markdown_of({"settings": twenty, "per_prompt": {}}, None)
+    assert "`p19` and 1 more;" in report_markdown_of(
+        {"settings": dict(base, forget_prompts=[f"p{i}" for i in range(21)]), "per_prompt": {}}, None)
+    nothing = dict(base, forget_prompts=[], forgotten_labels=[], classifier=None)
+    assert "Classifier: classifier. Forget prompts: none; forgotten classes: none." in report_markdown_of(
+        {"settings": nothing, "per_prompt": {}}, None)
+    # The table: a column without any value is left out, the next ones are not; a prompt only the adapted run has
+    # gets a row, with "–" before and its role from that run; FD to base is an after-only column.
+    first = {"settings": base, "per_prompt": {"a": {"role": "retained", "accuracy": None, "p_forgotten": 0.25,
+                                                      "fd_to_base": 2.0}}}
+    report = report_markdown_of(first, None)
+    assert "| prompt | role | P(forgotten) | predicted classes |" in report and "FD to base" not in report
+    second = {"settings": base, "per_prompt": {"a": {"role": "retained", "p_forgotten": 0.5},
+                                               "b": {"role": "forget", "p_forgotten": 0.75}}}
+    report = report_markdown_of(first, second)
+    assert "| `a` | retained | 0.250 | 0.500 | – | – |\n" in report
+    assert report.endswith("| `b` | forget | – | 0.750 | – | – |\n")
