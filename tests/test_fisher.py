@@ -523,3 +523,10 @@ def test_bf16_unet_gets_a_float32_fisher_close_to_the_float32_one():
         cosine = torch.nn.functional.cosine_similarity(value.flatten(), full.diagonal[key].flatten(), dim=0)
         assert float(cosine) > 0.95
         assert float(value.sum() / full.diagonal[key].sum()) == pytest.approx(1.0, rel=0.15)
+
+
+def test_base_weights_hash_refuses_a_module_not_in_the_unet_by_name():
+    unet = build_tiny_pipeline().unet
+    with pytest.raises(ValueError) as info:
+        base_weights_hash(unet, ["conv_in", "no.such.layer"])
+    assert str(info.value) == "module 'no.such.layer' is not in the UNet"
