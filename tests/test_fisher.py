@@ -530,3 +530,14 @@ def test_base_weights_hash_refuses_a_module_not_in_the_unet_by_name():
     with pytest.raises(ValueError) as info:
         base_weights_hash(unet, ["conv_in", "no.such.layer"])
     assert str(info.value) == "module 'no.such.layer' is not in the UNet"
+
+
+def test_estimate_defaults_are_the_fast_estimator_with_eight_timesteps_and_seed_zero():
+    pipe, conditioning, latents, prompt_ids = setup(num_samples=1)
+    args = (pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:1])
+    default = estimate_fisher(*args, show_progress=False)
+    explicit = estimate_fisher(*args, estimator="fast", num_timesteps=8, seed=0, show_progress=False)
+    meta = default.metadata
+    assert (meta["estimator"], meta["num_timesteps"], meta["seed"], meta["unet_passes"]) == ("fast", "8", "0", "8")
+    assert meta == explicit.metadata
+    torch.testing.assert_close(default.diagonal["conv_in.weight"], explicit.diagonal["conv_in.weight"], rtol=0, atol=0)
