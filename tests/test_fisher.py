@@ -541,3 +541,24 @@ def test_estimate_defaults_are_the_fast_estimator_with_eight_timesteps_and_seed_
     assert (meta["estimator"], meta["num_timesteps"], meta["seed"], meta["unet_passes"]) == ("fast", "8", "0", "8")
     assert meta == explicit.metadata
     torch.testing.assert_close(default.diagonal["conv_in.weight"], explicit.diagonal["conv_in.weight"], rtol=0, atol=0)
+
+
+def test_fast_timesteps_at_the_top_of_the_last_bin_stay_below_t(monkeypatch):
+    """torch.rand's largest value, 1 − 2⁻²⁴, can round a bin's draw up to its upper edge in float32; for the last bin
+    that edge is T, which is no timestep: it is clamped to T − 1."""
+    top = 1 - 2**-24
+    monkeypatch.setattr(torch, "rand", lambda n, generator=None: torch.full((n,), top))
+    got = fisher_module.fisher_timesteps("fast", 1000, 8, torch.Generator().manual_seed(0))
+    assert got[-1] == 999 and int(got.max()) == 999  # not 1000
+    assert torch.equal(got[:1], torch.tensor([124]))
+
+
+def test_reference_timesteps_of_a_flow_matching_model_are_its_density_grid():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sa_peft.diffusion_loss import FlowMatchingNoise
+
+    noise = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    got = fisher_module.fisher_timesteps("reference", 1000, 8, torch.Generator().manual_seed(0), noise)
+    torch.testing.assert_close(got, noise.grid_timesteps())
+    assert len(got) == 1000 and not torch.equal(got, torch.arange(1000).to(got.dtype))
