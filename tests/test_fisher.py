@@ -562,3 +562,14 @@ def test_reference_timesteps_of_a_flow_matching_model_are_its_density_grid():
     got = fisher_module.fisher_timesteps("reference", 1000, 8, torch.Generator().manual_seed(0), noise)
     torch.testing.assert_close(got, noise.grid_timesteps())
     assert len(got) == 1000 and not torch.equal(got, torch.arange(1000).to(got.dtype))
+
+
+def test_estimate_records_how_the_loss_was_normalized_for_each_estimator():
+    pipe, conditioning, latents, prompt_ids = setup(num_samples=1, num_train_timesteps=4)
+    args = (pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:1])
+    start = "per-sample loss = mean over latent elements of the squared prediction error, summed over "
+    end = "; F = mean over samples of the squared per-sample gradient"
+    fast = estimate_fisher(*args, estimator="fast", num_timesteps=2, show_progress=False)
+    reference = estimate_fisher(*args, estimator="reference", show_progress=False)
+    assert fast.metadata["loss_normalization"] == start + "K stratified timesteps and scaled by T/K" + end
+    assert reference.metadata["loss_normalization"] == start + "all T timesteps" + end
