@@ -523,3 +523,53 @@ def test_bf16_unet_gets_a_float32_fisher_close_to_the_float32_one():
         cosine = torch.nn.functional.cosine_similarity(value.flatten(), full.diagonal[key].flatten(), dim=0)
         assert float(cosine) > 0.95
         assert float(value.sum() / full.diagonal[key].sum()) == pytest.approx(1.0, rel=0.15)
+
+
+def test_base_weights_hash_refuses_a_module_not_in_the_unet_by_name():
+    unet = build_tiny_pipeline().unet
+    with pytest.raises(ValueError) as info:
+        base_weights_hash(unet, ["conv_in", "no.such.layer"])
+    assert str(info.value) == "module 'no.such.layer' is not in the UNet"
+
+
+def test_estimate_defaults_are_the_fast_estimator_with_eight_timesteps_and_seed_zero():
+    pipe, conditioning, latents, prompt_ids = setup(num_samples=1)
+    args = (pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:1])
+    default = estimate_fisher(*args, show_progress=False)
+    explicit = estimate_fisher(*args, estimator="fast", num_timesteps=8, seed=0, show_progress=False)
+    meta = default.metadata
+    assert (meta["estimator"], meta["num_timesteps"], meta["seed"], meta["unet_passes"]) == ("fast", "8", "0", "8")
+    assert meta == explicit.metadata
+    torch.testing.assert_close(default.diagonal["conv_in.weight"], explicit.diagonal["conv_in.weight"], rtol=0, atol=0)
+
+
+def test_fast_timesteps_at_the_top_of_the_last_bin_stay_below_t(monkeypatch):
+    """torch.rand's largest value, 1 − 2⁻²⁴, can round a bin's draw up to its upper edge in float32; for the last bin
+    that edge is T, which is no timestep: it is clamped to T − 1."""
+    top = 1 - 2**-24
+    monkeypatch.setattr(torch, "rand", lambda n, generator=None: torch.full((n,), top))
+    got = fisher_module.fisher_timesteps("fast", 1000, 8, torch.Generator().manual_seed(0))
+    assert got[-1] == 999 and int(got.max()) == 999  # not 1000
+    assert torch.equal(got[:1], torch.tensor([124]))
+
+
+def test_reference_timesteps_of_a_flow_matching_model_are_its_density_grid():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sa_peft.diffusion_loss import FlowMatchingNoise
+
+    noise = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    got = fisher_module.fisher_timesteps("reference", 1000, 8, torch.Generator().manual_seed(0), noise)
+    torch.testing.assert_close(got, noise.grid_timesteps())
+    assert len(got) == 1000 and not torch.equal(got, torch.arange(1000).to(got.dtype))
+
+
+def test_estimate_records_how_the_loss_was_normalized_for_each_estimator():
+    pipe, conditioning, latents, prompt_ids = setup(num_samples=1, num_train_timesteps=4)
+    args = (pipe.unet, pipe.scheduler, latents, prompt_ids, conditioning, MODULES[:1])
+    start = "per-sample loss = mean over latent elements of the squared prediction error, summed over "
+    end = "; F = mean over samples of the squared per-sample gradient"
+    fast = estimate_fisher(*args, estimator="fast", num_timesteps=2, show_progress=False)
+    reference = estimate_fisher(*args, estimator="reference", show_progress=False)
+    assert fast.metadata["loss_normalization"] == start + "K stratified timesteps and scaled by T/K" + end
+    assert reference.metadata["loss_normalization"] == start + "all T timesteps" + end

@@ -355,3 +355,18 @@ def test_distilled_replay_conditions_the_frozen_pass_in_the_model_dtype(dtype):
         hook.remove()
     assert seen == [dtype, dtype]  # the frozen pass, then the adapted one
     assert torch.isfinite(out.total) and out.replay > 0
+
+
+def test_ddpm_timesteps_are_uniform_integers_from_the_given_or_the_global_generator():
+    """``generator=None`` (the objective's default) draws from torch's global generator, as ``torch.randint`` does."""
+    from sa_peft.diffusion_loss import sample_timesteps
+
+    scheduler = build_tiny_pipeline(num_train_timesteps=50).scheduler
+    torch.manual_seed(5)
+    expected = torch.randint(0, 50, (64,))
+    torch.manual_seed(5)
+    got = sample_timesteps(scheduler, 64, None, "cpu")
+    assert torch.equal(got, expected) and got.dtype == torch.long
+    seeded = sample_timesteps(scheduler, 64, torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert torch.equal(seeded, torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(5)))
+    assert 0 <= int(seeded.min()) and int(seeded.max()) <= 49 and len(set(seeded.tolist())) > 20

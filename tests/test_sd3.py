@@ -451,6 +451,34 @@ def test_density_values_index_the_training_timesteps_and_the_grid_covers_them():
     torch.testing.assert_close(noise.grid_timesteps(), noise.timesteps[:T])  # T midpoints: every timestep once
 
 
+def test_mode_density_outside_zero_one_takes_the_end_timesteps():
+    """A large ``mode_scale`` maps part of the uniform draw below 0 and above 1 (diffusers' own formula); those
+    density values take the first and the last training timestep, never timesteps counted from the other end."""
+    noise = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), "mode", mode_scale=20.0)
+    u = noise.density_quantile((torch.arange(1000) + 0.5) / 1000)
+    below, above = u <= -1e-3, u >= 1
+    assert below.sum() > 100 and above.sum() > 100
+    grid = noise.grid_timesteps()
+    assert (grid[below] == noise.timesteps[0]).all() and (grid[above] == noise.timesteps[-1]).all()
+    t = noise.sample_timesteps(64, torch.Generator().manual_seed(0))
+    drawn = compute_density_for_timestep_sampling("mode", 64, mode_scale=20.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(t, noise.timesteps[(drawn * 1000).long().clamp(0, 999)])
+    assert (t[drawn <= -1e-3] == noise.timesteps[0]).all()
+
+
+def test_only_a_flow_matching_training_scheduler_is_flow_matching():
+    """The pipeline's own FlowMatchEulerDiscreteScheduler has no prediction_type in its config: it is not the training
+    noise (``noise_scheduler_for`` makes that), and asking does not fail; DDPM's epsilon or v is not flow matching."""
+    from sa_peft.diffusion_loss import is_flow_matching
+
+    pipeline_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    assert not hasattr(pipeline_scheduler.config, "prediction_type")
+    assert is_flow_matching(pipeline_scheduler) is False
+    assert is_flow_matching(noise_scheduler_for(pipeline_scheduler)) is True
+    ddpm = build_tiny_pipeline(prediction_type="v_prediction").scheduler
+    assert is_flow_matching(ddpm) is False and is_flow_matching(noise_scheduler_for(ddpm)) is False
+
+
 def test_flow_matching_noise_keeps_the_latents_dtype():
     noise = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
     latents = torch.randn(2, 16, 4, 4).to(torch.bfloat16)
