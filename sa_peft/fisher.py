@@ -75,7 +75,7 @@ def base_weights_hash(unet: torch.nn.Module, module_names: Sequence[str]) -> str
     modules = dict(unet.named_modules())
     digest = hashlib.sha256()
     for name in sorted(module_names):
-        module = modules.get(name) or modules.get(name + ".base_layer")
+        module = modules.get(name)  # peft registers its LoRA wrapper under the base module's own name
         if module is None:
             raise InputError(f"module {name!r} is not in the UNet")
         weight = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
