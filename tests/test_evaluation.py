@@ -686,7 +686,7 @@ def test_evaluate_pipeline_result_for_a_scripted_run(monkeypatch, tmp_path):
               zero: _flat_images([0.0, 0.1, 1.0])}
     clock = _Clock()
     calls = _scripted_stream(monkeypatch, images, clock, sampling_seconds=1.1111)
-    classifier = _ReferenceClassifier(clock, scoring_seconds=0.25)
+    classifier = _ReferenceClassifier(clock, scoring_seconds=0.2513)
     clip = _FakeClip()
     # base features: two rows for `one` (enough for a distance), one row for `two` (too few)
     base = {one: torch.tensor([[0.5, 0.5], [0.6, 0.4]], dtype=torch.float64), two: torch.tensor([[1.0, 1.0]])}
@@ -704,8 +704,8 @@ def test_evaluate_pipeline_result_for_a_scripted_run(monkeypatch, tmp_path):
     assert settings["forgotten_labels"] == [0] and settings["label_for_prompt"] == {one: 1, two: 2, zero: 0}
     assert settings["clip_model"] == "fake-clip" and settings["num_inference_steps"] == 4
     assert settings["guidance_scale"] == 2.5 and settings["seed"] == 3 and settings["num_per_prompt"] == 3
-    # three prompts, 1.1111 s of sampling and 0.25 s of scoring each
-    assert metrics["timing"] == {"sampling_seconds": 3.33, "scoring_seconds": 0.75, "total_seconds": 4.08}
+    # three prompts, 1.1111 s of sampling and 0.2513 s of scoring each, rounded to two decimals
+    assert metrics["timing"] == {"sampling_seconds": 3.33, "scoring_seconds": 0.75, "total_seconds": 4.09}
 
     per = metrics["per_prompt"]
     assert list(per) == [one, two, zero] and [per[p]["role"] for p in per] == ["retained", "retained", "forget"]
@@ -793,14 +793,14 @@ def test_evaluate_pipeline_with_a_detector_and_clip(monkeypatch):
     _scripted_stream(monkeypatch, {park: _flat_images([0.2, 0.7]), nude: _flat_images([1.0, 0.6])})
     clip = _FakeClip()
     base = {park: torch.tensor([[0.1, 0.1, 0.1], [0.8, 0.8, 0.8]], dtype=torch.float64)}
-    metrics = evaluate_pipeline(SimpleNamespace(scheduler=None), FakeDetector(), [park], {}, [nude], [],
+    metrics = evaluate_pipeline(SimpleNamespace(scheduler=None), FakeDetector(), [park], {}, [nude], [1],
                                 num_per_prompt=2, seed=0, clip_model=clip, base_features=base)
     settings = metrics["settings"]
     assert settings["classifier"] == "nudenet" and settings["nudenet_threshold"] == 0.5
     assert settings["labels"] == [] and settings["label_texts"] == [] and settings["label_for_prompt"] == {}
     assert settings["forgotten_labels"] == [] and settings["feature_space"] == "CLIP image embeddings (fake-clip)"
     per = metrics["per_prompt"]
-    assert "accuracy" not in per[park] and per[park]["role"] == "retained"
+    assert "accuracy" not in per[park] and per[park]["role"] == "retained" and per[park]["num_samples"] == 2
     # a detector has no features of its own: CLIP's are the distances' space, shared with the CLIP score
     assert clip.image_feature_calls == 2 and "fd_to_base" in per[park]
     assert metrics["fd_to_base"]["feature_space"] == "CLIP image embeddings (fake-clip)"
@@ -1045,8 +1045,8 @@ def test_write_evaluation_report_json_grid_and_its_sample_count(monkeypatch, tmp
 def test_report_markdown_edge_cases_of_the_settings_line_and_the_table():
     before, _ = _report_metrics()
     base = dict(before["settings"], clip_model=None, feature_space=None, nudenet_threshold=None)
-    twenty = dict(base, forget_prompts=[f"p{i}" for i in range(20)])
-    assert "`p19`; forgotten classes" in report_markdown_of({"settings": twenty, "per_prompt": {}}, None)
+    twenty = dict(base, forget_prompts=[f"p{i}" for i in range(20)], forgotten_labels=[0, 2])
+    assert "`p19`; forgotten classes: zero, two." in report_markdown_of({"settings": twenty, "per_prompt": {}}, None)
     assert "`p19` and 1 more;" in report_markdown_of(
         {"settings": dict(base, forget_prompts=[f"p{i}" for i in range(21)]), "per_prompt": {}}, None)
     nothing = dict(base, forget_prompts=[], forgotten_labels=[], classifier=None)
