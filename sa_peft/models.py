@@ -14,6 +14,7 @@ from .errors import InputError, MissingInputError
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"digits": "digits", "digits-sd3": "digits-sd3", "digits-classifier": "digits-classifier"}
+BUILTIN_SCRIPTS = {"digits-sd3": "train_digits_sd3_model.py"}  # the others: train_digits_model.py
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -32,7 +33,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if not folder.is_dir():
         raise MissingInputError(
             f"built-in model {name!r} is not installed at {folder}; reinstall sa-peft or run "
-            "examples/digits/train_digits_model.py to build it"
+            f"examples/digits/{BUILTIN_SCRIPTS.get(alias, 'train_digits_model.py')} to build it"
         )
     return str(folder)
 
