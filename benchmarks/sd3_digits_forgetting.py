@@ -87,6 +87,13 @@ def timed(cmd: list[str], log: Path) -> float:
     return round(time.time() - start, 1)
 
 
+def phase_seconds(work: Path) -> float:
+    """A finished run's time from its timings.json: sets, Fisher, training (and its own evaluation, if it made one);
+    the seconds of loading the model before them are not in it."""
+    with open(work / "timings.json") as f:
+        return round(sum(json.load(f).values()), 1)
+
+
 def judge(metrics: dict, digit: int, verdict: bool | None) -> dict:
     """The row's numbers and targets from an ``evaluate_before_after`` metrics.json."""
     before, after = metrics["before"], metrics["after"]
@@ -118,7 +125,11 @@ def run_row(digit: int, args, base_ready=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cmds = commands(digit, args.seed, work, args.num_images_per_prompt, args.evaluate)
     result = {"digit": digit, "seed": args.seed, "commands": {k: shown(v) for k, v in cmds.items()}}
-    result["train_wall_s"] = timed(cmds["train"], work / "train.log")
+    if args.reuse_runs and (work / "timings.json").exists() and (work / "pytorch_lora_weights.safetensors").exists():
+        result["train_wall_s"] = phase_seconds(work)  # a finished run of the same command
+        result["train_wall_from"] = "timings.json (sum of the phases)"
+    else:
+        result["train_wall_s"] = timed(cmds["train"], work / "train.log")
     info = json.loads(subprocess.run(cmds["inspect"], check=True, capture_output=True, text=True, cwd=REPO,
                                      env={**os.environ, "PYTHONPATH": str(REPO)}).stdout)
     forgetting = info.get("forgetting") or {}
@@ -169,6 +180,8 @@ def main() -> None:
     parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                         help="score with `sa-peft evaluate` (else with the training run's own final evaluation)")
     parser.add_argument("--jobs", type=int, default=1, help="rows run side by side")
+    parser.add_argument("--reuse_runs", action="store_true",
+                        help="use a finished training run found in the row's folder (an interrupted benchmark)")
     parser.add_argument("--work_dir", default="/tmp/sa-peft-sd3-digits")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "sd3_digits_forgetting.json"))
     args = parser.parse_args()
