@@ -92,7 +92,8 @@ def evaluate_before_after(pipe, classifier, prompts: Sequence[str], forget_promp
                           output_dir: str | os.PathLike, *, num_per_prompt: int, seed: int, num_inference_steps: int,
                           guidance_scale: float, batch_size: int = 50, prompt_labels: Sequence[str] | None = None,
                           forget_labels: Sequence[str] | None = None, clip_model: ClipModel | None = None,
-                          disable_adapter=None, enable_adapter=None, cache: dict | None = None, log=print) -> dict:
+                          disable_adapter=None, enable_adapter=None, cache: dict | None = None, log=print,
+                          resolution: int | None = None) -> dict:
     """Score the base model, then (if ``enable_adapter``) the adapted one, and write the report to ``output_dir``.
 
     ``classifier`` is what ``load_classifier`` returns (digits, CLIP or NudeNet). ``disable_adapter`` /
@@ -107,6 +108,8 @@ def evaluate_before_after(pipe, classifier, prompts: Sequence[str], forget_promp
     common = {"num_per_prompt": num_per_prompt, "seed": seed, "batch_size": batch_size,
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
               "clip_model": clip_model, "allow_unlabeled": allow_unlabeled, "keep_samples": 10}
+    if resolution is not None:  # else the pipeline's own size (callers that never pass it call as before)
+        common["resolution"] = resolution
     cache = cache or {}
 
     def cached(stage):

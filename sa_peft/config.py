@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .checks import check_number, check_output_apart, check_positive_int, check_writable
 from .data import SURROGATE_TYPES
-from .defaults import DEFAULT_REPLAY_PROMPTS_FILE, digits_defaults
+from .defaults import DEFAULT_REPLAY_PROMPTS_FILE, DIGITS_MODELS, digits_defaults
 from .diffusion_loss import WEIGHTING_SCHEMES
 from .errors import InputError, MissingInputError, with_flags
 from .fisher import ESTIMATORS
@@ -267,7 +267,8 @@ class SelectiveAmnesiaConfig:
 
     @property
     def on_digits(self) -> bool:
-        return self.pretrained_model_name_or_path == "builtin:digits"
+        """A built-in digits model (the UNet one or the SD3-shaped one): the same prompts, classifier and job."""
+        return self.pretrained_model_name_or_path in DIGITS_MODELS
 
     def _default(self, name: str, value) -> None:
         if getattr(self, name) is None:

@@ -8,6 +8,8 @@ from .errors import InputError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_PROMPTS = tuple(f"a handwritten digit {w}" for w in DIGIT_WORDS)
+# The built-in models trained on the digits (examples/digits/): their runs default to the digits job.
+DIGITS_MODELS = ("builtin:digits", "builtin:digits-sd3")
 DEFAULT_REPLAY_PROMPTS_FILE = os.path.join(os.path.dirname(__file__), "resources", "replay_prompts.txt")
 
 

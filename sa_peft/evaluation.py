@@ -107,6 +107,7 @@ def iter_samples(
     cache_dir: str | os.PathLike | None = None,
     cache_settings: dict | None = None,
     desc: str = "evaluation samples",
+    resolution: int | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(prompt, images [n, C, H, W] in [0, 1])`` in prompt order, sampling with DDIM (eta 0).
 
@@ -116,13 +117,16 @@ def iter_samples(
     fills batches too). With ``cache_dir`` each prompt's samples are stored as uint8 in a
     ``SampleCache`` as soon as it is complete and read back on a later run; the returned images are
     then always the uint8 values, so a resumed run scores exactly what an uninterrupted one does.
-    The pipeline's scheduler is swapped for DDIM and restored afterwards.
+    The pipeline's scheduler is swapped for DDIM and restored afterwards; a flow-matching pipeline (SD3, FLUX) keeps
+    its own (``ddim_sampling``). ``resolution``: the image side in pixels (default: the pipeline's own default size,
+    which for FLUX is 128 latents whatever the model, so a small FLUX needs it).
     """
     if num_per_prompt <= 0:
         raise InputError(f"num_per_prompt must be positive, got {num_per_prompt}")
     if batch_size <= 0:
         raise InputError(f"batch_size must be positive, got {batch_size}")
     prompts = list(dict.fromkeys(prompts))
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
     cache = SampleCache(cache_dir, cache_settings) if cache_dir is not None else None
     parts: dict[str, list[torch.Tensor]] = {}
     cached_count: dict[str, int] = {}
@@ -156,7 +160,8 @@ def iter_samples(
                 generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for _, i in chunk]
                 with torch.no_grad():
                     images = pipe(prompt=[p for p, _ in chunk], num_inference_steps=num_inference_steps,
-                                  guidance_scale=guidance_scale, generator=generators, output_type="pt").images
+                                  guidance_scale=guidance_scale, generator=generators, output_type="pt",
+                                  **size).images
                 images = images.detach().float().cpu().clamp(0, 1)
                 if cache is not None:
                     images = _quantize(images).float() / 255
@@ -534,6 +539,7 @@ def evaluate_pipeline(
     allow_unlabeled: bool = False,
     show_progress: bool = True,
     desc: str = "evaluation samples",
+    resolution: int | None = None,
 ) -> dict:
     """Sample every prompt (and every forget prompt) and score the samples, prompt by prompt.
 
@@ -548,7 +554,8 @@ def evaluate_pipeline(
     ``features`` of the base model's run) adds ``fd_to_base``: Fréchet distance and KID between this
     run's and the base run's samples of the retained prompts, in the feature space of the classifier
     (CLIP image embeddings for a CLIP classifier; CLIP's for a detector when ``clip_model`` is given).
-    ``cache_dir`` stores samples per prompt (see ``iter_samples``) so a run can resume.
+    ``cache_dir`` stores samples per prompt (see ``iter_samples``) so a run can resume. ``resolution``: the image
+    side (default: the pipeline's own).
 
     Returns a dict with ``per_prompt`` (accuracy, ``p_forgotten`` = mean P(y ∈ forgotten), mean
     entropy of p(y|x) in nats, predicted-class histogram, ``clip_score``, ``fd_to_base``/``kid_to_base``,
@@ -582,7 +589,8 @@ def evaluate_pipeline(
     off_flags: list[torch.Tensor] = []
     stream = iter_samples(pipe, all_prompts, num_per_prompt, seed, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, batch_size=batch_size, show_progress=show_progress,
-                          cache_dir=cache_dir, cache_settings=cache_settings, desc=desc)
+                          cache_dir=cache_dir, cache_settings=cache_settings, desc=desc,
+                          **({} if resolution is None else {"resolution": resolution}))
     tick = time.time()
     for prompt, images in stream:
         sampling += time.time() - tick

@@ -40,7 +40,8 @@ def _loaded_layer_count(pipe, adapter: str) -> int:
     from peft.tuners.lora import LoraLayer
 
     count = 0
-    for name in (*LORA_COMPONENTS, "transformer"):  # SD3's and FLUX's denoiser is ``pipe.transformer``
+    # SD3's and FLUX's LoRAs live on ``pipe.transformer``; LORA_COMPONENTS lists the UNet families' (kohya export).
+    for name in ("transformer", *LORA_COMPONENTS):
         component = getattr(pipe, name, None)
         if isinstance(component, torch.nn.Module):
             count += sum(1 for m in component.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)

@@ -13,7 +13,8 @@ from .errors import InputError, MissingInputError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTIN_MODELS = {"digits": "digits", "digits-classifier": "digits-classifier"}
+BUILTIN_MODELS = {"digits": "digits", "digits-sd3": "digits-sd3", "digits-classifier": "digits-classifier"}
+BUILTIN_SCRIPTS = {"digits-sd3": "train_digits_sd3_model.py"}  # the others: train_digits_model.py
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -32,7 +33,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if not folder.is_dir():
         raise MissingInputError(
             f"built-in model {name!r} is not installed at {folder}; reinstall sa-peft or run "
-            "examples/digits/train_digits_model.py to build it"
+            f"examples/digits/{BUILTIN_SCRIPTS.get(alias, 'train_digits_model.py')} to build it"
         )
     return str(folder)
 
@@ -56,6 +57,7 @@ def load_pipeline(
 
     path = resolve_model_path(name_or_path)
     class_name = None  # read from a local folder's model_index.json; a hub id's is known once loaded
+    absent = {}
     if os.path.exists(path):
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "model_index.json")):
             raise InputError(
@@ -63,8 +65,10 @@ def load_pipeline(
                 "model_index.json); pass a folder written by save_pretrained, a hub id, or builtin:digits"
             )
         with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
-            class_name = json.load(f).get("_class_name")
+            index = json.load(f)
+        class_name = index.get("_class_name")
         check_pipeline_class(class_name, path, supported)
+        absent = absent_components(class_name, index)
     elif str(name_or_path).count("/") != 1 or os.path.isabs(path) or path.startswith((".", "~")):
         raise MissingInputError(
             f"`pretrained_model_name_or_path` {path!r}: no such folder, and it does not look like a hub id "
@@ -80,10 +84,22 @@ def load_pipeline(
         dtype=torch_dtype,
         use_safetensors=True,
         **no_checker,
+        **absent,
     )
     check_pipeline_class(type(pipe).__name__, path, supported)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def absent_components(class_name: str | None, index: dict) -> dict:
+    """``{name: None}`` for the components an SD3 folder declares absent (``[null, null]`` in model_index.json).
+
+    SD3 runs without its T5 (the pipeline zero-pads the T5 part of the context; ``builtin:digits-sd3`` has none), but
+    diffusers only loads such a folder when ``text_encoder_3=None, tokenizer_3=None`` are passed: they are not among
+    the pipeline's optional components."""
+    if class_name != SD3_PIPELINE:
+        return {}
+    return {name: None for name in ("text_encoder_3", "tokenizer_3") if (index.get(name) or [None])[0] is None}
 
 
 # The pipeline class names sa-peft records (adapter headers' ``base_pipeline``) and trains.

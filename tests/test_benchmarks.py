@@ -82,3 +82,42 @@ def test_attacks_smoke(tmp_path):
     for row in ("| zero | base model |", "| zero | default |", "| zero | robust |", "relearn_real"):
         assert row in table
     assert len((tmp_path / "attacks.jsonl").read_text().splitlines()) == 2
+
+
+def _sd3_benchmark():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sd3_digits_forgetting.py"
+    spec = importlib.util.spec_from_file_location("sd3_digits_forgetting", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sd3_digits_benchmark_runs_the_defaults_and_judges_like_the_unet_one(tmp_path):
+    """The training command passes only the documented flags (plus ``--classifier ''`` when ``sa-peft evaluate``
+    scores it), and a row is judged by the UNet benchmark's targets, misses included."""
+    bench = _sd3_benchmark()
+    cmds = bench.commands(3, 0, tmp_path, 50)
+    assert bench.shown(cmds["train"]) == (
+        "python training_scripts/train_sa_lora.py --pretrained_model_name_or_path builtin:digits-sd3 --forget_prompt "
+        f"'a handwritten digit three' --surrogate_prompt 'a handwritten digit four' --output_dir {tmp_path} --seed 0 "
+        "--classifier ")
+    assert bench.commands(3, 0, tmp_path, 50, evaluate=False)["train"][-2:] == ["--seed", "0"]
+    assert bench.shown(cmds["evaluate"]).startswith("sa-peft evaluate --pretrained_model_name_or_path builtin:digits-sd3")
+
+    def stage(p_three, hist_three, accuracy, fd, off):
+        per_prompt = {p: {"p_forgotten": None, "histogram": [0] * 10} for p in bench.DIGIT_PROMPTS}
+        per_prompt[bench.DIGIT_PROMPTS[3]] = {"p_forgotten": p_three, "histogram": hist_three}
+        return {"per_prompt": per_prompt, "retained": {"mean_accuracy": accuracy}, "num_per_prompt": 20,
+                "quality": {"frechet_distance": fd, "off_manifold_rate": off}, "settings": {"sampler": "s"}}
+
+    before = stage(0.97, [0, 0, 0, 20, 0, 0, 0, 0, 0, 0], 1.0, 10.0, 0.04)
+    good = bench.judge({"before": before, "after": stage(0.01, [0, 0, 0, 0, 20, 0, 0, 0, 0, 0], 0.996, 10.4, 0.05)},
+                       3, True)
+    assert good["as_surrogate"] == 1.0 and all(good["checks"].values())
+    bad = bench.judge({"before": before, "after": stage(0.03, [0, 0, 0, 1, 19, 0, 0, 0, 0, 0], 0.99, 10.6, 0.06)},
+                      3, True)
+    assert bad["as_surrogate"] == 0.95
+    assert {k for k, ok in bad["checks"].items() if not ok} == {
+        "P ≤ 0.02", "retained drop ≤ 0.005", "FD ≤ base + 5 %", "off-manifold ≤ base + 1 pt", "verdict agrees"}

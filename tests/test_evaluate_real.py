@@ -230,7 +230,7 @@ def no_pipeline(monkeypatch):
     """Records any attempt to load (and so sample from) a pipeline."""
     loaded = []
 
-    def fail(args):
+    def fail(args, supported=None):
         loaded.append(args)
         raise AssertionError("the pipeline must not be loaded")
 

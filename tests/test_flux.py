@@ -383,3 +383,30 @@ def test_kohya_single_block_linear1_at_flux_widths_splits_back_exactly():
         expected = (0.5 * state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"] if m in members
                     else torch.zeros(12288, 3072))
         torch.testing.assert_close(delta, expected)
+
+
+def test_evaluate_command_on_a_flux_folder_with_a_lora(flux_dir, tmp_path):
+    """``sa-peft evaluate`` on FLUX: its own scheduler, ``--resolution`` (FluxPipeline's default is 128 latents
+    whatever the model), and a transformer LoRA stacked through ``load_lora_weights`` changes the samples."""
+    from peft.utils import get_peft_model_state_dict
+
+    from sa_peft.cli import build_parser
+
+    lora_pipe = build_tiny_flux_pipeline(guidance_embeds=True)
+    add_forget_lora(lora_pipe.transformer)
+    FluxPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(
+        lora_pipe.transformer), safe_serialization=True)
+    out = tmp_path / "eval"
+    args = build_parser().parse_args([
+        "evaluate", "--pretrained_model_name_or_path", str(flux_dir), "--prompt", "a handwritten digit one",
+        "--forget_prompt", "a handwritten digit zero", "--lora", str(tmp_path / "lora"), "--num_images_per_prompt", "2",
+        "--num_inference_steps", "2", "--resolution", "16", "--output_dir", str(out), "--device", "cpu"])
+    result = args.func(args)
+    before, after = result["before"], result["after"]
+    assert before["settings"]["sampler"] == "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
+    assert "FlowMatchEulerDiscreteScheduler (the pipeline's own)" in (out / "report.md").read_text()
+    one = "a handwritten digit one"
+    assert before["samples"][one].shape == after["samples"][one].shape == (2, 3, 16, 16)
+    assert not torch.allclose(before["samples"][one], after["samples"][one])
+    settings = json.loads(next((out / "samples").glob("base-*/settings.json")).read_text())
+    assert settings["resolution"] == 16 and settings["sampler"] == before["settings"]["sampler"]

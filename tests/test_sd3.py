@@ -280,19 +280,60 @@ def test_unsupported_pipeline_class_is_refused_before_loading(tmp_path, train):
     assert "StableDiffusion3Pipeline" in supported
 
 
-def test_commands_without_sd3_support_refuse_it_by_name(sd3_dir, tmp_path, capsys):
-    from sa_peft import cli
-
+def test_load_pipeline_takes_sd3_only_when_asked(sd3_dir):
     with pytest.raises(ValueError, match="is a StableDiffusion3Pipeline, .*supported pipelines: StableDiffusionPipeline, "
                                          "StableDiffusionXLPipeline$"):
         load_pipeline(sd3_dir)
     assert type(load_pipeline(sd3_dir, supported=TRAINING_PIPELINES)).__name__ == "StableDiffusion3Pipeline"
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a handwritten digit zero\n")
-    assert cli.main(["evaluate", "--pretrained_model_name_or_path", str(sd3_dir), "--prompts_file", str(prompts),
-                     "--classifier", "builtin:digits-classifier", "--output_dir", str(tmp_path / "eval"),
-                     "--device", "cpu"]) != 0
-    assert "is a StableDiffusion3Pipeline, which this command does not support" in capsys.readouterr().err
+
+
+FLOW_SAMPLER = "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
+
+
+def save_transformer_lora(pipe, folder, seed=0):
+    """A random forget LoRA on ``pipe``'s transformer, saved as the training script saves it."""
+    from peft.utils import get_peft_model_state_dict
+
+    add_forget_lora(pipe.transformer, seed=seed)
+    type(pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 safe_serialization=True)
+
+
+def test_evaluate_command_on_an_sd3_folder_with_a_lora(sd3_dir, tmp_path):
+    """``sa-peft evaluate`` on SD3: the pipeline's own scheduler (named in the report and the cache key), and a
+    transformer LoRA stacked through ``load_lora_weights`` changes the samples."""
+    from sa_peft.cli import build_parser
+
+    save_transformer_lora(build_tiny_sd3_pipeline(), tmp_path / "lora")
+    out = tmp_path / "eval"
+    args = build_parser().parse_args([
+        "evaluate", "--pretrained_model_name_or_path", str(sd3_dir), "--prompt", "a handwritten digit one",
+        "--forget_prompt", "a handwritten digit zero", "--lora", str(tmp_path / "lora"), "--num_images_per_prompt", "2",
+        "--num_inference_steps", "2", "--output_dir", str(out), "--device", "cpu"])
+    result = args.func(args)
+    before, after = result["before"], result["after"]
+    assert before["settings"]["sampler"] == after["settings"]["sampler"] == FLOW_SAMPLER
+    assert FLOW_SAMPLER in (out / "report.md").read_text()
+    assert before["samples"]["a handwritten digit one"].shape == (2, 3, 32, 32)
+    assert not torch.allclose(before["samples"]["a handwritten digit one"], after["samples"]["a handwritten digit one"])
+    caches = {p.parent.name.split("-")[0]: json.loads(p.read_text()) for p in (out / "samples").glob("*/settings.json")}
+    assert sorted(caches) == ["adapted", "base"] and caches["base"]["sampler"] == FLOW_SAMPLER
+
+
+def test_a_lora_of_another_base_is_refused_on_sd3(tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    from sa_peft.merge import stack_forget_loras
+
+    unet_pipe = build_tiny_pipeline()
+    add_forget_lora(unet_pipe.unet)
+    type(unet_pipe).save_lora_weights(tmp_path / "unet-lora", unet_lora_layers=get_peft_model_state_dict(unet_pipe.unet),
+                                      safe_serialization=True)
+    with pytest.raises(ValueError, match="lora.* LoRA layers match this StableDiffusion3Pipeline|does not fit this "
+                                         "StableDiffusion3Pipeline"):
+        stack_forget_loras(build_tiny_sd3_pipeline(), [tmp_path / "unet-lora"])
+    save_transformer_lora(build_tiny_sd3_pipeline(), tmp_path / "sd3-lora")
+    assert stack_forget_loras(build_tiny_sd3_pipeline(), [tmp_path / "sd3-lora"]) == ["forget_000_"]
 
 
 def test_generate_and_fisher_commands_on_an_sd3_folder(sd3_dir, tmp_path, capsys):

@@ -20,6 +20,7 @@ from ..classifier import (
 from ..defaults import DIGIT_PROMPTS
 from ..errors import InputError, MissingInputError
 from ..merge import stack_forget_loras
+from ..models import TRAINING_PIPELINES, sampler_description
 from ..prompts import read_prompts_file
 from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args, speaking_flags
 
@@ -68,6 +69,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="forgotten class, by name (a --class_text for clip:) or index (repeatable); default: the "
                              "forget prompts' classes")
     parser.add_argument("--num_images_per_prompt", type=int, default=100, help="samples per prompt")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels (default: the pipeline's own; FLUX's is 1024 whatever the model)")
     add_scoring_sampling_arguments(parser)
     parser.add_argument("--output_dir", required=True,
                         help="where metrics.json, report.md, samples_grid.png and the sample cache (samples/) go")
@@ -132,8 +135,9 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def sample_cache_settings(args: argparse.Namespace, stage: str) -> dict:
-    """What the samples of ``stage`` (``base`` or ``adapted``) depend on: model, LoRAs (by content), sampler."""
+def sample_cache_settings(args: argparse.Namespace, stage: str, sampler: str = "DDIM, eta 0") -> dict:
+    """What the samples of ``stage`` (``base`` or ``adapted``) depend on: model, LoRAs (by content), sampler
+    (``sampler_description`` of the pipeline: DDIM for the UNet families, their own scheduler for SD3 and FLUX)."""
     settings = {
         "stage": stage,
         "model": str(args.pretrained_model_name_or_path),
@@ -142,9 +146,11 @@ def sample_cache_settings(args: argparse.Namespace, stage: str) -> dict:
         "seed": args.seed,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
-        "sampler": "DDIM, eta 0",
+        "sampler": sampler,
         "format": "uint8 images [n, C, H, W]",
     }
+    if getattr(args, "resolution", None) is not None:  # only when given: caches made without the flag stay valid
+        settings["resolution"] = args.resolution
     if stage == "adapted":
         settings["loras"] = [{"path": os.path.abspath(p), "sha256": _file_digest(p)} for p in args.lora]
         settings["lora_weights"] = list(args.lora_weight) or [1.0] * len(args.lora)
@@ -175,6 +181,7 @@ def run(args: argparse.Namespace) -> dict:
                        [("pretrained_model_name_or_path", args.pretrained_model_name_or_path)], allow_inside=True)
     check_writable(args.output_dir, "output_dir")
     check_positive_int(args.num_inference_steps, "num_inference_steps")
+    check_positive_int(args.resolution, "resolution")
     check_number(args.guidance_scale, "guidance_scale", low=0)
     check_number(args.seed, "seed", low=0)
     if args.lora_weight and len(args.lora_weight) != len(args.lora):
@@ -196,13 +203,15 @@ def run(args: argparse.Namespace) -> dict:
                                  device=args.device)
     resolve_evaluation_labels(classifier, prompts, args.label, forget_prompts, args.forget_label)  # fail early
     clip_model = ClipModel(args.clip_score_model, device=args.device) if args.clip_score_model else None
-    pipe = load_pipeline_from_args(args)
+    # SD 1.x/2.x and SDXL sample with DDIM; SD3 and FLUX with their own flow-matching scheduler (iter_samples).
+    pipe = load_pipeline_from_args(args, supported=TRAINING_PIPELINES)
     cache = {}
     for stage in ("base", "adapted") if args.lora else ("base",):
-        settings = sample_cache_settings(args, stage)
+        settings = sample_cache_settings(args, stage, sampler_description(pipe))
         cache[stage] = (_cache_dir(args, settings), settings)
     return evaluate_before_after(
         pipe, classifier, prompts, forget_prompts, args.output_dir, num_per_prompt=args.num_images_per_prompt,
         seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, prompt_labels=args.label, forget_labels=args.forget_label, clip_model=clip_model,
-        enable_adapter=(lambda: stack_forget_loras(pipe, args.lora, args.lora_weight)) if args.lora else None, cache=cache)
+        enable_adapter=(lambda: stack_forget_loras(pipe, args.lora, args.lora_weight)) if args.lora else None, cache=cache,
+        resolution=args.resolution)
