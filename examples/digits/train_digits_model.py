@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import StableDiffusionPipeline
 
     from sa_peft.classifier import load_classifier
-    from sa_peft.evaluation import evaluate_pipeline
+    from sa_peft.evaluation import _without_samples, evaluate_pipeline
     from sa_peft.models import load_pipeline
     from sa_peft.testing.tokenizer import write_clip_tokenizer
 
@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
             "vae_recon_accuracy": recon_acc, "lr": args.lr, "ema_decay": args.ema_decay,
             "separation_weight": args.separation_weight, "prompt_embeddings": emb, "classifier_accuracy": accuracy,
             "nn_train_samples": nn_samples, "nn_train_real": nn_real, "torch": torch.__version__,
-            "cpu": f"1 thread of {cpu_name()}", "evaluation": {k: v for k, v in metrics.items() if k != "samples"},
+            "cpu": f"1 thread of {cpu_name()}", "evaluation": _without_samples(metrics),
         }
         write_model_card(staging, facts)
         with open(os.path.join(staging, "training_facts.json"), "w") as f:
