@@ -538,3 +538,27 @@ def test_snr_gamma_refusal_is_a_whole_sentence(sd3_pipe):
                                          r"models \(SD3, FLUX\) weight the loss by `weighting_scheme` instead: drop "
                                          r"`snr_gamma`$"):
         snr_weights(noise_scheduler_for(sd3_pipe.scheduler), torch.tensor([10]), 5.0)
+
+
+def test_merge_command_fuses_an_sd3_lora_into_a_pipeline_folder_and_refuses_a_single_file(sd3_dir, tmp_path):
+    from sa_peft.cli import build_parser
+    from sa_peft.merge import stack_forget_loras
+
+    lora_pipe = build_tiny_sd3_pipeline()
+    save_transformer_lora(lora_pipe, tmp_path / "lora", seed=3)
+    args = build_parser().parse_args(["merge", "--pretrained_model_name_or_path", str(sd3_dir), "--lora",
+                                      str(tmp_path / "lora"), "--lora_weight", "0.5", "--output_dir",
+                                      str(tmp_path / "merged")])
+    args.func(args)
+    merged = load_pipeline(str(tmp_path / "merged"), supported=TRAINING_PIPELINES)
+    stacked = load_pipeline(str(sd3_dir), supported=TRAINING_PIPELINES)
+    stack_forget_loras(stacked, [tmp_path / "lora"], [0.5])
+    plain = load_pipeline(str(sd3_dir), supported=TRAINING_PIPELINES)
+    a, b, c = (sample(p, steps=2) for p in (merged, stacked, plain))
+    assert np.abs(a - b).max() < 1e-4 and np.abs(a - c).max() > 1e-3  # the LoRA at weight 0.5, fused
+    args = build_parser().parse_args(["merge", "--pretrained_model_name_or_path", str(sd3_dir), "--lora",
+                                      str(tmp_path / "lora"), "--single_file", str(tmp_path / "m.safetensors")])
+    with pytest.raises(ValueError, match="StableDiffusion3Pipeline.*--single_file writes the original Stable "
+                                         "Diffusion \\(UNet\\) checkpoint layout; for SD3 and FLUX pass --output_dir"):
+        args.func(args)
+    assert not (tmp_path / "m.safetensors").exists()

@@ -17,7 +17,7 @@ from ..merge import (
     save_merged_pipeline,
     save_single_file_checkpoint,
 )
-from ..models import load_pipeline
+from ..models import TRAINING_PIPELINES, TRANSFORMER_PIPELINES, UNET_PIPELINES, load_pipeline
 from .common import add_model_arguments, speaking_flags
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -83,7 +83,15 @@ def run(args: argparse.Namespace):
     weights = check_lora_weights(args.lora, args.lora_weight)
     files = [resolve_adapter_file(p, "lora") for p in args.lora]  # safetensors only, checked before loading
     base = _base_model(args, files)
-    pipe = load_pipeline(base, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    # SD3 and FLUX merge into a pipeline folder; the single file is the original UNet checkpoint layout only.
+    try:
+        pipe = load_pipeline(base, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                             supported=UNET_PIPELINES if args.single_file is not None else TRAINING_PIPELINES)
+    except InputError as err:
+        if args.single_file is not None and any(f"is a {name}," in str(err) for name in TRANSFORMER_PIPELINES):
+            raise InputError(f"{err}. --single_file writes the original Stable Diffusion (UNet) checkpoint layout; "
+                             "for SD3 and FLUX pass --output_dir only") from None
+        raise
     pipe.to(args.device)
     merge_forget_loras(pipe, files, weights)
     pipe.to("cpu")
