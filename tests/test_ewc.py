@@ -556,3 +556,15 @@ def test_bf16_lora_weights_get_a_float32_penalty(space):
     value = EWCPenalty(unet, fisher, space=space)()
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, reference, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("space", ["full", "lowrank"])
+def test_penalty_scales_with_the_fisher_down_to_totals_below_one(space):
+    """P is linear in F: a Fisher 1e-6 as large (each layer's total far below 1) gives a penalty 1e-6 as large,
+    not 0 (the low-rank space divides by each layer's total and keeps only an all-zero layer at 0)."""
+    unet, names = adapted_unet("all", rank=2)
+    fisher = rank_one_fisher(unet, names)
+    small = FisherInfo.from_diagonal({k: v * 1e-6 for k, v in fisher.diagonal.items()}, {})
+    assert max(float(v.sum()) for v in small.diagonal.values()) < 1
+    big, tiny = (EWCPenalty(unet, f, space=space, normalization="none")().item() for f in (fisher, small))
+    assert big > 0 and tiny == pytest.approx(big * 1e-6, rel=1e-4)
