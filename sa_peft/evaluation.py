@@ -543,19 +543,18 @@ def evaluate_pipeline(
 ) -> dict:
     """Sample every prompt (and every forget prompt) and score the samples, prompt by prompt.
 
-    ``classifier`` is an ``ImageClassifier`` (the digits CNN, CLIP zero-shot) or a ``NudeNetDetector``.
-    For a classifier, ``label_for_prompt`` maps a prompt to its class index; every retained prompt
-    (a prompt not in ``forget_prompts``) needs one unless ``allow_unlabeled`` (its accuracy is then
-    ``None``), forget prompts may lack one. ``forgotten_labels`` are the class indices whose
-    probability measures what is left of the forgotten concept. A detector ignores both.
+    ``classifier`` is an ``ImageClassifier`` (the digits CNN, CLIP zero-shot) or a ``NudeNetDetector``. For a
+    classifier, ``label_for_prompt`` maps a prompt to its class index; every retained prompt (a prompt not in
+    ``forget_prompts``) needs one unless ``allow_unlabeled`` (its accuracy is then ``None``), forget prompts may lack
+    one. ``forgotten_labels`` are the class indices whose probability measures what is left of the forgotten concept.
+    A detector ignores both.
 
-    ``clip_model`` (default: the classifier's own CLIP for ``ClipZeroShotClassifier``) adds each
-    prompt's ``clip_score``: the mean of ``100 · max(cos(image, prompt), 0)``. ``base_features`` (the
-    ``features`` of the base model's run) adds ``fd_to_base``: Fréchet distance and KID between this
-    run's and the base run's samples of the retained prompts, in the feature space of the classifier
-    (CLIP image embeddings for a CLIP classifier; CLIP's for a detector when ``clip_model`` is given).
-    ``cache_dir`` stores samples per prompt (see ``iter_samples``) so a run can resume. ``resolution``: the image
-    side (default: the pipeline's own).
+    ``clip_model`` (default: the classifier's own CLIP for ``ClipZeroShotClassifier``) adds each prompt's
+    ``clip_score``: the mean of ``100 · max(cos(image, prompt), 0)``. ``base_features`` (the ``features`` of the base
+    model's run) adds ``fd_to_base``: Fréchet distance and KID between this run's and the base run's samples of the
+    retained prompts, in the feature space of the classifier (CLIP image embeddings for a CLIP classifier; CLIP's for
+    a detector when ``clip_model`` is given). ``cache_dir`` stores samples per prompt (see ``iter_samples``) so a run
+    can resume. ``resolution``: the image side (default: the pipeline's own).
 
     Returns a dict with ``per_prompt`` (accuracy, ``p_forgotten`` = mean P(y ∈ forgotten), mean
     entropy of p(y|x) in nats, predicted-class histogram, ``clip_score``, ``fd_to_base``/``kid_to_base``,
@@ -589,8 +588,7 @@ def evaluate_pipeline(
     off_flags: list[torch.Tensor] = []
     stream = iter_samples(pipe, all_prompts, num_per_prompt, seed, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, batch_size=batch_size, show_progress=show_progress,
-                          cache_dir=cache_dir, cache_settings=cache_settings, desc=desc,
-                          **({} if resolution is None else {"resolution": resolution}))
+                          cache_dir=cache_dir, cache_settings=cache_settings, desc=desc, resolution=resolution)
     tick = time.time()
     for prompt, images in stream:
         sampling += time.time() - tick

@@ -663,7 +663,7 @@ def test_evaluate_pipeline_hands_its_defaults_to_the_sampler_and_reports_them(mo
                                 num_per_prompt=2, seed=7)
     assert calls == [{"prompts": [one, two], "num_per_prompt": 2, "seed": 7, "num_inference_steps": 25,
                       "guidance_scale": 3.0, "batch_size": 50, "show_progress": True, "cache_dir": None,
-                      "cache_settings": None, "desc": "evaluation samples"}]
+                      "cache_settings": None, "desc": "evaluation samples", "resolution": None}]
     assert metrics["settings"] == {
         "prompts": [one, two], "forget_prompts": [], "forgotten_labels": [], "label_for_prompt": {one: 1, two: 2},
         "labels": ["zero", "one", "two"], "sampler": "DDIM, eta 0", "classifier": "_ReferenceClassifier",
@@ -697,7 +697,7 @@ def test_evaluate_pipeline_result_for_a_scripted_run(monkeypatch, tmp_path):
                                 keep_samples=1, show_progress=False, desc="after")
     assert calls == [{"prompts": [one, two, zero], "num_per_prompt": 3, "seed": 3, "num_inference_steps": 4,
                       "guidance_scale": 2.5, "batch_size": 2, "show_progress": False, "cache_dir": tmp_path,
-                      "cache_settings": {"k": 1}, "desc": "after"}]
+                      "cache_settings": {"k": 1}, "desc": "after", "resolution": None}]
     settings = metrics["settings"]
     assert settings["sampler"] == "FlowMatchEulerDiscreteScheduler (the pipeline's own)"
     assert settings["prompts"] == [one, two, zero] and settings["forget_prompts"] == [zero]
