@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import add_forget_lora
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-from train_helpers import load_train_module, run_training, sample
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from train_helpers import hand_flow_losses, load_train_module, run_training, sample
 
 from sa_peft.adapter_io import read_adapter_metadata
 from sa_peft.conditioning import encode_prompts
@@ -23,7 +23,7 @@ from sa_peft.forgetting import ForgettingProbe
 from sa_peft.lora import iter_adapted_layers, make_lora_config, resolve_lora_targets
 from sa_peft.model_card import card_tags
 from sa_peft.models import TRAINING_PIPELINES, is_flux, load_pipeline
-from sa_peft.objective import adapters_disabled, selective_amnesia_loss
+from sa_peft.objective import selective_amnesia_loss
 from sa_peft.testing.tiny_pipeline import FLUX_SCHEDULER_CONFIG, build_tiny_flux_pipeline
 
 PROMPTS = ["brad pitt", "a photo of a cat", "a red car"]
@@ -117,27 +117,6 @@ def flux_script_prediction(transformer, noisy, timesteps, cond, ids, guidance_sc
                                         vae_scale_factor=vae_scale_factor)
 
 
-def hand_flux_losses(pipe, cond, latents, ids, seed, scheme, guidance_scale, frozen_replay_from=None):
-    """The FLUX script's loss: its draws (noise, then u), σ looked up by timestep, packed call, target ε − x₀."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latents.shape, generator=gen)
-    u = compute_density_for_timestep_sampling(scheme, len(latents), 0.0, 1.0, 1.29, generator=gen)
-    timesteps = scheduler.timesteps[(u * 1000).long()]
-    sigmas = torch.stack([scheduler.sigmas[(scheduler.timesteps == t).nonzero().item()] for t in timesteps])
-    sigmas = sigmas.view(-1, 1, 1, 1)
-    noisy = (1.0 - sigmas) * latents + sigmas * noise
-    with torch.no_grad():
-        prediction = flux_script_prediction(pipe.transformer, noisy, timesteps, cond, ids, guidance_scale)
-        target = noise - latents
-        if frozen_replay_from is not None:
-            with adapters_disabled(pipe.transformer):
-                frozen = flux_script_prediction(pipe.transformer, noisy, timesteps, cond, ids, guidance_scale)
-            target = torch.cat([target[:frozen_replay_from], frozen[frozen_replay_from:]])
-    weighting = compute_loss_weighting_for_sd3(scheme, sigmas)
-    return (weighting * (prediction - target) ** 2).reshape(len(latents), -1).mean(1)
-
-
 @pytest.mark.parametrize(("scheme", "replay_target", "guidance_embeds"),
                          [("none", "distill", True), ("logit_normal", "noise", True), ("sigma_sqrt", "distill", False)])
 def test_packed_flow_matching_objective_matches_the_flux_script_by_hand(scheme, replay_target, guidance_embeds):
@@ -149,7 +128,9 @@ def test_packed_flow_matching_objective_matches_the_flux_script_by_hand(scheme, 
         pipe.transformer, noise_scheduler_for(pipe.scheduler, weighting_scheme=scheme), cond, latents[:2],
         torch.tensor([0, 0]), latents[2:], torch.tensor([1, 2]), None, 0.0, 0.5,
         generator=torch.Generator().manual_seed(11), replay_target=replay_target)
-    per_sample = hand_flux_losses(pipe, cond, latents, torch.tensor([0, 0, 1, 2]), 11, scheme, 4.0,
+    ids = torch.tensor([0, 0, 1, 2])
+    per_sample = hand_flow_losses(pipe, latents, 11, scheme,
+                                  lambda noisy, t: flux_script_prediction(pipe.transformer, noisy, t, cond, ids, 4.0),
                                   frozen_replay_from=2 if replay_target == "distill" else None)
     torch.testing.assert_close(out.forget, per_sample[:2].mean(), rtol=1e-5, atol=0)
     torch.testing.assert_close(out.replay, per_sample[2:].mean(), rtol=1e-5, atol=1e-9)

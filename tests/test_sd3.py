@@ -11,7 +11,7 @@ import torch
 from conftest import add_forget_lora
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-from train_helpers import load_train_module, reload_and_compare, run_training, sample
+from train_helpers import hand_flow_losses, load_train_module, reload_and_compare, run_training, sample
 
 from sa_peft.adapter_io import read_adapter_metadata
 from sa_peft.conditioning import check_prompt_clash, encode_prompts
@@ -21,7 +21,7 @@ from sa_peft.fisher import estimate_fisher, fisher_timesteps, load_fisher
 from sa_peft.forgetting import ForgettingProbe
 from sa_peft.lora import TRANSFORMER_LORA_TARGET_PRESETS, iter_adapted_layers, resolve_lora_targets
 from sa_peft.models import TRAINING_PIPELINES, load_pipeline
-from sa_peft.objective import adapters_disabled, selective_amnesia_loss
+from sa_peft.objective import selective_amnesia_loss
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline, build_tiny_sd3_pipeline
 
 PROMPTS = ["brad pitt", "a photo of a cat", "a red car"]
@@ -113,30 +113,6 @@ def test_stratified_timesteps_stratify_the_density():
     torch.testing.assert_close(fisher_timesteps("fast", 1000, 2, gen, noise), noise.stratified_timesteps(1, 2, ref)[0])
 
 
-
-
-def hand_flow_losses(pipe, cond, latents, ids, seed, scheme, frozen_replay_from=None):
-    """The SD3 script's loss, written out: its draws (noise, then u), σ looked up by timestep, target ε − x₀."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latents.shape, generator=gen)
-    u = compute_density_for_timestep_sampling(scheme, len(latents), 0.0, 1.0, 1.29, generator=gen)
-    timesteps = scheduler.timesteps[(u * 1000).long()]
-    sigmas = torch.stack([scheduler.sigmas[(scheduler.timesteps == t).nonzero().item()] for t in timesteps])
-    sigmas = sigmas.view(-1, 1, 1, 1)
-    noisy = (1.0 - sigmas) * latents + sigmas * noise
-    kwargs = {"encoder_hidden_states": cond.encoder_hidden_states[ids], "pooled_projections": cond.text_embeds[ids]}
-    with torch.no_grad():
-        prediction = pipe.transformer(hidden_states=noisy, timestep=timesteps, **kwargs, return_dict=False)[0]
-        target = noise - latents
-        if frozen_replay_from is not None:
-            with adapters_disabled(pipe.transformer):
-                frozen = pipe.transformer(hidden_states=noisy, timestep=timesteps, **kwargs, return_dict=False)[0]
-            target = torch.cat([target[:frozen_replay_from], frozen[frozen_replay_from:]])
-    weighting = compute_loss_weighting_for_sd3(scheme, sigmas)
-    return (weighting * (prediction - target) ** 2).reshape(len(latents), -1).mean(1)
-
-
 @pytest.mark.parametrize("scheme", ["logit_normal", "sigma_sqrt"])
 @pytest.mark.parametrize("replay_target", ["noise", "distill"])
 def test_flow_matching_objective_matches_the_sd3_script_by_hand(scheme, replay_target):
@@ -148,7 +124,13 @@ def test_flow_matching_objective_matches_the_sd3_script_by_hand(scheme, replay_t
         pipe.transformer, noise_scheduler_for(pipe.scheduler, weighting_scheme=scheme), cond, latents[:2],
         torch.tensor([0, 0]), latents[2:], torch.tensor([1, 2]), None, 0.0, 0.5,
         generator=torch.Generator().manual_seed(11), replay_target=replay_target)
-    per_sample = hand_flow_losses(pipe, cond, latents, torch.tensor([0, 0, 1, 2]), 11, scheme,
+    ids = torch.tensor([0, 0, 1, 2])
+    kwargs = {"encoder_hidden_states": cond.encoder_hidden_states[ids], "pooled_projections": cond.text_embeds[ids]}
+
+    def sd3_script_prediction(noisy, timesteps):
+        return pipe.transformer(hidden_states=noisy, timestep=timesteps, **kwargs, return_dict=False)[0]
+
+    per_sample = hand_flow_losses(pipe, latents, 11, scheme, sd3_script_prediction,
                                   frozen_replay_from=2 if replay_target == "distill" else None)
     torch.testing.assert_close(out.forget, per_sample[:2].mean(), rtol=1e-5, atol=0)
     torch.testing.assert_close(out.replay, per_sample[2:].mean(), rtol=1e-5, atol=1e-9)

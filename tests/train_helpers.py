@@ -60,3 +60,31 @@ def reload_and_compare(model_dir, out, trained_pipe, prompt="brad pitt"):
     assert len(list(iter_adapted_layers(denoiser(fresh), "default_0"))) == \
         len(list(iter_adapted_layers(denoiser(trained_pipe))))
     return fresh, trained
+
+
+def hand_flow_losses(pipe, latents, seed, scheme, predict, frozen_replay_from=None):
+    """The SD3/FLUX scripts' per-sample loss written out: their draws (noise, then u), σ looked up by timestep,
+    target ε − x₀ (or, from ``frozen_replay_from`` on, the transformer's own prediction with the adapter off), their
+    loss weighting. ``predict(noisy, timesteps)`` is the family's transformer call."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from sa_peft.objective import adapters_disabled
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=gen)
+    u = compute_density_for_timestep_sampling(scheme, len(latents), 0.0, 1.0, 1.29, generator=gen)
+    timesteps = scheduler.timesteps[(u * 1000).long()]
+    sigmas = torch.stack([scheduler.sigmas[(scheduler.timesteps == t).nonzero().item()] for t in timesteps])
+    sigmas = sigmas.view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    with torch.no_grad():
+        prediction = predict(noisy, timesteps)
+        target = noise - latents
+        if frozen_replay_from is not None:
+            with adapters_disabled(pipe.transformer):
+                frozen = predict(noisy, timesteps)
+            target = torch.cat([target[:frozen_replay_from], frozen[frozen_replay_from:]])
+    weighting = compute_loss_weighting_for_sd3(scheme, sigmas)
+    return (weighting * (prediction - target) ** 2).reshape(len(latents), -1).mean(1)
