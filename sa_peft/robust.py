@@ -6,11 +6,16 @@ prompt's embedding (‖δ_j‖ ≤ ‖e_j‖ per token) under which the adapted 
 ``every`` steps δ is re-optimised (warm-started, a few Adam steps) against the current adapter on the frozen
 model's held-out images of the concept, and half of each surrogate batch is paired with the perturbed
 embedding instead of the plain one, so the surrogate is learned under the attack's embedding too.
+
+Every family the training script trains takes it: δ perturbs the context the denoiser attends to (the UNets'
+cross-attention states, SD3's joint CLIP + T5 context, FLUX's T5 states), and every other field of the
+conditioning (pooled embeddings, SDXL's time ids, FLUX's text ids and guidance) stays the prompt's own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -32,6 +37,13 @@ def with_attack(signal: dict, attacked: dict) -> dict:
                 for p, c in signal["concepts"].items()}
     return {**signal, "concepts": concepts, "reached": all(c["forgotten"] for c in concepts.values()),
             "max_preference": max(signal["max_preference"], attacked["max_preference"])}
+
+
+def _rows(conditioning: PromptConditioning, rows: slice) -> dict:
+    """The per-prompt tensors of ``conditioning`` at ``rows`` (the context detached: δ is what the attack fits)."""
+    pick = lambda t: None if t is None else t[rows]
+    return {"encoder_hidden_states": conditioning.encoder_hidden_states[rows].detach(),
+            "text_embeds": pick(conditioning.text_embeds), "time_ids": pick(conditioning.time_ids)}
 
 
 class AdversarialSoftPrompt:
@@ -57,9 +69,7 @@ class AdversarialSoftPrompt:
         self.last_losses = []
         for i, (prompt, latents) in enumerate(zip(self.forget_prompts, self.concept_latents)):
             row = conditioning.index_of(prompt)
-            single = PromptConditioning([prompt], conditioning.encoder_hidden_states[row:row + 1].detach(),
-                                        None if conditioning.text_embeds is None else conditioning.text_embeds[row:row + 1],
-                                        None if conditioning.time_ids is None else conditioning.time_ids[row:row + 1])
+            single = replace(conditioning, prompts=[prompt], **_rows(conditioning, slice(row, row + 1)))
             self.deltas[i], history = optimise_soft_prompt(unet, scheduler, single, latents, self.attack_steps, self.lr,
                                                            self.epsilon, self.batch_size, self.seed + step + i,
                                                            init=self.deltas[i])
@@ -75,7 +85,7 @@ class AdversarialSoftPrompt:
         for prompt, d in zip(self.forget_prompts, self.deltas):
             row = conditioning.index_of(prompt)
             hidden[row:row + 1] = hidden[row:row + 1] + d.to(hidden.device, hidden.dtype)
-        return PromptConditioning(list(conditioning.prompts), hidden, conditioning.text_embeds, conditioning.time_ids)
+        return replace(conditioning, prompts=list(conditioning.prompts), encoder_hidden_states=hidden)
 
     def augment(self, conditioning: PromptConditioning, surrogate_ids: torch.Tensor
                 ) -> tuple[PromptConditioning, torch.Tensor]:
@@ -87,9 +97,10 @@ class AdversarialSoftPrompt:
         hidden = conditioning.encoder_hidden_states
         perturbed = torch.cat([hidden[r:r + 1] + d.to(hidden.device, hidden.dtype) for r, d in zip(rows, self.deltas)])
         extra = lambda t: None if t is None else torch.cat([t, t[rows]])
-        augmented = PromptConditioning([*conditioning.prompts, *(f"<adversarial>{p}" for p in self.forget_prompts)],
-                                       torch.cat([hidden, perturbed]), extra(conditioning.text_embeds),
-                                       extra(conditioning.time_ids))
+        # FLUX's text_ids and guidance are one per call, not per prompt: they carry over as they are.
+        augmented = replace(conditioning, prompts=[*conditioning.prompts, *(f"<adversarial>{p}" for p in self.forget_prompts)],
+                            encoder_hidden_states=torch.cat([hidden, perturbed]),
+                            text_embeds=extra(conditioning.text_embeds), time_ids=extra(conditioning.time_ids))
         ids = surrogate_ids.clone()
         n = len(conditioning.prompts)
         for k, row in enumerate(rows):

@@ -222,7 +222,7 @@ def test_flux_sets_are_the_pipelines_own_latents_unpacked(flux_pipe, tmp_path):
         check_resolution(pipe, 36)
 
 
-@pytest.mark.parametrize("flag", [["--snr_gamma", "5"], ["--train_text_encoder"], ["--robust_forgetting"]])
+@pytest.mark.parametrize("flag", [["--snr_gamma", "5"], ["--train_text_encoder"]])
 def test_unet_only_flags_are_refused_for_flux(flux_dir, replay_file, tmp_path, train, flag):
     with pytest.raises(ValueError, match=f"{flag[0]}: not supported for FluxPipeline"):
         # a run the check let through would be short: it fails on the refusal's absence, not on a timeout
@@ -231,6 +231,23 @@ def test_unet_only_flags_are_refused_for_flux(flux_dir, replay_file, tmp_path, t
                     "--num_surrogate_images", "2", "--num_replay_images_per_prompt", "1", "--fisher_num_samples", "1",
                     "--generation_num_inference_steps", "1", "--max_train_steps", "1", "--num_probe_images", "1",
                     "--num_validation_images", "1", "--replay_prompts_file", str(replay_file), *flag])
+
+
+@pytest.mark.slow  # a whole tiny run with the in-loop attack (~20 s)
+def test_robust_forgetting_on_flux_attacks_with_the_guidance_embedding(flux_dir, replay_file, tmp_path):
+    """``--robust_forgetting`` on a guidance-distilled FLUX: the attack's δ is fitted and its signal measured
+    through FLUX's own call (text ids, guidance, pooled CLIP), and the adapter reloads."""
+    out = tmp_path / "flux-robust"
+    pipe = run_training(load_train_module(), flux_dir, out, replay_file, "--forget_prompt", "brad pitt",
+                        "--surrogate_prompt", "a middle aged man", "--resolution", str(SIDE),
+                        "--generation_guidance_scale", "3.5", "--robust_forgetting", "--train_full_budget")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert math.isfinite(log[-1]["attacked_preference/brad pitt"]) and math.isfinite(log[-1]["preference/brad pitt"])
+    assert "attacked_preference" in read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]
+    fresh = FluxPipeline.from_pretrained(str(flux_dir), use_safetensors=True)
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_lora_weights(str(out))
+    np.testing.assert_array_equal(flux_sample(fresh), flux_sample(pipe))
 
 
 def test_flux_training_through_the_script_reloads_identically(flux_dir, replay_file, tmp_path):

@@ -50,6 +50,25 @@ def test_attacked_replaces_each_forget_prompts_row_by_its_perturbed_embedding():
     assert torch.equal(cond.encoder_hidden_states, _conditioning(["a", "b", "c"]).encoder_hidden_states)  # not in place
 
 
+def test_attack_embeddings_keep_the_pooled_rows_and_fluxs_text_ids_and_guidance():
+    """FLUX's call marks itself by ``txt_ids`` (and a guidance-distilled one needs ``guidance``): a perturbed
+    conditioning without them would call the transformer as another family's."""
+    cond = _conditioning(["forget a", "keep"])
+    cond = PromptConditioning(cond.prompts, cond.encoder_hidden_states, text_embeds=torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+                              text_ids=torch.zeros(3, 3), guidance=3.5)
+    attacker = AdversarialSoftPrompt(["forget a"], [torch.zeros(1)])
+    attacker.deltas = [torch.full((1, 3, 4), 0.5)]
+    augmented, ids = attacker.augment(cond, torch.tensor([0, 0]))
+    attacked = attacker.attacked(cond)
+    for out in (augmented, attacked):
+        assert out.text_ids is cond.text_ids and out.guidance == 3.5 and out.time_ids is None
+    assert augmented.text_embeds.tolist() == [[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]]  # the perturbed row's own pooled
+    assert torch.equal(attacked.text_embeds, cond.text_embeds)
+    kwargs = augmented.unet_kwargs(ids)
+    assert set(kwargs) == {"encoder_hidden_states", "txt_ids", "guidance", "pooled_projections"}
+    assert kwargs["pooled_projections"].tolist() == [[1.0, 2.0], [1.0, 2.0]] and kwargs["guidance"].tolist() == [3.5, 3.5]
+
+
 def test_a_robust_run_is_forgotten_only_when_forgotten_under_the_attack_too():
     def signal(*prefs):
         concepts = {f"c{i}": {"preference": p, "forgotten": p <= 0} for i, p in enumerate(prefs)}

@@ -381,6 +381,17 @@ def test_sd3_training_through_the_script_reloads_identically(sd3_dir, replay_fil
     assert all(getattr(pipe, n).device.type == "cpu" for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
 
 
+@pytest.mark.slow  # a whole tiny run with the in-loop attack (~15 s)
+def test_robust_forgetting_on_sd3_reloads_and_reports_the_attacked_signal(sd3_dir, replay_file, tmp_path):
+    out = tmp_path / "sd3-robust"
+    pipe = run_training(load_train_module(), sd3_dir, out, replay_file, "--forget_prompt", "brad pitt",
+                        "--surrogate_prompt", "a middle aged man", "--robust_forgetting", "--train_full_budget")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert math.isfinite(log[-1]["attacked_preference/brad pitt"])
+    assert "attacked_preference" in read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]
+    reload_and_compare(sd3_dir, out, pipe)
+
+
 @pytest.mark.slow  # a second whole run: diffusers' SD3 preset, another scheme and replay target
 def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir, tmp_path):
     """The attn preset holds the last block's attn.add_q_proj, whose Fisher is 0 (its context output is discarded):

@@ -216,7 +216,7 @@ def load_base_pipeline(config: SelectiveAmnesiaConfig, accelerator):
 
 # Flags whose code is written for UNets only, refused on SD3 and FLUX before any work (rather than run wrongly).
 SD3_UNSUPPORTED_FLAGS = {"train_text_encoder": "--train_text_encoder", "snr_gamma": "--snr_gamma",
-                         "output_kohya_format": "--output_kohya_format", "robust_forgetting": "--robust_forgetting"}
+                         "output_kohya_format": "--output_kohya_format"}
 
 
 def check_sd3_flags(config, pipeline: str = "StableDiffusion3Pipeline") -> None:
