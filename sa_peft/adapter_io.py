@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from .errors import InputError, MissingInputError
 from .io_utils import share_file
-from .models import FLUX_PIPELINE, SDXL_PIPELINE, TRANSFORMER_PIPELINES, is_flux, is_sd3, is_sdxl
+from .models import FLUX_PIPELINE, SD3_PIPELINE, SDXL_PIPELINE, TRANSFORMER_PIPELINES, is_flux, is_sd3, is_sdxl
 from .safetensors_header import read_safetensors_header
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -68,8 +68,8 @@ def save_forget_lora(
             kwargs["text_encoder_lora_layers"] = text_encoder_lora_layers
             kwargs["text_encoder_lora_adapter_metadata"] = text_encoder_adapter_metadata
         if text_encoder_2_lora_layers:
-            if pipeline_class.__name__ != SDXL_PIPELINE:
-                raise ValueError("text_encoder_2_lora_layers: only SDXL has a second text encoder")
+            if pipeline_class.__name__ not in (SDXL_PIPELINE, SD3_PIPELINE):
+                raise ValueError("text_encoder_2_lora_layers: only SDXL and SD3 have a second CLIP text encoder")
             kwargs["text_encoder_2_lora_layers"] = text_encoder_2_lora_layers
             kwargs["text_encoder_2_lora_adapter_metadata"] = text_encoder_2_adapter_metadata
         # SD3's and FLUX's savers name the denoiser "transformer" (keys ``transformer.…``), SD/SDXL's "unet".
@@ -361,7 +361,11 @@ def export_kohya(
         from .kohya_flux import flux_kohya_state_dict
 
         scales = {k.partition(".")[2]: scale for k, (_, scale) in layer_scales(state_dict, configs).items()}
-        return _write_kohya(flux_kohya_state_dict(state_dict, scales), path, header_out, metadata, None)
+        kohya = flux_kohya_state_dict(state_dict, scales)
+        text = {k: v for k, v in state_dict.items() if k.startswith("text_encoder.")}
+        if text:  # --train_text_encoder's CLIP: kohya's FLUX scripts name it as SDXL's first encoder (lora_te1_…)
+            kohya.update(kohya_state_dict(text, configs, sdxl=True))
+        return _write_kohya(kohya, path, header_out, metadata, None)
     sdxl = is_sdxl(layout or {}) or any(
         k.startswith(("text_encoder_2.", "unet.add_embedding.")) for k in state_dict)
     if sdxl and not (layout or {}).get("layers_per_block"):

@@ -104,13 +104,6 @@ def encode_prompts_with_grad(pipe, prompts: Sequence[str], resolution: int | Non
     return PromptConditioning(unique, hidden)
 
 
-def tokenize_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """Token ids as the pipeline's ``encode_prompt`` makes them (padded to the tokenizer's max length)."""
-    tokenizer = pipe.tokenizer
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def check_prompt_clash(pipe, forget: Sequence[str], replay: Sequence[str]) -> None:
     """Refuse a replay prompt the model cannot tell from a forget prompt.
 

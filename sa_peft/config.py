@@ -204,8 +204,10 @@ class SelectiveAmnesiaConfig:
     use_rslora: bool = _flag(False, "rank-stabilised LoRA scaling alpha/sqrt(rank)", action="store_true")
     lora_target: str = _flag("all", f"preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names" + D)
     train_text_encoder: bool = _flag(
-        False, "also train a LoRA on the text encoder's attention (SD 1.x/2.x); the EWC penalty covers the UNet only, "
-               "so the text encoder is held by replay alone", action="store_true")
+        False, "also train a LoRA on the CLIP text encoders' attention (SD 1.x/2.x: its CLIP; SDXL and SD3: both CLIPs; "
+               "FLUX: its CLIP, which gives the pooled embedding), as diffusers' scripts do; T5 stays frozen and off "
+               "the device. The EWC penalty covers the denoiser only, so the text encoders are held by replay alone",
+        action="store_true")
     output_kohya_format: bool = _flag(False, "also write an A1111/ComfyUI-keyed copy", action="store_true",
                                       resume_free=True)
     classifier: str | None = _flag(

@@ -222,7 +222,7 @@ def test_flux_sets_are_the_pipelines_own_latents_unpacked(flux_pipe, tmp_path):
         check_resolution(pipe, 36)
 
 
-@pytest.mark.parametrize("flag", [["--snr_gamma", "5"], ["--train_text_encoder"]])
+@pytest.mark.parametrize("flag", [["--snr_gamma", "5"]])
 def test_unet_only_flags_are_refused_for_flux(flux_dir, replay_file, tmp_path, train, flag):
     with pytest.raises(ValueError, match=f"{flag[0]}: not supported for FluxPipeline"):
         # a run the check let through would be short: it fails on the refusal's absence, not on a timeout
@@ -348,6 +348,35 @@ def test_kohya_export_of_a_flux_adapter_loads_to_the_same_images(tmp_path):
     fresh.load_lora_weights(str(kohya_file))
     np.testing.assert_allclose(flux_sample(fresh), flux_sample(pipe), atol=1e-5)
     assert np.abs(flux_sample(pipe) - flux_sample(build_tiny_flux_pipeline())).max() > 1e-3
+
+
+def test_kohya_export_of_a_flux_adapter_keeps_the_text_encoders_lora(tmp_path):
+    """With ``--train_text_encoder`` the CLIP encoder's LoRA is written as kohya's FLUX scripts name it
+    (``lora_te1_text_model_…``), and diffusers' kohya FLUX reader gives the same images (without it they differ)."""
+    from conftest import add_text_encoder_lora
+    from safetensors.torch import load_file
+
+    from sa_peft.adapter_io import export_kohya, save_forget_lora
+
+    pipe = build_tiny_flux_pipeline()
+    pipe.transformer.add_adapter(make_lora_config(["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v"], 2))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in iter_adapted_layers(pipe.transformer):
+            for w in (layer.module.lora_A["default"].weight, layer.module.lora_B["default"].weight):
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
+    layers, config = add_text_encoder_lora(pipe.text_encoder, rank=2, alpha=3.0, seed=5)
+    file = save_forget_lora(tmp_path / "lora", pipe.transformer, {"forget_prompts": ["brad pitt"]},
+                            text_encoder_lora_layers=layers, text_encoder_adapter_metadata=config)
+    kohya = load_file(export_kohya(file, tmp_path / "kohya.safetensors"))
+    text_keys = [k for k in kohya if not k.startswith("lora_unet_")]
+    assert text_keys and all(k.startswith("lora_te1_text_model_encoder_layers_") for k in text_keys)
+    fresh = build_tiny_flux_pipeline()
+    fresh.load_lora_weights(str(tmp_path / "kohya.safetensors"))
+    np.testing.assert_allclose(flux_sample(fresh), flux_sample(pipe), atol=1e-5)
+    transformer_only = build_tiny_flux_pipeline()
+    transformer_only.load_lora_weights({k: v for k, v in kohya.items() if k.startswith("lora_unet_")})
+    assert np.abs(flux_sample(transformer_only) - flux_sample(pipe)).max() > 1e-4
 
 
 def test_kohya_export_refuses_layers_the_flux_reader_cannot_map(tmp_path):

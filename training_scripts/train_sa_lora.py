@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
 from sa_peft.checkpoints import load_checkpoint, read_checkpoint_state, save_checkpoint, settings_differences
-from sa_peft.conditioning import PromptConditioning, check_prompt_clash, tokenize_prompts
+from sa_peft.conditioning import check_prompt_clash, encode_prompts
 from sa_peft.config import DISTILL_REPLAY_WEIGHT, SelectiveAmnesiaConfig, training_info
 from sa_peft.data import check_resolution, default_resolution
 from sa_peft.diffusion_loss import noise_scheduler_for
@@ -47,7 +47,7 @@ from sa_peft.forgetting import AdaptiveLambda
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
-from sa_peft.models import FLUX_PIPELINE, TRAINING_PIPELINES, denoiser, is_flow_transformer, is_sdxl, load_pipeline
+from sa_peft.models import FLUX_PIPELINE, TRAINING_PIPELINES, denoiser, is_flow_transformer, is_flux, load_pipeline
 from sa_peft.objective import check_finite_loss, selective_amnesia_loss
 from sa_peft.phases import (
     TrainingSets,
@@ -58,6 +58,12 @@ from sa_peft.phases import (
 )
 from sa_peft.robust import AdversarialSoftPrompt, with_attack
 from sa_peft.run_lock import folder_lock
+from sa_peft.text_encoders import (
+    TEXT_ENCODER_TARGETS,
+    TrainedPromptEncoder,
+    sampling_embeddings,
+    trainable_text_encoders,
+)
 from sa_peft.training_curves import write_training_curves
 from sa_peft.training_setup import check_mixed_precision, list_checkpoints, make_optimizer, prune_checkpoints
 from sa_peft.validation import (
@@ -70,8 +76,6 @@ from sa_peft.validation import (
 __all__ = ["DISTILL_REPLAY_WEIGHT", "main", "parse_args", "resolve_defaults"]
 
 logger = get_logger(__name__, log_level="INFO")
-
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,19 +142,17 @@ def train(config: SelectiveAmnesiaConfig):
     timings["fisher_s"] = time.perf_counter() - start
 
     # ---- Phase 3: the forget LoRA ------------------------------------------------------------------
-    before_images = validation_embeddings = None
+    before_images = validation_embeddings = validation_frozen = None
     if accelerator.is_main_process:
         move_frozen_encoders(pipe, accelerator.device, config)  # back for sampling; prepare_training moves them off
-        # Encoded once, so that validation during training samples with the text encoders (SD3's and FLUX's T5)
-        # off the device; a trained text encoder re-encodes each time, its LoRA changes the embeddings.
-        if not config.train_text_encoder:
-            validation_embeddings = encode_for_sampling(pipe, config.validation_prompts,
-                                                        config.generation_guidance_scale)
+        validation_embeddings, validation_frozen = encode_validation_prompts(config, pipe, resolution)
         before_images = generate_validation_images(pipe, config.validation_prompts, config.num_validation_images,
                                                    config.seed, resolution, config.generation_guidance_scale,
                                                    config.generation_num_inference_steps, validation_embeddings)
     run = prepare_training(config, accelerator, pipe, scheduler, sets, targets, fisher, resolution)
     run.settings, run.validation_embeddings = settings, validation_embeddings
+    if validation_frozen is not None:
+        run.validation_encoder = TrainedPromptEncoder(pipe, validation_frozen, accelerator.device)
     global_step = resume_training(run, resume_path, resume_state)
     run.info = training_info(config, **run_facts(run, targets))
     if accelerator.is_main_process:
@@ -203,8 +205,6 @@ def load_base_pipeline(config: SelectiveAmnesiaConfig, accelerator):
                          cache_dir=config.cache_dir, supported=TRAINING_PIPELINES)
     pipe.set_progress_bar_config(disable=True)
     resolution = check_resolution(pipe, config.resolution or default_resolution(pipe))
-    if config.train_text_encoder and is_sdxl(pipe):
-        raise InputError("--train_text_encoder supports SD 1.x/2.x pipelines; drop it for SDXL")
     if is_flow_transformer(pipe):
         check_sd3_flags(config, type(pipe).__name__)
     check_prompt_clash(pipe, config.forget_prompts, config.replay_prompts)
@@ -215,8 +215,7 @@ def load_base_pipeline(config: SelectiveAmnesiaConfig, accelerator):
 
 
 # Flags whose code is written for UNets only, refused on SD3 and FLUX before any work (rather than run wrongly).
-SD3_UNSUPPORTED_FLAGS = {"train_text_encoder": "--train_text_encoder", "snr_gamma": "--snr_gamma",
-                         "output_kohya_format": "--output_kohya_format"}
+SD3_UNSUPPORTED_FLAGS = {"snr_gamma": "--snr_gamma", "output_kohya_format": "--output_kohya_format"}
 
 
 def check_sd3_flags(config, pipeline: str = "StableDiffusion3Pipeline") -> None:
@@ -232,10 +231,11 @@ def check_sd3_flags(config, pipeline: str = "StableDiffusion3Pipeline") -> None:
 class ForgetRun(types.SimpleNamespace):
     """What the training loop works on, built by ``prepare_training``: the settings (``config``), the
     ``accelerator``, the ``pipe`` and its DDPM ``scheduler``, the training ``sets``, the ``resolution``; the
-    prepared ``unet`` and ``text_encoder`` (``None`` unless trained) with ``prompt_tokens``, the
+    prepared ``unet`` and ``text_encoders`` (``{name: encoder}``, empty unless trained) with ``prompt_encoder``, the
     ``ewc_penalty``, the ``lora_params``, ``weight_dtype``, ``optimizer``, ``lr_scheduler``, the scheduled
     ``learning_rate`` and ``max_train_steps``, the ``log_path``; the loop's own state (``ewc_lambda``,
-    ``reached_step``, ``previous_done``), the checkpoints' ``settings`` and the adapter's training ``info``.
+    ``reached_step``, ``previous_done``), the checkpoints' ``settings`` and the adapter's training ``info``; the
+    ``validation_embeddings`` and, for SD3/FLUX with ``--train_text_encoder``, the ``validation_encoder``.
 
     (A namespace, not a dataclass: the tests load this script as a module outside ``sys.modules``.)
     """
@@ -243,8 +243,7 @@ class ForgetRun(types.SimpleNamespace):
     @property
     def checkpoint_models(self) -> dict:
         """The trained models by the name of their resume file (``lora_<name>.safetensors``)."""
-        models = {"transformer" if is_flow_transformer(self.pipe) else "unet": self.unet}
-        return models if self.text_encoder is None else {**models, "text_encoder": self.text_encoder}
+        return {"transformer" if is_flow_transformer(self.pipe) else "unet": self.unet, **self.text_encoders}
 
 
 def prepare_training(config, accelerator, pipe, scheduler, sets: TrainingSets, targets, fisher, resolution) -> ForgetRun:
@@ -268,33 +267,31 @@ def prepare_training(config, accelerator, pipe, scheduler, sets: TrainingSets, t
         ewc_penalty = EWCPenalty(unet, fisher, config.ewc_space, normalization=config.ewc_normalization)
         if config.fisher_rank1_weight > 0:
             ewc_penalty = SumOfPenalties([ewc_penalty, Rank1FisherPenalty(unet, fisher)], [1.0, config.fisher_rank1_weight])
-    text_encoder = None
-    if config.train_text_encoder:
-        # peft's inject_adapter_in_model, not transformers' add_adapter: transformers 5.24 asks for peft >= 0.22.
-        text_encoder = pipe.text_encoder
-        text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
-        inject_adapter_in_model(make_lora_config(TEXT_ENCODER_TARGETS, config.rank, config.lora_alpha, config.use_rslora),
-                                text_encoder, "default")
-        cast_training_params(text_encoder, dtype=torch.float32)
-    lora_params = [p for model in (unet, text_encoder) if model is not None for p in model.parameters() if p.requires_grad]
+    text_encoders = {}
+    if config.train_text_encoder:  # the CLIP encoders (never T5), as diffusers' scripts train them
+        for name in trainable_text_encoders(pipe):
+            # peft's inject_adapter_in_model, not transformers' add_adapter: transformers 5.24 asks for peft >= 0.22.
+            encoder = getattr(pipe, name).requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+            inject_adapter_in_model(make_lora_config(TEXT_ENCODER_TARGETS, config.rank, config.lora_alpha,
+                                                     config.use_rslora), encoder, "default")
+            cast_training_params(encoder, dtype=torch.float32)
+            text_encoders[name] = encoder
+    lora_params = [p for model in (unet, *text_encoders.values()) for p in model.parameters() if p.requires_grad]
     world = accelerator.num_processes
     learning_rate, max_train_steps = config.schedule(len(sets.surrogate.latents), world)
     optimizer = make_optimizer(lora_params, learning_rate, (config.adam_beta1, config.adam_beta2),
                                config.adam_weight_decay, config.adam_epsilon, config.use_8bit_adam)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps * world,
                                  num_training_steps=max_train_steps * world)
-    prompt_tokens = None
-    if text_encoder is not None:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-        prompt_tokens = tokenize_prompts(pipe, sets.conditioning.prompts).to(accelerator.device)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, *prepared, optimizer, lr_scheduler = accelerator.prepare(unet, *text_encoders.values(), optimizer, lr_scheduler)
+    text_encoders = dict(zip(text_encoders, prepared))
+    prompt_encoder = TrainedPromptEncoder(pipe, sets.conditioning, accelerator.device) if text_encoders else None
     return ForgetRun(config=config, accelerator=accelerator, pipe=pipe, scheduler=scheduler, sets=sets,
-                     resolution=resolution, unet=unet, text_encoder=text_encoder, prompt_tokens=prompt_tokens,
+                     resolution=resolution, unet=unet, text_encoders=text_encoders, prompt_encoder=prompt_encoder,
                      ewc_penalty=ewc_penalty, lora_params=lora_params, weight_dtype=weight_dtype, optimizer=optimizer,
                      lr_scheduler=lr_scheduler, learning_rate=learning_rate, max_train_steps=max_train_steps,
                      log_path=os.path.join(config.output_dir, "train_log.jsonl"), ewc_lambda=None, robust=None,
-                     reached_step=None, previous_done=False, settings={}, info={})
+                     reached_step=None, previous_done=False, settings={}, info={}, validation_encoder=None)
 
 
 def resume_training(run: ForgetRun, resume_path: str | None, resume_state: dict | None) -> int:
@@ -333,7 +330,7 @@ def trim_log(log_path: str, global_step: int) -> None:
 
 def training_step(run: ForgetRun, global_step: int):
     """One optimizer step (``--gradient_accumulation_steps`` micro-batches); returns the last micro-batch's loss."""
-    config, accelerator, unet, text_encoder = run.config, run.accelerator, run.unet, run.text_encoder
+    config, accelerator, unet = run.config, run.accelerator, run.unet
     conditioning, device = run.sets.conditioning, run.accelerator.device
     for micro in range(config.gradient_accumulation_steps):
         # Every micro-batch draws from a generator keyed by (seed, step, micro-step, process), so a resumed
@@ -341,12 +338,12 @@ def training_step(run: ForgetRun, global_step: int):
         gen = torch.Generator().manual_seed(hash((config.seed, global_step, micro, accelerator.process_index)) % 2**63)
         s_idx = torch.randint(len(run.sur_latents), (config.train_batch_size,), generator=gen).to(device)
         r_idx = torch.randint(len(run.rep_latents), (config.train_batch_size,), generator=gen).to(device)
-        models = (unet,) if text_encoder is None else (unet, text_encoder)
+        models = (unet, *run.text_encoders.values())
         s_ids = run.sur_ids[s_idx]
         with accelerator.accumulate(*models), accelerator.autocast():
             step_conditioning = conditioning
-            if text_encoder is not None:  # the prompts are re-encoded through the text encoder's LoRA
-                step_conditioning = PromptConditioning(conditioning.prompts, text_encoder(run.prompt_tokens)[0])
+            if run.prompt_encoder is not None:  # the prompts are re-encoded through the text encoders' LoRA
+                step_conditioning = run.prompt_encoder(run.text_encoders)
             if run.robust is not None:  # the surrogate also under the soft-prompt attack's embedding
                 if micro == 0:
                     run.robust.maybe_refresh(global_step, accelerator.unwrap_model(unet), run.scheduler, step_conditioning)
@@ -430,19 +427,43 @@ def after_step(run: ForgetRun, global_step: int) -> None:
                         write_lora=lambda folder: save_adapter(run, folder, {**run.info, "trained_steps": global_step}))
     if accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step < run.max_train_steps:
         log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step,
-                       run.validation_embeddings)
+                       validation_embeddings_now(run))
         update_training_curves(accelerator, config, run.log_path, global_step)
 
 
+def encode_validation_prompts(config, pipe, resolution: int):
+    """The validation prompts' embeddings, encoded once (the text encoders on the device), so that validation
+    during training samples with them off it: SD3's and FLUX's T5 never returns to the device. With
+    ``--train_text_encoder`` the trained CLIP encoders change the embeddings: SD 1.x/2.x and SDXL (no T5) re-encode
+    the prompts at each validation (``None``); SD3 and FLUX also get the frozen conditioning of the prompts and of
+    the empty negative prompt, whose CLIP parts ``validation_embeddings_now`` re-encodes (T5's stay)."""
+    if config.train_text_encoder and not is_flow_transformer(pipe):
+        return None, None
+    embeddings = encode_for_sampling(pipe, config.validation_prompts, config.generation_guidance_scale)
+    frozen = None
+    if config.train_text_encoder:
+        frozen = encode_prompts(pipe, [*config.validation_prompts, ""], resolution, config.generation_guidance_scale)
+    return embeddings, frozen
+
+
+def validation_embeddings_now(run: ForgetRun):
+    """The embeddings validation samples with, for the adapter as it is now (``encode_validation_prompts``)."""
+    if run.validation_encoder is None:
+        return run.validation_embeddings
+    with torch.no_grad():  # the pipeline's own (unwrapped) encoders: after the reload, the saved file's LoRA
+        conditioning = run.validation_encoder({name: getattr(run.pipe, name) for name in run.text_encoders})
+    negative = "" if run.config.generation_guidance_scale > 1 and not is_flux(run.pipe) else None  # FLUX: none
+    return sampling_embeddings(conditioning, run.config.validation_prompts, negative)
+
+
 def save_adapter(run: ForgetRun, folder: str, info: dict) -> str:
-    """``pytorch_lora_weights.safetensors`` in ``folder``: the UNet's (and text encoder's) LoRA with ``info``."""
-    te_layers = te_metadata = None
-    if run.text_encoder is not None:
-        text_encoder = run.accelerator.unwrap_model(run.text_encoder)
-        te_layers = get_peft_model_state_dict(text_encoder)
-        te_metadata = text_encoder.peft_config["default"].to_dict()
-    return save_forget_lora(folder, run.accelerator.unwrap_model(run.unet), info, text_encoder_lora_layers=te_layers,
-                            text_encoder_adapter_metadata=te_metadata)
+    """``pytorch_lora_weights.safetensors`` in ``folder``: the UNet's (and text encoders') LoRA with ``info``."""
+    kwargs = {}
+    for name, encoder in run.text_encoders.items():
+        encoder = run.accelerator.unwrap_model(encoder)
+        kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(encoder)
+        kwargs[f"{name}_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+    return save_forget_lora(folder, run.accelerator.unwrap_model(run.unet), info, **kwargs)
 
 
 def reload_saved_adapter(run: ForgetRun) -> None:
@@ -451,8 +472,8 @@ def reload_saved_adapter(run: ForgetRun) -> None:
     run.pipe.delete_adapters("default")
     run.pipe.load_lora_weights(run.config.output_dir, adapter_name="default")
     # diffusers loads the factors in the base weights' dtype; they stay fp32, as trained and saved (--mixed_precision).
-    for model in (denoiser(run.pipe), run.pipe.text_encoder if run.text_encoder is not None else None):
-        for name, param in model.named_parameters() if model is not None else ():
+    for model in (denoiser(run.pipe), *(getattr(run.pipe, name) for name in run.text_encoders)):
+        for name, param in model.named_parameters():
             if "lora_" in name:
                 param.data = param.data.float()
 
@@ -465,7 +486,7 @@ def save_outputs(run: ForgetRun, before_images, global_step: int, timings: dict)
         export_kohya(lora_file, os.path.join(config.output_dir, KOHYA_WEIGHT_NAME))
     reload_saved_adapter(run)
     after_images = log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step,
-                                  run.validation_embeddings)
+                                  validation_embeddings_now(run))
     save_before_after_grid(before_images, after_images, os.path.join(config.output_dir, "validation_before_after.png"),
                            step=global_step)
     update_training_curves(accelerator, config, run.log_path, global_step)
@@ -525,9 +546,9 @@ def measure_forgetting(run: ForgetRun, attacked: bool = False) -> dict:
     """The forgetting signal of the adapter as it is now (the text encoder's LoRA included, when trained); with
     ``attacked``, under the ``--robust_forgetting`` attack's embedding of each forget prompt."""
     conditioning = run.sets.conditioning
-    if run.text_encoder is not None:
+    if run.prompt_encoder is not None:
         with torch.no_grad():
-            conditioning = PromptConditioning(conditioning.prompts, run.text_encoder(run.prompt_tokens)[0])
+            conditioning = run.prompt_encoder(run.text_encoders)
     if attacked:
         conditioning = run.robust.attacked(conditioning)
     return run.sets.probe.measure(run.accelerator.unwrap_model(run.unet), run.scheduler, conditioning)
@@ -604,7 +625,8 @@ def move_frozen_encoders(pipe, device, args, text_encoders: bool = True) -> None
     """Move the VAE and the text encoder(s) that are not being trained (they are only needed to sample; SD3's T5 is
     off the device during training like the others); only the VAE with ``text_encoders=False``."""
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae") if text_encoders else ("vae",):
-        if getattr(pipe, name, None) is not None and not (name == "text_encoder" and args.train_text_encoder):
+        trained = args.train_text_encoder and name in trainable_text_encoders(pipe)
+        if getattr(pipe, name, None) is not None and not trained:
             getattr(pipe, name).to(device)
 
 
