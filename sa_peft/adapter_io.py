@@ -357,7 +357,11 @@ def export_kohya(
         if layout is None and info.get("base_pipeline") == SDXL_PIPELINE:
             layout = {"addition_embed_type": "text_time"}
         flux = info.get("base_pipeline") == FLUX_PIPELINE
-    if flux:  # kohya's FLUX names (fused qkv/linear1), sa_peft.kohya_flux; SD3 adapters stay refused
+    if not flux and any(k.startswith("transformer.") for k in state_dict):
+        raise InputError(f"export {os.fspath(source) if not isinstance(source, torch.nn.Module) else 'of a live model'}: "
+                         "an SD3 adapter has no kohya layout to convert to; ComfyUI reads the diffusers file (its "
+                         "`transformer.` keys) as it is, so share pytorch_lora_weights.safetensors")
+    if flux:  # kohya's FLUX names (fused qkv/linear1), sa_peft.kohya_flux
         from .kohya_flux import flux_kohya_state_dict
 
         scales = {k.partition(".")[2]: scale for k, (_, scale) in layer_scales(state_dict, configs).items()}

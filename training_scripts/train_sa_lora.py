@@ -214,18 +214,20 @@ def load_base_pipeline(config: SelectiveAmnesiaConfig, accelerator):
     return pipe, resolution, model_key
 
 
-# Flags whose code is written for UNets only, refused on SD3 and FLUX before any work (rather than run wrongly).
-SD3_UNSUPPORTED_FLAGS = {"snr_gamma": "--snr_gamma", "output_kohya_format": "--output_kohya_format"}
+# Flags refused on SD3 and FLUX before any work (rather than run wrongly), with the reason the error gives.
+SD3_UNSUPPORTED_FLAGS = {
+    "snr_gamma": ("--snr_gamma", "Min-SNR weighting is DDPM's; flow-matching transformers weight their loss by "
+                                 "--weighting_scheme"),
+    "output_kohya_format": ("--output_kohya_format", "SD3 has no kohya layout to convert to; ComfyUI reads the "
+                                                     "diffusers file (its `transformer.` keys) as it is"),
+}
 
 
 def check_sd3_flags(config, pipeline: str = "StableDiffusion3Pipeline") -> None:
-    """SD3 and FLUX runs take every flag but these (Min-SNR is DDPM's; the others are not written for transformers
-    yet)."""
-    given = [flag for name, flag in SD3_UNSUPPORTED_FLAGS.items() if getattr(config, name) not in (None, False)
-             and not (name == "output_kohya_format" and pipeline == FLUX_PIPELINE)]  # FLUX has a kohya writer
-    if given:
-        raise InputError(f"{', '.join(given)}: not supported for {pipeline} yet (UNet pipelines only; "
-                         "flow-matching transformers weight their loss by --weighting_scheme); drop it")
+    """SD3 and FLUX runs take every flag but these (FLUX has a kohya writer, so --output_kohya_format is SD3's only)."""
+    for name, (flag, reason) in SD3_UNSUPPORTED_FLAGS.items():
+        if getattr(config, name) not in (None, False) and not (name == "output_kohya_format" and pipeline == FLUX_PIPELINE):
+            raise InputError(f"{flag}: not supported for {pipeline} ({reason}); drop it")
 
 
 class ForgetRun(types.SimpleNamespace):
