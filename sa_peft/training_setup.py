@@ -19,10 +19,10 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def require_bitsandbytes():
-    """Import bitsandbytes or say how to get it (``--use_8bit_adam``)."""
+def require_bitsandbytes(flag: str = "use_8bit_adam"):
+    """Import bitsandbytes or say how to get it (``--use_8bit_adam``, or the ``flag`` that asked for it)."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise MissingDependencyError("`use_8bit_adam` needs bitsandbytes: pip install 'sa-peft[bnb]' (or drop `use_8bit_adam`)")
+        raise MissingDependencyError(f"`{flag}` needs bitsandbytes: pip install 'sa-peft[bnb]' (or drop `{flag}`)")
     import bitsandbytes
 
     return bitsandbytes

@@ -14,6 +14,7 @@ from sa_peft import cli
 from sa_peft.adapter_io import save_forget_lora
 from sa_peft.attacks import AttackContext, prompt_variants, run_attacks, write_attack_report
 from sa_peft.attacks.inversion import add_token, learn_token
+from sa_peft.attacks.relearn import fine_tune_unet
 from sa_peft.attacks.sampling import sample
 from sa_peft.attacks.soft_prompt import optimise_soft_prompt, perturbed, project, run_soft_prompt_attack
 from sa_peft.classifier import ImageClassifier
@@ -143,10 +144,17 @@ def test_soft_prompt_perturbation_stays_inside_its_bound(lora_file, threshold):
     assert 0.04 < result["per_concept"][PROMPT]["max_relative_norm"] <= 0.05 + 1e-5
 
 
-def test_relearn_on_an_adapter_that_forgot_nothing_reports_the_base_rate(tmp_path):
+def test_relearn_on_an_adapter_that_forgot_nothing_reports_the_base_rate(tmp_path, monkeypatch):
     """A LoRA whose B is zero changes nothing: before fine-tuning the relearned model is the base model, and a few
-    benign steps leave P(zero) where the base model has it."""
+    benign steps leave P(zero) where the base model has it. The memory flags reach the fine-tuning."""
+    from sa_peft.attacks import relearn as relearn_module
     from sa_peft.models import load_pipeline
+
+    pytest.importorskip("bitsandbytes")
+    calls = []
+    real_fine_tune = relearn_module.fine_tune_unet
+    monkeypatch.setattr(relearn_module, "fine_tune_unet",
+                        lambda *a: calls.append(a[-2:]) or real_fine_tune(*a))
 
     digits = load_pipeline("builtin:digits")
     add_forget_lora(digits.unet, "all", randomize=False)
@@ -156,9 +164,11 @@ def test_relearn_on_an_adapter_that_forgot_nothing_reports_the_base_rate(tmp_pat
                      "--attack", "relearn", "--relearn_steps", "4", "--relearn_eval_steps", "0",
                      "--relearn_eval_steps", "4", "--relearn_prompt", "a handwritten digit one",
                      "--relearn_images_per_prompt", "8", "--relearn_batch_size", "8", "--num_images", "10",
-                     "--num_inference_steps", "5", "--output_dir", str(out), "--device", "cpu"]) == 0
+                     "--num_inference_steps", "5", "--output_dir", str(out), "--device", "cpu",
+                     "--relearn_gradient_checkpointing", "--relearn_use_8bit_adam"]) == 0
     payload = json.loads((out / "attack.json").read_text())
     result = payload["attacks"]["relearn"]
+    assert result["gradient_checkpointing"] and result["use_8bit_adam"] and calls == [(True, True)]
     assert payload["no_attack"]["adapted"] == payload["no_attack"]["base"] == result["base_rate"]
     assert result["base_rate"] >= 0.8  # the digits model draws zeros for the zero prompt
     start = result["recovery_curve"][0]
@@ -166,6 +176,48 @@ def test_relearn_on_an_adapter_that_forgot_nothing_reports_the_base_rate(tmp_pat
     # The same weights and the same seeds: the very same samples as the base model's.
     assert start["mean_concept_score"] == pytest.approx(payload["no_attack"]["base_mean_concept_score"], abs=1e-6)
     assert abs(result["attack_success_rate"] - result["base_rate"]) <= 0.1
+
+
+def test_relearn_memory_features_keep_the_losses_and_use_8bit_adam(monkeypatch):
+    """Gradient checkpointing recomputes, so relearning's losses are those without it (and it is on only while
+    fine-tuning); 8-bit Adam is bitsandbytes' AdamW8bit, and it trains."""
+    from sa_peft.attacks import relearn as relearn_module
+    from sa_peft.diffusion_loss import noise_scheduler_for
+
+    pipe = build_tiny_pipeline()
+    cond = encode_prompts(pipe, ["brad pitt"])
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(4, dtype=torch.long)
+    scheduler = noise_scheduler_for(pipe.scheduler)
+    start = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    plain = fine_tune_unet(pipe.unet, scheduler, latents, ids, cond, 3, lr=1e-3, batch_size=2)
+    pipe.unet.load_state_dict(start)
+    seen = []
+    checkpointed = fine_tune_unet(pipe.unet, scheduler, latents, ids, cond, 3, lr=1e-3, batch_size=2,
+                                  callback=lambda step: seen.append(pipe.unet.is_gradient_checkpointing),
+                                  gradient_checkpointing=True)
+    assert checkpointed == plain and seen == [True] * 4 and not pipe.unet.is_gradient_checkpointing
+    pytest.importorskip("bitsandbytes")
+    optimizers = []
+    real = relearn_module.make_optimizer
+    monkeypatch.setattr(relearn_module, "make_optimizer", lambda *a: optimizers.append(real(*a)) or optimizers[-1])
+    pipe.unet.load_state_dict(start)
+    fine_tune_unet(pipe.unet, scheduler, latents, ids, cond, 2, lr=1e-3, batch_size=2, use_8bit_adam=True)
+    assert type(optimizers[0]).__name__ == "AdamW8bit"
+    assert any(not torch.equal(start[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_relearn_8bit_adam_without_bitsandbytes_fails_before_any_work(lora_file, tmp_path, no_work, capsys,
+                                                                     monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    argv = ["attack", "--lora", str(lora_file), "--forget_prompt", "a handwritten digit zero", "--attack", "relearn",
+            "--relearn_use_8bit_adam", "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert cli.main(argv) != 0
+    assert "needs bitsandbytes: pip install 'sa-peft[bnb]'" in capsys.readouterr().err
+    assert no_work == [] and not (tmp_path / "out").exists()
 
 
 @pytest.fixture

@@ -19,19 +19,27 @@ from ..diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss, sam
 from ..errors import InputError, MissingInputError
 from ..merge import fuse_forget_loras
 from ..models import denoiser
+from ..training_setup import make_optimizer
 from .context import AttackContext, best_samples, pooled_rate, summarise
 from .sampling import sample
 
 
 def fine_tune_unet(unet, scheduler, latents: torch.Tensor, prompt_ids: torch.Tensor, conditioning: PromptConditioning,
                    steps: int, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
-                   callback: Callable[[int], None] | None = None) -> list[float]:
+                   callback: Callable[[int], None] | None = None, gradient_checkpointing: bool = False,
+                   use_8bit_adam: bool = False) -> list[float]:
     """Plain diffusion-loss fine-tuning of every weight of ``unet`` (the denoiser: a UNet or an SD3/FLUX transformer)
     with AdamW, noised and weighted by ``scheduler`` (``noise_scheduler_for``: DDPM, or flow matching with its
     timestep density); ``callback(step)`` runs after step 0 (before training) and after every step, so a caller can
-    measure the curve at the steps it wants. Returns the training loss of step 1, every 10th step and the last."""
+    measure the curve at the steps it wants. Returns the training loss of step 1, every 10th step and the last.
+
+    A whole FLUX transformer's AdamW states are twice its weights: ``use_8bit_adam`` (bitsandbytes' AdamW8bit)
+    keeps them in 8 bits and ``gradient_checkpointing`` recomputes activations in the backward pass, the training
+    script's memory features, for attackers with a consumer GPU."""
     unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = make_optimizer(unet.parameters(), lr, (0.9, 0.999), 1e-2, 1e-8, use_8bit_adam)  # torch's defaults
     gen = torch.Generator().manual_seed(seed)
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
@@ -53,6 +61,8 @@ def fine_tune_unet(unet, scheduler, latents: torch.Tensor, prompt_ids: torch.Ten
             unet.eval()
             callback(step)
             unet.train()
+    if gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
     return history
 
@@ -102,7 +112,7 @@ def benign_data(ctx: AttackContext, prompts: Sequence[str], images_per_prompt: i
 def run_relearn_attack(ctx: AttackContext, adapter_names: Sequence[str], prompts: Sequence[str] = (),
                        images_per_prompt: int = 32, data_dir: str | None = None, data_prompt: str = "",
                        steps: int = 300, eval_steps: Sequence[int] | None = None, lr: float = 1e-4,
-                       batch_size: int = 32) -> dict:
+                       batch_size: int = 32, gradient_checkpointing: bool = False, use_8bit_adam: bool = False) -> dict:
     """Fuse ``adapter_names`` into ``ctx.pipe`` (in place: run it last), fine-tune, and score the forget
     prompts at each of ``eval_steps`` (default: every quarter of ``steps``)."""
     if not prompts and not data_dir:
@@ -129,11 +139,12 @@ def run_relearn_attack(ctx: AttackContext, adapter_names: Sequence[str], prompts
         last["images"] = torch.cat(list(images.values()))
 
     history = fine_tune_unet(denoiser(pipe), noise_scheduler_for(pipe.scheduler), latents, prompt_ids, conditioning,
-                             steps, lr, batch_size, ctx.seed + 5, measure)
+                             steps, lr, batch_size, ctx.seed + 5, measure, gradient_checkpointing, use_8bit_adam)
     return {
         "attack_success_rate": curve[-1]["success_rate"],
         "recovery_curve": curve, "loss_history": history,
         "steps": steps, "learning_rate": lr, "batch_size": batch_size, "num_benign_images": len(latents),
+        "gradient_checkpointing": gradient_checkpointing, "use_8bit_adam": use_8bit_adam,
         "benign_prompts": list(dict.fromkeys(captions)),
         "_grid": (None, best_samples(ctx, last["images"])),
     }

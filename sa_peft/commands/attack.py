@@ -15,6 +15,7 @@ from ..errors import InputError, MissingInputError
 from ..merge import check_lora_weights, stack_forget_loras
 from ..models import TRAINING_PIPELINES, sampler_description
 from ..prompts import check_prompts, read_prompts_file
+from ..training_setup import require_bitsandbytes
 from .common import add_model_arguments, add_scoring_sampling_arguments, load_pipeline_from_args, speaking_flags
 
 
@@ -59,6 +60,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="relearn: steps at which P(concept) is measured (repeatable; default: 0 and every quarter)")
     parser.add_argument("--relearn_learning_rate", type=float, default=1e-4, help="relearn: AdamW learning rate")
     parser.add_argument("--relearn_batch_size", type=int, default=32, help="relearn: batch size")
+    parser.add_argument("--relearn_gradient_checkpointing", action="store_true",
+                        help="relearn: recompute activations in the backward pass (memory, as --gradient_checkpointing)")
+    parser.add_argument("--relearn_use_8bit_adam", action="store_true",
+                        help="relearn: bitsandbytes' 8-bit AdamW (a full FLUX transformer's states in 8 bits)")
     parser.add_argument("--relearn_prompt", action="append", default=None,
                         help="relearn: benign prompt sampled from the base model (repeatable; default on the digits "
                              "classifier: the digits not forgotten)")
@@ -109,6 +114,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str], list[str
                 raise InputError("the relearn attack needs benign data: pass --relearn_prompt, --relearn_prompts_file "
                                  "or --relearn_data_dir")
             relearn = [p for p in DIGIT_PROMPTS if p not in forget]
+        if args.relearn_use_8bit_adam:
+            require_bitsandbytes("relearn_use_8bit_adam")  # before any model is loaded
         for step in args.relearn_eval_steps or []:
             if not 0 <= step <= args.relearn_steps:
                 raise InputError(f"--relearn_eval_steps {step} is outside 0..--relearn_steps ({args.relearn_steps})")
@@ -143,7 +150,9 @@ def run(args: argparse.Namespace) -> dict:
                     "images_per_prompt": args.relearn_images_per_prompt, "data_dir": args.relearn_data_dir,
                     "data_prompt": args.relearn_data_prompt, "steps": args.relearn_steps,
                     "eval_steps": args.relearn_eval_steps, "lr": args.relearn_learning_rate,
-                    "batch_size": args.relearn_batch_size},
+                    "batch_size": args.relearn_batch_size,
+                    "gradient_checkpointing": args.relearn_gradient_checkpointing,
+                    "use_8bit_adam": args.relearn_use_8bit_adam},
     }
     settings = {"base_model": str(args.pretrained_model_name_or_path), "loras": list(args.lora),
                 "lora_weights": check_lora_weights(args.lora, args.lora_weight), "forget_prompts": forget,
