@@ -99,8 +99,11 @@ def stack_forget_loras(pipe, loras: Sequence[str | os.PathLike], weights: Sequen
 
 def fuse_forget_loras(pipe, names: Sequence[str]):
     """Fuse the named (already weighted) adapters into the base weights with diffusers' ``fuse_lora`` and
-    remove the LoRA layers with ``unload_lora_weights``; the pipeline is then a plain pipeline."""
-    pipe.fuse_lora(adapter_names=list(names), lora_scale=1.0)
+    remove the LoRA layers with ``unload_lora_weights``; the pipeline is then a plain pipeline. Every component a
+    LoRA can live on is fused: ``FluxPipeline.fuse_lora`` fuses only the transformer by default, and unloading
+    would then drop a ``--train_text_encoder`` CLIP LoRA unfused."""
+    components = [c for c in pipe._lora_loadable_modules if getattr(pipe, c, None) is not None]
+    pipe.fuse_lora(components=components, adapter_names=list(names), lora_scale=1.0)
     pipe.unload_lora_weights()
     return pipe
 

@@ -379,6 +379,29 @@ def test_kohya_export_of_a_flux_adapter_keeps_the_text_encoders_lora(tmp_path):
     assert np.abs(flux_sample(transformer_only) - flux_sample(pipe)).max() > 1e-4
 
 
+def test_fusing_a_flux_adapter_fuses_its_text_encoders_lora_too(tmp_path):
+    """FluxPipeline.fuse_lora fuses only the transformer by default: merge and the relearn attack would lose a
+    --train_text_encoder CLIP LoRA. Fused, the pipeline draws what the loaded adapter draws."""
+    from conftest import add_text_encoder_lora
+
+    from sa_peft.adapter_io import save_forget_lora
+    from sa_peft.merge import fuse_forget_loras, stack_forget_loras
+
+    pipe = build_tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    add_forget_lora(pipe.transformer, "attn", seed=1)
+    layers, config = add_text_encoder_lora(pipe.text_encoder, rank=2, alpha=2.0, seed=3)
+    file = save_forget_lora(tmp_path / "lora", pipe.transformer, {}, text_encoder_lora_layers=layers,
+                            text_encoder_adapter_metadata=config)
+    fresh = build_tiny_flux_pipeline()
+    fresh.set_progress_bar_config(disable=True)
+    names = stack_forget_loras(fresh, [file])
+    loaded = flux_sample(fresh)
+    np.testing.assert_array_equal(loaded, flux_sample(pipe))
+    fuse_forget_loras(fresh, names)
+    np.testing.assert_allclose(flux_sample(fresh), loaded, atol=1e-4)
+
+
 def test_kohya_export_refuses_layers_the_flux_reader_cannot_map(tmp_path):
     from sa_peft.adapter_io import export_kohya, save_forget_lora
 
