@@ -205,7 +205,7 @@ def test_save_forget_lora_sdxl_has_both_encoders_and_sd_refuses_a_second(sd, xl,
     with pytest.raises(ValueError) as info:
         save_forget_lora(tmp_path, sd.unet, {}, text_encoder_2_lora_layers=xl.te2[0],
                          text_encoder_2_adapter_metadata=xl.te2[1])
-    assert str(info.value) == "text_encoder_2_lora_layers: only SDXL has a second text encoder"
+    assert str(info.value) == "text_encoder_2_lora_layers: only SDXL and SD3 have a second CLIP text encoder"
     assert os.listdir(tmp_path) == []
 
 
