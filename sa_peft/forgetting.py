@@ -39,6 +39,11 @@ DEFAULT_PREFERENCE_THRESHOLD = 0.0
 # drifted 6·10⁻⁴-1.8·10⁻³; runs within +4 % drifted 2-6·10⁻⁴; at the default γ = 30 every run drifted ~1·10⁻⁴.
 DEFAULT_RETENTION_BOUND = 5e-4
 SWAP_FRACTION = 0.8
+# The reference without a surrogate prompt (noise, image folders). It is lenient: on the digits with a noise surrogate
+# it said "forgotten" while 7-12 of 50 samples still read as the concept (benchmarks/RESULTS.md, section 0).
+EQUAL_LOSSES = "equal losses"
+LENIENT_NOTE = ("its reference is equal losses (no surrogate prompt: noise or an image folder), which on the digits "
+                "said forgotten while 7-12 of 50 samples still showed the concept; check samples (--classifier)")
 
 
 @dataclass
@@ -215,13 +220,14 @@ def forgetting_signal(base: dict, now: dict, forget_prompts: Sequence[str], thre
         # losses. Calibration on the digits (benchmarks/RESULTS.md): 54 % of the way ↔ P(three) 0.42, 64 % ↔
         # P(five) 0.008, 82 % ↔ P(three) 0.001, 100 % ↔ P(two) 0.004; stopping at 60 % left P(one) at 0.21.
         target = b.get("target_gap")
-        reference = base_gap + SWAP_FRACTION * (target - base_gap) if target is not None and target > base_gap else 0.0
+        swap = target is not None and target > base_gap
+        reference = base_gap + SWAP_FRACTION * (target - base_gap) if swap else 0.0
         # 1 for the base model, 0 at the reference gap, negative past it; 1 − (gap − b) / |b| without a target.
         preference = 1 - (gap - base_gap) / max(abs(reference - base_gap), 1e-12)
         concepts[prompt] = {
             "preference": preference, "forgotten": preference <= threshold,
             "concept_loss": n["concept_loss"], "surrogate_loss": n["surrogate_loss"], "base_gap": base_gap, "gap": gap,
-            "reference_gap": reference,
+            "reference_gap": reference, "reference": "swap" if swap else EQUAL_LOSSES,
         }
     # Retention: how far the adapted model's predictions on the held-out replay images moved from the frozen
     # model's, relative to the frozen model's own denoising error there. The replay loss itself cannot see the
@@ -289,6 +295,28 @@ def verdict_lines(forgetting: dict) -> list[str]:
     for prompt, c in concepts.items():
         attacked = (f", {c['attacked_preference']:+.3f} under the soft-prompt attack (`robust_forgetting`)"
                     if "attacked_preference" in c else "")
+        lenient = f"; {LENIENT_NOTE}" if c.get("reference") == EQUAL_LOSSES and c["forgotten"] else ""
         lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, forgotten at ≤ "
-                     f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}")
+                     f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}{lenient}")
     return lines
+
+
+def forgetting_warning(forgetting: dict) -> str | None:
+    """The WARNING a run ends with, saying what to try (``None`` when there is nothing to warn of)."""
+    concepts = forgetting["concepts"]
+    if not forgetting["reached"]:
+        attacked = any("attacked_preference" in c for c in concepts.values())
+        return ("WARNING: the concept was NOT forgotten: the adapted model still prefers its own images of "
+                f"{[p for p, c in concepts.items() if not c['forgotten']]} to the surrogate's"
+                + (" (under the plain prompt or under the soft-prompt attack, --robust_forgetting)" if attacked else "")
+                + ". Try a larger step budget (--max_train_steps), a higher --learning_rate, a lower --ewc_lambda, or "
+                "a surrogate closer to the concept (--surrogate_prompt).")
+    if not forgetting["retained"]:
+        return (f"WARNING: forgotten, but the predictions on held-out replay images drifted by "
+                f"{forgetting['retention']:.2e} (bound {forgetting['retention_bound']:.2e}): other concepts may have "
+                "changed; try a higher --replay_weight or --ewc_lambda.")
+    lenient = [p for p, c in concepts.items() if c.get("reference") == EQUAL_LOSSES]
+    if lenient:
+        return (f"WARNING: {lenient} forgotten by the signal, but {LENIENT_NOTE}; a surrogate prompt "
+                "(--surrogate_prompt) gives the signal its calibrated reference.")
+    return None

@@ -10,7 +10,14 @@ from sa_peft.conditioning import encode_prompts
 from sa_peft.diffusion_loss import noise_scheduler_for
 from sa_peft.ewc import Rank1FisherPenalty
 from sa_peft.fisher import estimate_fisher, load_fisher, save_fisher
-from sa_peft.forgetting import AdaptiveLambda, ForgettingProbe, forgetting_signal, verdict_lines
+from sa_peft.forgetting import (
+    EQUAL_LOSSES,
+    AdaptiveLambda,
+    ForgettingProbe,
+    forgetting_signal,
+    forgetting_warning,
+    verdict_lines,
+)
 from sa_peft.lora import iter_adapted_layers, resolve_lora_targets
 from sa_peft.objective import adapters_disabled, selective_amnesia_loss
 
@@ -55,6 +62,37 @@ def test_verdict_needs_every_concept():
     text = "\n".join(verdict_lines({"reached": False, "trained_steps": 7, "concepts": signal["concepts"],
                                     "threshold": -0.5, "retained": True, "retention": 0.0, "retention_bound": 0.05}))
     assert "NOT FORGOTTEN after 7 steps" in text and "'b': preference +1.000" in text
+
+
+def test_without_a_surrogate_prompt_the_verdict_says_its_reference_is_lenient():
+    """Noise and image-folder surrogates have no swap reference: the signal tags the concept "equal losses", and
+    the verdict and the run's warning say that such a "forgotten" wants checking (digits: 7-12 of 50 samples of
+    the concept were left while it said forgotten)."""
+    base = {"concepts": [{"concept_loss": 0.2, "surrogate_loss": 0.4},
+                         {"concept_loss": 0.2, "surrogate_loss": 0.26, "target_gap": -0.01}], "replay_loss": 1.0}
+    now = {"concepts": [{"concept_loss": 0.5, "surrogate_loss": 0.3}, {"concept_loss": 0.5, "surrogate_loss": 0.3}],
+           "replay_loss": 1.0, "replay_drift": 0.0}
+    signal = forgetting_signal(base, now, ["noise", "prompt"], 0.0, 0.05)
+    assert [c["reference"] for c in signal["concepts"].values()] == [EQUAL_LOSSES, "swap"] and signal["reached"]
+    summary = {**signal, "trained_steps": 3}
+    noise_line, prompt_line = verdict_lines(summary)[1:]
+    assert "forgotten; its reference is equal losses (no surrogate prompt" in noise_line
+    assert "check samples (--classifier)" in noise_line and "equal losses" not in prompt_line
+    warning = forgetting_warning(summary)
+    assert warning.startswith("WARNING: ['noise'] forgotten by the signal, but its reference is equal losses")
+    assert warning.endswith("a surrogate prompt (--surrogate_prompt) gives the signal its calibrated reference.")
+    only_prompt = {**summary, "concepts": {"prompt": signal["concepts"]["prompt"]}}
+    assert forgetting_warning(only_prompt) is None
+    assert forgetting_warning({**only_prompt, "retained": False, "retention": 0.06}) == (
+        "WARNING: forgotten, but the predictions on held-out replay images drifted by 6.00e-02 (bound 5.00e-02): "
+        "other concepts may have changed; try a higher --replay_weight or --ewc_lambda.")
+    not_yet = {**only_prompt, "reached": False, "concepts": {"prompt": {**signal["concepts"]["prompt"], "forgotten": False}}}
+    assert forgetting_warning(not_yet) == (
+        "WARNING: the concept was NOT forgotten: the adapted model still prefers its own images of ['prompt'] to the "
+        "surrogate's. Try a larger step budget (--max_train_steps), a higher --learning_rate, a lower --ewc_lambda, "
+        "or a surrogate closer to the concept (--surrogate_prompt).")
+    attacked = {**not_yet, "concepts": {"prompt": {**not_yet["concepts"]["prompt"], "attacked_preference": 0.3}}}
+    assert "(under the plain prompt or under the soft-prompt attack, --robust_forgetting)." in forgetting_warning(attacked)
 
 
 def test_adaptive_lambda_halves_when_stalled_doubles_when_retention_breaks_and_stops_once_reached():

@@ -43,7 +43,7 @@ from sa_peft.diffusion_loss import noise_scheduler_for
 from sa_peft.errors import InputError, flags_of, input_errors_as_flags, report_input_errors
 from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties
 from sa_peft.fisher import base_weights_hash
-from sa_peft.forgetting import AdaptiveLambda
+from sa_peft.forgetting import AdaptiveLambda, forgetting_warning
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
@@ -216,10 +216,10 @@ def load_base_pipeline(config: SelectiveAmnesiaConfig, accelerator):
 
 # Flags refused on SD3 and FLUX before any work (rather than run wrongly), with the reason the error gives.
 SD3_UNSUPPORTED_FLAGS = {
-    "snr_gamma": ("--snr_gamma", "Min-SNR weighting is DDPM's; flow-matching transformers weight their loss by "
-                                 "--weighting_scheme"),
-    "output_kohya_format": ("--output_kohya_format", "SD3 has no kohya layout to convert to; ComfyUI reads the "
-                                                     "diffusers file (its `transformer.` keys) as it is"),
+    "snr_gamma": ("--snr_gamma", ("Min-SNR weighting is DDPM's; flow-matching transformers weight their loss by "
+                                  "--weighting_scheme")),
+    "output_kohya_format": ("--output_kohya_format", ("SD3 has no kohya layout to convert to; ComfyUI reads the "
+                                                      "diffusers file (its `transformer.` keys) as it is")),
 }
 
 
@@ -594,6 +594,7 @@ def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: in
         "retention_bound": signal["retention_bound"],
         "retention": round(signal["retention"], 6),
         "concepts": {p: {"preference": round(c["preference"], 6), "forgotten": bool(c["forgotten"]),
+                         "reference": c["reference"],
                          **({"attacked_preference": round(c["attacked_preference"], 6)} if "attacked_preference" in c else {})}
                      for p, c in signal["concepts"].items()},
         "signal": "preference = (surrogate loss − concept loss) / the base model's, under the forget prompt, "
@@ -603,24 +604,13 @@ def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: in
 
 
 def report_forgetting(summary: dict) -> None:
-    """Say what the run achieved; a WARNING with what to try when the concept was not forgotten."""
+    """Say what the run achieved; a WARNING with what to try when it fell short (``forgetting_warning``)."""
     parts = ", ".join(f"{p!r} {c['preference']:+.3f}" for p, c in summary["concepts"].items())
     logger.info(f"Forgetting signal after {summary['trained_steps']} steps: preference {parts} (forgotten at ≤ "
                 f"{summary['threshold']}); retention {summary['retention']:.2e} (bound {summary['retention_bound']:.2e})")
-    if not summary["reached"]:
-        logger.warning(
-            "WARNING: the concept was NOT forgotten: the adapted model still prefers its own images of "
-            f"{[p for p, c in summary['concepts'].items() if not c['forgotten']]} to the surrogate's"
-            + (" (under the plain prompt or under the soft-prompt attack, --robust_forgetting)"
-               if any("attacked_preference" in c for c in summary["concepts"].values()) else "")
-            + ". Try a larger step "
-            "budget (--max_train_steps), a higher --learning_rate, a lower --ewc_lambda, or a surrogate closer to the "
-            "concept (--surrogate_prompt)."
-        )
-    elif not summary["retained"]:
-        logger.warning(f"WARNING: forgotten, but the predictions on held-out replay images drifted by "
-                       f"{summary['retention']:.2e} (bound {summary['retention_bound']:.2e}): other concepts may have "
-                       "changed; try a higher --replay_weight or --ewc_lambda.")
+    warning = forgetting_warning(summary)
+    if warning:
+        logger.warning(warning)
 
 
 def move_frozen_encoders(pipe, device, args, text_encoders: bool = True) -> None:
