@@ -39,13 +39,6 @@ def with_attack(signal: dict, attacked: dict) -> dict:
             "max_preference": max(signal["max_preference"], attacked["max_preference"])}
 
 
-def _rows(conditioning: PromptConditioning, rows: slice) -> dict:
-    """The per-prompt tensors of ``conditioning`` at ``rows`` (the context detached: δ is what the attack fits)."""
-    pick = lambda t: None if t is None else t[rows]
-    return {"encoder_hidden_states": conditioning.encoder_hidden_states[rows].detach(),
-            "text_embeds": pick(conditioning.text_embeds), "time_ids": pick(conditioning.time_ids)}
-
-
 class AdversarialSoftPrompt:
     """One δ per forget prompt, refreshed against the adapter; ``augment`` pairs surrogates with it."""
 
@@ -69,7 +62,10 @@ class AdversarialSoftPrompt:
         self.last_losses = []
         for i, (prompt, latents) in enumerate(zip(self.forget_prompts, self.concept_latents)):
             row = conditioning.index_of(prompt)
-            single = replace(conditioning, prompts=[prompt], **_rows(conditioning, slice(row, row + 1)))
+            pick = lambda t, r=row: None if t is None else t[r:r + 1]
+            # The context detached: δ is what the attack fits. FLUX's text ids and guidance carry over.
+            single = replace(conditioning, prompts=[prompt], encoder_hidden_states=pick(conditioning.encoder_hidden_states).detach(),
+                             text_embeds=pick(conditioning.text_embeds), time_ids=pick(conditioning.time_ids))
             self.deltas[i], history = optimise_soft_prompt(unet, scheduler, single, latents, self.attack_steps, self.lr,
                                                            self.epsilon, self.batch_size, self.seed + step + i,
                                                            init=self.deltas[i])

@@ -43,19 +43,16 @@ class TrainedPromptEncoder:
         self.frozen = frozen
         self.names = trainable_text_encoders(pipe)
         self.family = "flux" if is_flux(pipe) else "sd3" if is_sd3(pipe) else "sdxl" if is_sdxl(pipe) else "sd"
-        self.tokens = {}
+        self.tokens, masks = {}, {}
         for name in self.names:
             tokenizer = _tokenizer_of(pipe, name)
-            ids = tokenizer(list(frozen.prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-            self.tokens[name] = ids if device is None else ids.to(device)
-        config = pipe.text_encoder.config
+            tokens = tokenizer(list(frozen.prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+            self.tokens[name], masks[name] = (tokens.input_ids, tokens.attention_mask) if device is None else (
+                tokens.input_ids.to(device), tokens.attention_mask.to(device))
         # SD 1.x/2.x's encode_prompt passes the attention mask only to encoders configured to use one.
-        self.attention_mask = None
-        if self.family == "sd" and getattr(config, "use_attention_mask", False):
-            tokenizer = pipe.tokenizer
-            self.attention_mask = tokenizer(list(frozen.prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                                            truncation=True, return_tensors="pt").attention_mask.to(self.tokens["text_encoder"].device)
+        use_mask = self.family == "sd" and getattr(pipe.text_encoder.config, "use_attention_mask", False)
+        self.attention_mask = masks["text_encoder"] if use_mask else None
 
     def __call__(self, encoders: Mapping[str, torch.nn.Module]) -> PromptConditioning:
         frozen = self.frozen
