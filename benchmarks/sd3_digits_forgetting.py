@@ -55,16 +55,28 @@ def base_evaluation(seed: int, work_dir: Path, num_images: int) -> list[str]:
             "--seed", str(seed), "--output_dir", str(work_dir / f"base-seed{seed}"), "--device", "cpu"]
 
 
-def commands(digit: int, seed: int, work: Path, num_images: int, evaluate: bool = True) -> dict[str, list[str]]:
+def commands(forget_digits: list[int], kind: str, seed: int, work: Path, num_images: int,
+             evaluate: bool = True) -> dict[str, list[str]]:
+    """A row's commands: one or more forgotten digits, each with the next digit as surrogate (``kind`` "digit") or
+    with uniform-noise surrogate images (``kind`` "noise", ``--surrogate_type uniform_noise``)."""
     skip_final_evaluation = ["--classifier", ""] if evaluate else []
-    forget = DIGIT_PROMPTS[digit]
-    surrogate = next_digit_surrogate(forget, [forget])
+    forget = [DIGIT_PROMPTS[d] for d in forget_digits]
+    concept_flags = []
+    for prompt in forget:
+        concept_flags += ["--forget_prompt", prompt]
+    if kind == "digit":
+        for prompt in forget:
+            concept_flags += ["--surrogate_prompt", next_digit_surrogate(prompt, forget)]
+    else:
+        concept_flags += ["--surrogate_type", "uniform_noise"]
+    evaluated = []
+    for prompt in forget:
+        evaluated += ["--forget_prompt", prompt]
     return {
         "train": [sys.executable, str(REPO / "training_scripts" / "train_sa_lora.py"), "--pretrained_model_name_or_path",
-                  MODEL, "--forget_prompt", forget, "--surrogate_prompt", surrogate, "--output_dir", str(work),
-                  "--seed", str(seed), *skip_final_evaluation],
+                  MODEL, *concept_flags, "--output_dir", str(work), "--seed", str(seed), *skip_final_evaluation],
         "inspect": [*SA_PEFT, "inspect", "--json", str(work)],
-        "evaluate": [*SA_PEFT, "evaluate", "--pretrained_model_name_or_path", MODEL, "--forget_prompt", forget,
+        "evaluate": [*SA_PEFT, "evaluate", "--pretrained_model_name_or_path", MODEL, *evaluated,
                      "--lora", str(work), "--num_images_per_prompt", str(num_images), "--seed", str(seed),
                      "--output_dir", str(work / "sa-peft-evaluate"), "--device", "cpu"],
     }
@@ -94,37 +106,64 @@ def phase_seconds(work: Path) -> float:
         return round(sum(json.load(f).values()), 1)
 
 
-def judge(metrics: dict, digit: int, verdict: bool | None) -> dict:
-    """The row's numbers and targets from an ``evaluate_before_after`` metrics.json."""
+def noise_p(label: int, n: int = 500) -> float:
+    """The built-in classifier's mean P(label) on uniform-noise images: the floor a noise surrogate can reach (as
+    benchmarks/forgetting_every_concept.py computes it for the UNet model)."""
+    import torch
+
+    from sa_peft.classifier import load_classifier
+
+    images = torch.rand((n, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    return float(load_classifier("builtin:digits-classifier").predict_proba(images)[:, label].mean())
+
+
+def judge(metrics: dict, forget_digits: list[int], kind: str, verdicts: dict) -> dict:
+    """The row's numbers and targets from an ``evaluate_before_after`` metrics.json. Per forgotten digit: its own
+    class's P under its prompt (with two concepts, the prompt's P of the *other* forgotten digit is not counted)."""
     before, after = metrics["before"], metrics["after"]
-    forget = DIGIT_PROMPTS[digit]
-    surrogate = DIGIT_PROMPTS.index(next_digit_surrogate(forget, [forget]))
-    hist = after["per_prompt"][forget]["histogram"]
-    row = {
-        "p_forgotten_before": before["per_prompt"][forget]["p_forgotten"],
-        "p_forgotten_after": after["per_prompt"][forget]["p_forgotten"],
-        "as_surrogate": hist[surrogate] / sum(hist), "histogram_after": hist,
-        "retained_before": before["retained"]["mean_accuracy"], "retained_after": after["retained"]["mean_accuracy"],
-        "fd_before": before["quality"]["frechet_distance"], "fd_after": after["quality"]["frechet_distance"],
-        "off_before": before["quality"]["off_manifold_rate"], "off_after": after["quality"]["off_manifold_rate"],
-        "num_per_prompt": after["num_per_prompt"], "sampler": after["settings"]["sampler"],
-    }
-    row["checks"] = {
-        "P ≤ 0.02": row["p_forgotten_after"] <= 0.02,
-        "≥ 0.95 as surrogate": row["as_surrogate"] >= 0.95,
+    forget = [DIGIT_PROMPTS[d] for d in forget_digits]
+    row = {"concepts": {}, "num_per_prompt": after["num_per_prompt"], "sampler": after["settings"]["sampler"],
+           "retained_before": before["retained"]["mean_accuracy"], "retained_after": after["retained"]["mean_accuracy"],
+           "fd_before": before["quality"]["frechet_distance"], "fd_after": after["quality"]["frechet_distance"],
+           "off_before": before["quality"]["off_manifold_rate"], "off_after": after["quality"]["off_manifold_rate"]}
+    checks = {}
+    for digit, prompt in zip(forget_digits, forget):
+        own = after["per_prompt"][prompt]["label_name"]
+        hist = after["per_prompt"][prompt]["histogram"]
+        concept = {"p_forgotten_before": before["per_prompt"][prompt]["p_forgotten_per_class"][own],
+                   "p_forgotten_after": after["per_prompt"][prompt]["p_forgotten_per_class"][own],
+                   "histogram_after": hist, "reached": verdicts.get(prompt)}
+        name = prompt.split()[-1]
+        if kind == "digit":
+            surrogate = DIGIT_PROMPTS.index(next_digit_surrogate(prompt, forget))
+            concept["as_surrogate"] = hist[surrogate] / sum(hist)
+            concept["target"] = 0.02
+            checks[f"{name}: ≥ 0.95 as surrogate"] = concept["as_surrogate"] >= 0.95
+        else:
+            concept["target"] = round(noise_p(digit) + 0.02, 4)
+        checks[f"{name}: P ≤ {concept['target']:.3f}"] = concept["p_forgotten_after"] <= concept["target"]
+        checks[f"{name}: verdict agrees"] = concept["reached"] == (concept["p_forgotten_after"] <= concept["target"])
+        row["concepts"][prompt] = concept
+    checks.update({
         "retained drop ≤ 0.005": row["retained_before"] - row["retained_after"] <= 0.005,
         "FD ≤ base + 5 %": row["fd_after"] <= row["fd_before"] * 1.05,
         "off-manifold ≤ base + 1 pt": row["off_after"] <= row["off_before"] + 0.01,
-        "verdict agrees": verdict == (row["p_forgotten_after"] <= 0.02),
-    }
+    })
+    row["checks"] = checks
     return row
 
 
-def run_row(digit: int, args, base_ready=None) -> dict:
-    work = Path(args.work_dir) / f"forget-{digit}-seed{args.seed}"
+def row_name(forget_digits: list[int], kind: str) -> str:
+    return "+".join(str(d) for d in forget_digits) + ("->noise" if kind == "noise" else "")
+
+
+def run_row(spec: tuple[list[int], str], args, base_ready=None) -> dict:
+    forget_digits, kind = spec
+    work = Path(args.work_dir) / f"forget-{row_name(forget_digits, kind).replace('->', '-')}-seed{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
-    cmds = commands(digit, args.seed, work, args.num_images_per_prompt, args.evaluate)
-    result = {"digit": digit, "seed": args.seed, "commands": {k: shown(v) for k, v in cmds.items()}}
+    cmds = commands(forget_digits, kind, args.seed, work, args.num_images_per_prompt, args.evaluate)
+    result = {"forget": forget_digits, "kind": kind, "seed": args.seed,
+              "commands": {k: shown(v) for k, v in cmds.items()}}
     if args.reuse_runs and (work / "timings.json").exists() and (work / "pytorch_lora_weights.safetensors").exists():
         result["train_wall_s"] = phase_seconds(work)  # a finished run of the same command
         result["train_wall_from"] = "timings.json (sum of the phases)"
@@ -133,6 +172,7 @@ def run_row(digit: int, args, base_ready=None) -> dict:
     info = json.loads(subprocess.run(cmds["inspect"], check=True, capture_output=True, text=True, cwd=REPO,
                                      env={**os.environ, "PYTHONPATH": str(REPO)}).stdout)
     forgetting = info.get("forgetting") or {}
+    verdicts = {p: c.get("forgotten") for p, c in (forgetting.get("concepts") or {}).items()}
     result.update({"reached": forgetting.get("reached"), "forgetting": forgetting,
                    "trained_steps": (info.get("sa_peft") or info).get("trained_steps", info.get("trained_steps"))})
     with open(work / "timings.json") as f:
@@ -147,34 +187,58 @@ def run_row(digit: int, args, base_ready=None) -> dict:
         result["evaluate_wall_s"] = timed(cmds["evaluate"], work / "evaluate.log")
         source = work / "sa-peft-evaluate" / "metrics.json"
     with open(source) as f:
-        result.update(judge(json.load(f), digit, result["reached"]))
+        result.update(judge(json.load(f), forget_digits, kind, verdicts))
     result["metrics_from"] = str(source.relative_to(work))
     return result
 
 
+def upgraded(r: dict) -> dict:
+    """A row written before two-concept and noise rows (one digit, its numbers at the top level), in today's form."""
+    if "forget" in r:
+        return r
+    prompt = DIGIT_PROMPTS[r["digit"]]
+    concept = {k: r[k] for k in ("p_forgotten_before", "p_forgotten_after", "histogram_after", "as_surrogate")}
+    out = {k: v for k, v in r.items() if k not in (*concept, "digit")}
+    return {**out, "forget": [r["digit"]], "kind": "digit",
+            "concepts": {prompt: {**concept, "target": 0.02, "reached": r["reached"]}}}
+
+
 def fmt(r: dict) -> str:
     missed = [k for k, ok in r["checks"].items() if not ok]
-    return (f"| {DIGIT_PROMPTS[r['digit']].split()[-1]} (seed {r['seed']}) | {r['p_forgotten_after']:.3f} | "
-            f"{r['as_surrogate']:.2f} | {r['retained_before']:.3f} → {r['retained_after']:.3f} | "
+    concepts = list(r["concepts"].values())
+    names = " + ".join(DIGIT_PROMPTS[d].split()[-1] for d in r["forget"])
+    p_after = " / ".join(f"{c['p_forgotten_after']:.3f}" for c in concepts)
+    targets = " / ".join(f"{c['target']:.3f}" for c in concepts)
+    surrogate = " / ".join(f"{c['as_surrogate']:.2f}" for c in concepts) if r["kind"] == "digit" else "– (noise)"
+    verdicts = " / ".join("yes" if c["reached"] else "no" for c in concepts)
+    return (f"| {names}{' → noise' if r['kind'] == 'noise' else ''} (seed {r['seed']}) | {p_after} | {targets} | "
+            f"{surrogate} | {r['retained_before']:.3f} → {r['retained_after']:.3f} | "
             f"{r['fd_before']:.2f} → {r['fd_after']:.2f} | {r['off_before']:.3f} → {r['off_after']:.3f} | "
-            f"{'yes' if r['reached'] else 'no'} | {r['trained_steps']} | {r['train_wall_s'] / 60:.1f} | "
+            f"{verdicts} | {r['trained_steps']} | {r['train_wall_s'] / 60:.1f} | "
             f"{'all met' if not missed else 'MISSED: ' + '; '.join(missed)} |")
 
 
 def write_outputs(results: list[dict], args) -> None:
-    results = sorted(results, key=lambda r: (all(r["checks"].values()), r["digit"]))  # misses first
+    results = sorted(results, key=lambda r: (all(r["checks"].values()), r["kind"], len(r["forget"]), r["forget"]))
     write_json_atomic(args.output, {"model": MODEL, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                                     "argv": sys.argv[1:], "rows": results})
-    lines = [("| forgotten digit | P(forgotten) after | read as the surrogate | retained accuracy | Fréchet distance | "
-             "off-manifold | verdict: forgotten | steps | training min | targets |"),
-             "|---|---|---|---|---|---|---|---|---|---|", *[fmt(r) for r in results]]
+    lines = [("| forgotten digit | P(forgotten) after | target P | read as the surrogate | retained accuracy | "
+              "Fréchet distance | off-manifold | verdict: forgotten | steps | training min | targets |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|", *[fmt(r) for r in results]]
     write_text_atomic(str(Path(args.output).with_suffix(".md")), "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+def key(r: dict) -> tuple[str, int]:
+    return row_name(r["forget"], r["kind"]), r["seed"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--digits", type=int, nargs="*", default=[0, 3, 7])
+    parser.add_argument("--noise_digits", type=int, nargs="*", default=[],
+                        help="digits forgotten with uniform-noise surrogate images instead of the next digit")
+    parser.add_argument("--pairs", nargs="*", default=[], help="two-concept rows, e.g. 0+1 4+7")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_images_per_prompt", type=int, default=50, help="sa-peft evaluate's samples per prompt")
     parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
@@ -188,8 +252,10 @@ def main() -> None:
     done = {}
     if os.path.exists(args.output):
         with open(args.output) as f:
-            done = {(r["digit"], r["seed"]): r for r in json.load(f)["rows"]}
-    todo = [d for d in args.digits if (d, args.seed) not in done]
+            done = {key(r): r for r in map(upgraded, json.load(f)["rows"])}
+    specs = ([([d], "digit") for d in args.digits] + [([d], "noise") for d in args.noise_digits]
+             + [([int(d) for d in pair.split("+")], "digit") for pair in args.pairs])
+    todo = [s for s in specs if (row_name(*s), args.seed) not in done]
     base_dir = Path(args.work_dir) / f"base-seed{args.seed}"
     with ThreadPoolExecutor(max_workers=max(1, args.jobs) + 1) as pool:
         base_ready = None
@@ -197,8 +263,8 @@ def main() -> None:
             base_dir.mkdir(parents=True, exist_ok=True)
             base_ready = pool.submit(timed, base_evaluation(args.seed, Path(args.work_dir), args.num_images_per_prompt),
                                      base_dir / "evaluate.log")
-        for r in pool.map(lambda d: run_row(d, args, base_ready), todo):
-            done[(r["digit"], r["seed"])] = r
+        for r in pool.map(lambda spec: run_row(spec, args, base_ready), todo):
+            done[key(r)] = r
             write_outputs(list(done.values()), args)
     write_outputs(list(done.values()), args)
 
