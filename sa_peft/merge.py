@@ -4,10 +4,12 @@ A merged model is written in two forms:
 
 * a diffusers pipeline folder (``save_pretrained``, safetensors weights), loadable with
   ``DiffusionPipeline.from_pretrained``;
-* a **single ``.safetensors`` checkpoint in the original Stable Diffusion layout** (``model.diffusion_model.…``,
-  ``first_stage_model.…``, ``cond_stage_model.…`` or SDXL's ``conditioner.embedders.0/1.…``), the file A1111 and
-  ComfyUI load as a checkpoint and diffusers reads with ``from_single_file``. diffusers 0.42 converts only from
-  that layout; ``sa_peft.ldm_layout`` inverts its conversion functions from the UNet/VAE configs.
+* a **single ``.safetensors`` checkpoint in the original layout** of the model family, the file A1111 and ComfyUI
+  load and diffusers reads with ``from_single_file``. diffusers 0.42 converts only from those layouts;
+  ``sa_peft.ldm_layout`` (SD 1.x/2.x/SDXL: ``model.diffusion_model.…``, ``first_stage_model.…``,
+  ``cond_stage_model.…`` or SDXL's ``conditioner.embedders.0/1.…``) and ``sa_peft.transformer_layout`` (SD3:
+  ``model.diffusion_model.joint_blocks.…`` with the VAE and ``text_encoders.clip_l/clip_g/t5xxl.…``; FLUX: the
+  transformer alone, ``double_blocks.…``/``single_blocks.…``, as Black Forest Labs ship it) invert its readers.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from safetensors.torch import save_file
 from .adapter_io import LORA_COMPONENTS, load_adapter_file, read_adapter_metadata, resolve_adapter_file
 from .errors import InputError
 from .io_utils import atomic_dir, atomic_path
-from .models import SDXL_PIPELINE
+from .models import FLUX_PIPELINE, SD3_PIPELINE, SDXL_PIPELINE
 
 # Header entry naming the layout of a merged single file (for ``sa-peft inspect``); nothing reads it back.
-SINGLE_FILE_FORMAT = "original-sd"
+SINGLE_FILE_FORMATS = {"StableDiffusionPipeline": "original-sd", SDXL_PIPELINE: "original-sd",
+                       SD3_PIPELINE: "original-sd3", FLUX_PIPELINE: "original-flux-transformer"}
 SINGLE_FILE_KEY = "sa_peft_checkpoint"
-SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", SDXL_PIPELINE)
+SINGLE_FILE_PIPELINES = tuple(SINGLE_FILE_FORMATS)
 
 
 def adapter_names(count: int) -> list[str]:
@@ -133,21 +136,33 @@ def save_merged_pipeline(pipe, output_dir: str | os.PathLike, overwrite: bool = 
 
 
 def original_layout_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """``pipe``'s weights in the original Stable Diffusion layout (see ``sa_peft.ldm_layout``): the UNet under
-    ``model.diffusion_model.``, the VAE under ``first_stage_model.``, the text encoder under
-    ``cond_stage_model.transformer.`` (SD 1.x CLIP) or ``cond_stage_model.model.`` (SD 2.x OpenCLIP), or SDXL's
-    two under ``conditioner.embedders.0.transformer.`` and ``conditioner.embedders.1.model.``."""
-    from . import ldm_layout
+    """``pipe``'s weights in its family's original layout (see ``sa_peft.ldm_layout`` and
+    ``sa_peft.transformer_layout``): the UNet under ``model.diffusion_model.``, the VAE under ``first_stage_model.``,
+    the text encoder under ``cond_stage_model.transformer.`` (SD 1.x CLIP) or ``cond_stage_model.model.`` (SD 2.x
+    OpenCLIP), or SDXL's two under ``conditioner.embedders.0.transformer.`` and ``conditioner.embedders.1.model.``;
+    SD3's transformer under ``model.diffusion_model.`` with the VAE and its text encoders under
+    ``text_encoders.clip_l/clip_g/t5xxl.transformer.``; FLUX's transformer alone (its files hold nothing else)."""
+    from . import ldm_layout, transformer_layout
 
     name = type(pipe).__name__
     if name not in SINGLE_FILE_PIPELINES:
         raise InputError(f"single-file checkpoints support {', '.join(SINGLE_FILE_PIPELINES)}, not {name}")
 
     def weights(module):
-        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        # clone: T5 ties encoder.embed_tokens to shared, and safetensors refuses tensors that share memory.
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
-    out = ldm_layout.unet_to_ldm(weights(pipe.unet), pipe.unet.config)
-    out.update(ldm_layout.vae_to_ldm(weights(pipe.vae), pipe.vae.config))
+    if name == FLUX_PIPELINE:
+        return transformer_layout.flux_transformer_to_original(weights(pipe.transformer))
+    out = ldm_layout.vae_to_ldm(weights(pipe.vae), pipe.vae.config)
+    if name == SD3_PIPELINE:
+        out.update(transformer_layout.sd3_transformer_to_original(weights(pipe.transformer)))
+        out.update(ldm_layout.clip_to_ldm(weights(pipe.text_encoder), transformer_layout.SD3_CLIP_L_PREFIX))
+        out.update(ldm_layout.clip_to_ldm(weights(pipe.text_encoder_2), transformer_layout.SD3_CLIP_G_PREFIX))
+        if pipe.text_encoder_3 is not None:
+            out.update({transformer_layout.SD3_T5_PREFIX + k: v for k, v in weights(pipe.text_encoder_3).items()})
+        return out
+    out.update(ldm_layout.unet_to_ldm(weights(pipe.unet), pipe.unet.config))
     if name == SDXL_PIPELINE:
         out.update(ldm_layout.clip_to_ldm(weights(pipe.text_encoder), ldm_layout.SDXL_CLIP_PREFIX))
         out.update(ldm_layout.openclip_to_ldm(weights(pipe.text_encoder_2), ldm_layout.SDXL_OPENCLIP_PREFIX))
@@ -159,18 +174,22 @@ def original_layout_state_dict(pipe) -> dict[str, torch.Tensor]:
 
 
 def save_single_file_checkpoint(pipe, path: str | os.PathLike, info: dict | None = None) -> str:
-    """Write ``pipe`` as one ``.safetensors`` checkpoint in the original Stable Diffusion layout, the file A1111,
-    ComfyUI and diffusers' ``from_single_file`` read. ``info`` (what was merged) goes in the header as ``sa_peft``.
+    """Write ``pipe`` as one ``.safetensors`` checkpoint in its family's original layout, the file A1111, ComfyUI
+    and diffusers' ``from_single_file`` read. ``info`` (what was merged) goes in the header as ``sa_peft``.
 
     Configs, tokenizers and the scheduler are not in the file (original checkpoints do not carry them). Read it
     with ``StableDiffusionPipeline.from_single_file(path, config=<base pipeline folder or hub id>)`` (or
-    ``StableDiffusionXLPipeline``); full-size SD 1.x/2.x/SDXL checkpoints are also recognised without ``config``.
+    ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``); full-size checkpoints are also recognised without
+    ``config``. A FLUX file is the transformer alone: ``FluxTransformer2DModel.from_single_file(path,
+    config=<base>, subfolder="transformer")`` (diffusers 0.42 reads only full-size FLUX transformers, whose width
+    it assumes) or ComfyUI's "Load Diffusion Model". SD3's CLIP-L text projection is not in the original layout:
+    diffusers and ComfyUI read it as the identity, as Stability AI's reference code uses it.
     """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise InputError(f"`single_file` {path!r} must end in .safetensors")
     tensors = original_layout_state_dict(pipe)
-    metadata = {SINGLE_FILE_KEY: SINGLE_FILE_FORMAT, "pipeline_class": type(pipe).__name__,
+    metadata = {SINGLE_FILE_KEY: SINGLE_FILE_FORMATS[type(pipe).__name__], "pipeline_class": type(pipe).__name__,
                 "sa_peft": json.dumps(info or {}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)

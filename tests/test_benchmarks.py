@@ -96,28 +96,46 @@ def _sd3_benchmark():
 
 def test_sd3_digits_benchmark_runs_the_defaults_and_judges_like_the_unet_one(tmp_path):
     """The training command passes only the documented flags (plus ``--classifier ''`` when ``sa-peft evaluate``
-    scores it), and a row is judged by the UNet benchmark's targets, misses included."""
+    scores it), and a row is judged by the UNet benchmark's targets, misses included, per forgotten digit."""
     bench = _sd3_benchmark()
-    cmds = bench.commands(3, 0, tmp_path, 50)
+    cmds = bench.commands([3], "digit", 0, tmp_path, 50)
     assert bench.shown(cmds["train"]) == (
         "python training_scripts/train_sa_lora.py --pretrained_model_name_or_path builtin:digits-sd3 --forget_prompt "
         f"'a handwritten digit three' --surrogate_prompt 'a handwritten digit four' --output_dir {tmp_path} --seed 0 "
         "--classifier ")
-    assert bench.commands(3, 0, tmp_path, 50, evaluate=False)["train"][-2:] == ["--seed", "0"]
+    assert bench.commands([3], "digit", 0, tmp_path, 50, evaluate=False)["train"][-2:] == ["--seed", "0"]
     assert bench.shown(cmds["evaluate"]).startswith("sa-peft evaluate --pretrained_model_name_or_path builtin:digits-sd3")
+    pair = bench.commands([0, 1], "digit", 0, tmp_path, 20)
+    assert bench.shown(pair["train"]).count("--surrogate_prompt 'a handwritten digit two'") == 2
+    assert bench.shown(pair["evaluate"]).count("--forget_prompt") == 2
+    noise = bench.shown(bench.commands([3], "noise", 0, tmp_path, 20)["train"])
+    assert "--surrogate_type uniform_noise" in noise and "--surrogate_prompt" not in noise
 
-    def stage(p_three, hist_three, accuracy, fd, off):
-        per_prompt = {p: {"p_forgotten": None, "histogram": [0] * 10} for p in bench.DIGIT_PROMPTS}
-        per_prompt[bench.DIGIT_PROMPTS[3]] = {"p_forgotten": p_three, "histogram": hist_three}
+    def stage(p_three, hist_three, accuracy, fd, off, p_other=0.0):
+        per_prompt = {p: {"p_forgotten_per_class": {}, "histogram": [0] * 10, "label_name": p.split()[-1]}
+                      for p in bench.DIGIT_PROMPTS}
+        # P of every forgotten class under "three": the row counts only three's own.
+        per_prompt[bench.DIGIT_PROMPTS[3]].update(p_forgotten_per_class={"three": p_three, "zero": p_other},
+                                                  histogram=hist_three)
         return {"per_prompt": per_prompt, "retained": {"mean_accuracy": accuracy}, "num_per_prompt": 20,
                 "quality": {"frechet_distance": fd, "off_manifold_rate": off}, "settings": {"sampler": "s"}}
 
+    three = bench.DIGIT_PROMPTS[3]
     before = stage(0.97, [0, 0, 0, 20, 0, 0, 0, 0, 0, 0], 1.0, 10.0, 0.04)
-    good = bench.judge({"before": before, "after": stage(0.01, [0, 0, 0, 0, 20, 0, 0, 0, 0, 0], 0.996, 10.4, 0.05)},
-                       3, True)
-    assert good["as_surrogate"] == 1.0 and all(good["checks"].values())
+    good = bench.judge({"before": before, "after": stage(0.01, [0, 0, 0, 0, 20, 0, 0, 0, 0, 0], 0.996, 10.4, 0.05,
+                                                         p_other=0.5)}, [3], "digit", {three: True})
+    assert good["concepts"][three]["as_surrogate"] == 1.0 and all(good["checks"].values())
     bad = bench.judge({"before": before, "after": stage(0.03, [0, 0, 0, 1, 19, 0, 0, 0, 0, 0], 0.99, 10.6, 0.06)},
-                      3, True)
-    assert bad["as_surrogate"] == 0.95
+                      [3], "digit", {three: True})
+    assert bad["concepts"][three]["as_surrogate"] == 0.95
     assert {k for k, ok in bad["checks"].items() if not ok} == {
-        "P ≤ 0.02", "retained drop ≤ 0.005", "FD ≤ base + 5 %", "off-manifold ≤ base + 1 pt", "verdict agrees"}
+        "three: P ≤ 0.020", "retained drop ≤ 0.005", "FD ≤ base + 5 %", "off-manifold ≤ base + 1 pt",
+        "three: verdict agrees"}
+    # Noise: the classifier's P(three) on pixel noise + 0.02 is the target; no surrogate share is asked.
+    target = round(bench.noise_p(3) + 0.02, 4)
+    noisy = bench.judge({"before": before, "after": stage(target - 0.01, [2, 9, 0, 1, 0, 0, 0, 0, 8, 0], 1.0, 10.0,
+                                                          0.04)}, [3], "noise", {three: True})
+    assert noisy["concepts"][three]["target"] == target and all(noisy["checks"].values())
+    over = bench.judge({"before": before, "after": stage(target + 0.01, [2, 9, 0, 1, 0, 0, 0, 0, 8, 0], 1.0, 10.0,
+                                                         0.04)}, [3], "noise", {three: True})
+    assert {k for k, ok in over["checks"].items() if not ok} == {f"three: P ≤ {target:.3f}", "three: verdict agrees"}

@@ -74,7 +74,9 @@ def test_tiny_flux_pipeline_is_shaped_like_flux_and_reloads_offline(flux_pipe, f
 def test_flux_conditioning_is_the_pipelines_encode_prompt(flux_pipe):
     cond = encode_prompts(flux_pipe, PROMPTS, guidance_scale=3.5)
     hidden, pooled, text_ids = flux_pipe.encode_prompt(PROMPTS, None, device="cpu")
-    torch.testing.assert_close(cond.encoder_hidden_states, hidden)
+    # Rounding only: 1.6e-5 apart on 66 of 49,152 values on an AMD EPYC (2026-12-02), 0 elsewhere; a wrong
+    # encoder, mask or padding moves them by O(1).
+    torch.testing.assert_close(cond.encoder_hidden_states, hidden, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cond.text_embeds, pooled)
     kwargs = cond.unet_kwargs(torch.tensor([2, 0]), torch.float64)
     assert set(kwargs) == {"encoder_hidden_states", "pooled_projections", "txt_ids", "guidance"}

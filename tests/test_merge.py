@@ -18,7 +18,7 @@ from sa_peft import cli, ldm_layout
 from sa_peft.adapter_io import component_configs, layer_scales, load_adapter_file, save_forget_lora
 from sa_peft.lora import resolve_lora_targets
 from sa_peft.merge import (
-    SINGLE_FILE_FORMAT,
+    SINGLE_FILE_FORMATS,
     SINGLE_FILE_KEY,
     merge_forget_loras,
     merge_info,
@@ -95,7 +95,7 @@ def test_merge_command_outputs_equal_the_unfused_pipeline(sd_adapters, tiny_pipe
     assert {".".join(k.split(".")[:2]) for k in keys} == {"model.diffusion_model", "first_stage_model.encoder",
                                                         "first_stage_model.decoder", "first_stage_model.quant_conv",
                                                         "first_stage_model.post_quant_conv", "cond_stage_model.transformer"}
-    assert header[SINGLE_FILE_KEY] == SINGLE_FILE_FORMAT
+    assert header[SINGLE_FILE_KEY] == SINGLE_FILE_FORMATS["StableDiffusionPipeline"] == "original-sd"
     info = json.loads(header["sa_peft"])
     assert info["base_model"] == str(tiny_pipe_dir) and [e["weight"] for e in info["loras"]] == WEIGHTS
     assert info["loras"][0]["sa_peft"]["forget_prompts"] == ["concept 0"]
@@ -536,15 +536,9 @@ def test_original_layout_state_dict_is_each_component_under_its_prefix(kind):
                              "sdxl": "conditioner.embedders.1.model."}[kind]) for k in out)
 
 
-def test_single_files_are_only_for_sd_and_sdxl_and_end_in_safetensors(tmp_path):
+def test_single_files_end_in_safetensors(tmp_path):
     from sa_peft.errors import InputError
-    from sa_peft.merge import original_layout_state_dict
-    from sa_peft.testing.tiny_pipeline import build_tiny_sd3_pipeline
 
-    with pytest.raises(InputError) as info:
-        original_layout_state_dict(build_tiny_sd3_pipeline())
-    assert str(info.value) == ("single-file checkpoints support StableDiffusionPipeline, StableDiffusionXLPipeline, "
-                               "not StableDiffusion3Pipeline")
     with pytest.raises(InputError) as info:
         save_single_file_checkpoint(build_tiny_pipeline(), tmp_path / "model.ckpt")
     assert str(info.value) == f"`single_file` {str(tmp_path / 'model.ckpt')!r} must end in .safetensors"

@@ -58,7 +58,8 @@ def test_tiny_sd3_pipeline_is_shaped_like_sd3_and_reloads_offline(sd3_pipe, sd3_
     assert hidden.shape == (1, 77 + 256, 64) and pooled.shape == (1, 64)  # CLIP (zero-padded) + T5 tokens; two pools
     fresh = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), use_safetensors=True)
     fresh.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(sample(fresh, "a photo of a cat"), sample(pipe, "a photo of a cat"))
+    # Not bit-equal on every CPU: reloaded CLIP weights gave outputs 1e-7 apart (AMD EPYC, 2026-12-02), images 1e-6.
+    np.testing.assert_allclose(sample(fresh, "a photo of a cat"), sample(pipe, "a photo of a cat"), atol=1e-5)
     assert fresh.tokenizer_3("a photo of a cat").input_ids == pipe.tokenizer_3("a photo of a cat").input_ids
 
 
@@ -533,7 +534,7 @@ def test_snr_gamma_refusal_is_a_whole_sentence(sd3_pipe):
         snr_weights(noise_scheduler_for(sd3_pipe.scheduler), torch.tensor([10]), 5.0)
 
 
-def test_merge_command_fuses_an_sd3_lora_into_a_pipeline_folder_and_refuses_a_single_file(sd3_dir, tmp_path):
+def test_merge_command_fuses_an_sd3_lora_into_a_pipeline_folder(sd3_dir, tmp_path):
     from sa_peft.cli import build_parser
     from sa_peft.merge import stack_forget_loras
 
@@ -549,9 +550,3 @@ def test_merge_command_fuses_an_sd3_lora_into_a_pipeline_folder_and_refuses_a_si
     plain = load_pipeline(str(sd3_dir), supported=TRAINING_PIPELINES)
     a, b, c = (sample(p, steps=2) for p in (merged, stacked, plain))
     assert np.abs(a - b).max() < 1e-4 and np.abs(a - c).max() > 1e-3  # the LoRA at weight 0.5, fused
-    args = build_parser().parse_args(["merge", "--pretrained_model_name_or_path", str(sd3_dir), "--lora",
-                                      str(tmp_path / "lora"), "--single_file", str(tmp_path / "m.safetensors")])
-    with pytest.raises(ValueError, match="StableDiffusion3Pipeline.*--single_file writes the original Stable "
-                                         "Diffusion \\(UNet\\) checkpoint layout; for SD3 and FLUX pass --output_dir"):
-        args.func(args)
-    assert not (tmp_path / "m.safetensors").exists()

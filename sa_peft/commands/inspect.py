@@ -35,7 +35,8 @@ def describe(path: str | os.PathLike) -> dict:
     info = json.loads(header[SA_METADATA_KEY]) if SA_METADATA_KEY in header else None
     out: dict = {"file": os.path.abspath(file), "size_bytes": os.path.getsize(file)}
     if header.get(SINGLE_FILE_KEY) or any(k.startswith(UNET_PREFIX) for k in tensors):
-        out.update(format="merged pipeline checkpoint (original Stable Diffusion layout)",
+        layout = {"original-sd3": "original SD3 layout", "original-flux-transformer": "original FLUX transformer layout"}
+        out.update(format=f"merged pipeline checkpoint ({layout.get(header.get(SINGLE_FILE_KEY), 'original Stable Diffusion layout')})",
                    pipeline=header.get("pipeline_class"), merge=info,
                    components=sorted({k.split(".")[0] for k in tensors}))
         return out

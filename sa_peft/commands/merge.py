@@ -17,7 +17,7 @@ from ..merge import (
     save_merged_pipeline,
     save_single_file_checkpoint,
 )
-from ..models import TRAINING_PIPELINES, TRANSFORMER_PIPELINES, UNET_PIPELINES, load_pipeline
+from ..models import FLUX_PIPELINE, TRAINING_PIPELINES, load_pipeline
 from .common import add_model_arguments, speaking_flags
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,8 +34,9 @@ def register(subparsers) -> None:
                         help="weight of each --lora, in order (repeatable; default 1.0 each; negative allowed)")
     parser.add_argument("--output_dir", default=None, help="diffusers pipeline folder to write (save_pretrained)")
     parser.add_argument("--single_file", default=None,
-                        help="also/instead write one .safetensors checkpoint in the original Stable Diffusion layout "
-                             "(A1111/ComfyUI checkpoint; diffusers: from_single_file(path, config=<base>))")
+                        help="also/instead write one .safetensors checkpoint in the family's original layout (SD 1.x/"
+                             "2.x/SDXL/SD3: the A1111/ComfyUI checkpoint; FLUX: the transformer alone, for ComfyUI's "
+                             "Load Diffusion Model; diffusers: from_single_file(path, config=<base>))")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of the saved weights (the merge itself is computed in float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -78,20 +79,27 @@ def check_outputs(args) -> None:
             check_writable(output, parameter)
 
 
+def check_flux_single_file(files: list[str]) -> None:
+    """A FLUX single file is the transformer alone (as Black Forest Labs ship it): a LoRA on the text encoder would be
+    lost from it, so refuse before merging anything."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            if any(k.startswith(("text_encoder", "lora_te")) for k in f.keys()):  # noqa: SIM118 (safe_open is not iterable)
+                raise InputError(f"--lora {file!r} adapts FLUX's text encoder, and a FLUX --single_file holds the "
+                                 "transformer only; pass --output_dir to save the whole merged pipeline")
+
+
 def run(args: argparse.Namespace):
     check_outputs(args)
     weights = check_lora_weights(args.lora, args.lora_weight)
     files = [resolve_adapter_file(p, "lora") for p in args.lora]  # safetensors only, checked before loading
     base = _base_model(args, files)
-    # SD3 and FLUX merge into a pipeline folder; the single file is the original UNet checkpoint layout only.
-    try:
-        pipe = load_pipeline(base, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-                             supported=UNET_PIPELINES if args.single_file is not None else TRAINING_PIPELINES)
-    except InputError as err:
-        if args.single_file is not None and any(f"is a {name}," in str(err) for name in TRANSFORMER_PIPELINES):
-            raise InputError(f"{err}. --single_file writes the original Stable Diffusion (UNet) checkpoint layout; "
-                             "for SD3 and FLUX pass --output_dir only") from None
-        raise
+    pipe = load_pipeline(base, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                         supported=TRAINING_PIPELINES)
+    if args.single_file is not None and type(pipe).__name__ == FLUX_PIPELINE:
+        check_flux_single_file(files)
     pipe.to(args.device)
     merge_forget_loras(pipe, files, weights)
     pipe.to("cpu")

@@ -206,7 +206,8 @@ def _tiny_t5(tokenizer, d_model: int) -> T5EncoderModel:
     ))
 
 
-def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, shift: float = 3.0) -> StableDiffusion3Pipeline:
+def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, shift: float = 3.0,
+                            text_encoder_2_hidden_size: int = 32) -> StableDiffusion3Pipeline:
     """Build a randomly initialised, deterministic ``StableDiffusion3Pipeline`` shaped like SD3, only tiny.
 
     As in SD3: an ``SD3Transformer2DModel`` (joint attention blocks over image patches and text tokens,
@@ -215,6 +216,8 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, shift: float =
     T5 width and joined with a ``T5EncoderModel``'s states as the context (77 CLIP + 256 T5 tokens), and whose
     pooled projections (32 + 32) give ``pooled_projections``; a ``FlowMatchEulerDiscreteScheduler`` with SD3's
     shift 3. The native resolution is ``sample_size`` (SD3's 1024 scaled down); the VAE downsamples by 2.
+    ``text_encoder_2_hidden_size`` widens the second CLIP (≤ 32: the context is 32 + it, padded to the T5's 64); as
+    with SDXL, ``from_single_file`` tells SD3's CLIP-L from CLIP-G by width only (real ones: 768 and 1280).
     """
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -238,7 +241,8 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, shift: float =
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, projection_dim=TINY_SDXL_PROJECTION_DIM))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, projection_dim=TINY_SDXL_PROJECTION_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_text_config(tokenizer_2, text_encoder_2_hidden_size, projection_dim=TINY_SDXL_PROJECTION_DIM))
     tokenizer_3 = t5_tokenizer(TINY_WORDS)
     torch.manual_seed(seed + 4)
     text_encoder_3 = _tiny_t5(tokenizer_3, TINY_SD3_T5_DIM)
