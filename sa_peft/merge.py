@@ -30,6 +30,8 @@ from .models import FLUX_PIPELINE, SD3_PIPELINE, SDXL_PIPELINE
 SINGLE_FILE_FORMATS = {"StableDiffusionPipeline": "original-sd", SDXL_PIPELINE: "original-sd",
                        SD3_PIPELINE: "original-sd3", FLUX_PIPELINE: "original-flux-transformer"}
 SINGLE_FILE_KEY = "sa_peft_checkpoint"
+SINGLE_FILE_LAYOUTS = {"original-sd": "original Stable Diffusion layout", "original-sd3": "original SD3 layout",
+                       "original-flux-transformer": "original FLUX transformer layout"}
 SINGLE_FILE_PIPELINES = tuple(SINGLE_FILE_FORMATS)
 
 
@@ -149,8 +151,14 @@ def original_layout_state_dict(pipe) -> dict[str, torch.Tensor]:
         raise InputError(f"single-file checkpoints support {', '.join(SINGLE_FILE_PIPELINES)}, not {name}")
 
     def weights(module):
-        # clone: T5 ties encoder.embed_tokens to shared, and safetensors refuses tensors that share memory.
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        out, seen = {}, set()
+        for k, v in module.state_dict().items():
+            v = v.detach().cpu().contiguous()
+            # T5 ties encoder.embed_tokens to shared: safetensors refuses tensors that share memory, so the second
+            # name gets a copy (only it: a copy of every tensor would double the memory of a full-size model).
+            out[k] = v.clone() if v.data_ptr() in seen else v
+            seen.add(v.data_ptr())
+        return out
 
     if name == FLUX_PIPELINE:
         return transformer_layout.flux_transformer_to_original(weights(pipe.transformer))

@@ -155,6 +155,7 @@ def test_flux_merge_single_file_is_the_merged_transformer_alone(tmp_path):
     assert not torch.equal(written["double_blocks.0.img_attn.qkv.weight"], unmerged["double_blocks.0.img_attn.qkv.weight"])
     with safe_open(str(single), framework="pt") as f:
         assert f.metadata()[SINGLE_FILE_KEY] == "original-flux-transformer"
+    assert describe(single)["format"] == "merged pipeline checkpoint (original FLUX transformer layout)"
 
     layers, config = add_text_encoder_lora(pipe.text_encoder, rank=2, alpha=2.0, seed=3)
     with_te = save_forget_lora(tmp_path / "lora-te", pipe.transformer, {"base_model": str(base)},

@@ -28,15 +28,15 @@ def register(subparsers) -> None:
 def describe(path: str | os.PathLike) -> dict:
     """Everything ``inspect`` knows about ``path``, as a JSON-able dict."""
     from ..ldm_layout import UNET_PREFIX
-    from ..merge import SINGLE_FILE_KEY
+    from ..merge import SINGLE_FILE_KEY, SINGLE_FILE_LAYOUTS
 
     file = resolve_adapter_file(path, "sa-peft inspect")
     tensors, header = load_adapter_file(file, "sa-peft inspect")
     info = json.loads(header[SA_METADATA_KEY]) if SA_METADATA_KEY in header else None
     out: dict = {"file": os.path.abspath(file), "size_bytes": os.path.getsize(file)}
     if header.get(SINGLE_FILE_KEY) or any(k.startswith(UNET_PREFIX) for k in tensors):
-        layout = {"original-sd3": "original SD3 layout", "original-flux-transformer": "original FLUX transformer layout"}
-        out.update(format=f"merged pipeline checkpoint ({layout.get(header.get(SINGLE_FILE_KEY), 'original Stable Diffusion layout')})",
+        layout = SINGLE_FILE_LAYOUTS.get(header.get(SINGLE_FILE_KEY), SINGLE_FILE_LAYOUTS["original-sd"])
+        out.update(format=f"merged pipeline checkpoint ({layout})",
                    pipeline=header.get("pipeline_class"), merge=info,
                    components=sorted({k.split(".")[0] for k in tensors}))
         return out
