@@ -40,10 +40,10 @@ DEFAULT_PREFERENCE_THRESHOLD = 0.0
 DEFAULT_RETENTION_BOUND = 5e-4
 SWAP_FRACTION = 0.8
 # The reference without a surrogate prompt (noise, image folders). It is lenient: on the digits with a noise surrogate
-# it said "forgotten" while 6-12 of 50 samples still read as the concept (benchmarks/RESULTS.md, section 0).
+# it said "forgotten" while 2-18 of 50 samples still read as the concept (benchmarks/RESULTS.md, section 0).
 EQUAL_LOSSES = "equal losses"
 LENIENT_NOTE = ("its reference is equal losses (no surrogate prompt: noise or an image folder), which on the digits "
-                "said forgotten while 6-12 of 50 samples still showed the concept; check samples (--classifier)")
+                "said forgotten while 2-18 of 50 samples still showed the concept; check samples (--classifier)")
 
 
 @dataclass
