@@ -181,6 +181,26 @@ def original_layout_state_dict(pipe) -> dict[str, torch.Tensor]:
     return out
 
 
+def single_file_caveats(pipe) -> list[str]:
+    """What the original layout cannot carry for ``pipe``, as sentences (empty when the file reads back whole).
+
+    SD3's layout has no CLIP-L text projection (diffusers' ``from_single_file`` and ComfyUI use the identity there,
+    as Stability AI's code does), and diffusers tells SD3's or SDXL's two CLIP encoders apart by their width only."""
+    out = []
+    if type(pipe).__name__ == SD3_PIPELINE:
+        projection = pipe.text_encoder.text_projection.weight
+        if not torch.equal(projection.detach().cpu(), torch.eye(*projection.shape, dtype=projection.dtype)):
+            out.append("the CLIP-L text projection is not the identity, and the original SD3 layout has none: "
+                       "diffusers' from_single_file and ComfyUI will use the identity, so the file's pooled "
+                       "embedding (and its images) differ from the merged pipeline folder's")
+    if type(pipe).__name__ in (SD3_PIPELINE, SDXL_PIPELINE):
+        widths = [m.config.hidden_size for m in (pipe.text_encoder, pipe.text_encoder_2)]
+        if widths[0] == widths[1]:
+            out.append(f"both CLIP encoders are {widths[0]} wide: diffusers' from_single_file tells them apart by "
+                       "width and will read the first for both (ComfyUI reads each by its prefix)")
+    return out
+
+
 def save_single_file_checkpoint(pipe, path: str | os.PathLike, info: dict | None = None) -> str:
     """Write ``pipe`` as one ``.safetensors`` checkpoint in its family's original layout, the file A1111, ComfyUI
     and diffusers' ``from_single_file`` read. ``info`` (what was merged) goes in the header as ``sa_peft``.

@@ -20,7 +20,13 @@ from sa_peft import cli
 from sa_peft.adapter_io import save_forget_lora
 from sa_peft.commands.inspect import describe
 from sa_peft.errors import InputError
-from sa_peft.merge import SINGLE_FILE_KEY, original_layout_state_dict, save_single_file_checkpoint, stack_forget_loras
+from sa_peft.merge import (
+    SINGLE_FILE_KEY,
+    original_layout_state_dict,
+    save_single_file_checkpoint,
+    single_file_caveats,
+    stack_forget_loras,
+)
 from sa_peft.testing.tiny_pipeline import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from sa_peft.transformer_layout import SD3_T5_PREFIX, flux_transformer_to_original, sd3_transformer_to_original
 
@@ -97,7 +103,7 @@ def sd3_sample(pipe):
     return sample(pipe, "a photo of a cat", steps=2, height=32, width=32)
 
 
-def test_sd3_merge_single_file_reads_back_as_the_stacked_lora(sd3_base, tmp_path):
+def test_sd3_merge_single_file_reads_back_as_the_stacked_lora(sd3_base, tmp_path, capsys):
     """A transformer + CLIP-L forget LoRA at weight 0.7, merged into one SD3 file: diffusers' ``from_single_file``
     draws what the base with the LoRA stacked draws, and not what the base draws."""
     pipe = tiny_sd3()
@@ -108,6 +114,7 @@ def test_sd3_merge_single_file_reads_back_as_the_stacked_lora(sd3_base, tmp_path
     single = tmp_path / "sd3.safetensors"
     assert cli.main(["merge", "--lora", str(lora), "--lora_weight", "0.7", "--single_file", str(single),
                      "--device", "cpu"]) == 0
+    assert "NOTE" not in capsys.readouterr().out  # nothing the file cannot carry
     with safe_open(str(single), framework="pt") as f:
         assert f.metadata()[SINGLE_FILE_KEY] == "original-sd3"
         prefixes = {".".join(k.split(".")[:2]) for k in f.keys()}  # noqa: SIM118
@@ -176,3 +183,14 @@ def test_original_layout_refuses_a_pipeline_it_does_not_know():
                                          r"StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, not "
                                          r"KandinskyPipeline$"):
         original_layout_state_dict(KandinskyPipeline())
+
+
+def test_what_the_original_layout_cannot_carry_is_said():
+    """build_tiny_sd3_pipeline's defaults (as builtin:digits-sd3): a random CLIP-L projection and two encoders of one
+    width. Both are named; the round-trip test's pipeline (identity, 32 and 24 wide) has neither."""
+    caveats = single_file_caveats(build_tiny_sd3_pipeline())
+    assert len(caveats) == 2
+    assert caveats[0].startswith("the CLIP-L text projection is not the identity")
+    assert caveats[1].startswith("both CLIP encoders are 32 wide: diffusers' from_single_file tells them apart")
+    assert single_file_caveats(tiny_sd3()) == []
+    assert single_file_caveats(build_tiny_flux_pipeline()) == []

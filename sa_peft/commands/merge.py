@@ -16,6 +16,7 @@ from ..merge import (
     merge_info,
     save_merged_pipeline,
     save_single_file_checkpoint,
+    single_file_caveats,
 )
 from ..models import FLUX_PIPELINE, TRAINING_PIPELINES, load_pipeline
 from .common import add_model_arguments, speaking_flags
@@ -111,6 +112,8 @@ def run(args: argparse.Namespace):
         written.append(save_merged_pipeline(pipe, args.output_dir, overwrite=args.overwrite))
     if args.single_file is not None:
         written.append(save_single_file_checkpoint(pipe, args.single_file, info))
+        for caveat in single_file_caveats(pipe):
+            print(f"NOTE: --single_file: {caveat}")
     summary = ", ".join(f"{os.path.basename(f)} × {w}" for f, w in zip(files, weights))
     print(f"merged {summary} into {base}; wrote {', '.join(written)}")
     return pipe
