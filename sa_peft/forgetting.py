@@ -40,10 +40,12 @@ DEFAULT_PREFERENCE_THRESHOLD = 0.0
 DEFAULT_RETENTION_BOUND = 5e-4
 SWAP_FRACTION = 0.8
 # The reference without a surrogate prompt (noise, image folders). It is lenient: on the digits with a noise surrogate
-# it said "forgotten" while 2-18 of 50 samples still read as the concept (benchmarks/RESULTS.md, section 0).
+# it said "forgotten" on all 30 noise runs of the two digits models, 22 of which the classifier judged not forgotten
+# (up to 21 of 50 samples still the concept; benchmarks/RESULTS.md, sections 0 and 0b).
 EQUAL_LOSSES = "equal losses"
 LENIENT_NOTE = ("its reference is equal losses (no surrogate prompt: noise or an image folder), which on the digits "
-                "said forgotten while 2-18 of 50 samples still showed the concept; check samples (--classifier)")
+                "said forgotten on all 30 noise runs while the classifier found the concept left in 22; check samples "
+                "(--classifier)")
 
 
 @dataclass
