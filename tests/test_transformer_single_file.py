@@ -75,12 +75,23 @@ def test_flux_layout_is_what_diffusers_reads_at_flux1_width():
 def test_a_weight_the_layout_has_no_name_for_is_an_error_not_dropped():
     state = random_state(build_tiny_flux_pipeline().transformer)
     flux_transformer_to_original(state)
-    with pytest.raises(InputError, match=r"the FLUX transformer has weights the original checkpoint layout has no name "
-                                         r"for \(extra_projection.weight\); save it as a diffusers pipeline folder"):
-        flux_transformer_to_original({**state, "extra_projection.weight": torch.zeros(1)})
+    extra = {f"extra_{i}.weight": torch.zeros(1) for i in range(6)}
+    with pytest.raises(InputError) as info:
+        flux_transformer_to_original({**state, **extra})
+    # The first five, sorted, so that a model with thousands of unknown weights still gets a readable sentence.
+    assert str(info.value) == ("the FLUX transformer has weights the original checkpoint layout has no name for "
+                               "(extra_0.weight, extra_1.weight, extra_2.weight, extra_3.weight, extra_4.weight); save "
+                               "it as a diffusers pipeline folder (save_pretrained) instead")
     del state["transformer_blocks.0.attn.to_k.weight"]
-    with pytest.raises(InputError, match=r"FLUX double_blocks.0.img_attn.qkv.weight: the original layout stacks"):
+    with pytest.raises(InputError) as info:
         flux_transformer_to_original(state)
+    assert str(info.value) == ("FLUX double_blocks.0.img_attn.qkv.weight: the original layout stacks "
+                               "transformer_blocks.0.attn.to_q, transformer_blocks.0.attn.to_k, "
+                               "transformer_blocks.0.attn.to_v, and this model has only some of them")
+    sd3 = random_state(build_tiny_sd3_pipeline().transformer)
+    with pytest.raises(InputError, match=r"^the SD3 transformer has weights the original checkpoint layout has no "
+                                         r"name for \(extra_0.weight\)"):
+        sd3_transformer_to_original({**sd3, "extra_0.weight": torch.zeros(1)})
 
 
 def tiny_sd3():
