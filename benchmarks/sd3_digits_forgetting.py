@@ -61,22 +61,17 @@ def commands(forget_digits: list[int], kind: str, seed: int, work: Path, num_ima
     with uniform-noise surrogate images (``kind`` "noise", ``--surrogate_type uniform_noise``)."""
     skip_final_evaluation = ["--classifier", ""] if evaluate else []
     forget = [DIGIT_PROMPTS[d] for d in forget_digits]
-    concept_flags = []
-    for prompt in forget:
-        concept_flags += ["--forget_prompt", prompt]
+    forget_flags = [flag for prompt in forget for flag in ("--forget_prompt", prompt)]
     if kind == "digit":
-        for prompt in forget:
-            concept_flags += ["--surrogate_prompt", next_digit_surrogate(prompt, forget)]
+        surrogate_flags = [flag for p in forget for flag in ("--surrogate_prompt", next_digit_surrogate(p, forget))]
     else:
-        concept_flags += ["--surrogate_type", "uniform_noise"]
-    evaluated = []
-    for prompt in forget:
-        evaluated += ["--forget_prompt", prompt]
+        surrogate_flags = ["--surrogate_type", "uniform_noise"]
     return {
         "train": [sys.executable, str(REPO / "training_scripts" / "train_sa_lora.py"), "--pretrained_model_name_or_path",
-                  MODEL, *concept_flags, "--output_dir", str(work), "--seed", str(seed), *skip_final_evaluation],
+                  MODEL, *forget_flags, *surrogate_flags, "--output_dir", str(work), "--seed", str(seed),
+                  *skip_final_evaluation],
         "inspect": [*SA_PEFT, "inspect", "--json", str(work)],
-        "evaluate": [*SA_PEFT, "evaluate", "--pretrained_model_name_or_path", MODEL, *evaluated,
+        "evaluate": [*SA_PEFT, "evaluate", "--pretrained_model_name_or_path", MODEL, *forget_flags,
                      "--lora", str(work), "--num_images_per_prompt", str(num_images), "--seed", str(seed),
                      "--output_dir", str(work / "sa-peft-evaluate"), "--device", "cpu"],
     }
