@@ -28,6 +28,7 @@ kept (an interrupted benchmark resumes); ``--jobs`` runs rows side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -40,6 +41,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+# The noise target (the classifier's P on pixel noise + 0.02) is the UNet benchmark's own, so both judge alike.
+from forgetting_every_concept import noise_p
 
 from sa_peft.defaults import DIGIT_PROMPTS, next_digit_surrogate
 from sa_peft.io_utils import write_json_atomic, write_text_atomic
@@ -101,15 +106,11 @@ def phase_seconds(work: Path) -> float:
         return round(sum(json.load(f).values()), 1)
 
 
-def noise_p(label: int, n: int = 500) -> float:
-    """The built-in classifier's mean P(label) on uniform-noise images: the floor a noise surrogate can reach (as
-    benchmarks/forgetting_every_concept.py computes it for the UNet model)."""
-    import torch
-
+@functools.cache
+def digits_classifier():
     from sa_peft.classifier import load_classifier
 
-    images = torch.rand((n, 1, 16, 16), generator=torch.Generator().manual_seed(0))
-    return float(load_classifier("builtin:digits-classifier").predict_proba(images)[:, label].mean())
+    return load_classifier("builtin:digits-classifier")
 
 
 def judge(metrics: dict, forget_digits: list[int], kind: str, verdicts: dict) -> dict:
@@ -135,7 +136,7 @@ def judge(metrics: dict, forget_digits: list[int], kind: str, verdicts: dict) ->
             concept["target"] = 0.02
             checks[f"{name}: ≥ 0.95 as surrogate"] = concept["as_surrogate"] >= 0.95
         else:
-            concept["target"] = round(noise_p(digit) + 0.02, 4)
+            concept["target"] = round(noise_p(digits_classifier(), digit) + 0.02, 4)
         checks[f"{name}: P ≤ {concept['target']:.3f}"] = concept["p_forgotten_after"] <= concept["target"]
         checks[f"{name}: verdict agrees"] = concept["reached"] == (concept["p_forgotten_after"] <= concept["target"])
         row["concepts"][prompt] = concept

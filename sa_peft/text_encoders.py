@@ -48,8 +48,9 @@ class TrainedPromptEncoder:
             tokenizer = _tokenizer_of(pipe, name)
             tokens = tokenizer(list(frozen.prompts), padding="max_length", max_length=tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
-            self.tokens[name], masks[name] = (tokens.input_ids, tokens.attention_mask) if device is None else (
-                tokens.input_ids.to(device), tokens.attention_mask.to(device))
+            self.tokens[name], masks[name] = tokens.input_ids, tokens.attention_mask
+            if device is not None:
+                self.tokens[name], masks[name] = tokens.input_ids.to(device), tokens.attention_mask.to(device)
         # SD 1.x/2.x's encode_prompt passes the attention mask only to encoders configured to use one.
         use_mask = self.family == "sd" and getattr(pipe.text_encoder.config, "use_attention_mask", False)
         self.attention_mask = masks["text_encoder"] if use_mask else None

@@ -132,7 +132,7 @@ def test_sd3_digits_benchmark_runs_the_defaults_and_judges_like_the_unet_one(tmp
         "three: P ≤ 0.020", "retained drop ≤ 0.005", "FD ≤ base + 5 %", "off-manifold ≤ base + 1 pt",
         "three: verdict agrees"}
     # Noise: the classifier's P(three) on pixel noise + 0.02 is the target; no surrogate share is asked.
-    target = round(bench.noise_p(3) + 0.02, 4)
+    target = round(bench.noise_p(bench.digits_classifier(), 3) + 0.02, 4)
     noisy = bench.judge({"before": before, "after": stage(target - 0.01, [2, 9, 0, 1, 0, 0, 0, 0, 8, 0], 1.0, 10.0,
                                                           0.04)}, [3], "noise", {three: True})
     assert noisy["concepts"][three]["target"] == target and all(noisy["checks"].values())
