@@ -21,6 +21,7 @@ from sa_peft.data import _encode_images
 from sa_peft.defaults import DIGIT_PROMPTS
 from sa_peft.diffusion_loss import model_prediction
 from sa_peft.evaluation import generate_samples
+from sa_peft.forgetting import _probe_batch
 from sa_peft.models import load_pipeline
 
 PROMPTS = [*DIGIT_PROMPTS, ""]
@@ -29,13 +30,12 @@ PROMPTS = [*DIGIT_PROMPTS, ""]
 @torch.no_grad()
 def denoising_losses(unet, scheduler, conditioning, latents: torch.Tensor, num_timesteps: int = 16) -> torch.Tensor:
     """[n, len(PROMPTS)]: each latent's mean ε loss under each prompt, on shared stratified timesteps and noise."""
-    generator = torch.Generator().manual_seed(0)
-    n, shape, total = len(latents), latents.shape[1:], scheduler.config.num_train_timesteps
-    edges = torch.linspace(0, total, num_timesteps + 1)
-    offsets = torch.rand(n, num_timesteps, generator=generator)
-    timesteps = (edges[:-1] + offsets * (edges[1:] - edges[:-1])).long().clamp(max=total - 1).flatten()
-    noise = torch.randn((n * num_timesteps, *shape), generator=generator)
-    noisy = scheduler.add_noise(latents.repeat_interleave(num_timesteps, 0), noise, timesteps)
+    # The forgetting probe's own draw: timestep j of every image in bin j of num_timesteps, one noise per pair.
+    n = len(latents)
+    batch = _probe_batch(latents, torch.zeros(n, dtype=torch.long), num_timesteps,
+                         scheduler.config.num_train_timesteps, torch.Generator().manual_seed(0))
+    timesteps, noise = batch.timesteps, batch.noise
+    noisy = scheduler.add_noise(batch.latents, noise, timesteps)
     out = torch.zeros(n, len(PROMPTS))
     for index in range(len(PROMPTS)):
         kwargs = conditioning.unet_kwargs(torch.full((n * num_timesteps,), index))
