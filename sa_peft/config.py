@@ -32,8 +32,15 @@ D = " (default: %(default)s)"
 # target) barely weighs it: on the digits the retained Fréchet distance rose 11-17 % forgetting one, three or
 # eight at γ = 1, 1-3 % at γ = 30, with the same step counts (benchmarks/RESULTS.md).
 DISTILL_REPLAY_WEIGHT = 30.0
-# The flow-matching (SD3) flags: a checkpoint records them only when they differ from their defaults, so checkpoints
-# written before they existed still resume (a changed value is still refused: absent there, set here).
+# A noise surrogate trains the forget term on the noisiest half of the DDPM schedule only, and the signal measures the
+# concept there. Pixel noise puts its loss on the low-noise timesteps, while the concept's shape is decided at high
+# noise. Over all timesteps 5 of 20 digit rows (ten digits, two seeds) met their target ("four" kept 18 of 50 samples,
+# P 0.250); on the noisiest half 10 of 20 (four: P 0.078), stopping after 100-150 steps; one and eight got worse
+# (benchmarks/RESULTS.md, section 0). Image folders keep 0: natural images have their energy at every timestep.
+NOISE_SURROGATE_MIN_FRACTION = 0.5
+# The flow-matching (SD3) flags, and `forget_min_timestep` when 0: a checkpoint records them only when they differ from
+# their defaults, so checkpoints written before they existed still resume (a changed value is still refused: absent
+# there, set here).
 FLOW_MATCHING_FIELDS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 # Never written into the adapter header (it is published with the adapter).
 SECRET_FIELDS = ("hub_token",)
@@ -174,6 +181,10 @@ class SelectiveAmnesiaConfig:
         "distill", "replay target: 'distill' = the frozen model's own prediction on the noised replay latent (the "
                    "same UNet with the adapter off), 'noise' = the sampled noise as in the paper" + D,
         choices=REPLAY_TARGETS)
+    forget_min_timestep: int | None = _flag(
+        None, "the forget term trains on DDPM timesteps t ≥ this only, and the forgetting signal measures the concept "
+              "there (UNets; not SD3/FLUX). Default: half the schedule (500 of 1000) with a noise surrogate "
+              "(`surrogate_type`), 0 (every timestep) otherwise", type=int, check={"low": 0})
     # The forgetting signal and the verdict (sa_peft/forgetting.py)
     num_probe_images: int = _flag(
         16, "held-out images per forget prompt (the frozen model's own, and as many surrogate images) for the "
@@ -375,6 +386,24 @@ class SelectiveAmnesiaConfig:
             max_train_steps = self.num_train_epochs * steps_per_epoch if self.num_train_epochs else 1000
         return learning_rate, max_train_steps
 
+    def resolve_forget_min_timestep(self, scheduler) -> int:
+        """``forget_min_timestep`` for the run's training scheduler, its default filled in (``NOISE_SURROGATE_MIN_FRACTION``
+        of the schedule for a noise surrogate on a DDPM model, else 0) and checked against the schedule."""
+        from .diffusion_loss import is_flow_matching
+
+        T = scheduler.config.num_train_timesteps
+        if is_flow_matching(scheduler):
+            if self.forget_min_timestep:
+                raise InputError("`forget_min_timestep` is for DDPM-trained UNets; flow-matching models (SD3, FLUX) "
+                                 "draw their timesteps from `weighting_scheme`: drop `forget_min_timestep`")
+            self.forget_min_timestep = 0
+        elif self.forget_min_timestep is None:
+            self.forget_min_timestep = int(T * NOISE_SURROGATE_MIN_FRACTION) if self.surrogate_type else 0
+        elif self.forget_min_timestep >= T:
+            raise InputError(f"`forget_min_timestep` must be below the scheduler's num_train_timesteps ({T}), "
+                             f"got {self.forget_min_timestep}")
+        return self.forget_min_timestep
+
     def surrogate_description(self) -> str:
         """The surrogate in words (part of the cache keys: kept as it was; published in the card)."""
         if self.surrogate_prompt is not None:
@@ -395,7 +424,8 @@ class SelectiveAmnesiaConfig:
         from their files, and the base model's weights hash (JSON-normalised, for comparison)."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                     if f.init and not f.metadata["resume_free"]
-                    and not (f.name in FLOW_MATCHING_FIELDS and getattr(self, f.name) == f.default)}
+                    and not (f.name in FLOW_MATCHING_FIELDS and getattr(self, f.name) == f.default)
+                    and not (f.name == "forget_min_timestep" and not self.forget_min_timestep)}
         settings.update(forget_prompts=self.forget_prompts, replay_prompts=self.replay_prompts, base_model_hash=model_key)
         return json.loads(json.dumps(dict(sorted(settings.items()))))
 
@@ -435,6 +465,7 @@ TRAINING_INFO_FIELDS = (
     ("trained_steps", "steps trained"),
     ("train_batch_size", "batch size"),
     ("replay_target", "replay target"),
+    ("forget_min_timestep", "forget timesteps ≥"),
     ("ewc_lambda_final", "EWC λ at the end"),
     ("learning_rate", "learning rate"),
     ("resolution", "resolution"),

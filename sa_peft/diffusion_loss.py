@@ -130,6 +130,20 @@ def sample_timesteps(scheduler, n: int, generator: torch.Generator | None, devic
     return torch.randint(0, T, (n,), generator=generator, device=generator.device if generator else None).to(device)
 
 
+def noisiest_timesteps(scheduler, timesteps: torch.Tensor, min_timestep: int) -> torch.Tensor:
+    """DDPM timesteps drawn uniformly from [0, T), moved to [``min_timestep``, T) by t ↦ min + ⌊t·(T − min) / T⌋
+    (uniform there too, and the same random draws as the unrestricted ones, so nothing else in a run shifts)."""
+    if min_timestep == 0:
+        return timesteps
+    if is_flow_matching(scheduler):
+        raise InputError("`forget_min_timestep` is for DDPM-trained UNets; flow-matching models (SD3, FLUX) draw their "
+                         "timesteps from `weighting_scheme`: drop `forget_min_timestep`")
+    T = scheduler.config.num_train_timesteps
+    if not 0 <= min_timestep < T:
+        raise InputError(f"`forget_min_timestep` must be in [0, {T}) (the scheduler's num_train_timesteps), got {min_timestep}")
+    return min_timestep + (timesteps * (T - min_timestep)) // T
+
+
 def model_prediction(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
     """The denoiser's output: ``timestep`` by keyword, which a UNet (``sample, timestep, …``) and an SD3 transformer
     (``hidden_states, encoder_hidden_states, pooled_projections, timestep, …``) both accept; FLUX's conditioning

@@ -23,6 +23,7 @@ import torch
 from .conditioning import PromptConditioning
 from .diffusion_loss import (
     model_prediction,
+    noisiest_timesteps,
     per_sample_diffusion_loss,
     prediction_target,
     sample_timesteps,
@@ -94,6 +95,7 @@ def selective_amnesia_loss(
     replay_target: str = "noise",
     base_unet: torch.nn.Module | None = None,
     base_conditioning: PromptConditioning | None = None,
+    forget_min_timestep: int = 0,
 ) -> SALoss:
     """Evaluate L on one surrogate batch (paired with forget prompts) and one replay batch.
 
@@ -102,6 +104,8 @@ def selective_amnesia_loss(
     ``replay_target="distill"`` makes the replay target the frozen model's prediction: ``base_unet``
     (default ``unet``; pass the unwrapped module under DDP) with its adapters disabled, conditioned on
     ``base_conditioning`` (default ``conditioning``; the frozen text encoder's, when it is trained).
+    ``forget_min_timestep``: the surrogate batch's timesteps lie in [that, T) (DDPM; ``noisiest_timesteps``), the
+    replay batch's in [0, T) as always.
     """
     if replay_target not in REPLAY_TARGETS:
         raise InputError(f"`replay_target` must be one of {REPLAY_TARGETS}, got {replay_target!r}")
@@ -114,8 +118,10 @@ def selective_amnesia_loss(
         offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=generator.device if generator else None)
         noise = noise + noise_offset * offset.to(device, dtype)
     timesteps = sample_timesteps(scheduler, len(latents), generator, device)
-    kwargs = conditioning.unet_kwargs(prompt_ids, dtype)
     n = len(surrogate_latents)
+    if forget_min_timestep:
+        timesteps = torch.cat([noisiest_timesteps(scheduler, timesteps[:n], forget_min_timestep), timesteps[n:]])
+    kwargs = conditioning.unet_kwargs(prompt_ids, dtype)
     if use_replay and replay_target == "distill":
         # The frozen model's prediction first: switching adapters off and on touches requires_grad.
         base = unet if base_unet is None else base_unet

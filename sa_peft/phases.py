@@ -108,6 +108,7 @@ def build_forgetting_probe(pipe, config, generation: dict, sur_settings: dict, c
         replays.latents, replays.prompt_ids(conditioning.prompts), scheduler.config.num_train_timesteps,
         seed=config.seed, threshold=config.forgetting_threshold, retention_bound=config.retention_bound,
         surrogate_prompts=config.paired_surrogate_prompts(), noise_scheduler=scheduler,
+        forget_min_timestep=config.forget_min_timestep or 0,
     )
 
 

@@ -233,3 +233,19 @@ def test_with_a_surrogate_prompt_the_reference_is_part_way_to_a_complete_swap():
     still = {"concepts": [{"concept_loss": 0.20 + reference - 0.005, "surrogate_loss": 0.20}], "replay_loss": 1.0}
     assert not forgetting_signal(base, still, ["c"], 0.0, 0.05)["reached"]
     assert forgetting_signal(base, base, ["c"], 0.0, 0.05)["concepts"]["c"]["preference"] == pytest.approx(1.0)
+
+
+def test_probe_measures_the_concept_where_the_forget_term_trains_and_the_replay_everywhere(tiny_pipe):
+    cond = encode_prompts(tiny_pipe, PROMPTS)
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.ones(6, dtype=torch.long)
+    probe = ForgettingProbe(cond, ["brad pitt"], [x], [x], x, ids, 1000, num_timesteps=4, forget_min_timestep=700)
+    concept, surrogate = probe.concepts[0]
+    assert int(concept.timesteps.min()) >= 700 and torch.equal(concept.timesteps, surrogate.timesteps)
+    bins = ((concept.timesteps.view(6, 4) - 700) // 75)  # stratified over [700, 1000): timestep j in bin j
+    assert torch.equal(bins, torch.arange(4).expand(6, 4))
+    assert int(probe.replay.timesteps.min()) < 250  # the replay probe keeps every timestep
+    whole = ForgettingProbe(cond, ["brad pitt"], [x], [x], x, ids, 1000, num_timesteps=4)
+    assert int(whole.concepts[0][0].timesteps.min()) < 250
+    with pytest.raises(ValueError, match=r"`forget_min_timestep` must be in \[0, 1000\)"):
+        ForgettingProbe(cond, ["brad pitt"], [x], [x], x, ids, 1000, forget_min_timestep=1000)

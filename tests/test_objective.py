@@ -370,3 +370,41 @@ def test_ddpm_timesteps_are_uniform_integers_from_the_given_or_the_global_genera
     seeded = sample_timesteps(scheduler, 64, torch.Generator().manual_seed(5), torch.device("cpu"))
     assert torch.equal(seeded, torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(5)))
     assert 0 <= int(seeded.min()) and int(seeded.max()) <= 49 and len(set(seeded.tolist())) > 20
+
+
+def test_forget_min_timestep_moves_only_the_surrogate_batch_into_the_noisiest_timesteps(monkeypatch):
+    """The surrogate samples train at t ∈ [min, T) (the same draws moved there), the replay samples at every t."""
+    pipe, conditioning, ewc, batch = setup()
+    seen = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda sample, timestep, **kw: (seen.append(timestep.clone()),
+                                                                              forward(sample, timestep, **kw))[1])
+    T = pipe.scheduler.config.num_train_timesteps
+    out = loss(pipe, conditioning, batch, ewc, replay_target="distill", forget_min_timestep=T // 2, seed=3)
+    frozen, adapted = seen  # distillation: the frozen pass on the replay batch, then both batches
+    drawn = hand_losses(pipe, conditioning, torch.cat([batch["surrogate_latents"], batch["replay_latents"]]),
+                        torch.cat([batch["surrogate_prompt_ids"], batch["replay_prompt_ids"]]), seed=3)[1]
+    expected = torch.cat([T // 2 + drawn[:2] * (T - T // 2) // T, drawn[2:]])
+    assert torch.equal(adapted, expected) and torch.equal(frozen, drawn[2:])
+    assert bool((adapted[:2] >= T // 2).all()) and not torch.equal(adapted[:2], drawn[:2])
+    plain = loss(pipe, conditioning, batch, ewc, replay_target="distill", seed=3)
+    assert not torch.isclose(out.forget, plain.forget) and torch.isclose(out.replay, plain.replay)
+
+
+def test_noisiest_timesteps_cover_the_upper_range_uniformly_and_refuse_what_they_cannot_do():
+    from sa_peft.diffusion_loss import FlowMatchingNoise, noisiest_timesteps
+
+    scheduler = build_tiny_pipeline().scheduler
+    T = scheduler.config.num_train_timesteps
+    moved = noisiest_timesteps(scheduler, torch.arange(T), 600)
+    assert int(moved.min()) == 600 and int(moved.max()) == T - 1
+    counts = torch.bincount(moved - 600)
+    assert len(counts) == T - 600 and int(counts.min()) >= 2 and int(counts.max()) <= 3  # every t in [600, T), evenly
+    assert torch.equal(noisiest_timesteps(scheduler, torch.arange(T), 0), torch.arange(T))
+    with pytest.raises(ValueError, match=r"`forget_min_timestep` must be in \[0, 1000\)"):
+        noisiest_timesteps(scheduler, torch.arange(4), T)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="DDPM-trained UNets.*drop `forget_min_timestep`"):
+        noisiest_timesteps(flow, torch.arange(4), 500)

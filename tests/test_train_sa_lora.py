@@ -194,6 +194,54 @@ def test_replay_weight_default_follows_the_replay_target(train):
     assert resolved("--replay_weight", "2.5") == 2.5
 
 
+def test_forget_min_timestep_default_follows_the_surrogate_and_the_model_family(train):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from sa_peft.diffusion_loss import noise_scheduler_for
+
+    ddpm, flow = DDPMScheduler(num_train_timesteps=1000), noise_scheduler_for(FlowMatchEulerDiscreteScheduler())
+
+    def resolved(scheduler, *extra):
+        config = train.resolve_defaults(train.parse_args(["--pretrained_model_name_or_path", "builtin:digits", *extra]))
+        return config.resolve_forget_min_timestep(scheduler)
+
+    assert resolved(ddpm, "--surrogate_type", "noise") == 500  # the noisiest half (benchmarks/RESULTS.md, section 0)
+    assert resolved(ddpm, "--surrogate_type", "gaussian_noise") == 500
+    assert resolved(ddpm) == 0  # a surrogate prompt (the digits' next digit): every timestep
+    assert resolved(ddpm, "--surrogate_type", "noise", "--forget_min_timestep", "0") == 0
+    assert resolved(ddpm, "--forget_min_timestep", "200") == 200
+    assert resolved(flow, "--surrogate_type", "noise") == 0
+    with pytest.raises(ValueError, match=r"`forget_min_timestep` must be below the scheduler's num_train_timesteps \(1000\)"):
+        resolved(ddpm, "--forget_min_timestep", "1000")
+    with pytest.raises(ValueError, match="`forget_min_timestep` is for DDPM-trained UNets; flow-matching"):
+        resolved(flow, "--surrogate_type", "noise", "--forget_min_timestep", "500")
+    with pytest.raises(SystemExit):  # argparse: not an integer
+        train.parse_args(["--forget_min_timestep", "half"])
+
+
+def test_a_noise_surrogate_trains_and_measures_the_concept_on_the_noisiest_half(train, tiny_pipe_dir, replay_file,
+                                                                                tmp_path, monkeypatch):
+    seen, probes = [], []
+    loss, build = train.selective_amnesia_loss, train.build_training_sets
+    monkeypatch.setattr(train, "selective_amnesia_loss",
+                        lambda *a, **kw: (seen.append(kw["forget_min_timestep"]), loss(*a, **kw))[1])
+
+    def recording_build(*args):
+        sets = build(*args)
+        probes.append(sets.probe)
+        return sets
+
+    monkeypatch.setattr(train, "build_training_sets", recording_build)
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "2"))
+    assert seen == [500, 500]
+    concept, surrogate = probes[0].concepts[0]
+    assert int(concept.timesteps.min()) >= 500 and torch.equal(concept.timesteps, surrogate.timesteps)
+    assert int(probes[0].replay.timesteps.min()) < 500
+    info = read_adapter_metadata(out / "pytorch_lora_weights.safetensors")["sa_peft"]
+    assert info["forget_min_timestep"] == info["config"]["forget_min_timestep"] == 500
+
+
 def test_optional_backends_give_clear_errors(train, replay_file, tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("bitsandbytes", "xformers") else real_find_spec(name, *a))

@@ -117,6 +117,7 @@ def train(config: SelectiveAmnesiaConfig):
     # DDPM noising whatever a UNet pipeline samples with; flow matching (SD3) with the SD3 script's σ density.
     scheduler = noise_scheduler_for(pipe.scheduler, weighting_scheme=config.weighting_scheme,
                                     logit_mean=config.logit_mean, logit_std=config.logit_std, mode_scale=config.mode_scale)
+    config.resolve_forget_min_timestep(scheduler)  # its default depends on the model family and the surrogate
     # The checkpoint to resume is checked now, before the sets and the Fisher: same settings, within the budget.
     settings = config.training_settings(model_key)
     resume_path, resume_state = find_resume_checkpoint(config, settings)
@@ -355,7 +356,7 @@ def training_step(run: ForgetRun, global_step: int):
                 run.rep_latents[r_idx].to(run.weight_dtype), run.rep_ids[r_idx], run.ewc_penalty, run.ewc_lambda.value,
                 config.replay_weight, snr_gamma=config.snr_gamma, noise_offset=config.noise_offset, generator=gen,
                 replay_target=config.replay_target, base_unet=accelerator.unwrap_model(unet),
-                base_conditioning=conditioning,
+                base_conditioning=conditioning, forget_min_timestep=config.forget_min_timestep,
             )
             check_finite_loss(loss, global_step + 1)
             accelerator.backward(loss.total)
