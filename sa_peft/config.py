@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .checks import check_number, check_output_apart, check_positive_int, check_writable
 from .data import SURROGATE_TYPES
 from .defaults import DEFAULT_REPLAY_PROMPTS_FILE, DIGITS_MODELS, digits_defaults
-from .diffusion_loss import WEIGHTING_SCHEMES
+from .diffusion_loss import FORGET_MIN_TIMESTEP_IS_DDPM_ONLY, WEIGHTING_SCHEMES, is_flow_matching
 from .errors import InputError, MissingInputError, with_flags
 from .fisher import ESTIMATORS
 from .forgetting import DEFAULT_PREFERENCE_THRESHOLD, DEFAULT_RETENTION_BOUND
@@ -389,13 +389,10 @@ class SelectiveAmnesiaConfig:
     def resolve_forget_min_timestep(self, scheduler) -> int:
         """``forget_min_timestep`` for the run's training scheduler, its default filled in (``NOISE_SURROGATE_MIN_FRACTION``
         of the schedule for a noise surrogate on a DDPM model, else 0) and checked against the schedule."""
-        from .diffusion_loss import is_flow_matching
-
         T = scheduler.config.num_train_timesteps
         if is_flow_matching(scheduler):
             if self.forget_min_timestep:
-                raise InputError("`forget_min_timestep` is for DDPM-trained UNets; flow-matching models (SD3, FLUX) "
-                                 "draw their timesteps from `weighting_scheme`: drop `forget_min_timestep`")
+                raise InputError(FORGET_MIN_TIMESTEP_IS_DDPM_ONLY)
             self.forget_min_timestep = 0
         elif self.forget_min_timestep is None:
             self.forget_min_timestep = int(T * NOISE_SURROGATE_MIN_FRACTION) if self.surrogate_type else 0

@@ -130,14 +130,18 @@ def sample_timesteps(scheduler, n: int, generator: torch.Generator | None, devic
     return torch.randint(0, T, (n,), generator=generator, device=generator.device if generator else None).to(device)
 
 
+# The one refusal of `forget_min_timestep` on SD3/FLUX (config, probe and loss all give it).
+FORGET_MIN_TIMESTEP_IS_DDPM_ONLY = ("`forget_min_timestep` is for DDPM-trained UNets; flow-matching models (SD3, FLUX) "
+                                    "draw their timesteps from `weighting_scheme`: drop `forget_min_timestep`")
+
+
 def noisiest_timesteps(scheduler, timesteps: torch.Tensor, min_timestep: int) -> torch.Tensor:
     """DDPM timesteps drawn uniformly from [0, T), moved to [``min_timestep``, T) by t ↦ min + ⌊t·(T − min) / T⌋
     (uniform there too, and the same random draws as the unrestricted ones, so nothing else in a run shifts)."""
     if min_timestep == 0:
         return timesteps
     if is_flow_matching(scheduler):
-        raise InputError("`forget_min_timestep` is for DDPM-trained UNets; flow-matching models (SD3, FLUX) draw their "
-                         "timesteps from `weighting_scheme`: drop `forget_min_timestep`")
+        raise InputError(FORGET_MIN_TIMESTEP_IS_DDPM_ONLY)
     T = scheduler.config.num_train_timesteps
     if not 0 <= min_timestep < T:
         raise InputError(f"`forget_min_timestep` must be in [0, {T}) (the scheduler's num_train_timesteps), got {min_timestep}")

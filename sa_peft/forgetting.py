@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import PromptConditioning
-from .diffusion_loss import is_flow_matching, model_prediction, prediction_target
+from .diffusion_loss import FORGET_MIN_TIMESTEP_IS_DDPM_ONLY, is_flow_matching, model_prediction, prediction_target
 from .errors import InputError
 
 DEFAULT_PREFERENCE_THRESHOLD = 0.0
@@ -122,7 +122,7 @@ class ForgettingProbe:
         # A flow-matching training scheduler (SD3) draws the fixed timesteps from its σ density.
         flow = noise_scheduler if noise_scheduler is not None and is_flow_matching(noise_scheduler) else None
         if flow is not None and forget_min_timestep:
-            raise InputError("`forget_min_timestep` is for DDPM-trained UNets, not flow-matching models: drop it")
+            raise InputError(FORGET_MIN_TIMESTEP_IS_DDPM_ONLY)
         self.concepts: list[tuple[ProbeBatch, ProbeBatch]] = []
         for prompt, concept, surrogate in zip(self.forget_prompts, concept_latents, surrogate_latents):
             n = min(len(concept), len(surrogate))
