@@ -128,7 +128,10 @@ def fmt_row(r: dict) -> str:
     surr = " / ".join(f"{v['as_surrogate']:.2f}" if "as_surrogate" in v else "–" for v in a["forget"].values())
     verdict = r["forgetting"] or {}
     missed = [k for k, ok in r["checks"].items() if not ok]
-    return (f"| {r['row']['name']} | {ps} | {surr} | {'yes' if verdict.get('reached') else 'no'} | "
+    checks = [c.get("sample_check") for c in verdict.get("concepts", {}).values()]
+    sampled = " / ".join(f"{c['sample_margin']:+.4f} {'≥' if c['forgotten'] else '<'} {c['reference_margin']:+.4f}"
+                         if c else "–" for c in checks) or "–"
+    return (f"| {r['row']['name']} | {ps} | {surr} | {'yes' if verdict.get('reached') else 'no'} | {sampled} | "
             f"{b['retained_mean']:.3f} → {a['retained_mean']:.3f} | {b['frechet']:.2f} → {a['frechet']:.2f} | "
             f"{b['off_manifold']:.3f} → {a['off_manifold']:.3f} | {r['trained_steps']} | {r['seconds']:.0f} | "
             f"{'all met' if not missed else 'MISSED: ' + '; '.join(missed)} |")
@@ -140,9 +143,9 @@ def write_table(results: list[dict], args, path: str) -> None:
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/forgetting_every_concept.py {' '.join(args.argv)}`", "",
         (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one thread; "
          f"{args.num_images_per_prompt} samples per prompt, evaluation seed 1234; {time.strftime('%Y-%m-%d')}."), "",
-        ("| run | P(forgotten) after | share read as the surrogate | verdict: forgotten | retained acc | Fréchet | "
-         "off-manifold | steps | train s | targets |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("| run | P(forgotten) after | share read as the surrogate | verdict: forgotten | sample check: margin vs bar | "
+         "retained acc | Fréchet | off-manifold | steps | train s | targets |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[fmt_row(r) for r in results], "",
     ]
     met = sum(all(r["checks"].values()) for r in results)

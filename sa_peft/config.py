@@ -189,6 +189,11 @@ class SelectiveAmnesiaConfig:
     num_probe_images: int = _flag(
         16, "held-out images per forget prompt (the frozen model's own, and as many surrogate images) for the "
             "forgetting signal" + D, type=int, positive=True)
+    num_sample_check_images: int = _flag(
+        32, "at the end of a run without a surrogate prompt (noise, image folder), sample this many images of each "
+            "forget prompt and have the frozen model judge them against the surrogate images (the verdict's sample "
+            "check; it costs (this + 2 × `num_probe_images`) × 16 × (1 + up to 16 replay prompts) denoiser calls); "
+            "0 skips it" + D, type=int, check={"low": 0}, resume_free=True)
     forgetting_check_steps: int = _flag(25, "measure the forgetting signal every N steps" + D, type=int, positive=True)
     forgetting_threshold: float = _flag(
         DEFAULT_PREFERENCE_THRESHOLD, "a concept is forgotten when its preference (1 = base model, 0 = concept and "

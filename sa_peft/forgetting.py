@@ -47,6 +47,14 @@ EQUAL_LOSSES = "equal losses"
 LENIENT_NOTE = ("its reference is equal losses (no surrogate prompt: noise or an image folder), which on the digits "
                 "said forgotten on all 30 noise runs while the classifier found the concept left in 16; check samples "
                 "(--classifier)")
+# The sample check (``ForgettingProbe.sample_margins``): each image is scored on this many fixed (timestep, noise)
+# pairs, the same for every prompt. The digits prototype used 16 on 32 samples: the frozen model put every one of its
+# own samples of each digit under the right prompt (320 of 320).
+SAMPLE_CHECK_TIMESTEPS = 16
+# The check costs (images) × SAMPLE_CHECK_TIMESTEPS × (1 + kept prompts) denoiser calls: 64 × 16 × 10 on the digits
+# (19 s of a 2-core CPU shared with two other jobs). Past this many replay prompts it compares with an evenly spaced
+# subset, so a long replay list does not multiply the cost.
+SAMPLE_CHECK_MAX_PROMPTS = 16
 
 
 @dataclass
@@ -114,6 +122,7 @@ class ForgettingProbe:
         if not 0 <= forget_min_timestep < num_train_timesteps:
             raise InputError(f"`forget_min_timestep` must be in [0, {num_train_timesteps}), got {forget_min_timestep}")
         self.conditioning = conditioning
+        self.num_train_timesteps, self.seed = num_train_timesteps, seed
         self.forget_prompts = list(forget_prompts)
         self.threshold = threshold
         self.retention_bound = retention_bound
@@ -121,6 +130,7 @@ class ForgettingProbe:
         generator = torch.Generator().manual_seed(seed)
         # A flow-matching training scheduler (SD3) draws the fixed timesteps from its σ density.
         flow = noise_scheduler if noise_scheduler is not None and is_flow_matching(noise_scheduler) else None
+        self.flow = flow
         if flow is not None and forget_min_timestep:
             raise InputError(FORGET_MIN_TIMESTEP_IS_DDPM_ONLY)
         self.concepts: list[tuple[ProbeBatch, ProbeBatch]] = []
@@ -209,6 +219,38 @@ class ForgettingProbe:
             unet.train(was_training)
         return self.base
 
+    @torch.no_grad()
+    def sample_margins(self, unet, scheduler, latents: torch.Tensor, forget_prompt: str,
+                       conditioning: PromptConditioning | None = None) -> torch.Tensor:
+        """The frozen model as a zero-shot judge of images (call with the adapter disabled): per image, its denoising
+        loss under ``forget_prompt`` minus its lowest loss under any replay prompt (at most
+        ``SAMPLE_CHECK_MAX_PROMPTS`` of them, evenly spaced), each averaged over
+        ``SAMPLE_CHECK_TIMESTEPS`` fixed (timestep, noise) pairs shared by every prompt (a diffusion classifier,
+        Li et al. 2023). Positive: the frozen model finds the image more like a kept concept than like the
+        forgotten one. The pairs depend only on the seed and the image shape, so two calls are comparable."""
+        conditioning = conditioning or self.conditioning
+        n = len(latents)
+        generator = torch.Generator().manual_seed(self.seed + 5_000_000)
+        forget_id = conditioning.prompts.index(forget_prompt)
+        batch = _probe_batch(latents.detach().float().cpu(), torch.full((n,), forget_id, dtype=torch.long),
+                             SAMPLE_CHECK_TIMESTEPS, self.num_train_timesteps, generator, flow=self.flow)
+        target = prediction_target(scheduler, batch.latents, batch.noise, batch.timesteps).double()
+        losses = []
+        was_training = unet.training
+        unet.eval()
+        try:
+            kept = sorted(set(self.replay.prompt_ids.tolist()))
+            if len(kept) > SAMPLE_CHECK_MAX_PROMPTS:
+                kept = [kept[i * len(kept) // SAMPLE_CHECK_MAX_PROMPTS] for i in range(SAMPLE_CHECK_MAX_PROMPTS)]
+            for prompt_id in [forget_id, *kept]:
+                ids = torch.full_like(batch.prompt_ids, prompt_id)
+                predictions = self._predictions(unet, scheduler, ProbeBatch(batch.latents, ids, batch.timesteps,
+                                                                            batch.noise, n), conditioning)
+                losses.append((predictions.double() - target).square().flatten(1).mean(1).view(n, -1).mean(1))
+        finally:
+            unet.train(was_training)
+        return losses[0] - torch.stack(losses[1:], 1).min(1).values
+
     def measure(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
         """The signal now: per concept its preference and whether it is forgotten; retention; the verdict."""
         if self.base is None:
@@ -261,6 +303,32 @@ def forgetting_signal(base: dict, now: dict, forget_prompts: Sequence[str], thre
     }
 
 
+def with_sample_check(signal: dict, checks: dict[str, dict]) -> dict:
+    """The signal with the sample check of the concepts in ``checks`` ({prompt: {"sample_margin", "concept_margin",
+    "surrogate_margin", ...}}, the frozen model's mean margins on the adapted model's samples, on its own images of the
+    concept and on the surrogate images): such a concept counts as forgotten only when the samples' margin has come
+    ``SWAP_FRACTION`` of the way from the concept's margin to the surrogate's, as the signal's swap reference does.
+
+    Why: without a surrogate prompt the signal's reference is equal losses, and on the digits' noise runs it said
+    "forgotten" while guided samples still showed the concept, or bright squares the classifier read as it (16 of 30
+    runs, benchmarks/RESULTS.md). Likelihoods on held-out images cannot see what guidance does to samples; the samples
+    can. The whole way (the surrogate's margin itself) failed two of the first eight digit rows whose samples the
+    classifier judged forgotten (P(two) 0.072, P(three) 0.021), and a perfect swap would pass it half the time.
+    """
+    concepts = {}
+    for prompt, c in signal["concepts"].items():
+        check = checks.get(prompt)
+        if check is None:
+            concepts[prompt] = c
+            continue
+        reference = check["concept_margin"] + SWAP_FRACTION * (check["surrogate_margin"] - check["concept_margin"])
+        samples_forgotten = check["sample_margin"] >= reference
+        concepts[prompt] = {**c, "sample_check": {**check, "reference_margin": round(reference, 6),
+                                                  "forgotten": samples_forgotten},
+                            "forgotten": c["forgotten"] and samples_forgotten}
+    return {**signal, "concepts": concepts, "reached": all(c["forgotten"] for c in concepts.values())}
+
+
 class AdaptiveLambda:
     """λ that moves with the forgetting signal: the run calibrates itself to its concept.
 
@@ -306,15 +374,28 @@ def verdict_lines(forgetting: dict) -> list[str]:
     for prompt, c in concepts.items():
         attacked = (f", {c['attacked_preference']:+.3f} under the soft-prompt attack (`robust_forgetting`)"
                     if "attacked_preference" in c else "")
-        lenient = f"; {LENIENT_NOTE}" if c.get("reference") == EQUAL_LOSSES and c["forgotten"] else ""
+        check = c.get("sample_check")
+        sampled = (f"; sample check {'passed' if check['forgotten'] else 'FAILED'}: the frozen model's margin "
+                   f"{check['sample_margin']:+.4f} on {check['num_samples']} samples (at least "
+                   f"{check['reference_margin']:+.4f} to pass; {check['concept_margin']:+.4f} on its own images of the "
+                   f"concept, {check['surrogate_margin']:+.4f} on the surrogate images)" if check else "")
+        lenient = f"; {LENIENT_NOTE}" if c.get("reference") == EQUAL_LOSSES and c["forgotten"] and not check else ""
         lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, forgotten at ≤ "
-                     f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}{lenient}")
+                     f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}{sampled}"
+                     f"{lenient}")
     return lines
 
 
 def forgetting_warning(forgetting: dict) -> str | None:
     """The WARNING a run ends with, saying what to try (``None`` when there is nothing to warn of)."""
     concepts = forgetting["concepts"]
+    sampled = [p for p, c in concepts.items() if not c.get("sample_check", {"forgotten": True})["forgotten"]]
+    if sampled:
+        return (f"WARNING: the concept was NOT forgotten: the adapted model's samples of {sampled} look to the frozen "
+                "model more like the concept than the surrogate images do (the sample check), although the signal on "
+                "held-out images may say forgotten. Try another --forget_min_timestep, a larger step budget "
+                "(--max_train_steps with --train_full_budget), or a surrogate prompt (--surrogate_prompt) in place "
+                "of noise.")
     if not forgetting["reached"]:
         attacked = any("attacked_preference" in c for c in concepts.values())
         return ("WARNING: the concept was NOT forgotten: the adapted model still prefers its own images of "
@@ -326,7 +407,7 @@ def forgetting_warning(forgetting: dict) -> str | None:
         return (f"WARNING: forgotten, but the predictions on held-out replay images drifted by "
                 f"{forgetting['retention']:.2e} (bound {forgetting['retention_bound']:.2e}): other concepts may have "
                 "changed; try a higher --replay_weight or --ewc_lambda.")
-    lenient = [p for p, c in concepts.items() if c.get("reference") == EQUAL_LOSSES]
+    lenient = [p for p, c in concepts.items() if c.get("reference") == EQUAL_LOSSES and "sample_check" not in c]
     if lenient:
         return (f"WARNING: {lenient} forgotten by the signal, but {LENIENT_NOTE}; a surrogate prompt "
                 "(--surrogate_prompt) gives the signal its calibrated reference.")

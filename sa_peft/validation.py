@@ -49,15 +49,16 @@ def encode_for_sampling(pipe, prompts: Sequence[str], guidance_scale: float) -> 
 def generate_validation_images(
     pipe, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
     guidance_scale: float, num_inference_steps: int,
-    embeddings: dict[str, dict[str, torch.Tensor]] | None = None,
-) -> dict[str, list[Image.Image]]:
+    embeddings: dict[str, dict[str, torch.Tensor]] | None = None, output_type: str = "pil",
+) -> dict[str, list[Image.Image]] | dict[str, torch.Tensor]:
     """``num_images`` per prompt with fixed per-image seeds, so every validation round is comparable.
 
     Small images go through the pipeline several prompts at a time (up to ``VALIDATION_PIXELS_PER_CALL``
     pixels per call, at least one prompt): a pipeline call costs about the same for 4 or 12 16-px digits
     (the UNet's per-call overhead dominates), and the main job validates five times. Each image keeps its own
     generator, so the images are those of one call per prompt. With ``embeddings`` (``encode_for_sampling``) the
-    text encoders are not used, and may stay off the device.
+    text encoders are not used, and may stay off the device. ``output_type="latent"``: each prompt's latents as one
+    tensor, as the pipeline returns them (FLUX's packed).
     """
     per_call = max(1, VALIDATION_PIXELS_PER_CALL // (num_images * resolution * resolution))
     images = {}
@@ -73,6 +74,7 @@ def generate_validation_images(
             out = pipe(
                 **conditioning, height=resolution, width=resolution,
                 guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generators,
+                output_type=output_type,
             ).images
             for k, prompt in enumerate(chunk):
                 images[prompt] = out[k * num_images:(k + 1) * num_images]

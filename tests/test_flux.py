@@ -462,3 +462,17 @@ def test_evaluate_command_on_a_flux_folder_with_a_lora(flux_dir, tmp_path):
     assert not torch.allclose(before["samples"][one], after["samples"][one])
     settings = json.loads(next((out / "samples").glob("base-*/settings.json")).read_text())
     assert settings["resolution"] == 16 and settings["sampler"] == before["settings"]["sampler"]
+
+
+@pytest.mark.slow  # a whole tiny run (~20 s)
+def test_a_noise_run_on_flux_ends_with_the_sample_check(flux_dir, replay_file, tmp_path):
+    """No surrogate prompt: the verdict's sample check samples FLUX's packed latents, unpacks them as the probe's, and
+    has the frozen transformer judge them; the check's margins are in the adapter's verdict."""
+    out = tmp_path / "flux-noise"
+    run_training(load_train_module(), flux_dir, out, replay_file, "--forget_prompt", "brad pitt", "--surrogate_type",
+                 "noise", "--resolution", str(SIDE), "--generation_guidance_scale", "3.5",
+                 "--num_sample_check_images", "3")
+    concept = read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]
+    check = concept["sample_check"]
+    assert check["num_samples"] == 3 and math.isfinite(check["sample_margin"]) and math.isfinite(check["surrogate_margin"])
+    assert concept["forgotten"] == (concept["preference"] <= 0 and check["forgotten"])

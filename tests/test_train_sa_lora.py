@@ -240,6 +240,13 @@ def test_a_noise_surrogate_trains_and_measures_the_concept_on_the_noisiest_half(
     assert int(probes[0].replay.timesteps.min()) < 500
     info = read_adapter_metadata(out / "pytorch_lora_weights.safetensors")["sa_peft"]
     assert info["forget_min_timestep"] == info["config"]["forget_min_timestep"] == 500
+    # No surrogate prompt: the verdict adds the sample check, the adapted model's samples judged by the frozen one.
+    (concept_verdict,) = info["forgetting"]["concepts"].values()
+    check = concept_verdict["sample_check"]
+    assert check["num_samples"] == 32 and len({check["sample_margin"], check["concept_margin"], check["surrogate_margin"]}) == 3
+    assert check["forgotten"] == (check["sample_margin"] >= check["reference_margin"])
+    assert not check["forgotten"] or concept_verdict["forgotten"] == (concept_verdict["preference"] <= 0)
+    assert info["forgetting"]["reached"] == concept_verdict["forgotten"]
 
 
 def test_optional_backends_give_clear_errors(train, replay_file, tmp_path, monkeypatch):

@@ -43,12 +43,12 @@ from sa_peft.diffusion_loss import noise_scheduler_for
 from sa_peft.errors import InputError, flags_of, input_errors_as_flags, report_input_errors
 from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties
 from sa_peft.fisher import base_weights_hash
-from sa_peft.forgetting import AdaptiveLambda, forgetting_warning
+from sa_peft.forgetting import EQUAL_LOSSES, AdaptiveLambda, forgetting_warning, with_sample_check
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
 from sa_peft.models import FLUX_PIPELINE, TRAINING_PIPELINES, denoiser, is_flow_transformer, is_flux, load_pipeline
-from sa_peft.objective import check_finite_loss, selective_amnesia_loss
+from sa_peft.objective import adapters_disabled, check_finite_loss, selective_amnesia_loss
 from sa_peft.phases import (
     TrainingSets,
     build_training_sets,
@@ -164,6 +164,9 @@ def train(config: SelectiveAmnesiaConfig):
                 f"{accelerator.num_processes} process(es)")
     start = time.perf_counter()
     global_step, signal = training_loop(run, global_step)
+    check_start = time.perf_counter()
+    signal = check_samples(run, signal)
+    timings["sample_check_s"] = time.perf_counter() - check_start
     run.info = training_info(config, **run_facts(run, targets), trained_steps=global_step,
                              ewc_lambda_final=run.ewc_lambda.value,
                              forgetting=forgetting_summary(signal, run.reached_step, global_step))
@@ -442,11 +445,17 @@ def encode_validation_prompts(config, pipe, resolution: int):
     the empty negative prompt, whose CLIP parts ``validation_embeddings_now`` re-encodes (T5's stay)."""
     if config.train_text_encoder and not is_flow_transformer(pipe):
         return None, None
-    embeddings = encode_for_sampling(pipe, config.validation_prompts, config.generation_guidance_scale)
+    embeddings = encode_for_sampling(pipe, sampled_prompts(config), config.generation_guidance_scale)
     frozen = None
     if config.train_text_encoder:
-        frozen = encode_prompts(pipe, [*config.validation_prompts, ""], resolution, config.generation_guidance_scale)
+        frozen = encode_prompts(pipe, [*sampled_prompts(config), ""], resolution, config.generation_guidance_scale)
     return embeddings, frozen
+
+
+def sampled_prompts(config) -> list[str]:
+    """The prompts sampled during and after training: the validation prompts, and the forget prompts (the verdict's
+    sample check, ``check_samples``)."""
+    return list(dict.fromkeys([*config.validation_prompts, *config.forget_prompts]))
 
 
 def validation_embeddings_now(run: ForgetRun):
@@ -456,7 +465,7 @@ def validation_embeddings_now(run: ForgetRun):
     with torch.no_grad():  # the pipeline's own (unwrapped) encoders: after the reload, the saved file's LoRA
         conditioning = run.validation_encoder({name: getattr(run.pipe, name) for name in run.text_encoders})
     negative = "" if run.config.generation_guidance_scale > 1 and not is_flux(run.pipe) else None  # FLUX: none
-    return sampling_embeddings(conditioning, run.config.validation_prompts, negative)
+    return sampling_embeddings(conditioning, sampled_prompts(run.config), negative)
 
 
 def save_adapter(run: ForgetRun, folder: str, info: dict) -> str:
@@ -584,6 +593,53 @@ def signal_log_entries(signal: dict) -> dict:
     return entries
 
 
+def check_samples(run: ForgetRun, signal: dict) -> dict:
+    """The verdict's sample check (``with_sample_check``) of the concepts whose signal has no calibrated reference
+    (no surrogate prompt): the adapted model samples each forget prompt as a user would (the generation guidance and
+    steps), and the frozen model judges those samples and the held-out surrogate images (``sample_margins``). Run on
+    the main process and shared, so every process ends with the same verdict."""
+    config, accelerator = run.config, run.accelerator
+    prompts = [p for p, c in signal["concepts"].items() if c["reference"] == EQUAL_LOSSES]
+    if not prompts or not config.num_sample_check_images:
+        return signal
+    checks = [sample_margins(run, prompts) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(checks)
+    return with_sample_check(signal, checks[0])
+
+
+def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
+    """{prompt: the frozen model's mean margins on the adapted model's samples, on the probe's images of the concept
+    (its own) and on the probe's surrogate images}."""
+    config, pipe, probe = run.config, run.pipe, run.sets.probe
+    embeddings = validation_embeddings_now(run)
+    move_frozen_encoders(pipe, run.accelerator.device, config, text_encoders=embeddings is None)
+    unet = run.accelerator.unwrap_model(run.unet)
+    was_training = unet.training
+    unet.eval()
+    with run.accelerator.autocast():
+        latents = generate_validation_images(pipe, prompts, config.num_sample_check_images, config.seed + 6_000_000,
+                                             run.resolution, config.generation_guidance_scale,
+                                             config.generation_num_inference_steps, embeddings, output_type="latent")
+    move_frozen_encoders(pipe, "cpu", config)
+    checks = {}
+    with adapters_disabled(unet):
+        for prompt in prompts:
+            samples = latents[prompt]
+            if is_flux(pipe):  # packed tokens → [N, 16, h, w], as the probe's latents
+                samples = pipe._unpack_latents(samples, run.resolution, run.resolution, pipe.vae_scale_factor)
+            concept, surrogate = probe.concepts[probe.forget_prompts.index(prompt)]
+            margins = {name: probe.sample_margins(unet, run.scheduler, images, prompt).mean()
+                       for name, images in (("sample_margin", samples),
+                                            ("concept_margin", concept.latents[:: len(concept.latents) // concept.num_images]),
+                                            ("surrogate_margin", surrogate.latents[:: len(surrogate.latents) // surrogate.num_images]))}
+            checks[prompt] = {**{k: round(float(v), 6) for k, v in margins.items()}, "num_samples": len(samples)}
+    unet.train(was_training)
+    return checks
+
+
 def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: int) -> dict:
     """The verdict written into the adapter's metadata (key ``forgetting``) and the model card."""
     return {
@@ -596,6 +652,7 @@ def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: in
         "retention": round(signal["retention"], 6),
         "concepts": {p: {"preference": round(c["preference"], 6), "forgotten": bool(c["forgotten"]),
                          "reference": c["reference"],
+                         **({"sample_check": c["sample_check"]} if "sample_check" in c else {}),
                          **({"attacked_preference": round(c["attacked_preference"], 6)} if "attacked_preference" in c else {})}
                      for p, c in signal["concepts"].items()},
         "signal": "preference = (surrogate loss − concept loss) / the base model's, under the forget prompt, "
