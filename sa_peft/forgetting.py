@@ -367,7 +367,7 @@ def verdict_lines(forgetting: dict) -> list[str]:
     head = "FORGOTTEN" if forgetting.get("reached") else "NOT FORGOTTEN"
     step = forgetting.get("reached_at_step")
     lines = [f"{head} after {forgetting.get('trained_steps')} steps"
-             + (f" (first reached at step {step})" if step is not None else "")
+             + (f" (the signal first said forgotten at step {step})" if step is not None else "")
              + f"; retention {'inside' if forgetting.get('retained') else 'OUTSIDE'} its bound "
                f"(drift {forgetting.get('retention', 0):.2e} on held-out replay images, bound "
                f"{forgetting.get('retention_bound', 0):.2e})"]

@@ -280,7 +280,7 @@ def test_card_embeds_the_pictures_that_exist(tmp_path):
     assert "](validation_before_after.png)" in card and "](training_curves.png)" in card
     assert "samples_grid.png" not in card  # no evaluation ran
     assert card.index("## Did it forget?") < card.index("## Pictures") < card.index("## Usage")
-    assert "FORGOTTEN after 3 steps (first reached at step 3)" in card
+    assert "FORGOTTEN after 3 steps (the signal first said forgotten at step 3)" in card
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
