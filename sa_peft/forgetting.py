@@ -67,6 +67,10 @@ class ProbeBatch:
     noise: torch.Tensor  # [N·K, C, h, w]
     num_images: int
 
+    def images(self) -> torch.Tensor:
+        """One copy of each held-out image ``[N, C, h, w]`` (the batch repeats each over its K timesteps)."""
+        return self.latents[:: len(self.latents) // self.num_images]
+
 
 def _probe_batch(latents: torch.Tensor, prompt_ids: torch.Tensor, num_timesteps: int, num_train_timesteps: int,
                  generator: torch.Generator, flow=None, min_timestep: int = 0) -> ProbeBatch:

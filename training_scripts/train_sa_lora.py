@@ -550,7 +550,7 @@ def robust_trainer(config, probe):
     """The ``--robust_forgetting`` attacker (``None`` without the flag), fitted to the probe's held-out concept images."""
     if not config.robust_forgetting:
         return None
-    latents = [c.latents[:: len(c.latents) // c.num_images] for c, _ in probe.concepts]  # one copy of each image
+    latents = [c.images() for c, _ in probe.concepts]
     return AdversarialSoftPrompt(config.forget_prompts, latents, seed=config.seed)
 
 
@@ -632,9 +632,8 @@ def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
                 samples = pipe._unpack_latents(samples, run.resolution, run.resolution, pipe.vae_scale_factor)
             concept, surrogate = probe.concepts[probe.forget_prompts.index(prompt)]
             margins = {name: probe.sample_margins(unet, run.scheduler, images, prompt).mean()
-                       for name, images in (("sample_margin", samples),
-                                            ("concept_margin", concept.latents[:: len(concept.latents) // concept.num_images]),
-                                            ("surrogate_margin", surrogate.latents[:: len(surrogate.latents) // surrogate.num_images]))}
+                       for name, images in (("sample_margin", samples), ("concept_margin", concept.images()),
+                                            ("surrogate_margin", surrogate.images()))}
             checks[prompt] = {**{k: round(float(v), 6) for k, v in margins.items()}, "num_samples": len(samples)}
     unet.train(was_training)
     return checks
