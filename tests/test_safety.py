@@ -27,7 +27,7 @@ def tiny_args(model_dir, replay_file, output_dir, *extra):
         "--forget_prompt", "brad pitt", "--replay_prompts_file", str(replay_file), "--surrogate_type", "noise",
         "--num_surrogate_images", "4", "--num_replay_images_per_prompt", "2", "--fisher_num_samples", "4",
         "--fisher_num_timesteps", "2", "--generation_num_inference_steps", "2", "--num_validation_images", "1",
-        "--validation_steps", "1000", "--train_batch_size", "2", "--num_probe_images", "2", "--max_train_steps", "2",
+        "--validation_steps", "1000", "--train_batch_size", "2", "--num_probe_images", "2", "--num_sample_check_images", "2", "--max_train_steps", "2",
         *extra,
     ]
 

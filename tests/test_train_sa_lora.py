@@ -28,7 +28,7 @@ def tiny_args(model_dir, replay_file, output_dir, *extra):
         "--forget_prompt", "brad pitt", "--replay_prompts_file", str(replay_file),
         "--num_surrogate_images", "8", "--num_replay_images_per_prompt", "4", "--fisher_num_samples", "8",
         "--generation_num_inference_steps", "2", "--num_validation_images", "1", "--validation_steps", "1000",
-        "--train_batch_size", "2", "--num_probe_images", "2", *extra,
+        "--train_batch_size", "2", "--num_probe_images", "2", "--num_sample_check_images", "2", *extra,
     ]
 
 
@@ -243,7 +243,7 @@ def test_a_noise_surrogate_trains_and_measures_the_concept_on_the_noisiest_half(
     # No surrogate prompt: the verdict adds the sample check, the adapted model's samples judged by the frozen one.
     (concept_verdict,) = info["forgetting"]["concepts"].values()
     check = concept_verdict["sample_check"]
-    assert check["num_samples"] == 32 and len({check["sample_margin"], check["concept_margin"], check["surrogate_margin"]}) == 3
+    assert check["num_samples"] == 2 and len({check["sample_margin"], check["concept_margin"], check["surrogate_margin"]}) == 3
     assert check["forgotten"] == (check["sample_margin"] >= check["reference_margin"])
     assert not check["forgotten"] or concept_verdict["forgotten"] == (concept_verdict["preference"] <= 0)
     assert info["forgetting"]["reached"] == concept_verdict["forgotten"]

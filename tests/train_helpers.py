@@ -26,7 +26,8 @@ def run_training(train, model_dir, output_dir, replay_file, *extra):
         "--replay_prompts_file", str(replay_file), "--num_surrogate_images", "4", "--num_replay_images_per_prompt", "2",
         "--fisher_num_samples", "4", "--fisher_num_timesteps", "2", "--generation_num_inference_steps", "2",
         "--num_validation_images", "1", "--validation_steps", "1000", "--train_batch_size", "2",
-        "--max_train_steps", "3", "--learning_rate", "1e-2", "--rank", "2", "--num_probe_images", "2", *extra,
+        "--max_train_steps", "3", "--learning_rate", "1e-2", "--rank", "2", "--num_probe_images", "2",
+        "--num_sample_check_images", "2", *extra,
     ]
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
