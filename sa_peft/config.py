@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .checks import check_number, check_output_apart, check_positive_int, check_writable
 from .data import SURROGATE_TYPES
 from .defaults import DEFAULT_REPLAY_PROMPTS_FILE, DIGITS_MODELS, digits_defaults
-from .diffusion_loss import FORGET_MIN_TIMESTEP_IS_DDPM_ONLY, WEIGHTING_SCHEMES, is_flow_matching
+from .diffusion_loss import WEIGHTING_SCHEMES, is_flow_matching
 from .errors import InputError, MissingInputError, with_flags
 from .fisher import ESTIMATORS
 from .forgetting import DEFAULT_PREFERENCE_THRESHOLD, DEFAULT_RETENTION_BOUND
@@ -36,7 +36,9 @@ DISTILL_REPLAY_WEIGHT = 30.0
 # concept there. Pixel noise puts its loss on the low-noise timesteps, while the concept's shape is decided at high
 # noise. Over all timesteps 5 of 20 digit rows (ten digits, two seeds) met their target ("four" kept 18 of 50 samples,
 # P 0.250); on the noisiest half 10 of 20 (four: P 0.078), stopping after 100-150 steps; one and eight got worse
-# (benchmarks/RESULTS.md, section 0). Image folders keep 0: natural images have their energy at every timestep.
+# (benchmarks/RESULTS.md, section 0). Image folders keep 0: natural images have their energy at every timestep. SD3
+# and FLUX keep 0 too: on `builtin:digits-sd3` (seed 1) the noisiest half stopped the run after 75 steps with more of
+# the concept left, two P 0.445 and four 0.513 against 0.288 and 0.337 on every timestep (RESULTS.md, section 0b).
 NOISE_SURROGATE_MIN_FRACTION = 0.5
 # The flow-matching (SD3) flags, and `forget_min_timestep` when 0: a checkpoint records them only when they differ from
 # their defaults, so checkpoints written before they existed still resume (a changed value is still refused: absent
@@ -182,9 +184,10 @@ class SelectiveAmnesiaConfig:
                    "same UNet with the adapter off), 'noise' = the sampled noise as in the paper" + D,
         choices=REPLAY_TARGETS)
     forget_min_timestep: int | None = _flag(
-        None, "the forget term trains on DDPM timesteps t ≥ this only, and the forgetting signal measures the concept "
-              "there (UNets; not SD3/FLUX). Default: half the schedule (500 of 1000) with a noise surrogate "
-              "(`surrogate_type`), 0 (every timestep) otherwise", type=int, check={"low": 0})
+        None, "the forget term trains on timesteps t ≥ this only (DDPM's t; for SD3/FLUX t = σ·1000, drawn from "
+              "`weighting_scheme`'s density restricted to t ≥ this), and the forgetting signal measures the concept "
+              "there. Default: half the schedule (500 of 1000) with a noise surrogate (`surrogate_type`) on a UNet, 0 "
+              "(every timestep) otherwise", type=int, check={"low": 0})
     # The forgetting signal and the verdict (sa_peft/forgetting.py)
     num_probe_images: int = _flag(
         16, "held-out images per forget prompt (the frozen model's own, and as many surrogate images) for the "
@@ -395,12 +398,9 @@ class SelectiveAmnesiaConfig:
         """``forget_min_timestep`` for the run's training scheduler, its default filled in (``NOISE_SURROGATE_MIN_FRACTION``
         of the schedule for a noise surrogate on a DDPM model, else 0) and checked against the schedule."""
         T = scheduler.config.num_train_timesteps
-        if is_flow_matching(scheduler):
-            if self.forget_min_timestep:
-                raise InputError(FORGET_MIN_TIMESTEP_IS_DDPM_ONLY)
-            self.forget_min_timestep = 0
-        elif self.forget_min_timestep is None:
-            self.forget_min_timestep = int(T * NOISE_SURROGATE_MIN_FRACTION) if self.surrogate_type else 0
+        if self.forget_min_timestep is None:
+            noisiest = self.surrogate_type and not is_flow_matching(scheduler)  # SD3: measured worse (RESULTS.md, 0b)
+            self.forget_min_timestep = int(T * NOISE_SURROGATE_MIN_FRACTION) if noisiest else 0
         elif self.forget_min_timestep >= T:
             raise InputError(f"`forget_min_timestep` must be below the scheduler's num_train_timesteps ({T}), "
                              f"got {self.forget_min_timestep}")

@@ -19,6 +19,8 @@ from .errors import InputError
 
 # The prediction_type of FlowMatchingNoise: the model predicts the velocity v = ε − x₀.
 FLOW_MATCHING = "flow_matching"
+# Points of the grid that finds the uniform draws of the timesteps ≥ `forget_min_timestep` (FlowMatchingNoise.uniform_range).
+FLOW_RANGE_GRID = 2**16
 # diffusers' SD3 script's --weighting_scheme choices (its default first); "none" samples σ's index uniformly.
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
@@ -47,6 +49,7 @@ class FlowMatchingNoise:
         # A fresh copy: the pipeline's scheduler holds the timesteps of its last sampling run, not the training ones.
         fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         self.timesteps = fresh.timesteps.float()
+        self._uniform_ranges: dict[int, tuple[float, float]] = {}
         self.config = FrozenDict({**fresh.config, "prediction_type": FLOW_MATCHING, "weighting_scheme": weighting_scheme,
                                   "logit_mean": logit_mean, "logit_std": logit_std, "mode_scale": mode_scale})
 
@@ -62,15 +65,37 @@ class FlowMatchingNoise:
         T = self.config.num_train_timesteps
         return self.timesteps[(u.cpu() * T).long().clamp(0, T - 1)]  # "mode" can give u = 1 exactly
 
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n timesteps drawn as diffusers' SD3 script draws them."""
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None, min_timestep: int = 0) -> torch.Tensor:
+        """n timesteps drawn as diffusers' SD3 script draws them; with ``min_timestep``, drawn from the same density
+        restricted to the timesteps ≥ it (``uniform_range``)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         c = self.config
+        device = generator.device if generator is not None else "cpu"
+        if min_timestep:
+            low, high = self.uniform_range(min_timestep)
+            uniform = low + (high - low) * torch.rand(n, generator=generator, device=device)
+            return self._timesteps_at(self.density_quantile(uniform.cpu()))
         u = compute_density_for_timestep_sampling(c.weighting_scheme, n, logit_mean=c.logit_mean, logit_std=c.logit_std,
-                                                  mode_scale=c.mode_scale, generator=generator,
-                                                  device=generator.device if generator is not None else "cpu")
+                                                  mode_scale=c.mode_scale, generator=generator, device=device)
         return self._timesteps_at(u)
+
+    def uniform_range(self, min_timestep: int) -> tuple[float, float]:
+        """The interval of the uniform draw (``density_quantile``'s argument) whose timesteps are ≥ ``min_timestep``:
+        drawing uniformly inside it draws from the density restricted to those timesteps. The timestep is monotone
+        in the draw for every scheme, so the interval is read off a fine grid."""
+        T = self.config.num_train_timesteps
+        if not 0 <= min_timestep < T:
+            raise InputError(f"`forget_min_timestep` must be in [0, {T}) (the scheduler's num_train_timesteps), got {min_timestep}")
+        if min_timestep in self._uniform_ranges:  # asked at every training step
+            return self._uniform_ranges[min_timestep]
+        grid = (torch.arange(FLOW_RANGE_GRID, dtype=torch.float64) + 0.5) / FLOW_RANGE_GRID
+        kept = (self._timesteps_at(self.density_quantile(grid)) >= min_timestep).nonzero().squeeze(1)
+        if len(kept) == 0:
+            raise InputError(f"no training timestep of this scheduler is ≥ `forget_min_timestep` {min_timestep}")
+        # The kept grid points themselves (not half a grid step past them, which can reach the next timestep down).
+        self._uniform_ranges[min_timestep] = float(grid[kept[0]]), float(grid[kept[-1]])
+        return self._uniform_ranges[min_timestep]
 
     def density_quantile(self, uniform: torch.Tensor) -> torch.Tensor:
         """u of ``compute_density_for_timestep_sampling`` as a function of a uniform draw (its inverse CDF for
@@ -82,9 +107,14 @@ class FlowMatchingNoise:
             return 1 - uniform - c.mode_scale * (torch.cos(math.pi * uniform / 2) ** 2 - 1 + uniform)
         return uniform
 
-    def stratified_timesteps(self, rows: int, num_bins: int, generator: torch.Generator) -> torch.Tensor:
-        """[rows, K] timesteps, timestep j of each row from the j-th of K equal-probability bins of the density."""
+    def stratified_timesteps(self, rows: int, num_bins: int, generator: torch.Generator,
+                             min_timestep: int = 0) -> torch.Tensor:
+        """[rows, K] timesteps, timestep j of each row from the j-th of K equal-probability bins of the density
+        (restricted to the timesteps ≥ ``min_timestep``)."""
         uniform = (torch.arange(num_bins) + torch.rand(rows, num_bins, generator=generator)) / num_bins
+        if min_timestep:
+            low, high = self.uniform_range(min_timestep)
+            uniform = low + (high - low) * uniform
         return self._timesteps_at(self.density_quantile(uniform))
 
     def grid_timesteps(self) -> torch.Tensor:
@@ -130,18 +160,16 @@ def sample_timesteps(scheduler, n: int, generator: torch.Generator | None, devic
     return torch.randint(0, T, (n,), generator=generator, device=generator.device if generator else None).to(device)
 
 
-# The one refusal of `forget_min_timestep` on SD3/FLUX (config, probe and loss all give it).
-FORGET_MIN_TIMESTEP_IS_DDPM_ONLY = ("`forget_min_timestep` is for DDPM-trained UNets; flow-matching models (SD3, FLUX) "
-                                    "draw their timesteps from `weighting_scheme`: drop `forget_min_timestep`")
-
-
-def noisiest_timesteps(scheduler, timesteps: torch.Tensor, min_timestep: int) -> torch.Tensor:
-    """DDPM timesteps drawn uniformly from [0, T), moved to [``min_timestep``, T) by t ↦ min + ⌊t·(T − min) / T⌋
-    (uniform there too, and the same random draws as the unrestricted ones, so nothing else in a run shifts)."""
+def noisiest_timesteps(scheduler, timesteps: torch.Tensor, min_timestep: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training timesteps restricted to [``min_timestep``, T). DDPM: the uniform draws from [0, T) moved there by
+    t ↦ min + ⌊t·(T − min) / T⌋ (uniform there too, and the same random draws as the unrestricted ones, so nothing
+    else in a run shifts). Flow matching: drawn anew from ``generator``, from the σ density restricted to those
+    timesteps (``FlowMatchingNoise.sample_timesteps``)."""
     if min_timestep == 0:
         return timesteps
     if is_flow_matching(scheduler):
-        raise InputError(FORGET_MIN_TIMESTEP_IS_DDPM_ONLY)
+        return scheduler.sample_timesteps(len(timesteps), generator, min_timestep=min_timestep).to(timesteps.device)
     T = scheduler.config.num_train_timesteps
     if not 0 <= min_timestep < T:
         raise InputError(f"`forget_min_timestep` must be in [0, {T}) (the scheduler's num_train_timesteps), got {min_timestep}")

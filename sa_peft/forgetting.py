@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import PromptConditioning
-from .diffusion_loss import FORGET_MIN_TIMESTEP_IS_DDPM_ONLY, is_flow_matching, model_prediction, prediction_target
+from .diffusion_loss import is_flow_matching, model_prediction, prediction_target
 from .errors import InputError
 
 DEFAULT_PREFERENCE_THRESHOLD = 0.0
@@ -76,7 +76,7 @@ def _probe_batch(latents: torch.Tensor, prompt_ids: torch.Tensor, num_timesteps:
                  generator: torch.Generator, flow=None, min_timestep: int = 0) -> ProbeBatch:
     n, k = len(latents), num_timesteps
     if flow is not None:  # flow matching: the bins are equal-probability bins of the σ density
-        timesteps = flow.stratified_timesteps(n, k, generator).flatten()
+        timesteps = flow.stratified_timesteps(n, k, generator, min_timestep=min_timestep).flatten()
     else:
         edges = torch.linspace(min_timestep, num_train_timesteps, k + 1)
         # Stratified: timestep j of every image lies in bin j; the draw within the bin is per image.
@@ -92,8 +92,8 @@ class ForgettingProbe:
     ``concept_latents[i]``/``surrogate_latents[i]`` are the held-out images of forget prompt
     ``forget_prompts[i]`` (same count per concept); ``replay_latents`` with ``replay_prompt_ids``
     (indices into ``conditioning.prompts``) the held-out replay images. ``forget_min_timestep``: the concept and
-    surrogate images are measured at timesteps in [that, T) only, where the forget term trains (DDPM; the
-    replay images at every timestep). Call ``calibrate(unet)`` once
+    surrogate images are measured at timesteps in [that, T) only, where the forget term trains (the replay images at
+    every timestep). Call ``calibrate(unet)`` once
     on the frozen model (adapter disabled), then ``measure(unet)`` whenever a signal is wanted.
     """
 
@@ -135,8 +135,6 @@ class ForgettingProbe:
         # A flow-matching training scheduler (SD3) draws the fixed timesteps from its σ density.
         flow = noise_scheduler if noise_scheduler is not None and is_flow_matching(noise_scheduler) else None
         self.flow = flow
-        if flow is not None and forget_min_timestep:
-            raise InputError(FORGET_MIN_TIMESTEP_IS_DDPM_ONLY)
         self.concepts: list[tuple[ProbeBatch, ProbeBatch]] = []
         for prompt, concept, surrogate in zip(self.forget_prompts, concept_latents, surrogate_latents):
             n = min(len(concept), len(surrogate))

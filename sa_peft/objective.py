@@ -104,7 +104,7 @@ def selective_amnesia_loss(
     ``replay_target="distill"`` makes the replay target the frozen model's prediction: ``base_unet``
     (default ``unet``; pass the unwrapped module under DDP) with its adapters disabled, conditioned on
     ``base_conditioning`` (default ``conditioning``; the frozen text encoder's, when it is trained).
-    ``forget_min_timestep``: the surrogate batch's timesteps lie in [that, T) (DDPM; ``noisiest_timesteps``), the
+    ``forget_min_timestep``: the surrogate batch's timesteps lie in [that, T) (``noisiest_timesteps``), the
     replay batch's in [0, T) as always.
     """
     if replay_target not in REPLAY_TARGETS:
@@ -120,7 +120,7 @@ def selective_amnesia_loss(
     timesteps = sample_timesteps(scheduler, len(latents), generator, device)
     n = len(surrogate_latents)
     if forget_min_timestep:
-        timesteps = torch.cat([noisiest_timesteps(scheduler, timesteps[:n], forget_min_timestep), timesteps[n:]])
+        timesteps = torch.cat([noisiest_timesteps(scheduler, timesteps[:n], forget_min_timestep, generator), timesteps[n:]])
     kwargs = conditioning.unet_kwargs(prompt_ids, dtype)
     if use_replay and replay_target == "distill":
         # The frozen model's prediction first: switching adapters off and on touches requires_grad.

@@ -251,6 +251,17 @@ def test_probe_measures_the_concept_where_the_forget_term_trains_and_the_replay_
     assert int(whole.concepts[0][0].timesteps.min()) < 250
     with pytest.raises(ValueError, match=r"`forget_min_timestep` must be in \[0, 1000\)"):
         ForgettingProbe(cond, ["brad pitt"], [x], [x], x, ids, 1000, forget_min_timestep=1000)
+    # Flow matching (SD3, FLUX): the concept's stratified σ bins cover the density above the cut, the replay's all of it.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sa_peft.diffusion_loss import FlowMatchingNoise
+
+    flow = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    probe = ForgettingProbe(cond, ["brad pitt"], [x], [x], x, ids, 1000, num_timesteps=4, noise_scheduler=flow,
+                            forget_min_timestep=700)
+    concept, surrogate = probe.concepts[0]
+    assert float(concept.timesteps.min()) >= 700 and torch.equal(concept.timesteps, surrogate.timesteps)
+    assert float(probe.replay.timesteps.min()) < 700
 
 
 def test_the_sample_check_overrules_a_lenient_forgotten_and_only_for_the_concepts_it_checked():

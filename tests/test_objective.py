@@ -391,8 +391,8 @@ def test_forget_min_timestep_moves_only_the_surrogate_batch_into_the_noisiest_ti
     assert not torch.isclose(out.forget, plain.forget) and torch.isclose(out.replay, plain.replay)
 
 
-def test_noisiest_timesteps_cover_the_upper_range_uniformly_and_refuse_what_they_cannot_do():
-    from sa_peft.diffusion_loss import FlowMatchingNoise, noisiest_timesteps
+def test_noisiest_timesteps_cover_the_upper_range_uniformly():
+    from sa_peft.diffusion_loss import noisiest_timesteps
 
     scheduler = build_tiny_pipeline().scheduler
     T = scheduler.config.num_train_timesteps
@@ -403,8 +403,30 @@ def test_noisiest_timesteps_cover_the_upper_range_uniformly_and_refuse_what_they
     assert torch.equal(noisiest_timesteps(scheduler, torch.arange(T), 0), torch.arange(T))
     with pytest.raises(ValueError, match=r"`forget_min_timestep` must be in \[0, 1000\)"):
         noisiest_timesteps(scheduler, torch.arange(4), T)
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "none"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_matching_noisiest_timesteps_follow_the_density_restricted_to_the_upper_range(scheme, shift):
+    """SD3/FLUX: the forget term's σ is drawn from the training density conditioned on t ≥ min (every draw there, in
+    the proportions the unrestricted density gives those timesteps), and the probe's stratified bins likewise."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler())
-    with pytest.raises(ValueError, match="DDPM-trained UNets.*drop `forget_min_timestep`"):
-        noisiest_timesteps(flow, torch.arange(4), 500)
+    from sa_peft.diffusion_loss import FlowMatchingNoise, noisiest_timesteps
+
+    flow = FlowMatchingNoise(FlowMatchEulerDiscreteScheduler(shift=shift), weighting_scheme=scheme)
+    gen = torch.Generator().manual_seed(0)
+    unrestricted = flow.sample_timesteps(100_000, gen)
+    moved = noisiest_timesteps(flow, torch.zeros(100_000), 500, gen)
+    assert float(moved.min()) >= 500  # "mode" reached 499 when the range was widened by half a grid step
+    conditional = unrestricted[unrestricted >= 500]
+    quantiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    torch.testing.assert_close(torch.quantile(moved, quantiles), torch.quantile(conditional, quantiles), rtol=0, atol=8.0)
+    stratified = flow.stratified_timesteps(64, 8, gen, min_timestep=500)
+    assert float(stratified.min()) >= 500
+    # timestep j of every row from bin j: the rows' columns are ordered by the density's quantiles
+    column_means = stratified.mean(0)
+    assert bool((column_means[1:] - column_means[:-1] != 0).all())
+    assert torch.equal(noisiest_timesteps(flow, unrestricted[:8], 0, gen), unrestricted[:8])
+    with pytest.raises(ValueError, match=r"`forget_min_timestep` must be in \[0, 1000\)"):
+        noisiest_timesteps(flow, torch.zeros(4), 1000, gen)

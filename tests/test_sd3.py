@@ -393,7 +393,7 @@ def test_robust_forgetting_on_sd3_reloads_and_reports_the_attacked_signal(sd3_di
     reload_and_compare(sd3_dir, out, pipe)
 
 
-@pytest.mark.slow  # a second whole run: diffusers' SD3 preset, another scheme and replay target
+@pytest.mark.slow  # a second whole run: diffusers' SD3 preset, another scheme, replay target and forget timesteps
 def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir, tmp_path):
     """The attn preset holds the last block's attn.add_q_proj, whose Fisher is 0 (its context output is discarded):
     the low-rank EWC penalty was NaN from step 1."""
@@ -410,7 +410,7 @@ def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir,
     pipe = run_training(load_train_module(), sd3_dir, out, digits, "--forget_prompt", "a handwritten digit zero",
                         "--surrogate_type", "noise", "--lora_target", "attn", "--weighting_scheme", "cosmap",
                         "--replay_target", "noise", "--classifier", str(classifier),
-                        "--num_evaluation_images_per_prompt", "2")
+                        "--num_evaluation_images_per_prompt", "2", "--forget_min_timestep", "500")
     fresh, _ = reload_and_compare(sd3_dir, out, pipe, prompt="a handwritten digit zero")
     assert {layer.name for layer in iter_adapted_layers(fresh.transformer, "default_0")} == \
         set(resolve_lora_targets(build_tiny_sd3_pipeline().transformer, "attn"))
@@ -418,6 +418,8 @@ def test_sd3_attention_preset_with_cosmap_weighting_reloads_identically(sd3_dir,
     assert fisher.metadata["weighting_scheme"] == "cosmap"
     assert fisher.diagonal["transformer_blocks.1.attn.add_q_proj.weight"].sum() == 0
     # A noise surrogate: the verdict's sample check ran through SD3's own sampler, judged by the frozen transformer.
+    # The forget term on σ ≥ 0.5 only (the density restricted there), recorded in the header.
+    assert read_adapter_metadata(out)["sa_peft"]["forget_min_timestep"] == 500
     check = read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["a handwritten digit zero"]["sample_check"]
     assert check["num_samples"] == 2 and math.isfinite(check["sample_margin"] - check["surrogate_margin"])
     # The final evaluation sampled with the pipeline's own flow-matching scheduler, and says so.

@@ -210,11 +210,11 @@ def test_forget_min_timestep_default_follows_the_surrogate_and_the_model_family(
     assert resolved(ddpm) == 0  # a surrogate prompt (the digits' next digit): every timestep
     assert resolved(ddpm, "--surrogate_type", "noise", "--forget_min_timestep", "0") == 0
     assert resolved(ddpm, "--forget_min_timestep", "200") == 200
-    assert resolved(flow, "--surrogate_type", "noise") == 0
+    assert resolved(flow, "--surrogate_type", "noise") == 0  # measured worse on SD3 (benchmarks/RESULTS.md, section 0b)
+    assert resolved(flow) == 0
+    assert resolved(flow, "--surrogate_type", "noise", "--forget_min_timestep", "300") == 300
     with pytest.raises(ValueError, match=r"`forget_min_timestep` must be below the scheduler's num_train_timesteps \(1000\)"):
         resolved(ddpm, "--forget_min_timestep", "1000")
-    with pytest.raises(ValueError, match="`forget_min_timestep` is for DDPM-trained UNets; flow-matching"):
-        resolved(flow, "--surrogate_type", "noise", "--forget_min_timestep", "500")
     with pytest.raises(SystemExit):  # argparse: not an integer
         train.parse_args(["--forget_min_timestep", "half"])
 
