@@ -142,6 +142,23 @@ def test_soft_prompt_perturbation_stays_inside_its_bound(lora_file, threshold):
     options = {"soft_prompt": {"steps": 5, "lr": 1.0, "epsilon": 0.05, "num_train_images": 4, "train_batch_size": 2}}
     result = run_attacks(ctx, ["soft_prompt"], options, {})[0]["attacks"]["soft_prompt"]
     assert 0.04 < result["per_concept"][PROMPT]["max_relative_norm"] <= 0.05 + 1e-5
+    # The control: the adapted model under δ's norms in random directions, reported beside the attack.
+    assert 0 <= result["random_direction_rate"] <= 1 and "random_direction" in result["per_concept"][PROMPT]
+
+
+def test_the_soft_prompt_control_keeps_each_tokens_norm_in_a_random_direction():
+    from sa_peft.attacks.soft_prompt import random_direction_like
+
+    delta = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, 6, 32)
+    mask[:, :, 16:] = 0  # SD3's zero padding stays unperturbed
+    delta = delta * mask
+    control = random_direction_like(delta, mask, seed=3)
+    torch.testing.assert_close(control.norm(dim=-1), delta.norm(dim=-1))
+    assert torch.equal(control[:, :, 16:], torch.zeros(1, 6, 16))
+    cosine = torch.nn.functional.cosine_similarity(control, delta, dim=-1)
+    assert cosine.abs().max() < 0.9  # not δ, nor δ's direction
+    assert torch.equal(random_direction_like(delta, mask, seed=3), control)
 
 
 def test_relearn_on_an_adapter_that_forgot_nothing_reports_the_base_rate(tmp_path, monkeypatch):

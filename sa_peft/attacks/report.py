@@ -20,7 +20,8 @@ def _detail(name: str, result: dict) -> str:
         curve = ", ".join(f"{c['step']}: {_fmt(c['success_rate'])}" for c in result["recovery_curve"])
         return f"recovery curve (step: rate) {curve}; {result['num_benign_images']} benign images"
     if name == "soft_prompt":
-        return f"{result['steps']} steps, ε {result['epsilon']}"
+        return (f"{result['steps']} steps, ε {result['epsilon']}; the same norms in random directions (control): "
+                f"{_fmt(result.get('random_direction_rate'))}")
     if name == "inversion":
         return f"{result['steps']} steps, template `{result['template']}`"
     return ""

@@ -1,6 +1,6 @@
 """The ``soft_prompt`` attack: a perturbation δ of the forget prompt's text embedding, optimised so the
 *adapted* model denoises the base model's images of the concept well again (no classifier in the loop),
-then sampled. δ is bounded per token: ‖δ_j‖ ≤ ε·‖e_j‖ (projected after each step), so the attack searches
+then sampled; beside it, as a control, the adapted model under δ's per-token norms in random directions. δ is bounded per token: ‖δ_j‖ ≤ ε·‖e_j‖ (projected after each step), so the attack searches
 near the forget prompt rather than writing an arbitrary new conditioning.
 
 What is perturbed is the token sequence the denoiser attends to (``encoder_hidden_states``): the UNets'
@@ -35,6 +35,13 @@ def project(delta: torch.Tensor, reference: torch.Tensor, epsilon: float,
     limit = epsilon * reference.norm(dim=-1, keepdim=True)
     norm = delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return delta * (limit / norm).clamp(max=1.0)
+
+
+def random_direction_like(delta: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """A perturbation with ``delta``'s per-token norms in random directions (zero outside ``mask``): the attack's
+    control. If it brings the concept back as often as ``delta``, the bound is too loose, not the adapter weak."""
+    direction = torch.randn(delta.shape, generator=torch.Generator().manual_seed(seed)).to(delta) * mask.to(delta)
+    return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * delta.norm(dim=-1, keepdim=True)
 
 
 def perturbable(hidden: torch.Tensor) -> torch.Tensor:
@@ -108,16 +115,21 @@ def run_soft_prompt_attack(ctx: AttackContext, steps: int = 200, lr: float = 1e-
         attacked = perturbed(conditioning, delta)
         relative = (delta.norm(dim=-1) / hidden.float().norm(dim=-1).clamp_min(1e-12)).max().item()
         adapted = sample(ctx, ctx.num_images, conditioning=attacked)
+        control = random_direction_like(delta, perturbable(hidden.float()), ctx.seed + 5 + i)
+        adapted_control = sample(ctx, ctx.num_images, conditioning=perturbed(conditioning, control))
         ctx.disable_adapter()
         base = sample(ctx, ctx.num_images, conditioning=attacked)
         ctx.enable_adapter()
         per_concept[forget_prompt] = {"adapted": summarise(ctx, adapted), "base": summarise(ctx, base),
+                                      "random_direction": summarise(ctx, adapted_control),
                                       "loss_history": history, "max_relative_norm": relative}
         if grids is None:
             grids = (best_samples(ctx, base), best_samples(ctx, adapted))
     return {
         "attack_success_rate": pooled_rate([m["adapted"] for m in per_concept.values()]),
         "base_rate": pooled_rate([m["base"] for m in per_concept.values()]),
+        # The adapted model under δ's norms in random directions: what the bound alone brings back.
+        "random_direction_rate": pooled_rate([m["random_direction"] for m in per_concept.values()]),
         "steps": steps, "learning_rate": lr, "epsilon": epsilon, "num_train_images": num_train_images,
         "per_concept": per_concept,
         "_grid": grids,
