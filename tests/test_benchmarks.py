@@ -139,3 +139,15 @@ def test_sd3_digits_benchmark_runs_the_defaults_and_judges_like_the_unet_one(tmp
     over = bench.judge({"before": before, "after": stage(target + 0.01, [2, 9, 0, 1, 0, 0, 0, 0, 8, 0], 1.0, 10.0,
                                                          0.04)}, [3], "noise", {three: True})
     assert {k for k, ok in over["checks"].items() if not ok} == {f"three: P ≤ {target:.3f}", "three: verdict agrees"}
+
+
+@pytest.mark.slow
+def test_sampling_trajectory_reads_the_base_models_digit_at_every_step():
+    """The base SD3 digits model's x̂₀ is its digit from the first step on; σ falls step by step."""
+    out = run("sampling_trajectory.py", "base", "--digit", "4", "--num_images", "4")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| step")]
+    steps, sample = rows[:-1], rows[-1]
+    assert len(steps) == 24 and sample[0].strip() == "the sample"
+    sigmas = [float(r[1]) for r in steps]
+    assert sigmas == sorted(sigmas, reverse=True) and sigmas[0] > 0.9 and sigmas[-1] < 0.01
+    assert all(int(r[3]) >= 3 for r in steps) and int(sample[3]) == 4  # measured at 50 samples: 50 of 50 every step
