@@ -1,7 +1,8 @@
 """The ``soft_prompt`` attack: a perturbation δ of the forget prompt's text embedding, optimised so the
 *adapted* model denoises the base model's images of the concept well again (no classifier in the loop),
-then sampled; beside it, as a control, the adapted model under δ's per-token norms in random directions. δ is bounded per token: ‖δ_j‖ ≤ ε·‖e_j‖ (projected after each step), so the attack searches
-near the forget prompt rather than writing an arbitrary new conditioning.
+then sampled; beside it, as a control, the adapted model under δ's per-token norms in random directions. δ is
+bounded per token: ‖δ_j‖ ≤ ε·‖e_j‖ (projected after each step), so the attack searches near the forget prompt rather
+than writing an arbitrary new conditioning.
 
 What is perturbed is the token sequence the denoiser attends to (``encoder_hidden_states``): the UNets'
 cross-attention context, SD3's joint CLIP + T5 context, FLUX's T5 states. The pooled embedding (SDXL's
