@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from sa_peft.classifier import load_classifier
-from sa_peft.data import _vae_shift
+from sa_peft.data import decode_latents
 from sa_peft.defaults import DIGIT_PROMPTS
 from sa_peft.errors import InputError
 from sa_peft.models import SD3_PIPELINE, load_pipeline
@@ -50,13 +50,11 @@ def main() -> None:
         final = pipe(prompt, num_images_per_prompt=args.num_images, num_inference_steps=25, guidance_scale=3.0,
                      generator=torch.Generator().manual_seed(1234), output_type="latent",
                      callback_on_step_end=record).images
-    sigmas, vae = pipe.scheduler.sigmas, pipe.vae
+    sigmas = pipe.scheduler.sigmas
 
     def read(latents: torch.Tensor) -> tuple[float, int]:
         with torch.no_grad():
-            images = vae.decode(latents / vae.config.scaling_factor + _vae_shift(vae)).sample
-            images = (images.float() / 2 + 0.5).clamp(0, 1)
-            probs = classifier.predict_proba(images.mean(1, keepdim=True) if images.shape[1] == 3 else images)
+            probs = classifier.predict_proba(decode_latents(pipe, latents))
         return float(probs[:, args.digit].mean()), int((probs.argmax(1) == args.digit).sum())
 
     print(f"{args.run_dir}, {prompt!r}, {args.num_images} samples")

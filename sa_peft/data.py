@@ -78,10 +78,15 @@ def _vae_shift(vae) -> float:
     return vae.config.get("shift_factor") or 0.0
 
 
-def _decode_to_pil(pipe, latents: torch.Tensor) -> list[Image.Image]:
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (as the denoiser sees them) → images ``[N, C, H, W]`` in [0, 1], float32."""
     vae = pipe.vae
     images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + _vae_shift(vae)).sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _decode_to_pil(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    images = decode_latents(pipe, latents).permute(0, 2, 3, 1).cpu().numpy()
     arrays = (images * 255).round().astype(np.uint8)
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 

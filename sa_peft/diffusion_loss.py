@@ -73,8 +73,7 @@ class FlowMatchingNoise:
         c = self.config
         device = generator.device if generator is not None else "cpu"
         if min_timestep:
-            low, high = self.uniform_range(min_timestep)
-            uniform = low + (high - low) * torch.rand(n, generator=generator, device=device)
+            uniform = self._within(torch.rand(n, generator=generator, device=device), min_timestep)
             return self._timesteps_at(self.density_quantile(uniform.cpu()))
         u = compute_density_for_timestep_sampling(c.weighting_scheme, n, logit_mean=c.logit_mean, logit_std=c.logit_std,
                                                   mode_scale=c.mode_scale, generator=generator, device=device)
@@ -84,9 +83,6 @@ class FlowMatchingNoise:
         """The interval of the uniform draw (``density_quantile``'s argument) whose timesteps are ≥ ``min_timestep``:
         drawing uniformly inside it draws from the density restricted to those timesteps. The timestep is monotone
         in the draw for every scheme, so the interval is read off a fine grid."""
-        T = self.config.num_train_timesteps
-        if not 0 <= min_timestep < T:
-            raise InputError(f"`forget_min_timestep` must be in [0, {T}) (the scheduler's num_train_timesteps), got {min_timestep}")
         if min_timestep in self._uniform_ranges:  # asked at every training step
             return self._uniform_ranges[min_timestep]
         grid = (torch.arange(FLOW_RANGE_GRID, dtype=torch.float64) + 0.5) / FLOW_RANGE_GRID
@@ -96,6 +92,11 @@ class FlowMatchingNoise:
         # The kept grid points themselves (not half a grid step past them, which can reach the next timestep down).
         self._uniform_ranges[min_timestep] = float(grid[kept[0]]), float(grid[kept[-1]])
         return self._uniform_ranges[min_timestep]
+
+    def _within(self, uniform: torch.Tensor, min_timestep: int) -> torch.Tensor:
+        """Uniform draws in [0, 1) moved into ``uniform_range(min_timestep)``."""
+        low, high = self.uniform_range(min_timestep)
+        return low + (high - low) * uniform
 
     def density_quantile(self, uniform: torch.Tensor) -> torch.Tensor:
         """u of ``compute_density_for_timestep_sampling`` as a function of a uniform draw (its inverse CDF for
@@ -113,8 +114,7 @@ class FlowMatchingNoise:
         (restricted to the timesteps ≥ ``min_timestep``)."""
         uniform = (torch.arange(num_bins) + torch.rand(rows, num_bins, generator=generator)) / num_bins
         if min_timestep:
-            low, high = self.uniform_range(min_timestep)
-            uniform = low + (high - low) * uniform
+            uniform = self._within(uniform, min_timestep)
         return self._timesteps_at(self.density_quantile(uniform))
 
     def grid_timesteps(self) -> torch.Tensor:
@@ -168,11 +168,11 @@ def noisiest_timesteps(scheduler, timesteps: torch.Tensor, min_timestep: int,
     timesteps (``FlowMatchingNoise.sample_timesteps``)."""
     if min_timestep == 0:
         return timesteps
-    if is_flow_matching(scheduler):
-        return scheduler.sample_timesteps(len(timesteps), generator, min_timestep=min_timestep).to(timesteps.device)
     T = scheduler.config.num_train_timesteps
     if not 0 <= min_timestep < T:
         raise InputError(f"`forget_min_timestep` must be in [0, {T}) (the scheduler's num_train_timesteps), got {min_timestep}")
+    if is_flow_matching(scheduler):
+        return scheduler.sample_timesteps(len(timesteps), generator, min_timestep=min_timestep).to(timesteps.device)
     return min_timestep + (timesteps * (T - min_timestep)) // T
 
 
