@@ -122,6 +122,16 @@ def run_row(module, row: dict, args, classifier, base_samples: dict) -> dict:
     return result
 
 
+def sample_check_cell(check: dict | None) -> str:
+    """With a surrogate prompt: the share of samples the frozen model read as the concept against the surrogate images'
+    share; without one: the samples' mean margin against the bar."""
+    if not check:
+        return "–"
+    if "sample_share" in check:
+        return f"{check['sample_share']:.2f} {'≤' if check['forgotten'] else '>'} {check['surrogate_share']:.2f}"
+    return f"{check['sample_margin']:+.4f} {'≥' if check['forgotten'] else '<'} {check['reference_margin']:+.4f}"
+
+
 def fmt_row(r: dict) -> str:
     b, a = r["before"], r["after"]
     ps = " / ".join(f"{v['p_forgotten']:.3f}" for v in a["forget"].values())
@@ -129,8 +139,7 @@ def fmt_row(r: dict) -> str:
     verdict = r["forgetting"] or {}
     missed = [k for k, ok in r["checks"].items() if not ok]
     checks = [c.get("sample_check") for c in verdict.get("concepts", {}).values()]
-    sampled = " / ".join(f"{c['sample_margin']:+.4f} {'≥' if c['forgotten'] else '<'} {c['reference_margin']:+.4f}"
-                         if c else "–" for c in checks) or "–"
+    sampled = " / ".join(sample_check_cell(c) for c in checks) or "–"
     return (f"| {r['row']['name']} | {ps} | {surr} | {'yes' if verdict.get('reached') else 'no'} | {sampled} | "
             f"{b['retained_mean']:.3f} → {a['retained_mean']:.3f} | {b['frechet']:.2f} → {a['frechet']:.2f} | "
             f"{b['off_manifold']:.3f} → {a['off_manifold']:.3f} | {r['trained_steps']} | {r['seconds']:.0f} | "
@@ -143,7 +152,7 @@ def write_table(results: list[dict], args, path: str) -> None:
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/forgetting_every_concept.py {' '.join(args.argv)}`", "",
         (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one thread; "
          f"{args.num_images_per_prompt} samples per prompt, evaluation seed 1234; {time.strftime('%Y-%m-%d')}."), "",
-        ("| run | P(forgotten) after | share read as the surrogate | verdict: forgotten | sample check: margin vs bar | "
+        ("| run | P(forgotten) after | share read as the surrogate | verdict: forgotten | sample check: share read as the concept vs the surrogate's, or margin vs bar | "
          "retained acc | Fréchet | off-manifold | steps | train s | targets |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[fmt_row(r) for r in results], "",

@@ -195,12 +195,17 @@ class SelectiveAmnesiaConfig:
     num_sample_check_images: int = _flag(
         32, "at the end of a run without a surrogate prompt (noise, image folder), sample this many images of each "
             "forget prompt and have the frozen model judge them against the surrogate images (the verdict's sample "
-            "check; it costs (this + 2 × `num_probe_images`) × 16 × (1 + up to 16 replay prompts) denoiser calls); "
-            "0 skips it" + D, type=int, check={"low": 0}, resume_free=True)
+            "check; it costs (this + 2 × `num_probe_images`) × 16 × (1 + up to 16 replay prompts) denoiser calls). "
+            "With a surrogate prompt the samples decide during training instead: at every check once the preference "
+            "is at most 0.5, `num_probe_images` samples of each forget prompt, judged the same way. 0 skips both "
+            "(the preference alone decides)" + D, type=int, check={"low": 0})
     forgetting_check_steps: int = _flag(25, "measure the forgetting signal every N steps" + D, type=int, positive=True)
     forgetting_threshold: float = _flag(
-        DEFAULT_PREFERENCE_THRESHOLD, "a concept is forgotten when its preference (1 = base model, 0 = concept and "
-                                      "surrogate equally likely) is at most this" + D, type=float, check={})
+        DEFAULT_PREFERENCE_THRESHOLD, "a concept is forgotten when its preference (1 = base model, 0 = the "
+                                      "reference: part way to a complete swap with a surrogate prompt, equal losses "
+                                      "without) is at most this; with a surrogate prompt, once it is at most this or "
+                                      "0.5, the adapted model's samples decide (`num_sample_check_images`)" + D,
+        type=float, check={})
     retention_bound: float = _flag(
         DEFAULT_RETENTION_BOUND, "largest allowed drift of the adapted model's predictions on held-out replay images "
                                  "from the frozen model's, relative to its denoising error there (retention, 0 for "

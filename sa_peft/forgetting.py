@@ -55,6 +55,13 @@ SAMPLE_CHECK_TIMESTEPS = 16
 # (19 s of a 2-core CPU shared with two other jobs). Past this many replay prompts it compares with an evenly spaced
 # subset, so a long replay list does not multiply the cost.
 SAMPLE_CHECK_MAX_PROMPTS = 16
+# With a surrogate prompt the adapted model's own samples decide, checked at every signal check once the held-out
+# preference has come half way (≤ this, or ≤ the threshold when that is higher): the held-out signal alone overshot on
+# some concepts and stopped too early on others. Digits, nine → zero (seed 0): the samples were forgotten at step 150
+# (P(nine) 0.006, Fréchet distance −0.2 %) at preference +0.36, while the signal said forgotten only at step 475, when
+# the retained Fréchet distance had risen +12.4 % (+3.1 % at 225, +7.9 % at 375); two → three (seed 0) stopped on the
+# signal with P(two) 0.029 (benchmarks/RESULTS.md, section 0).
+SAMPLE_CHECK_GATE = 0.5
 
 
 @dataclass
@@ -363,6 +370,28 @@ class AdaptiveLambda:
         return self.value
 
 
+def with_sample_shares(signal: dict, shares: dict[str, dict]) -> dict:
+    """The signal with the in-training sample check of the concepts that have a surrogate prompt (reference "swap").
+    ``shares`` ({prompt: {"sample_share", "surrogate_share", "num_samples"}}) holds, per concept checked, the share of
+    the adapted model's samples that the frozen model reads as the concept (its loss is lowest under the forget prompt,
+    over every kept prompt), and the same share of the held-out surrogate images (what the frozen judge mistakes for the
+    concept). Such a concept counts as forgotten when its preference is at most ``SAMPLE_CHECK_GATE`` (or the threshold,
+    when higher) and its samples are read as the concept no more often than the surrogate images are; a concept not
+    checked is not forgotten. Under ``--robust_forgetting`` the attacked preference must still reach the threshold."""
+    gate = max(signal["threshold"], SAMPLE_CHECK_GATE)
+    concepts = {}
+    for prompt, c in signal["concepts"].items():
+        if c["reference"] != "swap":
+            concepts[prompt] = c
+            continue
+        share = shares.get(prompt)
+        passed = share is not None and share["sample_share"] <= share["surrogate_share"]
+        check = {} if share is None else {"sample_check": {**share, "forgotten": passed}}
+        attacked = c.get("attacked_preference", signal["threshold"]) <= signal["threshold"]
+        concepts[prompt] = {**c, **check, "forgotten": c["preference"] <= gate and passed and attacked}
+    return {**signal, "concepts": concepts, "reached": all(c["forgotten"] for c in concepts.values())}
+
+
 def verdict_lines(forgetting: dict) -> list[str]:
     """The verdict in words, for ``sa-peft inspect`` and the model card (one line each)."""
     concepts = forgetting.get("concepts", {})
@@ -377,15 +406,23 @@ def verdict_lines(forgetting: dict) -> list[str]:
         attacked = (f", {c['attacked_preference']:+.3f} under the soft-prompt attack (`robust_forgetting`)"
                     if "attacked_preference" in c else "")
         check = c.get("sample_check")
-        sampled = (f"; sample check {'passed' if check['forgotten'] else 'FAILED'}: the frozen model's margin "
-                   f"{check['sample_margin']:+.4f} on {check['num_samples']} samples (at least "
-                   f"{check['reference_margin']:+.4f} to pass; {check['concept_margin']:+.4f} on its own images of the "
-                   f"concept, {check['surrogate_margin']:+.4f} on the surrogate images)" if check else "")
+        sampled = f"; {sample_check_text(check)}" if check else ""
         lenient = f"; {LENIENT_NOTE}" if c.get("reference") == EQUAL_LOSSES and c["forgotten"] and not check else ""
         lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, forgotten at ≤ "
                      f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}{sampled}"
                      f"{lenient}")
     return lines
+
+
+def sample_check_text(check: dict) -> str:
+    """One sample check in words: the margin form (runs without a surrogate prompt) or the share form (with one)."""
+    head = f"sample check {'passed' if check['forgotten'] else 'FAILED'}"
+    if "sample_share" in check:
+        return (f"{head}: the frozen model reads {check['sample_share']:.2f} of {check['num_samples']} samples as the "
+                f"concept (at most {check['surrogate_share']:.2f}, its reading of the surrogate images, to pass)")
+    return (f"{head}: the frozen model's margin {check['sample_margin']:+.4f} on {check['num_samples']} samples (at "
+            f"least {check['reference_margin']:+.4f} to pass; {check['concept_margin']:+.4f} on its own images of the "
+            f"concept, {check['surrogate_margin']:+.4f} on the surrogate images)")
 
 
 def forgetting_warning(forgetting: dict) -> str | None:

@@ -121,8 +121,8 @@ def model_card_text(info: dict, repo_id: str | None = None, figures: str = "") -
     verdict = ""
     if info.get("forgetting"):
         verdict = "\n## Did it forget?\n\nMeasured by sa-peft's classifier-free forgetting signal on held-out images " \
-                  "(see `sa-peft inspect`), and, without a surrogate prompt, by the frozen model's judgement of the adapted model's " \
-                  "samples (the sample check):\n\n" + "\n".join(f"- {escape_controls(line)}" for line in verdict_lines(info["forgetting"])) + "\n"
+                  "(see `sa-peft inspect`), and by the frozen model's judgement of the adapted model's samples (the sample " \
+                  "check; during training with a surrogate prompt, at the end without one):\n\n" + "\n".join(f"- {escape_controls(line)}" for line in verdict_lines(info["forgetting"])) + "\n"
     return f"""# Forget LoRA: {forgotten}
 
 A Selective Amnesia (Heng & Soh, NeurIPS 2023) "forget" adapter for {markdown_code(base)}, trained with

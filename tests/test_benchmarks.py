@@ -84,20 +84,33 @@ def test_attacks_smoke(tmp_path):
     assert len((tmp_path / "attacks.jsonl").read_text().splitlines()) == 2
 
 
-def _sd3_benchmark():
+def _benchmark(name: str = "sd3_digits_forgetting"):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sd3_digits_forgetting.py"
-    spec = importlib.util.spec_from_file_location("sd3_digits_forgetting", path)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:  # the benchmarks import each other, as when run as scripts
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def test_every_concept_table_shows_both_forms_of_the_sample_check():
+    """With a surrogate prompt the verdict records shares (in training), without one margins (at the end)."""
+    cell = _benchmark("forgetting_every_concept").sample_check_cell
+    assert cell(None) == "–"
+    assert cell({"sample_share": 0.0625, "surrogate_share": 0.0, "num_samples": 16, "forgotten": False}) == "0.06 > 0.00"
+    assert cell({"sample_share": 0.0, "surrogate_share": 0.0, "num_samples": 16, "forgotten": True}) == "0.00 ≤ 0.00"
+    assert cell({"sample_margin": 0.01, "reference_margin": 0.004, "concept_margin": -0.02, "surrogate_margin": 0.01,
+                 "num_samples": 32, "forgotten": True}) == "+0.0100 ≥ +0.0040"
+
+
 def test_sd3_digits_benchmark_runs_the_defaults_and_judges_like_the_unet_one(tmp_path):
     """The training command passes only the documented flags (plus ``--classifier ''`` when ``sa-peft evaluate``
     scores it), and a row is judged by the UNet benchmark's targets, misses included, per forgotten digit."""
-    bench = _sd3_benchmark()
+    bench = _benchmark()
     cmds = bench.commands([3], "digit", 0, tmp_path, 50)
     assert bench.shown(cmds["train"]) == (
         "python training_scripts/train_sa_lora.py --pretrained_model_name_or_path builtin:digits-sd3 --forget_prompt "

@@ -19,6 +19,7 @@ from sa_peft.forgetting import (
     forgetting_warning,
     verdict_lines,
     with_sample_check,
+    with_sample_shares,
 )
 from sa_peft.lora import iter_adapted_layers, resolve_lora_targets
 from sa_peft.objective import adapters_disabled, selective_amnesia_loss
@@ -356,3 +357,37 @@ def test_the_sample_check_compares_with_at_most_sixteen_kept_prompts_and_takes_t
     assert seen[1:] == [1 + i * 20 // 16 for i in range(16)]  # evenly spaced over the 20 kept prompts
     expected = losses[0] - torch.stack([losses[i] for i in seen[1:]], 1).min(1).values
     assert torch.allclose(margins, expected)
+
+
+def test_with_a_surrogate_prompt_the_samples_decide_once_the_preference_is_past_the_gate():
+    """A "swap" concept (surrogate prompt) is forgotten when its preference is at most SAMPLE_CHECK_GATE (or the
+    threshold, if higher) and its samples are read as the concept no more often than the surrogate images are; an
+    equal-losses concept is left to the signal; a robust run's attacked preference must still reach the threshold."""
+    from sa_peft.forgetting import SAMPLE_CHECK_GATE
+
+    def signal(preference, threshold=0.0, reference="swap", **extra):
+        return {"threshold": threshold, "reached": preference <= threshold,
+                "concepts": {"a": {"preference": preference, "forgotten": preference <= threshold,
+                                   "reference": reference, **extra}}}
+
+    def shares(sample, surrogate=0.0):
+        return {"a": {"sample_share": sample, "surrogate_share": surrogate, "num_samples": 16}}
+
+    assert SAMPLE_CHECK_GATE == 0.5
+    past_gate = with_sample_shares(signal(0.4), shares(0.0))
+    assert past_gate["reached"] and past_gate["concepts"]["a"]["sample_check"]["forgotten"]
+    assert with_sample_shares(signal(0.4), shares(0.125, surrogate=0.125))["reached"]  # the judge's own error rate
+    still_read = with_sample_shares(signal(-1.0), shares(0.0625))  # the signal alone would say forgotten
+    assert not still_read["reached"] and not still_read["concepts"]["a"]["sample_check"]["forgotten"]
+    assert not with_sample_shares(signal(0.6), shares(0.0))["reached"]  # before the gate
+    assert with_sample_shares(signal(0.6, threshold=0.7), shares(0.0))["reached"]  # a threshold past the gate
+    unchecked = with_sample_shares(signal(-1.0), {})
+    assert not unchecked["reached"] and "sample_check" not in unchecked["concepts"]["a"]
+    lenient = signal(-1.0, reference=EQUAL_LOSSES)
+    assert with_sample_shares(lenient, shares(1.0)) == {**lenient, "reached": True}
+    attacked = with_sample_shares(signal(0.4, attacked_preference=0.2), shares(0.0))
+    assert not attacked["reached"]
+    assert with_sample_shares(signal(0.4, attacked_preference=-0.1), shares(0.0))["reached"]
+    line = verdict_lines({**past_gate, "trained_steps": 3, "retention": 0.0, "retention_bound": 1.0})[1]
+    assert ("forgotten; sample check passed: the frozen model reads 0.00 of 16 samples as the concept (at most 0.00, "
+            "its reading of the surrogate images, to pass)") in line

@@ -397,26 +397,67 @@ def test_verdict_is_recorded_shown_and_enforced(train, tiny_pipe_dir, replay_fil
 @pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI
 def test_training_stops_once_forgotten(train, tiny_pipe_dir, replay_file, tmp_path):
     """A threshold every model meets (preference ≤ 5) ends training at the second check, not the first, once
-    retention is inside its bound too."""
+    retention is inside its bound too (without the sample check, which the next test covers)."""
     out = tmp_path / "run"
     train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
                          "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "5",
-                         "--learning_rate", "1e-2", "--retention_bound", "1"))
+                         "--learning_rate", "1e-2", "--retention_bound", "1", "--num_sample_check_images", "0"))
     forgetting = read_adapter_metadata(out)["sa_peft"]["forgetting"]
     assert forgetting["reached"] and forgetting["reached_at_step"] == 5 and forgetting["trained_steps"] == 10  # two checks in a row
     # Forgotten but never retained (a bound no drift meets): training goes on to the budget, and the verdict says so.
     gated = tmp_path / "gated"
     train.main(tiny_args(tiny_pipe_dir, replay_file, gated, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
                          "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "5",
-                         "--learning_rate", "1e-2", "--retention_bound", "1e-12"))
+                         "--learning_rate", "1e-2", "--retention_bound", "1e-12", "--num_sample_check_images", "0"))
     forgetting = read_adapter_metadata(gated)["sa_peft"]["forgetting"]
     assert forgetting["reached"] and not forgetting["retained"] and forgetting["trained_steps"] == 20
     assert forgetting["retention"] > 1e-12
     full = tmp_path / "full"
     train.main(tiny_args(tiny_pipe_dir, replay_file, full, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
                          "20", "--forgetting_check_steps", "5", "--forgetting_threshold", "5",
-                         "--learning_rate", "1e-2", "--train_full_budget"))
+                         "--learning_rate", "1e-2", "--train_full_budget", "--num_sample_check_images", "0"))
     assert read_adapter_metadata(full)["sa_peft"]["forgetting"]["trained_steps"] == 20
+
+
+def test_with_a_surrogate_prompt_the_samples_decide_when_training_stops(train, tiny_pipe_dir, replay_file, tmp_path,
+                                                                       monkeypatch):
+    """The preference (≤ 10 here, past every reading of the tiny model: −5.4 to +7.2) only opens the sample check:
+    training stops at the second check in a row whose samples the frozen model no longer reads as the concept, not at
+    the second check past the threshold. The frozen judge's margins are scripted: the samples read as the concept at
+    the first two checks."""
+    calls = []
+
+    def scripted_margins(run, prompts, num_images, seed):
+        calls.append((list(prompts), num_images, seed))
+        read_as_concept = len(calls) <= 2
+        return {p: {"samples": torch.full((num_images,), -1.0 if read_as_concept else 1.0),
+                    "concept": torch.full((2,), -1.0), "surrogate": torch.tensor([1.0, 2.0])} for p in prompts}
+
+    monkeypatch.setattr(train, "frozen_margins", scripted_margins)
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
+                         "40", "--forgetting_check_steps", "5", "--forgetting_threshold", "10",
+                         "--learning_rate", "1e-2", "--retention_bound", "1", "--num_probe_images", "3"))
+    forgetting = read_adapter_metadata(out)["sa_peft"]["forgetting"]
+    assert forgetting["reached_at_step"] == 15 and forgetting["trained_steps"] == 20 and forgetting["reached"]
+    assert len(calls) == 4 and calls[0][:2] == (["brad pitt"], 3)  # num_probe_images samples, at every check
+    assert len({seed for *_, seed in calls}) == 1  # the same seeds at every check: the checks compare like with like
+    assert forgetting["concepts"]["brad pitt"]["sample_check"] == {
+        "sample_share": 0.0, "surrogate_share": 0.0, "num_samples": 3, "forgotten": True}
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    checks = [(r["step"], r["sample_share/brad pitt"], r["forgotten"]) for r in log if "sample_share/brad pitt" in r]
+    assert checks == [(5, 1.0, False), (10, 1.0, False), (15, 0.0, True), (20, 0.0, True)]
+    # Past the gate, the preference decides nothing while the samples still read as the concept: the whole budget.
+    calls.clear()
+    monkeypatch.setattr(train, "frozen_margins", lambda run, prompts, n, seed: (calls.append(1), {p: {
+        "samples": torch.full((n,), -1.0), "concept": torch.full((2,), -1.0), "surrogate": torch.ones(2)}
+        for p in prompts})[1])
+    kept = tmp_path / "kept"
+    train.main(tiny_args(tiny_pipe_dir, replay_file, kept, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
+                         "10", "--forgetting_check_steps", "5", "--forgetting_threshold", "10", "--retention_bound", "1"))
+    forgetting = read_adapter_metadata(kept)["sa_peft"]["forgetting"]
+    assert not forgetting["reached"] and forgetting["trained_steps"] == 10 and len(calls) == 2
+    assert forgetting["concepts"]["brad pitt"]["sample_check"]["sample_share"] == 1.0
 
 
 @pytest.mark.slow  # fast tier under 3 minutes: a whole (tiny) run, also covered in CI

@@ -43,7 +43,14 @@ from sa_peft.diffusion_loss import noise_scheduler_for
 from sa_peft.errors import InputError, flags_of, input_errors_as_flags, report_input_errors
 from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties
 from sa_peft.fisher import base_weights_hash
-from sa_peft.forgetting import EQUAL_LOSSES, AdaptiveLambda, forgetting_warning, with_sample_check
+from sa_peft.forgetting import (
+    EQUAL_LOSSES,
+    SAMPLE_CHECK_GATE,
+    AdaptiveLambda,
+    forgetting_warning,
+    with_sample_check,
+    with_sample_shares,
+)
 from sa_peft.io_utils import write_json_atomic
 from sa_peft.lora import make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
@@ -166,7 +173,7 @@ def train(config: SelectiveAmnesiaConfig):
     global_step, signal = training_loop(run, global_step)
     check_start = time.perf_counter()
     signal = check_samples(run, signal)
-    timings["sample_check_s"] = time.perf_counter() - check_start
+    timings["sample_check_s"] = time.perf_counter() - check_start + run.sample_check_s  # in training and at the end
     run.info = training_info(config, **run_facts(run, targets), trained_steps=global_step,
                              ewc_lambda_final=run.ewc_lambda.value,
                              forgetting=forgetting_summary(signal, run.reached_step, global_step))
@@ -240,7 +247,9 @@ class ForgetRun(types.SimpleNamespace):
     prepared ``unet`` and ``text_encoders`` (``{name: encoder}``, empty unless trained) with ``prompt_encoder``, the
     ``ewc_penalty``, the ``lora_params``, ``weight_dtype``, ``optimizer``, ``lr_scheduler``, the scheduled
     ``learning_rate`` and ``max_train_steps``, the ``log_path``; the loop's own state (``ewc_lambda``,
-    ``reached_step``, ``previous_done``), the checkpoints' ``settings`` and the adapter's training ``info``; the
+    ``reached_step``, ``previous_done``, ``held_out_margins``: the frozen model's sample-check margins on the probe's
+    images, measured once, and ``sample_check_s``, the seconds spent on sample checks during training), the
+    checkpoints' ``settings`` and the adapter's training ``info``; the
     ``validation_embeddings`` and, for SD3/FLUX with ``--train_text_encoder``, the ``validation_encoder``.
 
     (A namespace, not a dataclass: the tests load this script as a module outside ``sys.modules``.)
@@ -297,7 +306,8 @@ def prepare_training(config, accelerator, pipe, scheduler, sets: TrainingSets, t
                      ewc_penalty=ewc_penalty, lora_params=lora_params, weight_dtype=weight_dtype, optimizer=optimizer,
                      lr_scheduler=lr_scheduler, learning_rate=learning_rate, max_train_steps=max_train_steps,
                      log_path=os.path.join(config.output_dir, "train_log.jsonl"), ewc_lambda=None, robust=None,
-                     reached_step=None, previous_done=False, settings={}, info={}, validation_encoder=None)
+                     reached_step=None, previous_done=False, settings={}, info={}, validation_encoder=None,
+                     held_out_margins={}, sample_check_s=0.0)
 
 
 def resume_training(run: ForgetRun, resume_path: str | None, resume_state: dict | None) -> int:
@@ -374,7 +384,7 @@ def training_step(run: ForgetRun, global_step: int):
 def check_forgetting(run: ForgetRun, global_step: int, logs: dict) -> tuple[dict, bool]:
     """Measure the signal, move λ, and say whether training stops (two forgotten-and-retained checks in a row)."""
     # Every process measures the same synchronised weights, so all of them stop at the same step.
-    signal = current_signal(run, global_step, logs)
+    signal = check_samples_in_training(run, current_signal(run, global_step, logs), logs)
     if run.config.adaptive_lambda:
         logs["ewc_lambda"] = run.ewc_lambda.update(signal)
     if signal["reached"] and run.reached_step is None:
@@ -416,7 +426,7 @@ def training_loop(run: ForgetRun, global_step: int) -> tuple[int, dict]:
             break
     progress.close()
     if signal is None or signal_step != global_step:  # resumed at or past the end: measure what is there
-        signal = current_signal(run, global_step, {})
+        signal = check_samples_in_training(run, current_signal(run, global_step, {}), {})
     return global_step, signal
 
 
@@ -610,9 +620,48 @@ def check_samples(run: ForgetRun, signal: dict) -> dict:
     return with_sample_check(signal, checks[0])
 
 
+def check_samples_in_training(run: ForgetRun, signal: dict, logs: dict) -> dict:
+    """With a surrogate prompt, the adapted model's samples decide (``with_sample_shares``): once a concept's preference
+    is at most ``SAMPLE_CHECK_GATE``, ``num_probe_images`` samples of its prompt are drawn (the same seeds at every
+    check) and the frozen model reads them. Run on the main process and shared; skipped with
+    ``num_sample_check_images`` 0 (the preference alone decides then)."""
+    config, accelerator = run.config, run.accelerator
+    swap = {p: c for p, c in signal["concepts"].items() if c["reference"] == "swap"}
+    if not swap or not config.num_sample_check_images:
+        return signal
+    gate = max(signal["threshold"], SAMPLE_CHECK_GATE)
+    prompts = [p for p, c in swap.items() if c["preference"] <= gate]
+    start = time.perf_counter()
+    shares = [{} if not prompts or not accelerator.is_main_process else {
+        prompt: {"sample_share": round(float((m["samples"] < 0).double().mean()), 6),
+                 "surrogate_share": round(float((m["surrogate"] < 0).double().mean()), 6),
+                 "num_samples": len(m["samples"])}
+        for prompt, m in frozen_margins(run, prompts, config.num_probe_images, config.seed + 7_000_000).items()}]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(shares)
+    run.sample_check_s += time.perf_counter() - start
+    signal = with_sample_shares(signal, shares[0])
+    logs.update({**{f"sample_share/{p}": s["sample_share"] for p, s in shares[0].items()}, "forgotten": signal["reached"]})
+    return signal
+
+
 def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
     """{prompt: the frozen model's mean margins on the adapted model's samples, on the probe's images of the concept
     (its own) and on the probe's surrogate images}."""
+    margins = frozen_margins(run, prompts, run.config.num_sample_check_images, run.config.seed + 6_000_000)
+    return {prompt: {"sample_margin": round(float(m["samples"].mean()), 6),
+                     "concept_margin": round(float(m["concept"].mean()), 6),
+                     "surrogate_margin": round(float(m["surrogate"].mean()), 6), "num_samples": len(m["samples"])}
+            for prompt, m in margins.items()}
+
+
+def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: int) -> dict:
+    """{prompt: {"samples", "concept", "surrogate"}}: the frozen model's per-image margins (``sample_margins`` of the
+    probe) on ``num_images`` samples of the prompt by the adapted model as a user would draw them (the generation
+    guidance and steps), on the probe's held-out images of the concept and on its surrogate images. The last two do
+    not change during a run, so they are measured once."""
     config, pipe, probe = run.config, run.pipe, run.sets.probe
     embeddings = validation_embeddings_now(run)
     move_frozen_encoders(pipe, run.accelerator.device, config, text_encoders=embeddings is None)
@@ -620,23 +669,25 @@ def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
     was_training = unet.training
     unet.eval()
     with run.accelerator.autocast():
-        latents = generate_validation_images(pipe, prompts, config.num_sample_check_images, config.seed + 6_000_000,
-                                             run.resolution, config.generation_guidance_scale,
-                                             config.generation_num_inference_steps, embeddings, output_type="latent")
+        latents = generate_validation_images(pipe, prompts, num_images, seed, run.resolution,
+                                             config.generation_guidance_scale, config.generation_num_inference_steps,
+                                             embeddings, output_type="latent")
     move_frozen_encoders(pipe, "cpu", config)
-    checks = {}
+    margins = {}
     with adapters_disabled(unet):
         for prompt in prompts:
             samples = latents[prompt]
             if is_flux(pipe):  # packed tokens → [N, 16, h, w], as the probe's latents
                 samples = pipe._unpack_latents(samples, run.resolution, run.resolution, pipe.vae_scale_factor)
-            concept, surrogate = probe.concepts[probe.forget_prompts.index(prompt)]
-            margins = {name: probe.sample_margins(unet, run.scheduler, images, prompt).mean()
-                       for name, images in (("sample_margin", samples), ("concept_margin", concept.images()),
-                                            ("surrogate_margin", surrogate.images()))}
-            checks[prompt] = {**{k: round(float(v), 6) for k, v in margins.items()}, "num_samples": len(samples)}
+            if prompt not in run.held_out_margins:
+                concept, surrogate = probe.concepts[probe.forget_prompts.index(prompt)]
+                run.held_out_margins[prompt] = {
+                    name: probe.sample_margins(unet, run.scheduler, images, prompt)
+                    for name, images in (("concept", concept.images()), ("surrogate", surrogate.images()))}
+            margins[prompt] = {"samples": probe.sample_margins(unet, run.scheduler, samples, prompt),
+                               **run.held_out_margins[prompt]}
     unet.train(was_training)
-    return checks
+    return margins
 
 
 def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: int) -> dict:
