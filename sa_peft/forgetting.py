@@ -56,11 +56,12 @@ SAMPLE_CHECK_TIMESTEPS = 16
 # subset, so a long replay list does not multiply the cost.
 SAMPLE_CHECK_MAX_PROMPTS = 16
 # With a surrogate prompt the adapted model's own samples decide, checked at every signal check once the held-out
-# preference has come half way (≤ this, or ≤ the threshold when that is higher): the held-out signal alone overshot on
-# some concepts and stopped too early on others. Digits, nine → zero (seed 0): the samples were forgotten at step 150
-# (P(nine) 0.006, Fréchet distance −0.2 %) at preference +0.36, while the signal said forgotten only at step 475, when
-# the retained Fréchet distance had risen +12.4 % (+3.1 % at 225, +7.9 % at 375); two → three (seed 0) stopped on the
-# signal with P(two) 0.029 (benchmarks/RESULTS.md, section 0).
+# preference has come half way (≤ this, or ≤ the threshold when that is higher): the preference alone ran late on some
+# concepts, and the extra steps cost retained quality. Digits, nine → zero (seed 0): the samples were forgotten at step
+# 150 (P(nine) 0.006, Fréchet distance −0.2 %) at preference +0.36, while the signal said forgotten only at step 475,
+# when the retained Fréchet distance had risen +12.4 % (+3.1 % at 225, +7.9 % at 375). On 19 digit rows (two seeds) 16
+# met every target with the samples deciding, 15 with the preference alone; two → three (seed 0) still ends at P(two)
+# 0.031, and in the pair four + seven only 76 % of four's samples became fives (benchmarks/RESULTS.md, section 0).
 SAMPLE_CHECK_GATE = 0.5
 
 
@@ -407,9 +408,12 @@ def verdict_lines(forgetting: dict) -> list[str]:
                     if "attacked_preference" in c else "")
         check = c.get("sample_check")
         sampled = f"; {sample_check_text(check)}" if check else ""
+        threshold = forgetting.get("threshold")
+        rule = (f"the samples decide once it is ≤ {max(threshold, SAMPLE_CHECK_GATE)}" if check and "sample_share" in check
+                else f"forgotten at ≤ {threshold}")
         lenient = f"; {LENIENT_NOTE}" if c.get("reference") == EQUAL_LOSSES and c["forgotten"] and not check else ""
-        lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, forgotten at ≤ "
-                     f"{forgetting.get('threshold')}): {'forgotten' if c['forgotten'] else 'not forgotten'}{sampled}"
+        lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, {rule}): "
+                     f"{'forgotten' if c['forgotten'] else 'not forgotten'}{sampled}"
                      f"{lenient}")
     return lines
 

@@ -389,5 +389,6 @@ def test_with_a_surrogate_prompt_the_samples_decide_once_the_preference_is_past_
     assert not attacked["reached"]
     assert with_sample_shares(signal(0.4, attacked_preference=-0.1), shares(0.0))["reached"]
     line = verdict_lines({**past_gate, "trained_steps": 3, "retention": 0.0, "retention_bound": 1.0})[1]
-    assert ("forgotten; sample check passed: the frozen model reads 0.00 of 16 samples as the concept (at most 0.00, "
-            "its reading of the surrogate images, to pass)") in line
+    assert ("preference +0.400 (base model 1, the samples decide once it is ≤ 0.5): forgotten; sample check passed: the "
+            "frozen model reads 0.00 of 16 samples as the concept (at most 0.00, its reading of the surrogate images, to "
+            "pass)") in line

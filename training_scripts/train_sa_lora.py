@@ -48,6 +48,7 @@ from sa_peft.forgetting import (
     SAMPLE_CHECK_GATE,
     AdaptiveLambda,
     forgetting_warning,
+    verdict_lines,
     with_sample_check,
     with_sample_shares,
 )
@@ -713,9 +714,7 @@ def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: in
 
 def report_forgetting(summary: dict) -> None:
     """Say what the run achieved; a WARNING with what to try when it fell short (``forgetting_warning``)."""
-    parts = ", ".join(f"{p!r} {c['preference']:+.3f}" for p, c in summary["concepts"].items())
-    logger.info(f"Forgetting signal after {summary['trained_steps']} steps: preference {parts} (forgotten at ≤ "
-                f"{summary['threshold']}); retention {summary['retention']:.2e} (bound {summary['retention_bound']:.2e})")
+    logger.info("Forgetting verdict: " + " ".join(verdict_lines(summary)))
     warning = forgetting_warning(summary)
     if warning:
         logger.warning(warning)
