@@ -65,6 +65,12 @@ SAMPLE_CHECK_MAX_PROMPTS = 16
 SAMPLE_CHECK_GATE = 0.5
 
 
+def sample_check_gate(threshold: float) -> float:
+    """The preference at which a concept with a surrogate prompt has its samples checked: ``SAMPLE_CHECK_GATE``, or
+    the threshold when that is higher."""
+    return max(threshold, SAMPLE_CHECK_GATE)
+
+
 @dataclass
 class ProbeBatch:
     """Held-out latents, each paired with a prompt index, expanded over K fixed timesteps and noises."""
@@ -379,7 +385,7 @@ def with_sample_shares(signal: dict, shares: dict[str, dict]) -> dict:
     concept). Such a concept counts as forgotten when its preference is at most ``SAMPLE_CHECK_GATE`` (or the threshold,
     when higher) and its samples are read as the concept no more often than the surrogate images are; a concept not
     checked is not forgotten. Under ``--robust_forgetting`` the attacked preference must still reach the threshold."""
-    gate = max(signal["threshold"], SAMPLE_CHECK_GATE)
+    gate = sample_check_gate(signal["threshold"])
     concepts = {}
     for prompt, c in signal["concepts"].items():
         if c["reference"] != "swap":
@@ -409,7 +415,7 @@ def verdict_lines(forgetting: dict) -> list[str]:
         check = c.get("sample_check")
         sampled = f"; {sample_check_text(check)}" if check else ""
         threshold = forgetting.get("threshold")
-        rule = (f"the samples decide once it is ≤ {max(threshold, SAMPLE_CHECK_GATE)}" if check and "sample_share" in check
+        rule = (f"the samples decide once it is ≤ {sample_check_gate(threshold)}" if check and "sample_share" in check
                 else f"forgotten at ≤ {threshold}")
         lenient = f"; {LENIENT_NOTE}" if c.get("reference") == EQUAL_LOSSES and c["forgotten"] and not check else ""
         lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, {rule}): "

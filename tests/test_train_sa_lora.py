@@ -427,7 +427,7 @@ def test_with_a_surrogate_prompt_the_samples_decide_when_training_stops(train, t
     the first two checks."""
     calls = []
 
-    def scripted_margins(run, prompts, num_images, seed):
+    def scripted_margins(run, prompts, num_images, seed, **_):
         calls.append((list(prompts), num_images, seed))
         read_as_concept = len(calls) <= 2
         return {p: {"samples": torch.full((num_images,), -1.0 if read_as_concept else 1.0),
@@ -449,7 +449,7 @@ def test_with_a_surrogate_prompt_the_samples_decide_when_training_stops(train, t
     assert checks == [(5, 1.0, False), (10, 1.0, False), (15, 0.0, True), (20, 0.0, True)]
     # Past the gate, the preference decides nothing while the samples still read as the concept: the whole budget.
     calls.clear()
-    monkeypatch.setattr(train, "frozen_margins", lambda run, prompts, n, seed: (calls.append(1), {p: {
+    monkeypatch.setattr(train, "frozen_margins", lambda run, prompts, n, seed, **_: (calls.append(1), {p: {
         "samples": torch.full((n,), -1.0), "concept": torch.full((2,), -1.0), "surrogate": torch.ones(2)}
         for p in prompts})[1])
     kept = tmp_path / "kept"

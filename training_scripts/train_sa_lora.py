@@ -45,9 +45,9 @@ from sa_peft.ewc import EWCPenalty, Rank1FisherPenalty, SumOfPenalties
 from sa_peft.fisher import base_weights_hash
 from sa_peft.forgetting import (
     EQUAL_LOSSES,
-    SAMPLE_CHECK_GATE,
     AdaptiveLambda,
     forgetting_warning,
+    sample_check_gate,
     verdict_lines,
     with_sample_check,
     with_sample_shares,
@@ -630,14 +630,15 @@ def check_samples_in_training(run: ForgetRun, signal: dict, logs: dict) -> dict:
     swap = {p: c for p, c in signal["concepts"].items() if c["reference"] == "swap"}
     if not swap or not config.num_sample_check_images:
         return signal
-    gate = max(signal["threshold"], SAMPLE_CHECK_GATE)
+    gate = sample_check_gate(signal["threshold"])
     prompts = [p for p, c in swap.items() if c["preference"] <= gate]
     start = time.perf_counter()
     shares = [{} if not prompts or not accelerator.is_main_process else {
         prompt: {"sample_share": round(float((m["samples"] < 0).double().mean()), 6),
                  "surrogate_share": round(float((m["surrogate"] < 0).double().mean()), 6),
                  "num_samples": len(m["samples"])}
-        for prompt, m in frozen_margins(run, prompts, config.num_probe_images, config.seed + 7_000_000).items()}]
+        for prompt, m in frozen_margins(run, prompts, config.num_probe_images, config.seed + 7_000_000,
+                                        held_out=("surrogate",)).items()}]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -658,11 +659,12 @@ def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
             for prompt, m in margins.items()}
 
 
-def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: int) -> dict:
-    """{prompt: {"samples", "concept", "surrogate"}}: the frozen model's per-image margins (``sample_margins`` of the
-    probe) on ``num_images`` samples of the prompt by the adapted model as a user would draw them (the generation
-    guidance and steps), on the probe's held-out images of the concept and on its surrogate images. The last two do
-    not change during a run, so they are measured once."""
+def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: int,
+                   held_out: tuple[str, ...] = ("concept", "surrogate")) -> dict:
+    """{prompt: {"samples", *held_out}}: the frozen model's per-image margins (``sample_margins`` of the probe) on
+    ``num_images`` samples of the prompt by the adapted model as a user would draw them (the generation guidance and
+    steps), and on the probe's held-out images named in ``held_out`` ("concept": its own images of the concept,
+    "surrogate": the surrogate images). Those do not change during a run, so each is measured once."""
     config, pipe, probe = run.config, run.pipe, run.sets.probe
     embeddings = validation_embeddings_now(run)
     move_frozen_encoders(pipe, run.accelerator.device, config, text_encoders=embeddings is None)
@@ -680,13 +682,13 @@ def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: in
             samples = latents[prompt]
             if is_flux(pipe):  # packed tokens → [N, 16, h, w], as the probe's latents
                 samples = pipe._unpack_latents(samples, run.resolution, run.resolution, pipe.vae_scale_factor)
-            if prompt not in run.held_out_margins:
-                concept, surrogate = probe.concepts[probe.forget_prompts.index(prompt)]
-                run.held_out_margins[prompt] = {
-                    name: probe.sample_margins(unet, run.scheduler, images, prompt)
-                    for name, images in (("concept", concept.images()), ("surrogate", surrogate.images()))}
+            cached = run.held_out_margins.setdefault(prompt, {})
+            sets = dict(zip(("concept", "surrogate"), probe.concepts[probe.forget_prompts.index(prompt)]))
+            for name in held_out:
+                if name not in cached:
+                    cached[name] = probe.sample_margins(unet, run.scheduler, sets[name].images(), prompt)
             margins[prompt] = {"samples": probe.sample_margins(unet, run.scheduler, samples, prompt),
-                               **run.held_out_margins[prompt]}
+                               **{name: cached[name] for name in held_out}}
     unet.train(was_training)
     return margins
 
