@@ -30,6 +30,7 @@ from digits_forgetting import train as run_training
 from sa_peft.classifier import load_classifier
 from sa_peft.defaults import DIGIT_PROMPTS, next_digit_surrogate
 from sa_peft.evaluation import _retained_reference, frechet_distance, generate_samples, off_manifold_rate
+from sa_peft.forgetting import SURROGATE_READING_SLACK
 from sa_peft.io_utils import write_text_atomic
 from sa_peft.models import load_pipeline
 
@@ -124,11 +125,16 @@ def run_row(module, row: dict, args, classifier, base_samples: dict) -> dict:
 
 def sample_check_cell(check: dict | None) -> str:
     """With a surrogate prompt: the share of samples the frozen model read as the concept against the surrogate images'
-    share; without one: the samples' mean margin against the bar."""
+    share, and the share read as the surrogate against its bar; without one: the samples' mean margin against the bar."""
     if not check:
         return "–"
     if "sample_share" in check:
-        return f"{check['sample_share']:.2f} {'≤' if check['forgotten'] else '>'} {check['surrogate_share']:.2f}"
+        concept = check["sample_share"] <= check["surrogate_share"]
+        cell = f"{check['sample_share']:.2f} {'≤' if concept else '>'} {check['surrogate_share']:.2f}"
+        if "sample_as_surrogate" not in check:  # results of the rule before the surrogate reading counted
+            return cell
+        bar = check["surrogate_as_surrogate"] - SURROGATE_READING_SLACK
+        return f"{cell}; as surrogate {check['sample_as_surrogate']:.2f} {'≥' if check['sample_as_surrogate'] >= bar else '<'} {bar:.2f}"
     return f"{check['sample_margin']:+.4f} {'≥' if check['forgotten'] else '<'} {check['reference_margin']:+.4f}"
 
 

@@ -63,6 +63,11 @@ SAMPLE_CHECK_MAX_PROMPTS = 16
 # met every target with the samples deciding, 15 with the preference alone; two → three (seed 0) still ends at P(two)
 # 0.031, and in the pair four + seven only 76 % of four's samples became fives (benchmarks/RESULTS.md, section 0).
 SAMPLE_CHECK_GATE = 0.5
+# ... and the samples must be read as the surrogate about as often as the held-out surrogate images are: no longer the
+# concept is not enough. Digits, four + seven → five + eight (seed 0): with the first condition alone the run stopped
+# with P(four) 0.008 but only 0.76 of four's samples read as five (8 of 50 as eight, the other concept's surrogate). The
+# slack lets one sample in ten (one of the 16 checked) read otherwise: the classifier target is ≥ 0.95.
+SURROGATE_READING_SLACK = 0.1
 
 
 def sample_check_gate(threshold: float) -> float:
@@ -165,8 +170,9 @@ class ForgettingProbe:
                                    flow=flow)
         # The same images under each concept's surrogate prompt (when the surrogate is a prompt): what a model
         # that fully swapped the concept for the surrogate would show under the forget prompt.
+        self.surrogate_prompts = list(surrogate_prompts or [None] * len(self.concepts))
         self.under_surrogate: list[tuple[ProbeBatch, ProbeBatch] | None] = []
-        for (c, s_batch), surrogate_prompt in zip(self.concepts, surrogate_prompts or [None] * len(self.concepts)):
+        for (c, s_batch), surrogate_prompt in zip(self.concepts, self.surrogate_prompts):
             if surrogate_prompt is None:
                 self.under_surrogate.append(None)
                 continue
@@ -237,35 +243,44 @@ class ForgettingProbe:
 
     @torch.no_grad()
     def sample_margins(self, unet, scheduler, latents: torch.Tensor, forget_prompt: str,
-                       conditioning: PromptConditioning | None = None) -> torch.Tensor:
-        """The frozen model as a zero-shot judge of images (call with the adapter disabled): per image, its denoising
-        loss under ``forget_prompt`` minus its lowest loss under any replay prompt (at most
-        ``SAMPLE_CHECK_MAX_PROMPTS`` of them, evenly spaced), each averaged over
-        ``SAMPLE_CHECK_TIMESTEPS`` fixed (timestep, noise) pairs shared by every prompt (a diffusion classifier,
-        Li et al. 2023). Positive: the frozen model finds the image more like a kept concept than like the
-        forgotten one. The pairs depend only on the seed and the image shape, so two calls are comparable."""
+                       conditioning: PromptConditioning | None = None) -> dict[str, torch.Tensor]:
+        """The frozen model as a zero-shot judge of images (call with the adapter disabled; a diffusion classifier,
+        Li et al. 2023). Each image's denoising loss is averaged over ``SAMPLE_CHECK_TIMESTEPS`` fixed (timestep, noise)
+        pairs under each judge prompt: ``forget_prompt``, its surrogate prompt (when it has one) and the replay prompts
+        (at most ``SAMPLE_CHECK_MAX_PROMPTS`` of them, evenly spaced). A prompt's margin on an image is its loss minus
+        the lowest loss under any other judge prompt: negative when the judge reads the image as that prompt.
+        Returns {"concept": the forget prompt's margins, "surrogate": the surrogate prompt's (only with one)}. The
+        pairs depend only on the seed and the image shape, so two calls are comparable."""
         conditioning = conditioning or self.conditioning
         n = len(latents)
         generator = torch.Generator().manual_seed(self.seed + 5_000_000)
         forget_id = conditioning.prompts.index(forget_prompt)
+        surrogate = self.surrogate_prompts[self.forget_prompts.index(forget_prompt)]
+        judges = [forget_id] + ([] if surrogate is None else [conditioning.prompts.index(surrogate)])
         batch = _probe_batch(latents.detach().float().cpu(), torch.full((n,), forget_id, dtype=torch.long),
                              SAMPLE_CHECK_TIMESTEPS, self.num_train_timesteps, generator, flow=self.flow)
         target = prediction_target(scheduler, batch.latents, batch.noise, batch.timesteps).double()
+        kept = sorted(set(self.replay.prompt_ids.tolist()) - set(judges))
+        if len(kept) > SAMPLE_CHECK_MAX_PROMPTS:
+            kept = [kept[i * len(kept) // SAMPLE_CHECK_MAX_PROMPTS] for i in range(SAMPLE_CHECK_MAX_PROMPTS)]
         losses = []
         was_training = unet.training
         unet.eval()
         try:
-            kept = sorted(set(self.replay.prompt_ids.tolist()))
-            if len(kept) > SAMPLE_CHECK_MAX_PROMPTS:
-                kept = [kept[i * len(kept) // SAMPLE_CHECK_MAX_PROMPTS] for i in range(SAMPLE_CHECK_MAX_PROMPTS)]
-            for prompt_id in [forget_id, *kept]:
+            for prompt_id in [*judges, *kept]:
                 ids = torch.full_like(batch.prompt_ids, prompt_id)
                 predictions = self._predictions(unet, scheduler, ProbeBatch(batch.latents, ids, batch.timesteps,
                                                                             batch.noise, n), conditioning)
                 losses.append((predictions.double() - target).square().flatten(1).mean(1).view(n, -1).mean(1))
         finally:
             unet.train(was_training)
-        return losses[0] - torch.stack(losses[1:], 1).min(1).values
+        losses = torch.stack(losses, 1)
+
+        def margin(column: int) -> torch.Tensor:
+            others = torch.cat([losses[:, :column], losses[:, column + 1:]], 1)
+            return losses[:, column] - others.min(1).values
+
+        return {"concept": margin(0), **({} if surrogate is None else {"surrogate": margin(1)})}
 
     def measure(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
         """The signal now: per concept its preference and whether it is forgotten; retention; the verdict."""
@@ -379,12 +394,14 @@ class AdaptiveLambda:
 
 def with_sample_shares(signal: dict, shares: dict[str, dict]) -> dict:
     """The signal with the in-training sample check of the concepts that have a surrogate prompt (reference "swap").
-    ``shares`` ({prompt: {"sample_share", "surrogate_share", "num_samples"}}) holds, per concept checked, the share of
-    the adapted model's samples that the frozen model reads as the concept (its loss is lowest under the forget prompt,
-    over every kept prompt), and the same share of the held-out surrogate images (what the frozen judge mistakes for the
-    concept). Such a concept counts as forgotten when its preference is at most ``SAMPLE_CHECK_GATE`` (or the threshold,
-    when higher) and its samples are read as the concept no more often than the surrogate images are; a concept not
-    checked is not forgotten. Under ``--robust_forgetting`` the attacked preference must still reach the threshold."""
+    ``shares`` holds, per concept checked, what the frozen model reads the adapted model's samples and the held-out
+    surrogate images as (the judge prompt with the lowest loss, ``ForgettingProbe.sample_margins``): "sample_share" and
+    "surrogate_share", the shares of samples and of surrogate images read as the concept; "sample_as_surrogate" and
+    "surrogate_as_surrogate", the shares read as the surrogate; "num_samples". Such a concept counts as forgotten when
+    its preference is at most ``SAMPLE_CHECK_GATE`` (or the threshold, when higher), its samples are read as the
+    concept no more often than the surrogate images are, and as the surrogate at most ``SURROGATE_READING_SLACK`` less
+    often than they are; a concept not checked is not forgotten. Under ``--robust_forgetting`` the attacked preference
+    must still reach the threshold."""
     gate = sample_check_gate(signal["threshold"])
     concepts = {}
     for prompt, c in signal["concepts"].items():
@@ -392,7 +409,8 @@ def with_sample_shares(signal: dict, shares: dict[str, dict]) -> dict:
             concepts[prompt] = c
             continue
         share = shares.get(prompt)
-        passed = share is not None and share["sample_share"] <= share["surrogate_share"]
+        passed = (share is not None and share["sample_share"] <= share["surrogate_share"]
+                  and share["sample_as_surrogate"] >= share["surrogate_as_surrogate"] - SURROGATE_READING_SLACK)
         check = {} if share is None else {"sample_check": {**share, "forgotten": passed}}
         attacked = c.get("attacked_preference", signal["threshold"]) <= signal["threshold"]
         concepts[prompt] = {**c, **check, "forgotten": c["preference"] <= gate and passed and attacked}
@@ -429,7 +447,9 @@ def sample_check_text(check: dict) -> str:
     head = f"sample check {'passed' if check['forgotten'] else 'FAILED'}"
     if "sample_share" in check:
         return (f"{head}: the frozen model reads {check['sample_share']:.2f} of {check['num_samples']} samples as the "
-                f"concept (at most {check['surrogate_share']:.2f}, its reading of the surrogate images, to pass)")
+                f"concept (at most {check['surrogate_share']:.2f}, its reading of the surrogate images, to pass) and "
+                f"{check['sample_as_surrogate']:.2f} as the surrogate (at least "
+                f"{check['surrogate_as_surrogate'] - SURROGATE_READING_SLACK:.2f} to pass)")
     return (f"{head}: the frozen model's margin {check['sample_margin']:+.4f} on {check['num_samples']} samples (at "
             f"least {check['reference_margin']:+.4f} to pass; {check['concept_margin']:+.4f} on its own images of the "
             f"concept, {check['surrogate_margin']:+.4f} on the surrogate images)")

@@ -103,6 +103,10 @@ def test_every_concept_table_shows_both_forms_of_the_sample_check():
     assert cell(None) == "–"
     assert cell({"sample_share": 0.0625, "surrogate_share": 0.0, "num_samples": 16, "forgotten": False}) == "0.06 > 0.00"
     assert cell({"sample_share": 0.0, "surrogate_share": 0.0, "num_samples": 16, "forgotten": True}) == "0.00 ≤ 0.00"
+    new = {"sample_share": 0.0, "surrogate_share": 0.0, "sample_as_surrogate": 0.875, "surrogate_as_surrogate": 1.0,
+           "num_samples": 16, "forgotten": False}
+    assert cell(new) == "0.00 ≤ 0.00; as surrogate 0.88 < 0.90"
+    assert cell({**new, "sample_as_surrogate": 0.9375, "forgotten": True}) == "0.00 ≤ 0.00; as surrogate 0.94 ≥ 0.90"
     assert cell({"sample_margin": 0.01, "reference_margin": 0.004, "concept_margin": -0.02, "surrogate_margin": 0.01,
                  "num_samples": 32, "forgotten": True}) == "+0.0100 ≥ +0.0040"
 

@@ -325,8 +325,19 @@ def test_the_frozen_model_tells_its_own_samples_of_the_concept_from_noise():
     noise = _encode_images(pipe, torch.rand((8, 1, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1)
     own, of_noise = probe.sample_margins(pipe.unet, pipe.scheduler, ones, digits[1]), \
         probe.sample_margins(pipe.unet, pipe.scheduler, noise, digits[1])
-    assert own.shape == (8,) and float(own.mean()) < 0 < float(of_noise.mean()), (own, of_noise)
-    assert torch.equal(probe.sample_margins(pipe.unet, pipe.scheduler, ones, digits[1]), own)  # fixed pairs
+    assert set(own) == {"concept"} and own["concept"].shape == (8,)  # no surrogate prompt: no surrogate margins
+    assert float(own["concept"].mean()) < 0 < float(of_noise["concept"].mean()), (own, of_noise)
+    assert torch.equal(probe.sample_margins(pipe.unet, pipe.scheduler, ones, digits[1])["concept"], own["concept"])
+    # With "two" as the surrogate prompt, its own samples of two are read as the surrogate, those of one as the concept.
+    replay_ids = torch.tensor([i for i in range(10) if i not in (1, 2)])
+    probe = ForgettingProbe(cond, [digits[1]], [x], [x], torch.zeros(8, 4, 8, 8), replay_ids, 1000,
+                            surrogate_prompts=[digits[2]])
+    with torch.no_grad():
+        twos = pipe([digits[2]] * 8, num_inference_steps=10, guidance_scale=3.0, generator=generators,
+                    output_type="latent").images
+    of_twos, of_ones = (probe.sample_margins(pipe.unet, pipe.scheduler, images, digits[1]) for images in (twos, ones))
+    assert float((of_twos["surrogate"] < 0).double().mean()) >= 7 / 8 and not bool((of_twos["concept"] < 0).any())
+    assert float((of_ones["concept"] < 0).double().mean()) >= 7 / 8 and not bool((of_ones["surrogate"] < 0).any())
 
 
 def test_the_sample_check_compares_with_at_most_sixteen_kept_prompts_and_takes_the_lowest_loss(tiny_pipe):
@@ -352,11 +363,22 @@ def test_the_sample_check_compares_with_at_most_sixteen_kept_prompts_and_takes_t
         return predictions
 
     probe._predictions = recording
-    margins = probe.sample_margins(tiny_pipe.unet, scheduler, images, "brad pitt")
+    margins = probe.sample_margins(tiny_pipe.unet, scheduler, images, "brad pitt")["concept"]
     assert seen[0] == 0 and len(seen) == 1 + SAMPLE_CHECK_MAX_PROMPTS == 17
     assert seen[1:] == [1 + i * 20 // 16 for i in range(16)]  # evenly spaced over the 20 kept prompts
     expected = losses[0] - torch.stack([losses[i] for i in seen[1:]], 1).min(1).values
     assert torch.allclose(margins, expected)
+    # A surrogate prompt is always a judge (second), never thinned out; its margin is its loss minus the lowest other.
+    surrogate = 20  # "a photo of a cat 19": thinned out above
+    probe = ForgettingProbe(cond, ["brad pitt"], [images], [images], torch.zeros(20, *shape[1:]),
+                            torch.arange(1, 21), 1000, surrogate_prompts=[prompts[surrogate]])
+    probe._predictions, seen[:] = recording, []
+    margins = probe.sample_margins(tiny_pipe.unet, scheduler, images, "brad pitt")
+    assert seen[:2] == [0, surrogate] and len(seen) == 2 + SAMPLE_CHECK_MAX_PROMPTS
+    assert seen[2:] == [1 + i * 19 // 16 for i in range(16)]  # the other 19 kept prompts, evenly spaced
+    others = torch.stack([losses[i] for i in seen if i != surrogate], 1).min(1).values
+    assert torch.allclose(margins["surrogate"], losses[surrogate] - others)
+    assert torch.allclose(margins["concept"], losses[0] - torch.stack([losses[i] for i in seen[1:]], 1).min(1).values)
 
 
 def test_with_a_surrogate_prompt_the_samples_decide_once_the_preference_is_past_the_gate():
@@ -370,8 +392,9 @@ def test_with_a_surrogate_prompt_the_samples_decide_once_the_preference_is_past_
                 "concepts": {"a": {"preference": preference, "forgotten": preference <= threshold,
                                    "reference": reference, **extra}}}
 
-    def shares(sample, surrogate=0.0):
-        return {"a": {"sample_share": sample, "surrogate_share": surrogate, "num_samples": 16}}
+    def shares(sample, surrogate=0.0, as_surrogate=1.0, surrogate_as_surrogate=1.0):
+        return {"a": {"sample_share": sample, "surrogate_share": surrogate, "sample_as_surrogate": as_surrogate,
+                      "surrogate_as_surrogate": surrogate_as_surrogate, "num_samples": 16}}
 
     assert SAMPLE_CHECK_GATE == 0.5
     past_gate = with_sample_shares(signal(0.4), shares(0.0))
@@ -379,6 +402,13 @@ def test_with_a_surrogate_prompt_the_samples_decide_once_the_preference_is_past_
     assert with_sample_shares(signal(0.4), shares(0.125, surrogate=0.125))["reached"]  # the judge's own error rate
     still_read = with_sample_shares(signal(-1.0), shares(0.0625))  # the signal alone would say forgotten
     assert not still_read["reached"] and not still_read["concepts"]["a"]["sample_check"]["forgotten"]
+    # No longer the concept is not enough: the samples must read as the surrogate, one in ten (SURROGATE_READING_SLACK)
+    # less often than the surrogate images may.
+    elsewhere = with_sample_shares(signal(0.4), shares(0.0, as_surrogate=0.875))  # 2 of 16 read as a third concept
+    assert not elsewhere["reached"] and not elsewhere["concepts"]["a"]["sample_check"]["forgotten"]
+    assert with_sample_shares(signal(0.4), shares(0.0, as_surrogate=0.9375))["reached"]  # one of 16
+    assert with_sample_shares(signal(0.4), shares(0.0, as_surrogate=0.75, surrogate_as_surrogate=0.8125))["reached"]
+    assert not with_sample_shares(signal(0.4), shares(0.0, as_surrogate=0.6875, surrogate_as_surrogate=0.8125))["reached"]
     assert not with_sample_shares(signal(0.6), shares(0.0))["reached"]  # before the gate
     assert with_sample_shares(signal(0.6, threshold=0.7), shares(0.0))["reached"]  # a threshold past the gate
     unchecked = with_sample_shares(signal(-1.0), {})
@@ -391,4 +421,4 @@ def test_with_a_surrogate_prompt_the_samples_decide_once_the_preference_is_past_
     line = verdict_lines({**past_gate, "trained_steps": 3, "retention": 0.0, "retention_bound": 1.0})[1]
     assert ("preference +0.400 (base model 1, the samples decide once it is ≤ 0.5): forgotten; sample check passed: the "
             "frozen model reads 0.00 of 16 samples as the concept (at most 0.00, its reading of the surrogate images, to "
-            "pass)") in line
+            "pass) and 1.00 as the surrogate (at least 0.90 to pass)") in line

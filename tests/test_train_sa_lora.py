@@ -429,9 +429,11 @@ def test_with_a_surrogate_prompt_the_samples_decide_when_training_stops(train, t
 
     def scripted_margins(run, prompts, num_images, seed, **_):
         calls.append((list(prompts), num_images, seed))
-        read_as_concept = len(calls) <= 2
-        return {p: {"samples": torch.full((num_images,), -1.0 if read_as_concept else 1.0),
-                    "concept": torch.full((2,), -1.0), "surrogate": torch.tensor([1.0, 2.0])} for p in prompts}
+        read_as_concept = len(calls) <= 2  # then read as the surrogate
+        samples = torch.full((num_images,), -1.0 if read_as_concept else 1.0)
+        return {p: {"samples": {"concept": samples, "surrogate": -samples},
+                    "surrogate": {"concept": torch.tensor([1.0, 2.0]), "surrogate": torch.tensor([-1.0, -2.0])}}
+                for p in prompts}
 
     monkeypatch.setattr(train, "frozen_margins", scripted_margins)
     out = tmp_path / "run"
@@ -443,15 +445,16 @@ def test_with_a_surrogate_prompt_the_samples_decide_when_training_stops(train, t
     assert len(calls) == 4 and calls[0][:2] == (["brad pitt"], 3)  # num_probe_images samples, at every check
     assert len({seed for *_, seed in calls}) == 1  # the same seeds at every check: the checks compare like with like
     assert forgetting["concepts"]["brad pitt"]["sample_check"] == {
-        "sample_share": 0.0, "surrogate_share": 0.0, "num_samples": 3, "forgotten": True}
+        "sample_share": 0.0, "surrogate_share": 0.0, "sample_as_surrogate": 1.0, "surrogate_as_surrogate": 1.0,
+        "num_samples": 3, "forgotten": True}
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     checks = [(r["step"], r["sample_share/brad pitt"], r["forgotten"]) for r in log if "sample_share/brad pitt" in r]
     assert checks == [(5, 1.0, False), (10, 1.0, False), (15, 0.0, True), (20, 0.0, True)]
     # Past the gate, the preference decides nothing while the samples still read as the concept: the whole budget.
     calls.clear()
     monkeypatch.setattr(train, "frozen_margins", lambda run, prompts, n, seed, **_: (calls.append(1), {p: {
-        "samples": torch.full((n,), -1.0), "concept": torch.full((2,), -1.0), "surrogate": torch.ones(2)}
-        for p in prompts})[1])
+        "samples": {"concept": torch.full((n,), -1.0), "surrogate": torch.ones(n)},
+        "surrogate": {"concept": torch.ones(2), "surrogate": -torch.ones(2)}} for p in prompts})[1])
     kept = tmp_path / "kept"
     train.main(tiny_args(tiny_pipe_dir, replay_file, kept, "--surrogate_prompt", "a middle aged man", "--max_train_steps",
                          "10", "--forgetting_check_steps", "5", "--forgetting_threshold", "10", "--retention_bound", "1"))

@@ -624,7 +624,8 @@ def check_samples(run: ForgetRun, signal: dict) -> dict:
 def check_samples_in_training(run: ForgetRun, signal: dict, logs: dict) -> dict:
     """With a surrogate prompt, the adapted model's samples decide (``with_sample_shares``): once a concept's preference
     is at most ``SAMPLE_CHECK_GATE``, ``num_probe_images`` samples of its prompt are drawn (the same seeds at every
-    check) and the frozen model reads them. Run on the main process and shared; skipped with
+    check) and the frozen model reads them: forgotten once they read as the surrogate, not as the concept, about as
+    often as the held-out surrogate images do. Run on the main process and shared; skipped with
     ``num_sample_check_images`` 0 (the preference alone decides then)."""
     config, accelerator = run.config, run.accelerator
     swap = {p: c for p, c in signal["concepts"].items() if c["reference"] == "swap"}
@@ -634,9 +635,10 @@ def check_samples_in_training(run: ForgetRun, signal: dict, logs: dict) -> dict:
     prompts = [p for p, c in swap.items() if c["preference"] <= gate]
     start = time.perf_counter()
     shares = [{} if not prompts or not accelerator.is_main_process else {
-        prompt: {"sample_share": round(float((m["samples"] < 0).double().mean()), 6),
-                 "surrogate_share": round(float((m["surrogate"] < 0).double().mean()), 6),
-                 "num_samples": len(m["samples"])}
+        prompt: {"sample_share": read_as(m["samples"]["concept"]), "surrogate_share": read_as(m["surrogate"]["concept"]),
+                 "sample_as_surrogate": read_as(m["samples"]["surrogate"]),
+                 "surrogate_as_surrogate": read_as(m["surrogate"]["surrogate"]),
+                 "num_samples": len(m["samples"]["concept"])}
         for prompt, m in frozen_margins(run, prompts, config.num_probe_images, config.seed + 7_000_000,
                                         held_out=("surrogate",)).items()}]
     if accelerator.num_processes > 1:
@@ -645,23 +647,32 @@ def check_samples_in_training(run: ForgetRun, signal: dict, logs: dict) -> dict:
         broadcast_object_list(shares)
     run.sample_check_s += time.perf_counter() - start
     signal = with_sample_shares(signal, shares[0])
-    logs.update({**{f"sample_share/{p}": s["sample_share"] for p, s in shares[0].items()}, "forgotten": signal["reached"]})
+    logs.update({**{f"sample_share/{p}": s["sample_share"] for p, s in shares[0].items()},
+                 **{f"sample_as_surrogate/{p}": s["sample_as_surrogate"] for p, s in shares[0].items()},
+                 "forgotten": signal["reached"]})
     return signal
+
+
+def read_as(margins: torch.Tensor) -> float:
+    """The share of images the frozen judge reads as the margins' prompt (its margin is negative)."""
+    return round(float((margins < 0).double().mean()), 6)
 
 
 def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
     """{prompt: the frozen model's mean margins on the adapted model's samples, on the probe's images of the concept
     (its own) and on the probe's surrogate images}."""
     margins = frozen_margins(run, prompts, run.config.num_sample_check_images, run.config.seed + 6_000_000)
-    return {prompt: {"sample_margin": round(float(m["samples"].mean()), 6),
-                     "concept_margin": round(float(m["concept"].mean()), 6),
-                     "surrogate_margin": round(float(m["surrogate"].mean()), 6), "num_samples": len(m["samples"])}
+    return {prompt: {"sample_margin": round(float(m["samples"]["concept"].mean()), 6),
+                     "concept_margin": round(float(m["concept"]["concept"].mean()), 6),
+                     "surrogate_margin": round(float(m["surrogate"]["concept"].mean()), 6),
+                     "num_samples": len(m["samples"]["concept"])}
             for prompt, m in margins.items()}
 
 
 def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: int,
                    held_out: tuple[str, ...] = ("concept", "surrogate")) -> dict:
-    """{prompt: {"samples", *held_out}}: the frozen model's per-image margins (``sample_margins`` of the probe) on
+    """{prompt: {"samples", *held_out}}: the frozen model's per-image margins (``sample_margins`` of the probe:
+    {"concept", "surrogate" with a surrogate prompt}) on
     ``num_images`` samples of the prompt by the adapted model as a user would draw them (the generation guidance and
     steps), and on the probe's held-out images named in ``held_out`` ("concept": its own images of the concept,
     "surrogate": the surrogate images). Those do not change during a run, so each is measured once."""
