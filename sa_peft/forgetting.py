@@ -51,9 +51,9 @@ LENIENT_NOTE = ("its reference is equal losses (no surrogate prompt: noise or an
 # pairs, the same for every prompt. The digits prototype used 16 on 32 samples: the frozen model put every one of its
 # own samples of each digit under the right prompt (320 of 320).
 SAMPLE_CHECK_TIMESTEPS = 16
-# The check costs (images) × SAMPLE_CHECK_TIMESTEPS × (1 + kept prompts) denoiser calls: 64 × 16 × 10 on the digits
-# (19 s of a 2-core CPU shared with two other jobs). Past this many replay prompts it compares with an evenly spaced
-# subset, so a long replay list does not multiply the cost.
+# The check costs (images) × SAMPLE_CHECK_TIMESTEPS × (judge prompts: the forget prompt, its surrogate prompt, the kept
+# prompts) denoiser calls: 64 × 16 × 10 on the digits (19 s of a 2-core CPU shared with two other jobs). Past this many
+# replay prompts it compares with an evenly spaced subset, so a long replay list does not multiply the cost.
 SAMPLE_CHECK_MAX_PROMPTS = 16
 # With a surrogate prompt the adapted model's own samples decide, checked at every signal check once the held-out
 # preference has come half way (≤ this, or ≤ the threshold when that is higher): the preference alone ran late on some
