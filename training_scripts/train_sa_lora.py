@@ -671,11 +671,11 @@ def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
 
 def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: int,
                    held_out: tuple[str, ...] = ("concept", "surrogate")) -> dict:
-    """{prompt: {"samples", *held_out}}: the frozen model's per-image margins (``sample_margins`` of the probe:
-    {"concept", "surrogate" with a surrogate prompt}) on
-    ``num_images`` samples of the prompt by the adapted model as a user would draw them (the generation guidance and
-    steps), and on the probe's held-out images named in ``held_out`` ("concept": its own images of the concept,
-    "surrogate": the surrogate images). Those do not change during a run, so each is measured once."""
+    """{prompt: {"samples", *held_out}}: the frozen model's per-image margins (``sample_margins`` of the probe: its
+    {"concept", "surrogate"} margins, the second only with a surrogate prompt) on ``num_images`` samples of the prompt by
+    the adapted model as a user would draw them (the generation guidance and steps), and on the probe's held-out images
+    named in ``held_out`` ("concept": its own images of the concept, "surrogate": the surrogate images). Those do not
+    change during a run, so each is measured once."""
     config, pipe, probe = run.config, run.pipe, run.sets.probe
     embeddings = validation_embeddings_now(run)
     move_frozen_encoders(pipe, run.accelerator.device, config, text_encoders=embeddings is None)
