@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--digits", type=int, nargs="*", default=list(range(10)))
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--surrogates", nargs="*", default=["digit", "noise"], choices=["digit", "noise"])
-    parser.add_argument("--pairs", nargs="*", default=["0+1", "4+7"], help="two-concept runs")
+    parser.add_argument("--pairs", nargs="*", default=["0+1", "4+7"], help="two-concept runs (default: 0+1 and 4+7, also beside --digits; --pairs with no value runs none)")
     parser.add_argument("--num_images_per_prompt", type=int, default=50)
     parser.add_argument("--work_dir", default="/tmp/sa-peft-every-concept")
     parser.add_argument("--jsonl", default=None, help="results so far (default: <work_dir>/results.jsonl)")
