@@ -613,12 +613,18 @@ def check_samples(run: ForgetRun, signal: dict) -> dict:
     prompts = [p for p, c in signal["concepts"].items() if c["reference"] == EQUAL_LOSSES]
     if not prompts or not config.num_sample_check_images:
         return signal
-    checks = [sample_margins(run, prompts) if accelerator.is_main_process else None]
+    return with_sample_check(signal, on_main_process(accelerator, lambda: sample_margins(run, prompts)))
+
+
+def on_main_process(accelerator, compute):
+    """``compute()`` run on the main process only, its result shared with every process (the sample checks sample and
+    judge once; every process must then take the same decision)."""
+    result = [compute() if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        broadcast_object_list(checks)
-    return with_sample_check(signal, checks[0])
+        broadcast_object_list(result)
+    return result[0]
 
 
 def check_samples_in_training(run: ForgetRun, signal: dict, logs: dict) -> dict:
@@ -634,28 +640,28 @@ def check_samples_in_training(run: ForgetRun, signal: dict, logs: dict) -> dict:
     gate = sample_check_gate(signal["threshold"])
     prompts = [p for p, c in swap.items() if c["preference"] <= gate]
     start = time.perf_counter()
-    shares = [{} if not prompts or not accelerator.is_main_process else {
-        prompt: {"sample_share": read_as(m["samples"]["concept"]), "surrogate_share": read_as(m["surrogate"]["concept"]),
-                 "sample_as_surrogate": read_as(m["samples"]["surrogate"]),
-                 "surrogate_as_surrogate": read_as(m["surrogate"]["surrogate"]),
-                 "num_samples": len(m["samples"]["concept"])}
-        for prompt, m in frozen_margins(run, prompts, config.num_probe_images, config.seed + 7_000_000,
-                                        held_out=("surrogate",)).items()}]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(shares)
+    shares = on_main_process(accelerator, lambda: sample_shares(run, prompts)) if prompts else {}
     run.sample_check_s += time.perf_counter() - start
-    signal = with_sample_shares(signal, shares[0])
-    logs.update({**{f"sample_share/{p}": s["sample_share"] for p, s in shares[0].items()},
-                 **{f"sample_as_surrogate/{p}": s["sample_as_surrogate"] for p, s in shares[0].items()},
+    signal = with_sample_shares(signal, shares)
+    logs.update({**{f"sample_share/{p}": s["sample_share"] for p, s in shares.items()},
+                 **{f"sample_as_surrogate/{p}": s["sample_as_surrogate"] for p, s in shares.items()},
                  "forgotten": signal["reached"]})
     return signal
 
 
-def read_as(margins: torch.Tensor) -> float:
-    """The share of images the frozen judge reads as the margins' prompt (its margin is negative)."""
-    return round(float((margins < 0).double().mean()), 6)
+def sample_shares(run: ForgetRun, prompts: list[str]) -> dict:
+    """{prompt: the shares of ``num_probe_images`` samples by the adapted model and of the probe's surrogate images that
+    the frozen model reads as the concept and as the surrogate}."""
+    def read_as(margins: torch.Tensor) -> float:  # a negative margin: read as that margin's prompt
+        return round(float((margins < 0).double().mean()), 6)
+
+    margins = frozen_margins(run, prompts, run.config.num_probe_images, run.config.seed + 7_000_000,
+                             held_out=("surrogate",))
+    return {prompt: {"sample_share": read_as(m["samples"]["concept"]), "surrogate_share": read_as(m["surrogate"]["concept"]),
+                     "sample_as_surrogate": read_as(m["samples"]["surrogate"]),
+                     "surrogate_as_surrogate": read_as(m["surrogate"]["surrogate"]),
+                     "num_samples": len(m["samples"]["concept"])}
+            for prompt, m in margins.items()}
 
 
 def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
