@@ -32,6 +32,7 @@ from sa_peft.defaults import DIGIT_PROMPTS, next_digit_surrogate
 from sa_peft.evaluation import _retained_reference, frechet_distance, generate_samples, off_manifold_rate
 from sa_peft.forgetting import SURROGATE_READING_SLACK
 from sa_peft.io_utils import write_text_atomic
+from sa_peft.lora import adapters_fused, lora_models
 from sa_peft.models import load_pipeline
 
 
@@ -95,7 +96,8 @@ def run_row(module, row: dict, args, classifier, base_samples: dict) -> dict:
 
     info = read_adapter_metadata(os.path.join(work, "pytorch_lora_weights.safetensors"))["sa_peft"]
     pipe.unet.eval()
-    samples = generate_samples(pipe, list(DIGIT_PROMPTS), args.num_images_per_prompt, seed=1234, show_progress=False)
+    with adapters_fused(*lora_models(pipe)):  # the same samples up to rounding, at the base model's speed
+        samples = generate_samples(pipe, list(DIGIT_PROMPTS), args.num_images_per_prompt, seed=1234, show_progress=False)
     after = score(samples, classifier, row["forget"])
     before = score(base_samples, classifier, row["forget"])
     result = {"row": row, "seconds": round(seconds, 1), "trained_steps": info.get("trained_steps"),

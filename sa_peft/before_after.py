@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from .classifier import ClipModel, ClipZeroShotClassifier, NudeNetDetector
 from .errors import InputError
 from .evaluation import evaluate_pipeline, write_evaluation_report
+from .lora import adapters_fused, lora_models
 
 
 def _class_index(value: str, labels: Sequence[str], parameter: str) -> int:
@@ -98,7 +99,8 @@ def evaluate_before_after(pipe, classifier, prompts: Sequence[str], forget_promp
 
     ``classifier`` is what ``load_classifier`` returns (digits, CLIP or NudeNet). ``disable_adapter`` /
     ``enable_adapter`` switch the pipeline between base and adapted (e.g. ``pipe.disable_lora`` and
-    ``pipe.enable_lora`` in a training script; ``None`` when the pipeline starts as the base model).
+    ``pipe.enable_lora`` in a training script; ``None`` when the pipeline starts as the base model); the adapted
+    samples are drawn with the LoRA fused (``adapters_fused``: the same images up to rounding, at the base's speed).
     ``cache`` maps ``"base"`` / ``"adapted"`` to ``(folder, settings)`` of a ``SampleCache``; leave it
     ``None`` unless the folder is specific to the model and adapter. The adapted run gets ``fd_to_base``
     against the base run. Returns ``{"before", "after", "paths"}``.
@@ -124,8 +126,9 @@ def evaluate_before_after(pipe, classifier, prompts: Sequence[str], forget_promp
     after = None
     if enable_adapter is not None:
         enable_adapter()
-        after = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
-                                  base_features=before["features"], **cached("adapted"), desc="adapted samples")
+        with adapters_fused(*lora_models(pipe)):
+            after = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
+                                      base_features=before["features"], **cached("adapted"), desc="adapted samples")
         log(format_summary("with LoRA", after))
     paths = write_evaluation_report(before, after, output_dir)
     log(f"wrote {', '.join(paths.values())}")

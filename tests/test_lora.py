@@ -100,3 +100,34 @@ def test_config_and_adapted_layers(unet):
     # only the LoRA factors are trainable
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_fused_adapters_give_the_adapted_outputs_and_leave_the_base_weights_bit_for_bit(unet):
+    from sa_peft.lora import adapters_fused
+    from sa_peft.objective import adapters_disabled
+
+    add_forget_lora(unet)
+    base_weights = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" not in n}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=gen)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        adapted = unet(x, t, context).sample
+        with adapters_disabled(unet):
+            base = unet(x, t, context).sample
+        with adapters_fused(unet):
+            layers = list(iter_adapted_layers(unet))
+            assert layers and all(layer.module.merged for layer in layers)
+            fused = unet(x, t, context).sample
+        again = unet(x, t, context).sample
+        # Switched-off adapters are not fused: the frozen model stays the frozen model.
+        with adapters_disabled(unet), adapters_fused(unet):
+            still_base = unet(x, t, context).sample
+    assert (adapted - base).abs().max() > 1e-2
+    torch.testing.assert_close(fused, adapted, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, adapted) and torch.equal(still_base, base)
+    assert not any(layer.module.merged for layer in iter_adapted_layers(unet))
+    for name, param in unet.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_weights[name]), name

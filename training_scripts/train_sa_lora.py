@@ -53,7 +53,7 @@ from sa_peft.forgetting import (
     with_sample_shares,
 )
 from sa_peft.io_utils import write_json_atomic
-from sa_peft.lora import make_lora_config, resolve_lora_targets
+from sa_peft.lora import adapters_fused, lora_models, make_lora_config, resolve_lora_targets
 from sa_peft.model_card import write_model_card
 from sa_peft.models import FLUX_PIPELINE, TRAINING_PIPELINES, denoiser, is_flow_transformer, is_flux, load_pipeline
 from sa_peft.objective import adapters_disabled, check_finite_loss, selective_amnesia_loss
@@ -688,7 +688,7 @@ def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: in
     unet = run.accelerator.unwrap_model(run.unet)
     was_training = unet.training
     unet.eval()
-    with run.accelerator.autocast():
+    with run.accelerator.autocast(), adapters_fused(*lora_models(pipe)):
         latents = generate_validation_images(pipe, prompts, num_images, seed, run.resolution,
                                              config.generation_guidance_scale, config.generation_num_inference_steps,
                                              embeddings, output_type="latent")
@@ -774,7 +774,7 @@ def log_validation(accelerator, pipe, prompts, args, resolution, step, embedding
     move_frozen_encoders(pipe, accelerator.device, args, text_encoders=embeddings is None)
     was_training = denoiser(pipe).training
     denoiser(pipe).eval()
-    with accelerator.autocast():
+    with accelerator.autocast(), adapters_fused(*lora_models(pipe)):
         images = generate_validation_images(pipe, prompts, args.num_validation_images, args.seed, resolution,
                                             args.generation_guidance_scale, args.generation_num_inference_steps,
                                             embeddings)
