@@ -30,7 +30,7 @@ from digits_forgetting import train as run_training
 from sa_peft.classifier import load_classifier
 from sa_peft.defaults import DIGIT_PROMPTS, next_digit_surrogate
 from sa_peft.evaluation import _retained_reference, frechet_distance, generate_samples, off_manifold_rate
-from sa_peft.forgetting import SURROGATE_READING_SLACK
+from sa_peft.forgetting import surrogate_reading_bar
 from sa_peft.io_utils import write_text_atomic
 from sa_peft.lora import adapters_fused, lora_models
 from sa_peft.models import load_pipeline
@@ -135,7 +135,7 @@ def sample_check_cell(check: dict | None) -> str:
         cell = f"{check['sample_share']:.2f} {'≤' if concept else '>'} {check['surrogate_share']:.2f}"
         if "sample_as_surrogate" not in check:  # results of the rule before the surrogate reading counted
             return cell
-        bar = check["surrogate_as_surrogate"] - SURROGATE_READING_SLACK
+        bar = surrogate_reading_bar(check["surrogate_as_surrogate"])
         return f"{cell}; as surrogate {check['sample_as_surrogate']:.2f} {'≥' if check['sample_as_surrogate'] >= bar else '<'} {bar:.2f}"
     return f"{check['sample_margin']:+.4f} {'≥' if check['forgotten'] else '<'} {check['reference_margin']:+.4f}"
 

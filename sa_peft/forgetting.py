@@ -72,6 +72,17 @@ SAMPLE_CHECK_GATE = 0.5
 SURROGATE_READING_SLACK = 0.1
 
 
+def read_share(margins: torch.Tensor) -> float:
+    """The share of images the judge reads as the margins' prompt (a negative margin), rounded as it is logged."""
+    return round(float((margins < 0).double().mean()), 6)
+
+
+def surrogate_reading_bar(surrogate_as_surrogate: float) -> float:
+    """The least share of a concept's samples that must read as its surrogate: the held-out surrogate images' own
+    share, less ``SURROGATE_READING_SLACK``."""
+    return surrogate_as_surrogate - SURROGATE_READING_SLACK
+
+
 def sample_check_gate(threshold: float) -> float:
     """The preference at which a concept with a surrogate prompt has its samples checked: ``SAMPLE_CHECK_GATE``, or
     the threshold when that is higher."""
@@ -245,14 +256,19 @@ class ForgettingProbe:
 
     @torch.no_grad()
     def sample_margins(self, unet, scheduler, latents: torch.Tensor, forget_prompt: str,
-                       conditioning: PromptConditioning | None = None) -> dict[str, torch.Tensor]:
+                       conditioning: PromptConditioning | None = None, screen: float | None = None) -> dict:
         """The frozen model as a zero-shot judge of images (call with the adapter disabled; a diffusion classifier,
         Li et al. 2023). Each image's denoising loss is averaged over ``SAMPLE_CHECK_TIMESTEPS`` fixed (timestep, noise)
         pairs under each judge prompt: ``forget_prompt``, its surrogate prompt (when it has one) and the replay prompts
         (at most ``SAMPLE_CHECK_MAX_PROMPTS`` of them, evenly spaced). A prompt's margin on an image is its loss minus
         the lowest loss under any other judge prompt: negative when the judge reads the image as that prompt.
         Returns {"concept": the forget prompt's margins, "surrogate": the surrogate prompt's (only with one)}. The
-        pairs depend only on the seed and the image shape, so two calls are comparable."""
+        pairs depend only on the seed and the image shape, so two calls are comparable.
+
+        ``screen`` (a share; with a surrogate prompt only): when fewer than that share of the images denoise better
+        under the surrogate prompt than under the forget prompt, no more of them can be read as the surrogate whatever
+        the replay prompts' losses, so those are not computed (the replay prompts are most of the cost: 8 of 10 judge
+        prompts on the digits). The margins are then against each other only, and the result has "screened": True."""
         conditioning = conditioning or self.conditioning
         n = len(latents)
         generator = torch.Generator().manual_seed(self.seed + 5_000_000)
@@ -265,15 +281,24 @@ class ForgettingProbe:
         kept = sorted(set(self.replay.prompt_ids.tolist()) - set(judges))
         if len(kept) > SAMPLE_CHECK_MAX_PROMPTS:
             kept = [kept[i * len(kept) // SAMPLE_CHECK_MAX_PROMPTS] for i in range(SAMPLE_CHECK_MAX_PROMPTS)]
-        losses = []
-        was_training = unet.training
-        unet.eval()
-        try:
-            for prompt_id in [*judges, *kept]:
+
+        def losses_under(prompt_ids: list[int]) -> list[torch.Tensor]:
+            out = []
+            for prompt_id in prompt_ids:
                 ids = torch.full_like(batch.prompt_ids, prompt_id)
                 predictions = self._predictions(unet, scheduler, ProbeBatch(batch.latents, ids, batch.timesteps,
                                                                             batch.noise, n), conditioning)
-                losses.append((predictions.double() - target).square().flatten(1).mean(1).view(n, -1).mean(1))
+                out.append((predictions.double() - target).square().flatten(1).mean(1).view(n, -1).mean(1))
+            return out
+
+        was_training = unet.training
+        unet.eval()
+        try:
+            losses = losses_under(judges)
+            screened = (screen is not None and surrogate is not None
+                        and read_share(losses[1] - losses[0]) < screen)
+            if not screened:
+                losses += losses_under(kept)
         finally:
             unet.train(was_training)
         losses = torch.stack(losses, 1)
@@ -282,7 +307,8 @@ class ForgettingProbe:
             others = torch.cat([losses[:, :column], losses[:, column + 1:]], 1)
             return losses[:, column] - others.min(1).values
 
-        return {"concept": margin(0), **({} if surrogate is None else {"surrogate": margin(1)})}
+        return {"concept": margin(0), **({} if surrogate is None else {"surrogate": margin(1)}),
+                **({"screened": True} if screened else {})}
 
     def measure(self, unet, scheduler, conditioning: PromptConditioning | None = None) -> dict:
         """The signal now: per concept its preference and whether it is forgotten; retention; the verdict."""
@@ -412,7 +438,7 @@ def with_sample_shares(signal: dict, shares: dict[str, dict]) -> dict:
             continue
         share = shares.get(prompt)
         passed = (share is not None and share["sample_share"] <= share["surrogate_share"]
-                  and share["sample_as_surrogate"] >= share["surrogate_as_surrogate"] - SURROGATE_READING_SLACK)
+                  and share["sample_as_surrogate"] >= surrogate_reading_bar(share["surrogate_as_surrogate"]))
         check = {} if share is None else {"sample_check": {**share, "forgotten": passed}}
         attacked = c.get("attacked_preference", signal["threshold"]) <= signal["threshold"]
         concepts[prompt] = {**c, **check, "forgotten": c["preference"] <= gate and passed and attacked}
@@ -451,7 +477,9 @@ def sample_check_text(check: dict) -> str:
         return (f"{head}: the frozen model reads {check['sample_share']:.2f} of {check['num_samples']} samples as the "
                 f"concept (at most {check['surrogate_share']:.2f}, its reading of the surrogate images, to pass) and "
                 f"{check['sample_as_surrogate']:.2f} as the surrogate (at least "
-                f"{check['surrogate_as_surrogate'] - SURROGATE_READING_SLACK:.2f} to pass)")
+                f"{surrogate_reading_bar(check['surrogate_as_surrogate']):.2f} to pass)"
+                + ("; screened: the replay prompts were not scored, as fewer samples denoise better under the surrogate "
+                   "prompt than under the forget prompt" if check.get("screened") else ""))
     return (f"{head}: the frozen model's margin {check['sample_margin']:+.4f} on {check['num_samples']} samples (at "
             f"least {check['reference_margin']:+.4f} to pass; {check['concept_margin']:+.4f} on its own images of the "
             f"concept, {check['surrogate_margin']:+.4f} on the surrogate images)")

@@ -381,6 +381,47 @@ def test_the_sample_check_compares_with_at_most_sixteen_kept_prompts_and_takes_t
     assert torch.allclose(margins["concept"], losses[0] - torch.stack([losses[i] for i in seen[1:]], 1).min(1).values)
 
 
+def test_a_screened_sample_check_skips_the_kept_prompts_only_when_it_cannot_pass(tiny_pipe):
+    """With ``screen`` the kept prompts are scored only when at least that share of the images denoise better under the
+    surrogate prompt than under the forget prompt; otherwise the check could not pass whatever their losses (no more
+    images can read as the surrogate), and the result says "screened". Unscreened, the margins are the full judge's."""
+    from sa_peft.forgetting import read_share
+
+    prompts = ["brad pitt", "a photo of a dog", *[f"a photo of a cat {i}" for i in range(4)]]
+    cond = encode_prompts(tiny_pipe, prompts)
+    shape = (8, tiny_pipe.unet.config.in_channels, tiny_pipe.unet.config.sample_size, tiny_pipe.unet.config.sample_size)
+    images = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    scheduler = noise_scheduler_for(tiny_pipe.scheduler)
+    probe = ForgettingProbe(cond, ["brad pitt"], [images], [images], torch.zeros(4, *shape[1:]), torch.arange(2, 6),
+                            1000, surrogate_prompts=["a photo of a dog"])
+    seen = []
+    real = probe._predictions
+
+    def recording(unet, sched, batch, conditioning):
+        seen.append(int(batch.prompt_ids[0]))
+        return real(unet, sched, batch, conditioning)
+
+    probe._predictions = recording
+    full = probe.sample_margins(tiny_pipe.unet, scheduler, images, "brad pitt")
+    assert seen == [0, 1, 2, 3, 4, 5] and "screened" not in full
+    for screen, screened in ((0.0, False), (1.01, True)):
+        seen[:] = []
+        result = probe.sample_margins(tiny_pipe.unet, scheduler, images, "brad pitt", screen=screen)
+        assert result.get("screened", False) is screened
+        if screened:  # only the two judges were scored; the check can not pass
+            assert seen == [0, 1]
+            assert torch.allclose(result["surrogate"], -result["concept"])
+            assert read_share(full["surrogate"]) <= read_share(result["surrogate"]) < screen
+        else:
+            assert seen == [0, 1, 2, 3, 4, 5]
+            assert torch.equal(result["concept"], full["concept"]) and torch.equal(result["surrogate"], full["surrogate"])
+    # At the pairwise share itself the kept prompts are scored (the check might pass), just below it they are not.
+    pair = probe.sample_margins(tiny_pipe.unet, scheduler, images, "brad pitt", screen=1.01)
+    share = read_share(pair["surrogate"])
+    assert "screened" not in probe.sample_margins(tiny_pipe.unet, scheduler, images, "brad pitt", screen=share)
+    assert probe.sample_margins(tiny_pipe.unet, scheduler, images, "brad pitt", screen=share + 1e-3)["screened"]
+
+
 def test_with_a_surrogate_prompt_the_samples_decide_once_the_preference_is_past_the_gate():
     """A "swap" concept (surrogate prompt) is forgotten when its preference is at most SAMPLE_CHECK_GATE (or the
     threshold, if higher) and its samples are read as the concept no more often than the surrogate images are; an

@@ -47,7 +47,9 @@ from sa_peft.forgetting import (
     EQUAL_LOSSES,
     AdaptiveLambda,
     forgetting_warning,
+    read_share,
     sample_check_gate,
+    surrogate_reading_bar,
     verdict_lines,
     with_sample_check,
     with_sample_shares,
@@ -645,22 +647,22 @@ def check_samples_in_training(run: ForgetRun, signal: dict, logs: dict) -> dict:
     signal = with_sample_shares(signal, shares)
     logs.update({**{f"sample_share/{p}": s["sample_share"] for p, s in shares.items()},
                  **{f"sample_as_surrogate/{p}": s["sample_as_surrogate"] for p, s in shares.items()},
+                 **{f"sample_check_screened/{p}": True for p, s in shares.items() if s.get("screened")},
                  "forgotten": signal["reached"]})
     return signal
 
 
 def sample_shares(run: ForgetRun, prompts: list[str]) -> dict:
     """{prompt: the shares of ``num_probe_images`` samples by the adapted model and of the probe's surrogate images that
-    the frozen model reads as the concept and as the surrogate}."""
-    def read_as(margins: torch.Tensor) -> float:  # a negative margin: read as that margin's prompt
-        return round(float((margins < 0).double().mean()), 6)
-
+    the frozen model reads as the concept and as the surrogate}. A check that cannot pass is screened
+    (``ForgettingProbe.sample_margins``): its shares are then against the surrogate prompt alone, "screened": True."""
     margins = frozen_margins(run, prompts, run.config.num_probe_images, run.config.seed + 7_000_000,
-                             held_out=("surrogate",))
-    return {prompt: {"sample_share": read_as(m["samples"]["concept"]), "surrogate_share": read_as(m["surrogate"]["concept"]),
-                     "sample_as_surrogate": read_as(m["samples"]["surrogate"]),
-                     "surrogate_as_surrogate": read_as(m["surrogate"]["surrogate"]),
-                     "num_samples": len(m["samples"]["concept"])}
+                             held_out=("surrogate",), screen=True)
+    return {prompt: {"sample_share": read_share(m["samples"]["concept"]), "surrogate_share": read_share(m["surrogate"]["concept"]),
+                     "sample_as_surrogate": read_share(m["samples"]["surrogate"]),
+                     "surrogate_as_surrogate": read_share(m["surrogate"]["surrogate"]),
+                     "num_samples": len(m["samples"]["concept"]),
+                     **({"screened": True} if m["samples"].get("screened") else {})}
             for prompt, m in margins.items()}
 
 
@@ -676,12 +678,14 @@ def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
 
 
 def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: int,
-                   held_out: tuple[str, ...] = ("concept", "surrogate")) -> dict:
+                   held_out: tuple[str, ...] = ("concept", "surrogate"), screen: bool = False) -> dict:
     """{prompt: {"samples", *held_out}}: the frozen model's per-image margins (``sample_margins`` of the probe: its
     {"concept", "surrogate"} margins, the second only with a surrogate prompt) on ``num_images`` samples of the prompt by
     the adapted model as a user would draw them (the generation guidance and steps), and on the probe's held-out images
     named in ``held_out`` ("concept": its own images of the concept, "surrogate": the surrogate images). Those do not
-    change during a run, so each is measured once."""
+    change during a run, so each is measured once. ``screen`` (with "surrogate" in ``held_out``): the samples' judge
+    skips the replay prompts when the samples cannot reach the surrogate images' reading (``surrogate_reading_bar``).
+    In the main job the first three of six checks were such (0-2 of 16 samples read as the surrogate)."""
     config, pipe, probe = run.config, run.pipe, run.sets.probe
     embeddings = validation_embeddings_now(run)
     move_frozen_encoders(pipe, run.accelerator.device, config, text_encoders=embeddings is None)
@@ -704,7 +708,8 @@ def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: in
             for name in held_out:
                 if name not in cached:
                     cached[name] = probe.sample_margins(unet, run.scheduler, sets[name].images(), prompt)
-            margins[prompt] = {"samples": probe.sample_margins(unet, run.scheduler, samples, prompt),
+            bar = surrogate_reading_bar(read_share(cached["surrogate"]["surrogate"])) if screen else None
+            margins[prompt] = {"samples": probe.sample_margins(unet, run.scheduler, samples, prompt, screen=bar),
                                **{name: cached[name] for name in held_out}}
     unet.train(was_training)
     return margins
