@@ -463,3 +463,12 @@ def test_with_a_surrogate_prompt_the_samples_decide_once_the_preference_is_past_
     assert ("preference +0.400 (base model 1, the samples decide once it is ≤ 0.5): forgotten; sample check passed: the "
             "frozen model reads 0.00 of 16 samples as the concept (at most 0.00, its reading of the surrogate images, to "
             "pass) and 1.00 as the surrogate (at least 0.90 to pass)") in line
+    assert "screened" not in line
+    screened = shares(0.875, as_surrogate=0.125)
+    screened["a"]["screened"] = True  # a check that could not pass: its shares are against the surrogate prompt alone
+    failed = with_sample_shares(signal(0.4), screened)
+    assert not failed["reached"] and failed["concepts"]["a"]["sample_check"]["screened"]
+    line = verdict_lines({**failed, "trained_steps": 3, "retention": 0.0, "retention_bound": 1.0})[1]
+    assert ("sample check FAILED: the frozen model reads 0.88 of 16 samples as the concept (at most 0.00, its reading "
+            "of the surrogate images, to pass) and 0.12 as the surrogate (at least 0.90 to pass); screened: the replay "
+            "prompts were not scored") in line
