@@ -96,7 +96,7 @@ def run_row(module, row: dict, args, classifier, base_samples: dict) -> dict:
 
     info = read_adapter_metadata(os.path.join(work, "pytorch_lora_weights.safetensors"))["sa_peft"]
     pipe.unet.eval()
-    with adapters_fused(*lora_models(pipe)):  # the same samples up to rounding, at the base model's speed
+    with adapters_fused(*lora_models(pipe).values()):  # the same samples up to rounding, at the base model's speed
         samples = generate_samples(pipe, list(DIGIT_PROMPTS), args.num_images_per_prompt, seed=1234, show_progress=False)
     after = score(samples, classifier, row["forget"])
     before = score(base_samples, classifier, row["forget"])

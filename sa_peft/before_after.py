@@ -126,7 +126,7 @@ def evaluate_before_after(pipe, classifier, prompts: Sequence[str], forget_promp
     after = None
     if enable_adapter is not None:
         enable_adapter()
-        with adapters_fused(*lora_models(pipe)):
+        with adapters_fused(*lora_models(pipe).values()):
             after = evaluate_pipeline(pipe, classifier, prompts, mapping, forget_prompts, forgotten, **common,
                                       base_features=before["features"], **cached("adapted"), desc="adapted samples")
         log(format_summary("with LoRA", after))

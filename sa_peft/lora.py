@@ -177,9 +177,10 @@ def iter_adapted_layers(model: torch.nn.Module, adapter: str = "default") -> Ite
             yield AdaptedLayer(name=name, module=module, adapter=adapter)
 
 
-def lora_models(pipe) -> list[torch.nn.Module]:
-    """The pipeline's models a LoRA can live on (its denoiser and text encoders), as ``pipe.fuse_lora`` sees them."""
-    return [getattr(pipe, name) for name in pipe._lora_loadable_modules if getattr(pipe, name, None) is not None]
+def lora_models(pipe) -> dict[str, torch.nn.Module]:
+    """{component name: model} of the pipeline's models a LoRA can live on (its denoiser and text encoders), as
+    ``pipe.fuse_lora`` sees them."""
+    return {name: getattr(pipe, name) for name in pipe._lora_loadable_modules if getattr(pipe, name, None) is not None}
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .adapter_io import LORA_COMPONENTS, load_adapter_file, read_adapter_metadata, resolve_adapter_file
 from .errors import InputError
 from .io_utils import atomic_dir, atomic_path
+from .lora import lora_models
 from .models import FLUX_PIPELINE, SD3_PIPELINE, SDXL_PIPELINE
 
 # Header entry naming the layout of a merged single file (for ``sa-peft inspect``); nothing reads it back.
@@ -107,7 +108,7 @@ def fuse_forget_loras(pipe, names: Sequence[str]):
     remove the LoRA layers with ``unload_lora_weights``; the pipeline is then a plain pipeline. Every component a
     LoRA can live on is fused: ``FluxPipeline.fuse_lora`` fuses only the transformer by default, and unloading
     would then drop a ``--train_text_encoder`` CLIP LoRA unfused."""
-    components = [c for c in pipe._lora_loadable_modules if getattr(pipe, c, None) is not None]
+    components = list(lora_models(pipe))
     pipe.fuse_lora(components=components, adapter_names=list(names), lora_scale=1.0)
     pipe.unload_lora_weights()
     return pipe

@@ -692,7 +692,7 @@ def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: in
     unet = run.accelerator.unwrap_model(run.unet)
     was_training = unet.training
     unet.eval()
-    with run.accelerator.autocast(), adapters_fused(*lora_models(pipe)):
+    with run.accelerator.autocast(), adapters_fused(*lora_models(pipe).values()):
         latents = generate_validation_images(pipe, prompts, num_images, seed, run.resolution,
                                              config.generation_guidance_scale, config.generation_num_inference_steps,
                                              embeddings, output_type="latent")
@@ -779,7 +779,7 @@ def log_validation(accelerator, pipe, prompts, args, resolution, step, embedding
     move_frozen_encoders(pipe, accelerator.device, args, text_encoders=embeddings is None)
     was_training = denoiser(pipe).training
     denoiser(pipe).eval()
-    with accelerator.autocast(), adapters_fused(*lora_models(pipe)):
+    with accelerator.autocast(), adapters_fused(*lora_models(pipe).values()):
         images = generate_validation_images(pipe, prompts, args.num_validation_images, args.seed, resolution,
                                             args.generation_guidance_scale, args.generation_num_inference_steps,
                                             embeddings)
