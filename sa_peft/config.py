@@ -221,9 +221,10 @@ class SelectiveAmnesiaConfig:
         action="store_true", resume_free=True)
     robust_forgetting: bool = _flag(
         False, "adversarial training against the soft-prompt attack (sa-peft attack): every 25 steps a bounded "
-               "perturbation of the forget prompt's embedding is fitted to bring the concept back, and half of each "
-               "surrogate batch is paired with it; the run counts as forgotten only when the concept is also "
-               "forgotten under that perturbation", action="store_true")
+               "perturbation of the forget prompt's embedding is fitted to bring the concept back, half of each "
+               "surrogate batch is paired with it and, with a surrogate prompt, the frozen model's images of the "
+               "concept are trained towards the surrogate under the prompt and under the perturbation; the run counts "
+               "as forgotten only when the concept is also forgotten under that perturbation", action="store_true")
     lora_alpha: float | None = _flag(None, "LoRA alpha; default: the rank", type=float, check=POSITIVE)
     use_rslora: bool = _flag(False, "rank-stabilised LoRA scaling alpha/sqrt(rank)", action="store_true")
     lora_target: str = _flag("all", f"preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names" + D)

@@ -58,9 +58,11 @@ class SALoss:
     forget: torch.Tensor
     replay: torch.Tensor
     ewc: torch.Tensor
+    ablation: torch.Tensor | None = None  # --robust_forgetting's concept-ablation term, already in ``total``
 
     def parts(self) -> dict[str, float]:
-        return {"loss": self.total.item(), "forget": self.forget.item(), "replay": self.replay.item(), "ewc": self.ewc.item()}
+        parts = {"loss": self.total.item(), "forget": self.forget.item(), "replay": self.replay.item(), "ewc": self.ewc.item()}
+        return parts if self.ablation is None else {**parts, "ablation": self.ablation.item()}
 
 
 class NonFiniteLossError(InputError):

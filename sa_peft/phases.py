@@ -4,7 +4,7 @@ Each phase's output is cached under a name keyed by everything that determines i
 so a rerun after a crash reuses what is done and a changed setting never reuses stale samples:
 
 1. ``build_training_sets``: the surrogate and replay sets, sampled once by the frozen model, their prompts
-   encoded, and the held-out sets of the forgetting signal;
+   encoded, the held-out sets of the forgetting signal and, for ``--robust_forgetting``, the concept set;
 2. ``load_or_estimate_fisher``: the Fisher of the adapted weights on the frozen model's replay samples.
 """
 
@@ -35,6 +35,7 @@ class TrainingSets:
     probe: ForgettingProbe
     replay_settings: dict  # the replay set's cache key (the Fisher's cache key includes it)
     num_replay_images_per_prompt: int  # as generated: enough for the Fisher's samples too
+    robust_concepts: ImageSet | None = None  # --robust_forgetting's concept-ablation images (``robust_concept_set``)
 
 
 def generation_settings(config, resolution: int, model_key: str) -> dict:
@@ -76,7 +77,22 @@ def build_training_sets(pipe, config, resolution: int, model_key: str, scheduler
     conditioning = encode_prompts(pipe, config.forget_prompts + replay_prompts + (config.surrogate_prompt or []),
                                   resolution, guidance_scale=config.generation_guidance_scale)
     probe = build_forgetting_probe(pipe, config, generation, sur_settings, conditioning, scheduler, common)
-    return TrainingSets(surrogate, replay, conditioning, probe, rep_settings, per_prompt)
+    return TrainingSets(surrogate, replay, conditioning, probe, rep_settings, per_prompt,
+                        robust_concept_set(pipe, config, generation, common))
+
+
+def robust_concept_set(pipe, config, generation: dict, common: dict) -> ImageSet | None:
+    """``--robust_forgetting`` with a surrogate prompt: the frozen model's own images of each forget prompt (new
+    seeds: neither the probe's held-out images nor any other set), which the concept-ablation term trains away
+    (``sa_peft.robust``). ``None`` otherwise: without a surrogate prompt there is no prediction to ablate towards."""
+    if not config.robust_forgetting or None in config.paired_surrogate_prompts():
+        return None
+    from .robust import ABLATION_IMAGES_PER_PROMPT
+
+    n = ABLATION_IMAGES_PER_PROMPT
+    settings = {**generation, "prompts": config.forget_prompts, "per_prompt": n, "robust": "concept"}
+    return generate_replay_set(pipe, os.path.join(config.output_dir, "cache", f"robust-concept-{settings_key(settings)}"),
+                               config.forget_prompts, n, seed=config.seed + 8_000_000, **common)
 
 
 def build_forgetting_probe(pipe, config, generation: dict, sur_settings: dict, conditioning: PromptConditioning,

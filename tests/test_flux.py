@@ -245,6 +245,7 @@ def test_robust_forgetting_on_flux_attacks_with_the_guidance_embedding(flux_dir,
                         "--generation_guidance_scale", "3.5", "--robust_forgetting", "--train_full_budget")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert math.isfinite(log[-1]["attacked_preference/brad pitt"]) and math.isfinite(log[-1]["preference/brad pitt"])
+    assert all(entry["ablation"] > 0 for entry in log)  # the concept-ablation term, on flow matching too
     assert "attacked_preference" in read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]
     fresh = FluxPipeline.from_pretrained(str(flux_dir), use_safetensors=True)
     fresh.set_progress_bar_config(disable=True)

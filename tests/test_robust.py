@@ -12,6 +12,7 @@ from train_helpers import load_train_module, run_training
 from sa_peft import robust as robust_module
 from sa_peft.conditioning import PromptConditioning, encode_prompts
 from sa_peft.diffusion_loss import noise_scheduler_for, per_sample_diffusion_loss
+from sa_peft.objective import adapters_disabled
 from sa_peft.robust import AdversarialSoftPrompt, with_attack
 from sa_peft.testing.tiny_pipeline import build_tiny_pipeline
 
@@ -67,6 +68,43 @@ def test_attack_embeddings_keep_the_pooled_rows_and_fluxs_text_ids_and_guidance(
     kwargs = augmented.unet_kwargs(ids)
     assert set(kwargs) == {"encoder_hidden_states", "txt_ids", "guidance", "pooled_projections"}
     assert kwargs["pooled_projections"].tolist() == [[1.0, 2.0], [1.0, 2.0]] and kwargs["guidance"].tolist() == [3.5, 3.5]
+
+
+def test_ablation_trains_the_concepts_images_towards_the_frozen_surrogate_prediction_half_under_the_attack():
+    """The concept-ablation term: on the concept's images, noised, the adapted model's prediction under the forget
+    prompt (even samples) or its perturbed row (odd samples) against the frozen model's under the surrogate prompt."""
+    pipe = build_tiny_pipeline()
+    add_forget_lora(pipe.unet, "all", seed=5)
+    scheduler = noise_scheduler_for(pipe.scheduler)
+    cond = encode_prompts(pipe, ["brad pitt", "a photo of a cat", "a middle aged man"])
+    gen = torch.Generator().manual_seed(0)
+    concept_latents = torch.randn(6, 4, 8, 8, generator=gen)
+    attacker = AdversarialSoftPrompt(["brad pitt"], [concept_latents[:2]], ablation_latents=concept_latents,
+                                     ablation_concepts=torch.zeros(6, dtype=torch.long),
+                                     anchor_prompts=["a middle aged man"], ablation_weight=2.0)
+    attacker.deltas = [torch.randn(cond.encoder_hidden_states[:1].shape, generator=gen)]
+    augmented, _ = attacker.augment(cond, torch.tensor([0]))
+    loss = attacker.ablation_loss(pipe.unet, pipe.unet, scheduler, cond, augmented, cond, 4,
+                                  torch.Generator().manual_seed(3), torch.float32)
+    # The same draws by hand: 4 images, their noise and timesteps, in that order from the generator.
+    gen = torch.Generator().manual_seed(3)
+    x = concept_latents[torch.randint(6, (4,), generator=gen)]
+    noise = torch.randn(x.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (4,), generator=gen)
+    noisy = scheduler.add_noise(x, noise, t)
+    with torch.no_grad():
+        with adapters_disabled(pipe.unet):
+            frozen = pipe.unet(noisy, t, encoder_hidden_states=cond.encoder_hidden_states[[2, 2, 2, 2]]).sample
+        rows = augmented.encoder_hidden_states[[0, 3, 0, 3]]  # row 3: the forget prompt's perturbed embedding
+        adapted = pipe.unet(noisy, t, encoder_hidden_states=rows).sample
+    assert torch.allclose(loss.detach(), 2.0 * (adapted - frozen).square().mean(), rtol=1e-5)
+    loss.backward()  # it trains the LoRA
+    lora_grads = [p.grad for n, p in pipe.unet.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None for g in lora_grads) and any(g.abs().sum() > 0 for g in lora_grads)
+    assert AdversarialSoftPrompt(["brad pitt"], [concept_latents]).ablation_loss(
+        pipe.unet, pipe.unet, scheduler, cond, augmented, cond, 4, gen, torch.float32) is None
+    with pytest.raises(ValueError, match="go together"):
+        AdversarialSoftPrompt(["brad pitt"], [concept_latents], ablation_latents=concept_latents)
 
 
 def test_a_robust_run_is_forgotten_only_when_forgotten_under_the_attack_too():
@@ -141,3 +179,30 @@ def test_training_script_pairs_the_surrogates_with_the_attack_every_step(tiny_pi
     assert calls["augment"] == 3 and calls["refresh"] == [(0, True), (1, False), (2, False), (3, True)]
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert "attacked_preference/brad pitt" in log[-1] and "preference/brad pitt" in log[-1]
+    # A noise surrogate has no prompt to ablate the concept towards: no concept set, no ablation term.
+    assert all("ablation" not in entry for entry in log)
+    assert not list((tmp_path / "out" / "cache").glob("robust-concept-*"))
+
+
+@pytest.mark.slow  # a full (tiny) training run: about 40 s on a shared core
+def test_with_a_surrogate_prompt_the_concept_ablation_term_is_trained(tiny_pipe_dir, tmp_path, monkeypatch):
+    seen = []
+    original = AdversarialSoftPrompt.ablation_loss
+
+    def ablation_loss(self, *args, **kwargs):
+        seen.append((len(self.ablation_latents), self.anchor_prompts))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(robust_module.AdversarialSoftPrompt, "ablation_loss", ablation_loss)
+    replay = tmp_path / "replay.txt"
+    replay.write_text("a photo of a cat\n")
+    run_training(load_train_module(), tiny_pipe_dir, tmp_path / "out", replay, "--forget_prompt", "brad pitt",
+                 "--surrogate_prompt", "a middle aged man", "--robust_forgetting", "--train_full_budget")
+    assert seen == [(robust_module.ABLATION_IMAGES_PER_PROMPT, ["a middle aged man"])] * 3  # one per step
+    assert len(list((tmp_path / "out" / "cache").glob("robust-concept-*"))) == 1
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert all(entry["ablation"] > 0 for entry in log)
+    # Step 1: the LoRA is still zero, so replay (distilled) and EWC are ~0 and the loss is the forget term plus the
+    # ablation term: the term is in what is back-propagated, not only logged.
+    assert abs(log[0]["replay"]) < 1e-9 and log[0]["ewc"] == 0
+    assert log[0]["loss"] == pytest.approx(log[0]["forget"] + log[0]["ablation"], rel=1e-6)

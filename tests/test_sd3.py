@@ -389,6 +389,7 @@ def test_robust_forgetting_on_sd3_reloads_and_reports_the_attacked_signal(sd3_di
                         "--surrogate_prompt", "a middle aged man", "--robust_forgetting", "--train_full_budget")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert math.isfinite(log[-1]["attacked_preference/brad pitt"])
+    assert all(entry["ablation"] > 0 for entry in log)  # the concept-ablation term, on flow matching too
     assert "attacked_preference" in read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]
     reload_and_compare(sd3_dir, out, pipe)
 

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import types
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator
@@ -366,6 +367,7 @@ def training_step(run: ForgetRun, global_step: int):
             if run.robust is not None:  # the surrogate also under the soft-prompt attack's embedding
                 if micro == 0:
                     run.robust.maybe_refresh(global_step, accelerator.unwrap_model(unet), run.scheduler, step_conditioning)
+                plain_conditioning = step_conditioning
                 step_conditioning, s_ids = run.robust.augment(step_conditioning, s_ids)
             loss = selective_amnesia_loss(
                 unet, run.scheduler, step_conditioning, run.sur_latents[s_idx].to(run.weight_dtype), s_ids,
@@ -374,6 +376,12 @@ def training_step(run: ForgetRun, global_step: int):
                 replay_target=config.replay_target, base_unet=accelerator.unwrap_model(unet),
                 base_conditioning=conditioning, forget_min_timestep=config.forget_min_timestep,
             )
+            if run.robust is not None:  # the concept's own images trained away under the attack (with a surrogate prompt)
+                ablation = run.robust.ablation_loss(unet, accelerator.unwrap_model(unet), run.scheduler, plain_conditioning,
+                                                    step_conditioning, conditioning, config.train_batch_size, gen,
+                                                    run.weight_dtype)
+                if ablation is not None:
+                    loss = replace(loss, total=loss.total + ablation, ablation=ablation.detach())
             check_finite_loss(loss, global_step + 1)
             accelerator.backward(loss.total)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -405,7 +413,7 @@ def training_loop(run: ForgetRun, global_step: int) -> tuple[int, dict]:
     device, sets = accelerator.device, run.sets
     run.sur_latents, run.sur_ids = sets.surrogate.latents.to(device), sets.surrogate.prompt_ids(sets.conditioning.prompts).to(device)
     run.rep_latents, run.rep_ids = sets.replay.latents.to(device), sets.replay.prompt_ids(sets.conditioning.prompts).to(device)
-    run.robust = robust_trainer(config, sets.probe)
+    run.robust = robust_trainer(config, sets, device)
     progress = tqdm(range(run.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     run.unet.train()
     signal, signal_step = None, -1
@@ -559,12 +567,22 @@ def check_resume_step(state: dict, path: str, max_train_steps: int | None) -> No
                          f"{max_train_steps}; raise --max_train_steps to at least {state['step']} or resume an earlier checkpoint")
 
 
-def robust_trainer(config, probe):
-    """The ``--robust_forgetting`` attacker (``None`` without the flag), fitted to the probe's held-out concept images."""
+def robust_trainer(config, sets: TrainingSets, device):
+    """The ``--robust_forgetting`` attacker (``None`` without the flag), fitted to the probe's held-out concept images,
+    with the sets phase's concept images to ablate (when there is a surrogate prompt to ablate them towards)."""
     if not config.robust_forgetting:
         return None
-    latents = [c.images() for c, _ in probe.concepts]
-    return AdversarialSoftPrompt(config.forget_prompts, latents, seed=config.seed)
+    latents = [c.images() for c, _ in sets.probe.concepts]
+    ablation = {}
+    if sets.robust_concepts is None:
+        logger.warning("--robust_forgetting without a --surrogate_prompt: the surrogate is trained under the attack, but "
+                       "the concept-ablation term, which needs a prompt to ablate the concept towards, is off (on zero it "
+                       "took the soft-prompt attack from 0.98 to 0.40; benchmarks/RESULTS.md section 7)")
+    else:
+        ablation = {"ablation_latents": sets.robust_concepts.latents.to(device),
+                    "ablation_concepts": sets.robust_concepts.prompt_ids(config.forget_prompts),
+                    "anchor_prompts": config.paired_surrogate_prompts()}
+    return AdversarialSoftPrompt(config.forget_prompts, latents, seed=config.seed, **ablation)
 
 
 def measure_forgetting(run: ForgetRun, attacked: bool = False) -> dict:

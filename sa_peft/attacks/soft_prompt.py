@@ -61,19 +61,17 @@ def perturbed(conditioning: PromptConditioning, delta: torch.Tensor) -> PromptCo
 
 
 def optimise_soft_prompt(unet, scheduler, conditioning: PromptConditioning, latents: torch.Tensor, steps: int,
-                         lr: float, epsilon: float, batch_size: int, seed: int,
-                         init: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+                         lr: float, epsilon: float, batch_size: int, seed: int) -> tuple[torch.Tensor, list[float]]:
     """δ that lowers ``unet``'s (the denoiser's) diffusion loss on ``latents`` under ``conditioning``'s first row + δ,
-    starting from ``init`` (zeros by default; robust training warm-starts from the previous δ). ``scheduler`` is the
-    training noise (``noise_scheduler_for``): its timestep density and loss, DDPM or flow matching."""
+    starting from zero. ``scheduler`` is the training noise (``noise_scheduler_for``): its timestep density and loss,
+    DDPM or flow matching."""
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
     conditioning = conditioning.to(device)
     hidden = conditioning.encoder_hidden_states[:1].to(torch.float32)
     conditioning = replace(conditioning, encoder_hidden_states=hidden)  # e + δ summed in float32, then cast
     mask = perturbable(hidden)
-    start = torch.zeros_like(hidden) if init is None else init.to(device, torch.float32).clone()
-    delta = project(start, hidden, epsilon, mask).requires_grad_(True)
+    delta = torch.zeros_like(hidden).requires_grad_(True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
