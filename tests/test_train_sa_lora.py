@@ -277,11 +277,16 @@ def _launch(args, env_extra=None, num_processes=1):
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_pipe_dir, replay_file, tmp_path):
+    """Two DDP processes, with --robust_forgetting's concept-ablation term: a second forward pass through the
+    DDP-wrapped UNet before the one backward."""
     out = tmp_path / "ddp"
-    cmd, env = _launch(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_type", "noise", "--max_train_steps", "3"), num_processes=2)
-    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    cmd, env = _launch(tiny_args(tiny_pipe_dir, replay_file, out, "--surrogate_prompt", "a middle aged man",
+                                 "--robust_forgetting", "--max_train_steps", "3", "--train_full_budget"), num_processes=2)
+    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(entry["ablation"] > 0 for entry in log)
     fresh = build_tiny_pipeline()
     fresh.load_lora_weights(str(out))
     assert sample(fresh).shape == (1, 32, 32, 3)
