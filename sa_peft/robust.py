@@ -16,9 +16,9 @@ frozen model's held-out images of the concept, and
 Why both, and these settings (digits, seed 0, soft prompt at ε = 1, benchmarks/RESULTS.md section 7): surrogate
 pairing alone left the attack at 0.98 on zero and 0.72 on three; with the ablation term but the earlier attacker
 (20 steps, warm-started) the in-loop attack was beaten on zero and the real one (200 steps) was not (1.00, Fréchet
-distance +16.6 %); with the stronger in-loop attacker (100 steps, refitted from zero) the attack succeeds on 0.40 of
-zeros, 0.34 of threes and 0.06 of sevens, at the cost of 1,000 steps and, on seven, a Fréchet distance 11 % above
-the base model's.
+distance +16.6 %); with the stronger in-loop attacker (100 steps, refitted from zero) the attack succeeds on 0.34–0.40
+of zeros, 0.16–0.34 of threes (seeds 0 and 1) and 0.06 of sevens, at the cost of 1,000 steps and, on seven, a
+Fréchet distance 11 % above the base model's.
 
 Every family the training script trains takes it: δ perturbs the context the denoiser attends to (the UNets'
 cross-attention states, SD3's joint CLIP + T5 context, FLUX's T5 states), and every other field of the
