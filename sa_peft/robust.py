@@ -13,7 +13,7 @@ frozen model's held-out images of the concept, and
   model's prediction under the forget prompt (half the batch) or under its perturbed embedding (the other half)
   is trained towards the frozen model's prediction under the surrogate prompt (``ablation_loss``).
 
-Why both, and these settings (digits, seed 0, soft prompt at ε = 1, benchmarks/RESULTS.md section 7): surrogate
+Why both, and these settings (digits, soft prompt at ε = 1, benchmarks/RESULTS.md section 7): surrogate
 pairing alone left the attack at 0.98 on zero and 0.72 on three; with the ablation term but the earlier attacker
 (20 steps, warm-started) the in-loop attack was beaten on zero and the real one (200 steps) was not (1.00, Fréchet
 distance +16.6 %); with the stronger in-loop attacker (100 steps, refitted from zero) the attack succeeds on 0.34–0.40
