@@ -87,7 +87,7 @@ def robust_concept_set(pipe, config, generation: dict, common: dict) -> ImageSet
     (``sa_peft.robust``). ``None`` otherwise: without a surrogate prompt there is no prediction to ablate towards."""
     if not config.robust_forgetting or None in config.paired_surrogate_prompts():
         return None
-    from .robust import ABLATION_IMAGES_PER_PROMPT
+    from .robust import ABLATION_IMAGES_PER_PROMPT  # here: robust.py imports the attacks package and its classifiers
 
     n = ABLATION_IMAGES_PER_PROMPT
     settings = {**generation, "prompts": config.forget_prompts, "per_prompt": n, "robust": "concept"}

@@ -73,7 +73,7 @@ class AdversarialSoftPrompt:
         self.concept_latents = list(concept_latents)
         self.every, self.attack_steps, self.epsilon, self.lr = every, attack_steps, epsilon, lr
         self.batch_size, self.seed = batch_size, seed
-        if (ablation_latents is None) != (anchor_prompts is None) or (ablation_latents is None) != (ablation_concepts is None):
+        if len({ablation_latents is None, ablation_concepts is None, anchor_prompts is None}) > 1:
             raise ValueError("ablation_latents, ablation_concepts and anchor_prompts go together")
         self.ablation_latents, self.ablation_concepts = ablation_latents, ablation_concepts
         self.anchor_prompts = None if anchor_prompts is None else list(anchor_prompts)
