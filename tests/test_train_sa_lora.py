@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +258,26 @@ def test_optional_backends_give_clear_errors(train, replay_file, tmp_path, monke
         train.resolve_defaults(train.parse_args(base + ["--use_8bit_adam"]))
     with pytest.raises(ImportError, match="xformers"):
         train.resolve_defaults(train.parse_args(base + ["--enable_xformers_memory_efficient_attention"]))
+
+
+def test_one_thread_under_accelerate_launch_on_a_multi_core_cpu_is_reported(train, monkeypatch, caplog):
+    """accelerate launch without a config pins OMP_NUM_THREADS=1: the run says how to use the idle cores."""
+    from accelerate import PartialState
+
+    PartialState()  # the script logs through accelerate's logger
+    cpu_process = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    for threads, warned in ((1, True), (2, False)):
+        monkeypatch.setattr(train.torch, "get_num_threads", lambda n=threads: n)
+        caplog.clear()
+        train.warn_if_cores_idle(cpu_process)
+        assert ("accelerate config default" in caplog.text) == warned, threads
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")  # plain `python train_sa_lora.py`: OMP_NUM_THREADS was the user's
+    monkeypatch.setattr(train.torch, "get_num_threads", lambda: 1)
+    caplog.clear()
+    train.warn_if_cores_idle(cpu_process)
+    assert caplog.text == ""
 
 
 def test_bad_resolution_is_refused(train, tiny_pipe_dir, replay_file, tmp_path):
