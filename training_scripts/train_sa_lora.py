@@ -197,7 +197,7 @@ def train(config: SelectiveAmnesiaConfig):
 def warn_if_cores_idle(accelerator: Accelerator) -> None:
     """Say so when ``accelerate launch`` left one CPU process on one thread. Without an accelerate config it sets
     OMP_NUM_THREADS=1 (it assumes one process per GPU); a config written on a CPU-only machine (``accelerate config
-    default``: use_cpu) gives each process the cores instead. README's main job, idle 2-core machine: 4 min 05 s on one
+    default``: use_cpu) gives each process the cores instead. README's main job, idle 2-core machine: 4 min 06 s on one
     thread, 2 min 47 s on two, the same adapter."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by accelerate launch for the processes it starts
