@@ -9,6 +9,8 @@ A checkpoint folder holds:
                                 with sa-peft's metadata: ``pipe.load_lora_weights(checkpoint_folder)`` loads it
     lora_<model>.safetensors    the peft state dict of each trained model (unet, text_encoder), for resuming
     optimizer.safetensors       every tensor of the optimizer state, keyed ``<param index>/<name>``
+    robust_best_lora.safetensors  with --robust_forgetting, the trained tensors of the state chosen so far to ship
+                                (``sa_peft.robust.LeastAttackedState``), when there is one
     training_state.json         the step, the run's training settings, the scheduler and optimizer
                                 scalars, the grad scaler (fp16) and the loop's own state
 """
@@ -28,6 +30,7 @@ from .io_utils import share_tree, write_json_atomic
 CHECKPOINT_FORMAT = "sa-peft-checkpoint/1"
 STATE_NAME = "training_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
+ROBUST_BEST_NAME = "robust_best_lora.safetensors"
 
 
 def lora_file_name(model_name: str) -> str:

@@ -223,8 +223,11 @@ class SelectiveAmnesiaConfig:
         False, "adversarial training against the soft-prompt attack (sa-peft attack): every 25 steps a bounded "
                "perturbation of the forget prompt's embedding is fitted to bring the concept back, half of each "
                "surrogate batch is paired with it and, with a surrogate prompt, the frozen model's images of the "
-               "concept are trained towards the surrogate under the prompt and under the perturbation; the run counts "
-               "as forgotten only when the concept is also forgotten under that perturbation", action="store_true")
+               "concept are trained towards the surrogate under the prompt and under the perturbation. Every 100 steps a "
+               "state that forgets under the plain prompt with retention inside its bound is attacked as sa-peft attack "
+               "does (200 steps, 16 samples judged by the frozen model); the state the attack served worst ships, and "
+               "counts as forgotten only when at most a tenth of its attacked samples read as the concept",
+               action="store_true")
     lora_alpha: float | None = _flag(None, "LoRA alpha; default: the rank", type=float, check=POSITIVE)
     use_rslora: bool = _flag(False, "rank-stabilised LoRA scaling alpha/sqrt(rank)", action="store_true")
     lora_target: str = _flag("all", f"preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names" + D)

@@ -64,6 +64,10 @@ SAMPLE_CHECK_MAX_PROMPTS = 16
 # 0.031, and in the pair four + seven only 76 % of four's samples became fives (benchmarks/RESULTS.md, section 0; the
 # surrogate reading below fixed it).
 SAMPLE_CHECK_GATE = 0.5
+# --robust_forgetting's verdict under attack (sa_peft.robust.with_attack_check): the shipped state's samples under the
+# attack check's δ read as the concept at most this often, the robust mode's target for the soft-prompt attack
+# (success ≤ 10 %); of 16 samples, one.
+ATTACKED_SHARE_BOUND = 0.1
 # ... and the samples must be read as the surrogate about as often as the held-out surrogate images are: no longer the
 # concept is not enough. Digits, four + seven → five + eight (seed 0): with the first condition alone the run stopped
 # with P(four) 0.008 but only 0.76 of four's samples read as five (8 of 50 as eight, the other concept's surrogate). The
@@ -458,6 +462,9 @@ def verdict_lines(forgetting: dict) -> list[str]:
     for prompt, c in concepts.items():
         attacked = (f", {c['attacked_preference']:+.3f} under the soft-prompt attack (`robust_forgetting`)"
                     if "attacked_preference" in c else "")
+        if "attacked_sample_share" in c:
+            attacked += (f"; under the attack check's δ {c['attacked_sample_share']:.2f} of the samples read as the "
+                         f"concept (at most {ATTACKED_SHARE_BOUND:.2f} to count forgotten)")
         check = c.get("sample_check")
         sampled = f"; {sample_check_text(check)}" if check else ""
         threshold = forgetting.get("threshold")
@@ -467,7 +474,23 @@ def verdict_lines(forgetting: dict) -> list[str]:
         lines.append(f"{prompt!r}: preference {c['preference']:+.3f}{attacked} (base model 1, {rule}): "
                      f"{'forgotten' if c['forgotten'] else 'not forgotten'}{sampled}"
                      f"{lenient}")
+    selection = forgetting.get("robust_selection")
+    if selection is not None:
+        lines.append(robust_selection_text(selection, forgetting.get("trained_steps")))
     return lines
+
+
+def robust_selection_text(selection: dict, trained_steps: int | None) -> str:
+    """``--robust_forgetting``'s choice of the shipped state (``sa_peft.robust.LeastAttackedState``) in words."""
+    ordered = sorted(selection["checks"].items(), key=lambda item: int(item[0]))  # JSON keys are strings
+    checks = ", ".join(f"{step}: {'-' if share is None else f'{share:.2f}'}" for step, share in ordered)
+    rule = (f"states checked (step: share of {selection['num_samples']} samples under a soft-prompt attack fitted in "
+            f"{selection['attack_steps']} steps that the frozen model reads as the concept; '-': not forgotten under the "
+            f"plain prompt or retention outside its bound) {checks}")
+    if selection["chosen_step"] is None:
+        return f"robust forgetting: no state checked was a candidate, so the last ships; {rule}"
+    return (f"robust forgetting: ships the state of step {selection['chosen_step']} of {trained_steps} (attacked samples "
+            f"read as the concept: {selection['attacked_sample_share']:.2f}, the fewest); {rule}")
 
 
 def sample_check_text(check: dict) -> str:
@@ -495,6 +518,14 @@ def forgetting_warning(forgetting: dict) -> str | None:
                 "held-out images may say forgotten. Try another --forget_min_timestep, a larger step budget "
                 "(--max_train_steps with --train_full_budget), or a surrogate prompt (--surrogate_prompt) in place "
                 "of noise.")
+    attacked = {p: c["attacked_sample_share"] for p, c in concepts.items()
+                if c.get("attacked_sample_share", 0.0) > ATTACKED_SHARE_BOUND}
+    if attacked and not forgetting["reached"]:
+        return (f"WARNING: the concept was NOT forgotten under the soft-prompt attack: of the samples of the state "
+                f"shipped (the least attacked one checked, --robust_forgetting), {attacked} read as the concept under "
+                f"the attack check's perturbation (at most {ATTACKED_SHARE_BOUND:.2f} to count forgotten). Score it "
+                "with `sa-peft attack` before you ship it; a larger --max_train_steps gives the run more states to "
+                "choose from (not measured: on digits the check never read three below 0.31 in 1,000 steps, seeds 0 and 1).")
     if not forgetting["reached"]:
         attacked = any("attacked_preference" in c for c in concepts.values())
         return ("WARNING: the concept was NOT forgotten: the adapted model still prefers its own images of "

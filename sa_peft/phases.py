@@ -36,6 +36,7 @@ class TrainingSets:
     replay_settings: dict  # the replay set's cache key (the Fisher's cache key includes it)
     num_replay_images_per_prompt: int  # as generated: enough for the Fisher's samples too
     robust_concepts: ImageSet | None = None  # --robust_forgetting's concept-ablation images (``robust_concept_set``)
+    attack_check: ImageSet | None = None  # --robust_forgetting's held-out concept images for the attack check
 
 
 def generation_settings(config, resolution: int, model_key: str) -> dict:
@@ -78,7 +79,8 @@ def build_training_sets(pipe, config, resolution: int, model_key: str, scheduler
                                   resolution, guidance_scale=config.generation_guidance_scale)
     probe = build_forgetting_probe(pipe, config, generation, sur_settings, conditioning, scheduler, common)
     return TrainingSets(surrogate, replay, conditioning, probe, rep_settings, per_prompt,
-                        robust_concept_set(pipe, config, generation, common))
+                        robust_concept_set(pipe, config, generation, common),
+                        attack_check_set(pipe, config, generation, common))
 
 
 def robust_concept_set(pipe, config, generation: dict, common: dict) -> ImageSet | None:
@@ -93,6 +95,20 @@ def robust_concept_set(pipe, config, generation: dict, common: dict) -> ImageSet
     settings = {**generation, "prompts": config.forget_prompts, "per_prompt": n, "robust": "concept"}
     return generate_replay_set(pipe, os.path.join(config.output_dir, "cache", f"robust-concept-{settings_key(settings)}"),
                                config.forget_prompts, n, seed=config.seed + 8_000_000, **common)
+
+
+def attack_check_set(pipe, config, generation: dict, common: dict) -> ImageSet | None:
+    """``--robust_forgetting``: the frozen model's own images of each forget prompt that the check choosing the shipped
+    state fits its attack on (``sa_peft.robust.LeastAttackedState``), as many as ``sa-peft attack`` fits on, with
+    seeds of their own: neither trained on nor the probe's. ``None`` without the flag."""
+    if not config.robust_forgetting:
+        return None
+    from .robust import ABLATION_IMAGES_PER_PROMPT
+
+    n = ABLATION_IMAGES_PER_PROMPT
+    settings = {**generation, "prompts": config.forget_prompts, "per_prompt": n, "robust": "attack check"}
+    return generate_replay_set(pipe, os.path.join(config.output_dir, "cache", f"attack-check-{settings_key(settings)}"),
+                               config.forget_prompts, n, seed=config.seed + 9_000_000, **common)
 
 
 def build_forgetting_probe(pipe, config, generation: dict, sur_settings: dict, conditioning: PromptConditioning,

@@ -22,6 +22,12 @@ Fréchet distance 11 % above the base model's. Those rates are the last step's: 
 checkpoints every 100 steps) the attack read 0.10 at step 500, 0.02 at 900 and 0.34 at 1,000, and the attacked
 preference, from a δ of ``attack_steps`` = 100, does not order those checkpoints (the attack's own 200-step δ does).
 
+The run ships the state the attack serves worst, not the last one (``LeastAttackedState``): every
+``SELECTION_EVERY`` steps, a state that forgets under the plain prompt with retention inside its bound is attacked as
+``sa-peft attack`` attacks (a δ of ``SELECTION_ATTACK_STEPS`` from zero, on 64 held-out images of the concept), its
+``SELECTION_NUM_SAMPLES`` samples under δ judged by the frozen model; the one with the fewest read as the concept
+ships, and the adapter's ``forgetting`` entry says which step that is and what each check read.
+
 Every family the training script trains takes it: δ perturbs the context the denoiser attends to (the UNets'
 cross-attention states, SD3's joint CLIP + T5 context, FLUX's T5 states), and every other field of the
 conditioning (pooled embeddings, SDXL's time ids, FLUX's text ids and guidance) stays the prompt's own.
@@ -37,6 +43,7 @@ import torch
 from .attacks.soft_prompt import optimise_soft_prompt
 from .conditioning import PromptConditioning
 from .diffusion_loss import model_prediction, per_sample_diffusion_loss, sample_timesteps
+from .forgetting import ATTACKED_SHARE_BOUND, sample_check_gate
 from .objective import adapters_disabled
 
 DEFAULT_EVERY = 25
@@ -46,6 +53,12 @@ DEFAULT_EPSILON = 1.0  # the attack's default bound, so training meets the attac
 DEFAULT_LR = 1e-2
 DEFAULT_ABLATION_WEIGHT = 1.0  # 10 took zero to 0.04 but three to 0.94 and seven to 0.38 (RESULTS.md section 7)
 ABLATION_IMAGES_PER_PROMPT = 64  # as many as the attack trains its δ on
+# The shipped state's choice (``LeastAttackedState``): every 100 steps (zero, seed 1, checkpoints every 100 steps: the
+# attack read 0.94 ... 0.10 (500) ... 0.02 (900), 0.34 (1,000)), a δ fitted as sa-peft attack fits its own (200
+# steps from zero; 100 steps read 0.00-0.06 on every adapter, 200 ranked them as the attack does) and 16 samples.
+SELECTION_EVERY = 100
+SELECTION_ATTACK_STEPS = 200
+SELECTION_NUM_SAMPLES = 16
 
 
 def with_attack(signal: dict, attacked: dict) -> dict:
@@ -57,6 +70,108 @@ def with_attack(signal: dict, attacked: dict) -> dict:
                 for p, c in signal["concepts"].items()}
     return {**signal, "concepts": concepts, "reached": all(c["forgotten"] for c in concepts.values()),
             "max_preference": max(signal["max_preference"], attacked["max_preference"])}
+
+
+def plainly_forgotten(concept: dict, threshold: float, gate: float) -> bool:
+    """Whether a concept of a robust run's signal is forgotten under its plain forget prompt (``with_attack`` folds the
+    attack into "forgotten"): its preference at most ``threshold`` or, once its samples were checked (a surrogate
+    prompt), at most ``gate`` with the sample check passed."""
+    check = concept.get("sample_check")
+    if check is not None:
+        return concept["preference"] <= gate and bool(check["forgotten"])
+    return concept["preference"] <= threshold
+
+
+class LeastAttackedState:
+    """The adapter state a ``--robust_forgetting`` run ships: of the states checked (``offer``: every
+    ``SELECTION_EVERY`` steps and the last one) that forget the concept under the plain prompt with retention inside
+    its bound, the one whose samples under a freshly fitted soft-prompt attack read as the concept least often (the
+    later one on a tie). The adversarial game does not settle: along one run the attack's success went 0.10 (step
+    500), 0.52, 0.30, 0.02 (900), 0.34 (1,000, the state shipped before), benchmarks/RESULTS.md section 7.
+
+    ``params``: the trained tensors, in a fixed order (the saved copy is theirs, restored in place)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], every: int = SELECTION_EVERY):
+        self.params, self.every = list(params), every
+        self.attack_steps, self.num_samples = SELECTION_ATTACK_STEPS, SELECTION_NUM_SAMPLES  # the check's budget
+        self.shares: dict[int, float | None] = {}  # step → the attacked samples' share read as the concept (None: not eligible)
+        self.best_step: int | None = None
+        self.best_share: float | None = None  # the largest of the chosen state's shares, one per forget prompt
+        self.best_shares: dict[str, float] | None = None
+        self.best_tensors: list[torch.Tensor] | None = None
+        self.last_step = 0
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether the state at ``step`` is to be checked: ``every`` steps after the last check, and the last step."""
+        return last or step - self.last_step >= self.every
+
+    def offer(self, step: int, shares: dict[str, float] | None) -> None:
+        """Record the check at ``step`` (``shares``: per forget prompt, the attacked samples' share read as the
+        concept; None: the state does not forget plainly or retain, not a candidate) and keep a copy of the weights
+        when they are the best so far (the largest share decides)."""
+        self.last_step = step
+        share = None if shares is None else max(shares.values())
+        self.shares[step] = share
+        if share is not None and (self.best_share is None or share <= self.best_share):
+            self.best_step, self.best_share, self.best_shares = step, share, dict(shares)
+            self.best_tensors = [p.detach().clone() for p in self.params]
+
+    def restore(self) -> int | None:
+        """Put the chosen weights back in place; the chosen step (``None``, weights untouched, without a candidate)."""
+        if self.best_tensors is None:
+            return None
+        with torch.no_grad():
+            for param, saved in zip(self.params, self.best_tensors, strict=True):
+                param.copy_(saved.to(param.device, param.dtype))
+        return self.best_step
+
+    def summary(self) -> dict:
+        """What the adapter's metadata says about the choice (``forgetting["robust_selection"]``)."""
+        return {"chosen_step": self.best_step, "attacked_sample_share": self.best_share,
+                "checks": {str(k): v for k, v in self.shares.items()}, "attack_steps": self.attack_steps,
+                "num_samples": self.num_samples}
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The JSON part and the tensors, for a checkpoint."""
+        tensors = {} if self.best_tensors is None else {str(i): t.cpu().contiguous() for i, t in enumerate(self.best_tensors)}
+        return {"shares": {str(k): v for k, v in self.shares.items()}, "best_step": self.best_step,
+                "best_share": self.best_share, "best_shares": self.best_shares, "last_step": self.last_step}, tensors
+
+    def load(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of ``state``."""
+        self.shares = {int(k): v for k, v in state["shares"].items()}
+        self.best_step, self.best_share, self.last_step = state["best_step"], state["best_share"], state["last_step"]
+        self.best_shares = state["best_shares"]
+        self.best_tensors = [tensors[str(i)] for i in range(len(self.params))] if tensors else None
+
+
+def with_attack_check(signal: dict, shares: dict[str, float] | None) -> dict:
+    """The verdict of a robust run's shipped state: a concept is forgotten when it is forgotten under the plain prompt
+    (``plainly_forgotten``) and at most ``ATTACKED_SHARE_BOUND`` of its samples under the attack check's δ read as the
+    concept (``shares``, per forget prompt: ``LeastAttackedState.best_shares``; ``None`` when no state was a
+    candidate, so none was checked under the attack). It replaces the attacked preference's say: that measure, from
+    a 100-step δ, did not order the checkpoints the attack ranks (benchmarks/RESULTS.md section 7)."""
+    gate = sample_check_gate(signal["threshold"])
+    shares = shares or {}
+    concepts = {}
+    for prompt, c in signal["concepts"].items():
+        share = shares.get(prompt)
+        concepts[prompt] = {**c, **({} if share is None else {"attacked_sample_share": share}),
+                            "forgotten": (plainly_forgotten(c, signal["threshold"], gate) and share is not None
+                                          and share <= ATTACKED_SHARE_BOUND)}
+    return {**signal, "concepts": concepts, "reached": all(c["forgotten"] for c in concepts.values())}
+
+
+def fit_check_delta(unet, scheduler, conditioning: PromptConditioning, prompt: str, latents: torch.Tensor,
+                    steps: int, seed: int) -> torch.Tensor:
+    """The δ of ``LeastAttackedState``'s check for ``prompt``: fitted as ``sa-peft attack --attack soft_prompt`` fits
+    its own (from zero, ``steps`` Adam steps, its learning rate, bound and batch) on ``latents``."""
+    row = conditioning.index_of(prompt)
+    pick = lambda t: None if t is None else t[row:row + 1]
+    single = replace(conditioning, prompts=[prompt], encoder_hidden_states=pick(conditioning.encoder_hidden_states).detach(),
+                     text_embeds=pick(conditioning.text_embeds), time_ids=pick(conditioning.time_ids))
+    delta, _ = optimise_soft_prompt(unet, scheduler, single, latents, steps, DEFAULT_LR, DEFAULT_EPSILON, 16, seed)
+    return delta
 
 
 class AdversarialSoftPrompt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -246,3 +247,17 @@ def test_argparse_errors_exit_with_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["generate", "surrogate", "--output_dir", str(tmp_path), "--surrogate_type", "pink"])
     assert info.value.code == 2
+
+
+def test_every_help_text_renders():
+    """argparse formats each help string with ``%``: a bare percent sign in one (such as "10 %") breaks ``--help``
+    of the whole command, and nothing else reads the help texts."""
+    from train_helpers import load_train_module
+
+    from sa_peft.cli import SUBCOMMANDS, build_parser
+
+    train_help = load_train_module().build_parser().format_help()
+    assert "--robust_forgetting" in train_help and "--require_forgetting" in train_help
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in SUBCOMMANDS:
+        assert "usage: sa-peft " + name in subparsers.choices[name].format_help()

@@ -14,6 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from train_helpers import hand_flow_losses, load_train_module, run_training, sample
 
+from sa_peft import robust as robust_module
 from sa_peft.adapter_io import read_adapter_metadata
 from sa_peft.conditioning import encode_prompts
 from sa_peft.data import _decode_to_pil, check_resolution, default_resolution, generate_replay_set
@@ -236,15 +237,23 @@ def test_unet_only_flags_are_refused_for_flux(flux_dir, replay_file, tmp_path, t
 
 
 @pytest.mark.slow  # a whole tiny run with the in-loop attack (~20 s)
-def test_robust_forgetting_on_flux_attacks_with_the_guidance_embedding(flux_dir, replay_file, tmp_path):
+def test_robust_forgetting_on_flux_attacks_with_the_guidance_embedding(flux_dir, replay_file, tmp_path, monkeypatch):
     """``--robust_forgetting`` on a guidance-distilled FLUX: the attack's δ is fitted and its signal measured
-    through FLUX's own call (text ids, guidance, pooled CLIP), and the adapter reloads."""
+    through FLUX's own call (text ids, guidance, pooled CLIP), and the adapter reloads. The last state is made a
+    candidate of the attack check (``LeastAttackedState``): its δ fitted on T5's states, its samples drawn under it."""
     out = tmp_path / "flux-robust"
-    pipe = run_training(load_train_module(), flux_dir, out, replay_file, "--forget_prompt", "brad pitt",
+    train = load_train_module()
+    monkeypatch.setattr(train, "plainly_forgotten", lambda *args: True)
+    monkeypatch.setattr(robust_module, "SELECTION_ATTACK_STEPS", 5)  # the check's path, not its budget (200)
+    monkeypatch.setattr(robust_module, "SELECTION_NUM_SAMPLES", 2)
+    pipe = run_training(train, flux_dir, out, replay_file, "--forget_prompt", "brad pitt",
                         "--surrogate_prompt", "a middle aged man", "--resolution", str(SIDE),
-                        "--generation_guidance_scale", "3.5", "--robust_forgetting", "--train_full_budget")
+                        "--generation_guidance_scale", "3.5", "--robust_forgetting", "--train_full_budget",
+                        "--retention_bound", "1e9")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert math.isfinite(log[-1]["attacked_preference/brad pitt"]) and math.isfinite(log[-1]["preference/brad pitt"])
+    assert 0 <= log[-1]["attacked_sample_share/brad pitt"] <= 1
+    assert read_adapter_metadata(out)["sa_peft"]["forgetting"]["robust_selection"]["chosen_step"] == 3
     assert all(entry["ablation"] > 0 for entry in log)  # the concept-ablation term, on flow matching too
     assert "attacked_preference" in read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]
     fresh = FluxPipeline.from_pretrained(str(flux_dir), use_safetensors=True)

@@ -206,3 +206,114 @@ def test_with_a_surrogate_prompt_the_concept_ablation_term_is_trained(tiny_pipe_
     # ablation term: the term is in what is back-propagated, not only logged.
     assert abs(log[0]["replay"]) < 1e-9 and log[0]["ewc"] == 0
     assert log[0]["loss"] == pytest.approx(log[0]["forget"] + log[0]["ablation"], rel=1e-6)
+
+
+def test_least_attacked_state_keeps_the_least_attacked_candidate_and_restores_it():
+    param = torch.nn.Parameter(torch.zeros(2))
+    selection = robust_module.LeastAttackedState([param], every=100)
+    assert selection.restore() is None and torch.equal(param.data, torch.zeros(2))  # no candidate: untouched
+    assert selection.due(100, last=False) and not selection.due(99, last=False) and selection.due(7, last=True)
+    for step, shares in [(100, None), (200, {"a": 0.25, "b": 0.0}), (300, {"a": 0.5, "b": 0.0}),
+                         (400, {"a": 0.0, "b": 0.25}), (500, None)]:
+        param.data.fill_(step)
+        selection.offer(step, shares)
+    assert not selection.due(550, last=False) and selection.due(600, last=False)
+    state, tensors = selection.state()
+    resumed = robust_module.LeastAttackedState([param])
+    resumed.load(state, tensors)
+    for kept in (selection, resumed):
+        assert kept.restore() == 400 and torch.equal(param.data, torch.full((2,), 400.0))  # a tie goes to the later
+        param.data.fill_(-1)
+    assert selection.summary()["checks"] == {"100": None, "200": 0.25, "300": 0.5, "400": 0.25, "500": None}
+    assert resumed.best_shares == {"a": 0.0, "b": 0.25}  # the largest share of the prompts decides
+
+
+def test_a_robust_verdict_is_the_attack_checks_reading_of_the_shipped_state():
+    """Forgotten: forgotten under the plain prompt and at most ATTACKED_SHARE_BOUND (0.1) of the attacked samples read
+    as the concept; the attacked preference (+0.4 here) no longer decides."""
+    from sa_peft.forgetting import verdict_lines
+    from sa_peft.robust import with_attack_check
+
+    passed = {"forgotten": True, "sample_share": 0.0, "surrogate_share": 0.0, "sample_as_surrogate": 1.0,
+              "surrogate_as_surrogate": 1.0, "num_samples": 16}
+    concepts = {"plain": {"preference": -0.3, "attacked_preference": 0.4, "forgotten": False, "reference": "swap",
+                          "sample_check": passed},
+                "sampled_out": {"preference": 0.4, "forgotten": False, "reference": "swap", "sample_check": passed},
+                "failed_check": {"preference": -0.3, "forgotten": False, "reference": "swap",
+                                 "sample_check": {**passed, "forgotten": False}},
+                "no_check": {"preference": 0.05, "forgotten": False, "reference": "equal losses"}}
+    signal = {"concepts": concepts, "threshold": 0.1, "reached": False, "retained": True}
+    shares = {p: 0.0625 for p in concepts}
+    judged = with_attack_check(signal, shares)["concepts"]
+    assert {p: c["forgotten"] for p, c in judged.items()} == {"plain": True, "sampled_out": True, "failed_check": False,
+                                                               "no_check": True}
+    assert judged["plain"]["attacked_sample_share"] == 0.0625
+    assert not with_attack_check(signal, {**shares, "plain": 0.125})["concepts"]["plain"]["forgotten"]
+    one = {**signal, "concepts": {"plain": concepts["plain"]}}
+    assert with_attack_check(one, {"plain": 0.1})["reached"] and not with_attack_check(one, None)["reached"]
+    assert not with_attack_check({**one, "concepts": {"plain": {**concepts["plain"], "preference": 0.6}}},
+                                 {"plain": 0.0})["reached"]  # above the sample check's gate (0.5)
+    text = "\n".join(verdict_lines({**with_attack_check(one, {"plain": 0.125}), "trained_steps": 9, "retention": 0.0,
+                                    "retention_bound": 0.05}))
+    assert "NOT FORGOTTEN" in text and "under the attack check's δ 0.12 of the samples read as the concept" in text
+    from sa_peft.forgetting import forgetting_warning
+
+    warning = forgetting_warning({**with_attack_check(one, {"plain": 0.125}), "retention": 0.0, "retention_bound": 0.05})
+    assert warning.startswith("WARNING: the concept was NOT forgotten under the soft-prompt attack") and "{'plain': 0.125}" in warning
+    assert forgetting_warning({**with_attack_check(one, {"plain": 0.0625}), "retention": 0.0, "retention_bound": 0.05}) is None
+    selection = {"chosen_step": 900, "attacked_sample_share": 0.0, "checks": {"1000": 0.1875, "200": None, "900": 0.0},
+                 "attack_steps": 200, "num_samples": 16}
+    line = verdict_lines({**with_attack_check(one, {"plain": 0.0}), "trained_steps": 1000, "retention": 0.0,
+                          "retention_bound": 0.05, "robust_selection": selection})[-1]
+    assert line.startswith("robust forgetting: ships the state of step 900 of 1000 (attacked samples read as the concept: "
+                           "0.00, the fewest)") and line.endswith("200: -, 900: 0.00, 1000: 0.19")
+
+
+@pytest.mark.slow  # two tiny training runs and a resumed one: about 90 s
+def test_a_robust_run_ships_the_checked_state_the_attack_served_worst(tiny_pipe_dir, tmp_path, monkeypatch):
+    """Checks at steps 2, 4 and 6 (the last): the attacked samples read as the concept 0.5, 0 and 1 of the time, so the
+    state of step 4 ships, byte-equal to checkpoint-4's, and the metadata says so. The first run measures the real
+    check (δ fitted, samples drawn and judged) at every candidate; the second scripts the shares, and a third resumes
+    the second from checkpoint-4."""
+    from safetensors.torch import load_file
+
+    from sa_peft.adapter_io import read_adapter_metadata
+
+    train = load_train_module()
+    monkeypatch.setattr(train, "plainly_forgotten", lambda *args: True)  # every state a candidate
+    monkeypatch.setattr(robust_module, "SELECTION_ATTACK_STEPS", 5)  # the check's path, not its budget (200)
+    monkeypatch.setattr(robust_module, "SELECTION_NUM_SAMPLES", 2)
+    monkeypatch.setattr(train, "LeastAttackedState", lambda params: robust_module.LeastAttackedState(params, every=2))
+    measured = []
+    original = train.attacked_sample_shares
+    monkeypatch.setattr(train, "attacked_sample_shares",
+                        lambda run, step: measured.append((step, original(run, step))) or measured[-1][1])
+    replay = tmp_path / "replay.txt"
+    replay.write_text("a photo of a cat\n")
+    flags = ("--forget_prompt", "brad pitt", "--surrogate_prompt", "a middle aged man", "--robust_forgetting",
+             "--train_full_budget", "--max_train_steps", "6", "--forgetting_check_steps", "2", "--checkpointing_steps", "2",
+             "--retention_bound", "1e9")
+    run_training(train, tiny_pipe_dir, tmp_path / "real", replay, *flags)
+    assert [step for step, _ in measured] == [2, 4, 6]
+    assert all(set(shares) == {"brad pitt"} and 0 <= shares["brad pitt"] <= 1 for _, shares in measured)
+    log = [json.loads(line) for line in (tmp_path / "real" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "attacked_sample_share/brad pitt" in e] == [2, 4, 6]
+
+    scripted = iter([0.5, 0.0, 1.0])
+    monkeypatch.setattr(train, "attacked_sample_shares", lambda run, step: {"brad pitt": next(scripted)})
+    out = tmp_path / "scripted"
+    run_training(train, tiny_pipe_dir, out, replay, *flags)
+    shipped = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    at_four = load_file(str(out / "checkpoint-4" / "pytorch_lora_weights.safetensors"))
+    assert shipped.keys() == at_four.keys() and all(torch.equal(shipped[k], at_four[k]) for k in shipped)
+    selection = read_adapter_metadata(out)["sa_peft"]["forgetting"]["robust_selection"]
+    assert selection["chosen_step"] == 4 and selection["checks"] == {"2": 0.5, "4": 0.0, "6": 1.0}
+    assert (selection["attack_steps"], selection["num_samples"]) == (5, 2)
+    assert read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]["attacked_sample_share"] == 0.0
+
+    # Resumed from checkpoint-4, whose choice so far is step 4: step 6 reads worse again, and step 4's state still ships.
+    monkeypatch.setattr(train, "attacked_sample_shares", lambda run, step: {"brad pitt": 1.0})
+    run_training(train, tiny_pipe_dir, out, replay, *flags, "--resume_from_checkpoint", "checkpoint-4")
+    shipped = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(shipped[k], at_four[k]) for k in shipped)
+    assert read_adapter_metadata(out)["sa_peft"]["forgetting"]["robust_selection"]["chosen_step"] == 4

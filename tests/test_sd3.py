@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Stable
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from train_helpers import hand_flow_losses, load_train_module, reload_and_compare, run_training, sample
 
+from sa_peft import robust as robust_module
 from sa_peft.adapter_io import read_adapter_metadata
 from sa_peft.conditioning import check_prompt_clash, encode_prompts
 from sa_peft.data import _decode_to_pil, _encode_images, default_resolution, generate_replay_set
@@ -383,12 +384,21 @@ def test_sd3_training_through_the_script_reloads_identically(sd3_dir, replay_fil
 
 
 @pytest.mark.slow  # a whole tiny run with the in-loop attack (~15 s)
-def test_robust_forgetting_on_sd3_reloads_and_reports_the_attacked_signal(sd3_dir, replay_file, tmp_path):
+def test_robust_forgetting_on_sd3_reloads_and_reports_the_attacked_signal(sd3_dir, replay_file, tmp_path, monkeypatch):
+    """The last state made a candidate of the attack check (``LeastAttackedState``), so its δ is fitted on SD3's joint
+    context and its samples drawn under it."""
     out = tmp_path / "sd3-robust"
-    pipe = run_training(load_train_module(), sd3_dir, out, replay_file, "--forget_prompt", "brad pitt",
-                        "--surrogate_prompt", "a middle aged man", "--robust_forgetting", "--train_full_budget")
+    train = load_train_module()
+    monkeypatch.setattr(train, "plainly_forgotten", lambda *args: True)
+    monkeypatch.setattr(robust_module, "SELECTION_ATTACK_STEPS", 5)  # the check's path, not its budget (200)
+    monkeypatch.setattr(robust_module, "SELECTION_NUM_SAMPLES", 2)
+    pipe = run_training(train, sd3_dir, out, replay_file, "--forget_prompt", "brad pitt",
+                        "--surrogate_prompt", "a middle aged man", "--robust_forgetting", "--train_full_budget",
+                        "--retention_bound", "1e9")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert math.isfinite(log[-1]["attacked_preference/brad pitt"])
+    assert 0 <= log[-1]["attacked_sample_share/brad pitt"] <= 1
+    assert read_adapter_metadata(out)["sa_peft"]["forgetting"]["robust_selection"]["chosen_step"] == 3
     assert all(entry["ablation"] > 0 for entry in log)  # the concept-ablation term, on flow matching too
     assert "attacked_preference" in read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]
     reload_and_compare(sd3_dir, out, pipe)

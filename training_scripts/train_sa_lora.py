@@ -33,10 +33,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sa_peft.adapter_io import KOHYA_WEIGHT_NAME, export_kohya, save_forget_lora
-from sa_peft.checkpoints import load_checkpoint, read_checkpoint_state, save_checkpoint, settings_differences
+from sa_peft.checkpoints import (
+    ROBUST_BEST_NAME,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+    settings_differences,
+)
 from sa_peft.conditioning import check_prompt_clash, encode_prompts
 from sa_peft.config import DISTILL_REPLAY_WEIGHT, SelectiveAmnesiaConfig, training_info
 from sa_peft.data import check_resolution, default_resolution
@@ -67,7 +74,14 @@ from sa_peft.phases import (
     fisher_num_timesteps,
     load_or_estimate_fisher,
 )
-from sa_peft.robust import AdversarialSoftPrompt, with_attack
+from sa_peft.robust import (
+    AdversarialSoftPrompt,
+    LeastAttackedState,
+    fit_check_delta,
+    plainly_forgotten,
+    with_attack,
+    with_attack_check,
+)
 from sa_peft.run_lock import folder_lock
 from sa_peft.text_encoders import (
     TEXT_ENCODER_TARGETS,
@@ -175,12 +189,13 @@ def train(config: SelectiveAmnesiaConfig):
                 f"{accelerator.num_processes} process(es)")
     start = time.perf_counter()
     global_step, signal = training_loop(run, global_step)
+    signal = ship_least_attacked(run, global_step, signal)
     check_start = time.perf_counter()
     signal = check_samples(run, signal)
     timings["sample_check_s"] = time.perf_counter() - check_start + run.sample_check_s  # in training and at the end
     run.info = training_info(config, **run_facts(run, targets), trained_steps=global_step,
                              ewc_lambda_final=run.ewc_lambda.value,
-                             forgetting=forgetting_summary(signal, run.reached_step, global_step))
+                             forgetting=forgetting_summary(signal, run.reached_step, global_step, run.selection))
     report_forgetting(run.info["forgetting"])
     timings["training_s"] = time.perf_counter() - start
 
@@ -327,7 +342,8 @@ def prepare_training(config, accelerator, pipe, scheduler, sets: TrainingSets, t
                      lr_scheduler=lr_scheduler, learning_rate=learning_rate, max_train_steps=max_train_steps,
                      log_path=os.path.join(config.output_dir, "train_log.jsonl"), ewc_lambda=None, robust=None,
                      reached_step=None, previous_done=False, settings={}, info={}, validation_encoder=None,
-                     held_out_margins={}, sample_check_s=0.0)
+                     held_out_margins={}, sample_check_s=0.0,
+                     selection=LeastAttackedState(lora_params) if config.robust_forgetting else None)
 
 
 def resume_training(run: ForgetRun, resume_path: str | None, resume_state: dict | None) -> int:
@@ -340,6 +356,9 @@ def resume_training(run: ForgetRun, resume_path: str | None, resume_state: dict 
     loop = resume_state["loop"]  # λ moves with the signal: its state is the checkpoint's
     run.ewc_lambda.value, run.ewc_lambda.previous = loop["ewc_lambda"], loop["ewc_lambda_previous"]
     run.reached_step, run.previous_done = loop["reached_step"], loop["previous_done"]
+    if run.selection is not None and "robust_selection" in loop:
+        best = os.path.join(resume_path, ROBUST_BEST_NAME)
+        run.selection.load(loop["robust_selection"], load_file(best) if os.path.isfile(best) else {})
     logger.info(f"Resumed from {resume_path} at step {resume_state['step']}")
     return resume_state["step"]
 
@@ -442,6 +461,7 @@ def training_loop(run: ForgetRun, global_step: int) -> tuple[int, dict]:
         if global_step % config.forgetting_check_steps == 0 or global_step >= run.max_train_steps:
             signal, stop = check_forgetting(run, global_step, logs)
             signal_step = global_step
+            check_under_attack(run, global_step, signal, logs, last=stop or global_step >= run.max_train_steps)
         progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
         accelerator.log(logs, step=global_step)
         if accelerator.is_main_process:
@@ -463,11 +483,19 @@ def after_step(run: ForgetRun, global_step: int) -> None:
     if global_step % config.checkpointing_steps == 0 and global_step < run.max_train_steps:
         if accelerator.is_main_process:
             prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+        loop = {"ewc_lambda": run.ewc_lambda.value, "ewc_lambda_previous": run.ewc_lambda.previous,
+                "reached_step": run.reached_step, "previous_done": run.previous_done}
+        selection = None if run.selection is None else run.selection.state()
+        if selection is not None:
+            loop["robust_selection"] = selection[0]
+
+        def write_files(folder):
+            save_adapter(run, folder, {**run.info, "trained_steps": global_step})
+            if selection is not None and selection[1]:  # the chosen state so far, for a resumed run to ship
+                save_file(selection[1], os.path.join(folder, ROBUST_BEST_NAME))
+
         save_checkpoint(accelerator, config.output_dir, global_step, run.checkpoint_models, run.optimizer,
-                        run.lr_scheduler, run.settings,
-                        {"ewc_lambda": run.ewc_lambda.value, "ewc_lambda_previous": run.ewc_lambda.previous,
-                         "reached_step": run.reached_step, "previous_done": run.previous_done},
-                        write_lora=lambda folder: save_adapter(run, folder, {**run.info, "trained_steps": global_step}))
+                        run.lr_scheduler, run.settings, loop, write_lora=write_files)
     if accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step < run.max_train_steps:
         log_validation(accelerator, run.pipe, config.validation_prompts, config, run.resolution, global_step,
                        validation_embeddings_now(run))
@@ -632,6 +660,66 @@ def measure_under_attack(run: ForgetRun, global_step: int, logs: dict) -> dict:
     return attacked
 
 
+def check_under_attack(run: ForgetRun, global_step: int, signal: dict, logs: dict, last: bool) -> None:
+    """``--robust_forgetting``: offer the state to ``LeastAttackedState`` when due (every ``SELECTION_EVERY`` steps and
+    the last step). A state that forgets the concept under the plain prompt with retention inside its bound is
+    attacked (``attacked_sample_shares``); any other is recorded as no candidate without the attack's cost."""
+    if run.selection is None or not run.selection.due(global_step, last):
+        return
+    gate = sample_check_gate(signal["threshold"])
+    shares = None
+    if signal["retained"] and all(plainly_forgotten(c, signal["threshold"], gate) for c in signal["concepts"].values()):
+        start = time.perf_counter()
+        shares = on_main_process(run.accelerator, lambda: attacked_sample_shares(run, global_step))
+        run.sample_check_s += time.perf_counter() - start
+        logs.update({f"attacked_sample_share/{p}": v for p, v in shares.items()})
+    run.selection.offer(global_step, shares)
+
+
+def attacked_sample_shares(run: ForgetRun, global_step: int) -> dict[str, float]:
+    """{forget prompt: the share of the check's samples (``LeastAttackedState.num_samples``) under a soft-prompt attack
+    fitted to it now (``fit_check_delta``, on the sets phase's ``attack_check`` images) that the frozen model reads as
+    the concept}: ``sa-peft attack --attack soft_prompt`` in small, judged without a classifier."""
+    config, pipe = run.config, run.pipe
+    unet = run.accelerator.unwrap_model(run.unet)
+    conditioning = run.sets.conditioning
+    embeddings = validation_embeddings_now(run)
+    with torch.no_grad():
+        if run.prompt_encoder is not None:
+            conditioning = run.prompt_encoder(run.text_encoders)
+        if embeddings is None:  # SD 1.x/2.x, SDXL with --train_text_encoder: the trained encoders, now
+            embeddings = encode_for_sampling(pipe, config.forget_prompts, config.generation_guidance_scale)
+    check = run.sets.attack_check
+    attacked = {}
+    for i, prompt in enumerate(config.forget_prompts):
+        latents = check.latents[check.prompt_ids(config.forget_prompts) == i]
+        delta = fit_check_delta(unet, run.scheduler, conditioning, prompt, latents, run.selection.attack_steps,
+                                config.seed + global_step + 10_000_000 + i)
+        entry = embeddings[prompt]
+        if delta.shape != entry["prompt_embeds"].shape:
+            raise RuntimeError(f"the attack check's δ {tuple(delta.shape)} does not match the sampled embedding "
+                               f"{tuple(entry['prompt_embeds'].shape)} of {prompt!r}")
+        attacked[prompt] = {**entry, "prompt_embeds": entry["prompt_embeds"] + delta.cpu().to(entry["prompt_embeds"].dtype)}
+    margins = frozen_margins(run, config.forget_prompts, run.selection.num_samples, config.seed + 10_000_000, held_out=(),
+                             embeddings=attacked)
+    return {prompt: read_share(m["samples"]["concept"]) for prompt, m in margins.items()}
+
+
+def ship_least_attacked(run: ForgetRun, global_step: int, signal: dict) -> dict:
+    """``--robust_forgetting``: the chosen state (``LeastAttackedState``) put back in place when it is not the last
+    one, and the signal measured anew on it (the attack refitted to it), so the verdict describes what ships; the
+    verdict under the attack is the attack check's (``with_attack_check``). Without a candidate the last state ships."""
+    if run.selection is None:
+        return signal
+    chosen = run.selection.restore()
+    if chosen is not None and chosen != global_step:
+        logger.info(f"--robust_forgetting: shipping the state of step {chosen} (the soft-prompt attack's samples read "
+                    f"as the concept {run.selection.best_share:.2f} there; checks: {run.selection.shares})")
+        run.robust.refreshed_at = None  # the attack of the signal is refitted to the restored weights
+        signal = check_samples_in_training(run, current_signal(run, chosen, {}), {})
+    return with_attack_check(signal, run.selection.best_shares)
+
+
 def signal_log_entries(signal: dict) -> dict:
     """The signal's numbers for train_log.jsonl and the trackers: one preference per concept, retention."""
     entries = {f"preference/{prompt}": c["preference"] for prompt, c in signal["concepts"].items()}
@@ -712,16 +800,18 @@ def sample_margins(run: ForgetRun, prompts: list[str]) -> dict:
 
 
 def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: int,
-                   held_out: tuple[str, ...] = ("concept", "surrogate"), screen: bool = False) -> dict:
+                   held_out: tuple[str, ...] = ("concept", "surrogate"), screen: bool = False,
+                   embeddings: dict | None = None) -> dict:
     """{prompt: {"samples", *held_out}}: the frozen model's per-image margins (``sample_margins`` of the probe: its
     {"concept", "surrogate"} margins, the second only with a surrogate prompt) on ``num_images`` samples of the prompt by
     the adapted model as a user would draw them (the generation guidance and steps), and on the probe's held-out images
     named in ``held_out`` ("concept": its own images of the concept, "surrogate": the surrogate images). Those do not
     change during a run, so each is measured once. ``screen`` (with "surrogate" in ``held_out``): the samples' judge
     skips the replay prompts when the samples cannot reach the surrogate images' reading (``surrogate_reading_bar``).
-    In the main job the first three of six checks were such (0-2 of 16 samples read as the surrogate)."""
+    In the main job the first three of six checks were such (0-2 of 16 samples read as the surrogate). ``embeddings``:
+    what the prompts are sampled with (``encode_for_sampling``'s format), instead of the validation embeddings."""
     config, pipe, probe = run.config, run.pipe, run.sets.probe
-    embeddings = validation_embeddings_now(run)
+    embeddings = validation_embeddings_now(run) if embeddings is None else embeddings
     move_frozen_encoders(pipe, run.accelerator.device, config, text_encoders=embeddings is None)
     unet = run.accelerator.unwrap_model(run.unet)
     was_training = unet.training
@@ -749,9 +839,12 @@ def frozen_margins(run: ForgetRun, prompts: list[str], num_images: int, seed: in
     return margins
 
 
-def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: int) -> dict:
-    """The verdict written into the adapter's metadata (key ``forgetting``) and the model card."""
+def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: int,
+                       selection: LeastAttackedState | None = None) -> dict:
+    """The verdict written into the adapter's metadata (key ``forgetting``) and the model card; with
+    ``--robust_forgetting``, which state ships and why (``robust_selection``)."""
     return {
+        **({"robust_selection": selection.summary()} if selection is not None else {}),
         "reached": bool(signal["reached"]),
         "retained": bool(signal["retained"]),
         "reached_at_step": reached_step,
@@ -762,7 +855,8 @@ def forgetting_summary(signal: dict, reached_step: int | None, trained_steps: in
         "concepts": {p: {"preference": round(c["preference"], 6), "forgotten": bool(c["forgotten"]),
                          "reference": c["reference"],
                          **({"sample_check": c["sample_check"]} if "sample_check" in c else {}),
-                         **({"attacked_preference": round(c["attacked_preference"], 6)} if "attacked_preference" in c else {})}
+                         **({"attacked_preference": round(c["attacked_preference"], 6)} if "attacked_preference" in c else {}),
+                         **({"attacked_sample_share": c["attacked_sample_share"]} if "attacked_sample_share" in c else {})}
                      for p, c in signal["concepts"].items()},
         "signal": "preference = (surrogate loss − concept loss) / the base model's, under the forget prompt, "
                   "on held-out images; retention = drift of the predictions on held-out replay images from the "
