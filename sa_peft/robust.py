@@ -72,6 +72,15 @@ def with_attack(signal: dict, attacked: dict) -> dict:
             "max_preference": max(signal["max_preference"], attacked["max_preference"])}
 
 
+def prompt_row(conditioning: PromptConditioning, prompt: str) -> PromptConditioning:
+    """``prompt``'s row of ``conditioning``, its context detached (δ is what an attack fits); FLUX's text ids and
+    guidance carry over."""
+    row = conditioning.index_of(prompt)
+    pick = lambda t: None if t is None else t[row:row + 1]
+    return replace(conditioning, prompts=[prompt], encoder_hidden_states=pick(conditioning.encoder_hidden_states).detach(),
+                   text_embeds=pick(conditioning.text_embeds), time_ids=pick(conditioning.time_ids))
+
+
 def plainly_forgotten(concept: dict, threshold: float, gate: float) -> bool:
     """Whether a concept of a robust run's signal is forgotten under its plain forget prompt (``with_attack`` folds the
     attack into "forgotten"): its preference at most ``threshold`` or, once its samples were checked (a surrogate
@@ -166,11 +175,8 @@ def fit_check_delta(unet, scheduler, conditioning: PromptConditioning, prompt: s
                     steps: int, seed: int) -> torch.Tensor:
     """The δ of ``LeastAttackedState``'s check for ``prompt``: fitted as ``sa-peft attack --attack soft_prompt`` fits
     its own (from zero, ``steps`` Adam steps, its learning rate, bound and batch) on ``latents``."""
-    row = conditioning.index_of(prompt)
-    pick = lambda t: None if t is None else t[row:row + 1]
-    single = replace(conditioning, prompts=[prompt], encoder_hidden_states=pick(conditioning.encoder_hidden_states).detach(),
-                     text_embeds=pick(conditioning.text_embeds), time_ids=pick(conditioning.time_ids))
-    delta, _ = optimise_soft_prompt(unet, scheduler, single, latents, steps, DEFAULT_LR, DEFAULT_EPSILON, 16, seed)
+    delta, _ = optimise_soft_prompt(unet, scheduler, prompt_row(conditioning, prompt), latents, steps, DEFAULT_LR,
+                                    DEFAULT_EPSILON, 16, seed)
     return delta
 
 
@@ -210,13 +216,9 @@ class AdversarialSoftPrompt:
         self.refreshed_at = step
         self.last_losses = []
         for i, (prompt, latents) in enumerate(zip(self.forget_prompts, self.concept_latents)):
-            row = conditioning.index_of(prompt)
-            pick = lambda t, r=row: None if t is None else t[r:r + 1]
-            # The context detached: δ is what the attack fits. FLUX's text ids and guidance carry over.
-            single = replace(conditioning, prompts=[prompt], encoder_hidden_states=pick(conditioning.encoder_hidden_states).detach(),
-                             text_embeds=pick(conditioning.text_embeds), time_ids=pick(conditioning.time_ids))
-            self.deltas[i], history = optimise_soft_prompt(unet, scheduler, single, latents, self.attack_steps, self.lr,
-                                                           self.epsilon, self.batch_size, self.seed + step + i)
+            self.deltas[i], history = optimise_soft_prompt(unet, scheduler, prompt_row(conditioning, prompt), latents,
+                                                           self.attack_steps, self.lr, self.epsilon, self.batch_size,
+                                                           self.seed + step + i)
             self.last_losses.append(history[-1])
         return True
 
