@@ -89,12 +89,7 @@ def robust_concept_set(pipe, config, generation: dict, common: dict) -> ImageSet
     (``sa_peft.robust``). ``None`` otherwise: without a surrogate prompt there is no prediction to ablate towards."""
     if not config.robust_forgetting or None in config.paired_surrogate_prompts():
         return None
-    from .robust import ABLATION_IMAGES_PER_PROMPT  # here: robust.py imports the attacks package and its classifiers
-
-    n = ABLATION_IMAGES_PER_PROMPT
-    settings = {**generation, "prompts": config.forget_prompts, "per_prompt": n, "robust": "concept"}
-    return generate_replay_set(pipe, os.path.join(config.output_dir, "cache", f"robust-concept-{settings_key(settings)}"),
-                               config.forget_prompts, n, seed=config.seed + 8_000_000, **common)
+    return _robust_images(pipe, config, generation, common, "concept", "robust-concept", config.seed + 8_000_000)
 
 
 def attack_check_set(pipe, config, generation: dict, common: dict) -> ImageSet | None:
@@ -103,12 +98,17 @@ def attack_check_set(pipe, config, generation: dict, common: dict) -> ImageSet |
     seeds of their own: neither trained on nor the probe's. ``None`` without the flag."""
     if not config.robust_forgetting:
         return None
-    from .robust import ABLATION_IMAGES_PER_PROMPT
+    return _robust_images(pipe, config, generation, common, "attack check", "attack-check", config.seed + 9_000_000)
+
+
+def _robust_images(pipe, config, generation: dict, common: dict, role: str, prefix: str, seed: int) -> ImageSet:
+    """``ABLATION_IMAGES_PER_PROMPT`` frozen-model images of each forget prompt from ``seed`` on, cached as ``prefix-*``."""
+    from .robust import ABLATION_IMAGES_PER_PROMPT  # here: robust.py imports the attacks package and its classifiers
 
     n = ABLATION_IMAGES_PER_PROMPT
-    settings = {**generation, "prompts": config.forget_prompts, "per_prompt": n, "robust": "attack check"}
-    return generate_replay_set(pipe, os.path.join(config.output_dir, "cache", f"attack-check-{settings_key(settings)}"),
-                               config.forget_prompts, n, seed=config.seed + 9_000_000, **common)
+    settings = {**generation, "prompts": config.forget_prompts, "per_prompt": n, "robust": role}
+    return generate_replay_set(pipe, os.path.join(config.output_dir, "cache", f"{prefix}-{settings_key(settings)}"),
+                               config.forget_prompts, n, seed=seed, **common)
 
 
 def build_forgetting_probe(pipe, config, generation: dict, sur_settings: dict, conditioning: PromptConditioning,

@@ -105,10 +105,14 @@ class LeastAttackedState:
         self.attack_steps, self.num_samples = SELECTION_ATTACK_STEPS, SELECTION_NUM_SAMPLES  # the check's budget
         self.shares: dict[int, float | None] = {}  # step → the attacked samples' share read as the concept (None: not eligible)
         self.best_step: int | None = None
-        self.best_share: float | None = None  # the largest of the chosen state's shares, one per forget prompt
-        self.best_shares: dict[str, float] | None = None
+        self.best_shares: dict[str, float] | None = None  # the chosen state's share per forget prompt
         self.best_tensors: list[torch.Tensor] | None = None
         self.last_step = 0
+
+    @property
+    def best_share(self) -> float | None:
+        """The chosen state's largest share (the one that decides), ``None`` without a candidate."""
+        return None if self.best_shares is None else max(self.best_shares.values())
 
     def due(self, step: int, last: bool) -> bool:
         """Whether the state at ``step`` is to be checked: ``every`` steps after the last check, and the last step."""
@@ -122,7 +126,7 @@ class LeastAttackedState:
         share = None if shares is None else max(shares.values())
         self.shares[step] = share
         if share is not None and (self.best_share is None or share <= self.best_share):
-            self.best_step, self.best_share, self.best_shares = step, share, dict(shares)
+            self.best_step, self.best_shares = step, dict(shares)
             self.best_tensors = [p.detach().clone() for p in self.params]
 
     def restore(self) -> int | None:
@@ -144,13 +148,12 @@ class LeastAttackedState:
         """The JSON part and the tensors, for a checkpoint."""
         tensors = {} if self.best_tensors is None else {str(i): t.cpu().contiguous() for i, t in enumerate(self.best_tensors)}
         return {"shares": {str(k): v for k, v in self.shares.items()}, "best_step": self.best_step,
-                "best_share": self.best_share, "best_shares": self.best_shares, "last_step": self.last_step}, tensors
+                "best_shares": self.best_shares, "last_step": self.last_step}, tensors
 
     def load(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         """The inverse of ``state``."""
         self.shares = {int(k): v for k, v in state["shares"].items()}
-        self.best_step, self.best_share, self.last_step = state["best_step"], state["best_share"], state["last_step"]
-        self.best_shares = state["best_shares"]
+        self.best_step, self.best_shares, self.last_step = state["best_step"], state["best_shares"], state["last_step"]
         self.best_tensors = [tensors[str(i)] for i in range(len(self.params))] if tensors else None
 
 
