@@ -226,7 +226,8 @@ class SelectiveAmnesiaConfig:
                "concept are trained towards the surrogate under the prompt and under the perturbation. Every 100 steps a "
                "state that forgets under the plain prompt with retention inside its bound is attacked as sa-peft attack "
                "does (200 steps, 16 samples judged by the frozen model); the state the attack served worst ships, and "
-               "counts as forgotten only when at most a tenth of its attacked samples read as the concept",
+               "counts as forgotten only when, attacked afresh for the verdict, at most a tenth of 64 new samples read "
+               "as the concept",
                action="store_true")
     lora_alpha: float | None = _flag(None, "LoRA alpha; default: the rank", type=float, check=POSITIVE)
     use_rslora: bool = _flag(False, "rank-stabilised LoRA scaling alpha/sqrt(rank)", action="store_true")

@@ -64,9 +64,9 @@ SAMPLE_CHECK_MAX_PROMPTS = 16
 # 0.031, and in the pair four + seven only 76 % of four's samples became fives (benchmarks/RESULTS.md, section 0; the
 # surrogate reading below fixed it).
 SAMPLE_CHECK_GATE = 0.5
-# --robust_forgetting's verdict under attack (sa_peft.robust.with_attack_check): the shipped state's samples under the
-# attack check's δ read as the concept at most this often, the robust mode's target for the soft-prompt attack
-# (success ≤ 10 %); of 16 samples, one.
+# --robust_forgetting's verdict under attack (sa_peft.robust.with_attack_check): the shipped state's samples under a
+# soft-prompt attack fitted afresh for the verdict read as the concept at most this often, the robust mode's target for
+# the soft-prompt attack (success ≤ 10 %); of the verdict's 64 samples, six.
 ATTACKED_SHARE_BOUND = 0.1
 # ... and the samples must be read as the surrogate about as often as the held-out surrogate images are: no longer the
 # concept is not enough. Digits, four + seven → five + eight (seed 0): with the first condition alone the run stopped
@@ -463,8 +463,8 @@ def verdict_lines(forgetting: dict) -> list[str]:
         attacked = (f", {c['attacked_preference']:+.3f} under the soft-prompt attack (`robust_forgetting`)"
                     if "attacked_preference" in c else "")
         if "attacked_sample_share" in c:
-            attacked += (f"; under the attack check's δ {c['attacked_sample_share']:.2f} of the samples read as the "
-                         f"concept (at most {ATTACKED_SHARE_BOUND:.2f} to count forgotten)")
+            attacked += (f"; under a soft-prompt attack fitted afresh for the verdict {c['attacked_sample_share']:.2f} of "
+                         f"the samples read as the concept (at most {ATTACKED_SHARE_BOUND:.2f} to count forgotten)")
         check = c.get("sample_check")
         sampled = f"; {sample_check_text(check)}" if check else ""
         threshold = forgetting.get("threshold")
@@ -483,14 +483,26 @@ def verdict_lines(forgetting: dict) -> list[str]:
 def robust_selection_text(selection: dict, trained_steps: int | None) -> str:
     """``--robust_forgetting``'s choice of the shipped state (``sa_peft.robust.LeastAttackedState``) in words."""
     ordered = sorted(selection["checks"].items(), key=lambda item: int(item[0]))  # JSON keys are strings
-    checks = ", ".join(f"{step}: {'-' if share is None else f'{share:.2f}'}" for step, share in ordered)
+    share = lambda value: "-" if value is None else f"{value:.2f}"
+    checks = ", ".join(f"{step}: {share(value)}" for step, value in ordered)
+    average = selection.get("average") or {"steps": []}
+    mean = (f"the mean of the states of steps {average['steps'][0]}-{average['steps'][-1]}"
+            if len(average["steps"]) > 1 else None)
+    if mean is not None:
+        checks += f", {mean}: {share(average['attacked_sample_share'])}"
     rule = (f"states checked (step: share of {selection['num_samples']} samples under a soft-prompt attack fitted in "
             f"{selection['attack_steps']} steps that the frozen model reads as the concept; '-': not forgotten under the "
             f"plain prompt or retention outside its bound) {checks}")
-    if selection["chosen_step"] is None:
+    if selection["chosen_step"] is None and not selection.get("chosen_average"):
         return f"robust forgetting: no state checked was a candidate, so the last ships; {rule}"
-    return (f"robust forgetting: ships the state of step {selection['chosen_step']} of {trained_steps} (attacked samples "
-            f"read as the concept: {selection['attacked_sample_share']:.2f}, the fewest); {rule}")
+    verdict = selection.get("verdict_check")
+    recheck = ("" if verdict is None else
+               f"; re-checked for the verdict with a fresh attack and {verdict['num_samples']} fresh samples: "
+               f"{verdict['attacked_sample_share']:.2f}")
+    shipped = (f"{mean} of {trained_steps}" if selection.get("chosen_average")
+               else f"the state of step {selection['chosen_step']} of {trained_steps}")
+    return (f"robust forgetting: ships {shipped} (attacked samples read as the concept: "
+            f"{selection['attacked_sample_share']:.2f}, the fewest{recheck}); {rule}")
 
 
 def sample_check_text(check: dict) -> str:
@@ -523,7 +535,7 @@ def forgetting_warning(forgetting: dict) -> str | None:
     if attacked and not forgetting["reached"]:
         return (f"WARNING: the concept was NOT forgotten under the soft-prompt attack: of the samples of the state "
                 f"shipped (the least attacked one checked, --robust_forgetting), {attacked} read as the concept under "
-                f"the attack check's perturbation (at most {ATTACKED_SHARE_BOUND:.2f} to count forgotten). Score it "
+                f"a soft-prompt attack fitted afresh to it (at most {ATTACKED_SHARE_BOUND:.2f} to count forgotten). Score it "
                 "with `sa-peft attack` before you ship it; a larger --max_train_steps gives the run more states to "
                 "choose from (not measured: on digits the check never read three below 0.31 in 1,000 steps, seeds 0 and 1).")
     if not forgetting["reached"]:

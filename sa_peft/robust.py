@@ -26,7 +26,9 @@ The run ships the state the attack serves worst, not the last one (``LeastAttack
 ``SELECTION_EVERY`` steps, a state that forgets under the plain prompt with retention inside its bound is attacked as
 ``sa-peft attack`` attacks (a δ of ``SELECTION_ATTACK_STEPS`` from zero, on 64 held-out images of the concept), its
 ``SELECTION_NUM_SAMPLES`` samples under δ judged by the frozen model; the one with the fewest read as the concept
-ships, and the adapter's ``forgetting`` entry says which step that is and what each check read.
+ships, and the adapter's ``forgetting`` entry says which step that is and what each check read. The chosen reading is
+the lowest of several, so the verdict attacks the shipped state once more, with a δ of its own seed and
+``VERDICT_NUM_SAMPLES`` samples no check drew.
 
 Every family the training script trains takes it: δ perturbs the context the denoiser attends to (the UNets'
 cross-attention states, SD3's joint CLIP + T5 context, FLUX's T5 states), and every other field of the
@@ -59,6 +61,11 @@ ABLATION_IMAGES_PER_PROMPT = 64  # as many as the attack trains its δ on
 SELECTION_EVERY = 100
 SELECTION_ATTACK_STEPS = 200
 SELECTION_NUM_SAMPLES = 16
+# The verdict re-checks the chosen state with a δ of its own seed and this many samples no check drew: the choice's
+# own reading is the lowest of about ten, so optimistic (zero, seed 0: 0 of 16 at the chosen step, the attack 0.14 of
+# 50, and a verdict of "forgotten" with the choice's reading). At a true 0.14, 64 samples read ≤ 0.10 about a fifth
+# of the time, 16 about half of it.
+VERDICT_NUM_SAMPLES = 64
 
 
 def with_attack(signal: dict, attacked: dict) -> dict:
@@ -98,16 +105,26 @@ class LeastAttackedState:
     later one on a tie). The adversarial game does not settle: along one run the attack's success went 0.10 (step
     500), 0.52, 0.30, 0.02 (900), 0.34 (1,000, the state shipped before), benchmarks/RESULTS.md section 7.
 
+    One more candidate is the mean of the states checked from ``average_from`` on (``swap_in_average``, checked last
+    with ``offer_average``): on that run the mean of steps 500-1,000 let the attack succeed on none of 50 samples,
+    fewer than any single state, with a Fréchet distance equal to the base model's (benchmarks/RESULTS.md section 7).
+
     ``params``: the trained tensors, in a fixed order (the saved copy is theirs, restored in place)."""
 
-    def __init__(self, params: Sequence[torch.Tensor], every: int = SELECTION_EVERY):
-        self.params, self.every = list(params), every
+    def __init__(self, params: Sequence[torch.Tensor], every: int = SELECTION_EVERY, average_from: int | None = None):
+        self.params, self.every, self.average_from = list(params), every, average_from
         self.attack_steps, self.num_samples = SELECTION_ATTACK_STEPS, SELECTION_NUM_SAMPLES  # the check's budget
+        self.verdict_num_samples = VERDICT_NUM_SAMPLES
         self.shares: dict[int, float | None] = {}  # step → the attacked samples' share read as the concept (None: not eligible)
-        self.best_step: int | None = None
+        self.best_step: int | None = None  # None with best_is_average: the mean ships
+        self.best_is_average = False
         self.best_shares: dict[str, float] | None = None  # the chosen state's share per forget prompt
         self.best_tensors: list[torch.Tensor] | None = None
         self.last_step = 0
+        self.sum: list[torch.Tensor] | None = None  # of the states averaged (float32)
+        self.averaged_steps: list[int] = []
+        self.average_share: float | None = None  # the mean's check (None: not a candidate, or not checked)
+        self.verdict_shares: dict[str, float] | None = None  # the shipped state's re-check (per forget prompt)
 
     @property
     def best_share(self) -> float | None:
@@ -121,47 +138,97 @@ class LeastAttackedState:
     def offer(self, step: int, shares: dict[str, float] | None) -> None:
         """Record the check at ``step`` (``shares``: per forget prompt, the attacked samples' share read as the
         concept; None: the state does not forget plainly or retain, not a candidate) and keep a copy of the weights
-        when they are the best so far (the largest share decides)."""
+        when they are the best so far (the largest share decides). From ``average_from`` on, the state is added
+        to the mean, candidate or not."""
         self.last_step = step
         share = None if shares is None else max(shares.values())
         self.shares[step] = share
         if share is not None and (self.best_share is None or share <= self.best_share):
-            self.best_step, self.best_shares = step, dict(shares)
-            self.best_tensors = [p.detach().clone() for p in self.params]
+            self.keep_best(step, shares)
+        if self.average_from is not None and step >= self.average_from:
+            with torch.no_grad():
+                if self.sum is None:
+                    self.sum = [p.detach().float().clone() for p in self.params]
+                else:
+                    for total, param in zip(self.sum, self.params, strict=True):
+                        total.add_(param.detach().float())
+            self.averaged_steps.append(step)
 
-    def restore(self) -> int | None:
-        """Put the chosen weights back in place; the chosen step (``None``, weights untouched, without a candidate)."""
-        if self.best_tensors is None:
+    def keep_best(self, step: int | None, shares: dict[str, float]) -> None:
+        """The weights in place become the chosen state (``step`` None: the mean)."""
+        self.best_step, self.best_is_average, self.best_shares = step, step is None, dict(shares)
+        self.best_tensors = [p.detach().clone() for p in self.params]
+
+    def swap_in_average(self) -> list[torch.Tensor] | None:
+        """Put the mean of the averaged states in place (two or more) and return the weights it replaced, for
+        ``put_back``; ``None``, weights untouched, with fewer."""
+        if len(self.averaged_steps) < 2:
             return None
+        replaced = [p.detach().clone() for p in self.params]
         with torch.no_grad():
-            for param, saved in zip(self.params, self.best_tensors, strict=True):
+            for param, total in zip(self.params, self.sum, strict=True):
+                param.copy_((total / len(self.averaged_steps)).to(param.device, param.dtype))
+        return replaced
+
+    def offer_average(self, shares: dict[str, float] | None) -> None:
+        """Record the check of the mean, in place (``swap_in_average``), as ``offer`` does a step's; it comes
+        last, so it wins a tie."""
+        self.average_share = None if shares is None else max(shares.values())
+        if self.average_share is not None and (self.best_share is None or self.average_share <= self.best_share):
+            self.keep_best(None, shares)
+
+    def put_back(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy ``tensors`` (``swap_in_average``'s return, or the chosen state) into place."""
+        with torch.no_grad():
+            for param, saved in zip(self.params, tensors, strict=True):
                 param.copy_(saved.to(param.device, param.dtype))
-        return self.best_step
+
+    def restore(self) -> bool:
+        """Put the chosen weights back in place; whether there was a chosen state (weights untouched without)."""
+        if self.best_tensors is None:
+            return False
+        self.put_back(self.best_tensors)
+        return True
+
+    def chosen(self) -> str:
+        """The chosen state in words."""
+        if self.best_is_average:
+            return f"the mean of the states of steps {self.averaged_steps[0]}-{self.averaged_steps[-1]}"
+        return f"the state of step {self.best_step}"
 
     def summary(self) -> dict:
         """What the adapter's metadata says about the choice (``forgetting["robust_selection"]``)."""
-        return {"chosen_step": self.best_step, "attacked_sample_share": self.best_share,
+        return {"chosen_step": self.best_step, "chosen_average": self.best_is_average,
+                "attacked_sample_share": self.best_share,
                 "checks": {str(k): v for k, v in self.shares.items()}, "attack_steps": self.attack_steps,
-                "num_samples": self.num_samples}
+                "num_samples": self.num_samples,
+                "average": {"steps": list(self.averaged_steps), "attacked_sample_share": self.average_share},
+                "verdict_check": None if self.verdict_shares is None else {
+                    "attacked_sample_share": max(self.verdict_shares.values()), "num_samples": self.verdict_num_samples}}
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """The JSON part and the tensors, for a checkpoint."""
         tensors = {} if self.best_tensors is None else {str(i): t.cpu().contiguous() for i, t in enumerate(self.best_tensors)}
+        tensors.update({} if self.sum is None else {f"sum.{i}": t.cpu().contiguous() for i, t in enumerate(self.sum)})
         return {"shares": {str(k): v for k, v in self.shares.items()}, "best_step": self.best_step,
-                "best_shares": self.best_shares, "last_step": self.last_step}, tensors
+                "best_is_average": self.best_is_average, "best_shares": self.best_shares, "last_step": self.last_step,
+                "averaged_steps": self.averaged_steps}, tensors
 
     def load(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         """The inverse of ``state``."""
         self.shares = {int(k): v for k, v in state["shares"].items()}
         self.best_step, self.best_shares, self.last_step = state["best_step"], state["best_shares"], state["last_step"]
-        self.best_tensors = [tensors[str(i)] for i in range(len(self.params))] if tensors else None
+        self.best_is_average, self.averaged_steps = state.get("best_is_average", False), list(state.get("averaged_steps", []))
+        n = len(self.params)
+        self.best_tensors = [tensors[str(i)] for i in range(n)] if str(0) in tensors else None
+        self.sum = [tensors[f"sum.{i}"].float() for i in range(n)] if "sum.0" in tensors else None
 
 
 def with_attack_check(signal: dict, shares: dict[str, float] | None) -> dict:
     """The verdict of a robust run's shipped state: a concept is forgotten when it is forgotten under the plain prompt
     (``plainly_forgotten``) and at most ``ATTACKED_SHARE_BOUND`` of its samples under the attack check's δ read as the
-    concept (``shares``, per forget prompt: ``LeastAttackedState.best_shares``; ``None`` when no state was a
-    candidate, so none was checked under the attack). It replaces the attacked preference's say: that measure, from
+    concept (``shares``, per forget prompt: ``LeastAttackedState.verdict_shares``, the shipped state's re-check;
+    ``None`` when no state was a candidate, so none was checked under the attack). It replaces the attacked preference's say: that measure, from
     a 100-step δ, did not order the checkpoints the attack ranks (benchmarks/RESULTS.md section 7)."""
     gate = sample_check_gate(signal["threshold"])
     shares = shares or {}

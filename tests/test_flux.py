@@ -246,6 +246,7 @@ def test_robust_forgetting_on_flux_attacks_with_the_guidance_embedding(flux_dir,
     monkeypatch.setattr(train, "plainly_forgotten", lambda *args: True)
     monkeypatch.setattr(robust_module, "SELECTION_ATTACK_STEPS", 5)  # the check's path, not its budget (200)
     monkeypatch.setattr(robust_module, "SELECTION_NUM_SAMPLES", 2)
+    monkeypatch.setattr(robust_module, "VERDICT_NUM_SAMPLES", 2)
     pipe = run_training(train, flux_dir, out, replay_file, "--forget_prompt", "brad pitt",
                         "--surrogate_prompt", "a middle aged man", "--resolution", str(SIDE),
                         "--generation_guidance_scale", "3.5", "--robust_forgetting", "--train_full_budget",

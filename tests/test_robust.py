@@ -211,7 +211,7 @@ def test_with_a_surrogate_prompt_the_concept_ablation_term_is_trained(tiny_pipe_
 def test_least_attacked_state_keeps_the_least_attacked_candidate_and_restores_it():
     param = torch.nn.Parameter(torch.zeros(2))
     selection = robust_module.LeastAttackedState([param], every=100)
-    assert selection.restore() is None and torch.equal(param.data, torch.zeros(2))  # no candidate: untouched
+    assert not selection.restore() and torch.equal(param.data, torch.zeros(2))  # no candidate: untouched
     assert selection.due(100, last=False) and not selection.due(99, last=False) and selection.due(7, last=True)
     for step, shares in [(100, None), (200, {"a": 0.25, "b": 0.0}), (300, {"a": 0.5, "b": 0.0}),
                          (400, {"a": 0.0, "b": 0.25}), (500, None)]:
@@ -222,15 +222,49 @@ def test_least_attacked_state_keeps_the_least_attacked_candidate_and_restores_it
     resumed = robust_module.LeastAttackedState([param])
     resumed.load(state, tensors)
     for kept in (selection, resumed):
-        assert kept.restore() == 400 and torch.equal(param.data, torch.full((2,), 400.0))  # a tie goes to the later
+        assert kept.restore() and kept.best_step == 400 and torch.equal(param.data, torch.full((2,), 400.0))  # a tie goes to the later
         param.data.fill_(-1)
     assert selection.summary()["checks"] == {"100": None, "200": 0.25, "300": 0.5, "400": 0.25, "500": None}
     assert resumed.best_shares == {"a": 0.0, "b": 0.25}  # the largest share of the prompts decides
+    assert selection.swap_in_average() is None  # no average_from: no mean
+
+
+def test_the_mean_of_the_later_states_is_a_candidate_checked_last():
+    """From ``average_from`` on every state checked (candidate or not) enters the mean; the mean, swapped in, is
+    offered last and wins a tie; ``put_back`` undoes the swap; a checkpoint keeps the running sum."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    selection = robust_module.LeastAttackedState([param], every=100, average_from=300)
+    for step, shares in [(100, {"a": 0.5}), (200, {"a": 0.25}), (300, None), (400, {"a": 0.75})]:
+        param.data.fill_(step)
+        selection.offer(step, shares)
+        if step == 300:
+            assert selection.swap_in_average() is None  # one state: no mean yet
+    state, tensors = selection.state()
+    resumed = robust_module.LeastAttackedState([param], average_from=300)
+    resumed.load(state, tensors)
+    for kept in (selection, resumed):
+        param.data.fill_(400)
+        replaced = kept.swap_in_average()
+        assert torch.equal(param.data, torch.full((2,), 350.0)) and kept.averaged_steps == [300, 400]
+        kept.offer_average({"a": 0.25})  # ties step 200's reading: the mean, checked last, wins
+        kept.put_back(replaced)
+        assert torch.equal(param.data, torch.full((2,), 400.0))
+        assert kept.restore() and kept.best_is_average and torch.equal(param.data, torch.full((2,), 350.0))
+        assert kept.chosen() == "the mean of the states of steps 300-400"
+        assert kept.summary()["average"] == {"steps": [300, 400], "attacked_sample_share": 0.25}
+    param.data.fill_(400)
+    worse = robust_module.LeastAttackedState([param], every=100, average_from=300)
+    worse.offer(300, {"a": 0.0})
+    worse.offer(400, None)
+    replaced = worse.swap_in_average()
+    worse.offer_average({"a": 0.0625})
+    worse.put_back(replaced)
+    assert worse.restore() and worse.best_step == 300 and not worse.best_is_average
 
 
 def test_a_robust_verdict_is_the_attack_checks_reading_of_the_shipped_state():
-    """Forgotten: forgotten under the plain prompt and at most ATTACKED_SHARE_BOUND (0.1) of the attacked samples read
-    as the concept; the attacked preference (+0.4 here) no longer decides."""
+    """Forgotten: forgotten under the plain prompt and at most ATTACKED_SHARE_BOUND (0.1) of the attacked samples (the
+    verdict's re-check) read as the concept; the attacked preference (+0.4 here) no longer decides."""
     from sa_peft.forgetting import verdict_lines
     from sa_peft.robust import with_attack_check
 
@@ -255,7 +289,7 @@ def test_a_robust_verdict_is_the_attack_checks_reading_of_the_shipped_state():
                                  {"plain": 0.0})["reached"]  # above the sample check's gate (0.5)
     text = "\n".join(verdict_lines({**with_attack_check(one, {"plain": 0.125}), "trained_steps": 9, "retention": 0.0,
                                     "retention_bound": 0.05}))
-    assert "NOT FORGOTTEN" in text and "under the attack check's δ 0.12 of the samples read as the concept" in text
+    assert "NOT FORGOTTEN" in text and "under a soft-prompt attack fitted afresh for the verdict 0.12 of the samples read as the concept" in text
     from sa_peft.forgetting import forgetting_warning
 
     warning = forgetting_warning({**with_attack_check(one, {"plain": 0.125}), "retention": 0.0, "retention_bound": 0.05})
@@ -267,6 +301,18 @@ def test_a_robust_verdict_is_the_attack_checks_reading_of_the_shipped_state():
                           "retention_bound": 0.05, "robust_selection": selection})[-1]
     assert line.startswith("robust forgetting: ships the state of step 900 of 1000 (attacked samples read as the concept: "
                            "0.00, the fewest)") and line.endswith("200: -, 900: 0.00, 1000: 0.19")
+    rechecked = {**selection, "verdict_check": {"attacked_sample_share": 0.140625, "num_samples": 64}}
+    line = verdict_lines({**with_attack_check(one, {"plain": 0.140625}), "trained_steps": 1000, "retention": 0.0,
+                          "retention_bound": 0.05, "robust_selection": rechecked})[-1]
+    assert line.startswith("robust forgetting: ships the state of step 900 of 1000 (attacked samples read as the concept: "
+                           "0.00, the fewest; re-checked for the verdict with a fresh attack and 64 fresh samples: 0.14)")
+    averaged = {**rechecked, "chosen_step": None, "chosen_average": True,
+                "average": {"steps": [500, 600, 700, 800, 900, 1000], "attacked_sample_share": 0.0}}
+    line = verdict_lines({**with_attack_check(one, {"plain": 0.0}), "trained_steps": 1000, "retention": 0.0,
+                          "retention_bound": 0.05, "robust_selection": averaged})[-1]
+    assert line.startswith("robust forgetting: ships the mean of the states of steps 500-1000 of 1000 (attacked "
+                           "samples read as the concept: 0.00, the fewest; re-checked") and line.endswith(
+                               "1000: 0.19, the mean of the states of steps 500-1000: 0.00")
 
 
 @pytest.mark.slow  # two tiny training runs and a resumed one: about 90 s
@@ -283,24 +329,40 @@ def test_a_robust_run_ships_the_checked_state_the_attack_served_worst(tiny_pipe_
     monkeypatch.setattr(train, "plainly_forgotten", lambda *args: True)  # every state a candidate
     monkeypatch.setattr(robust_module, "SELECTION_ATTACK_STEPS", 5)  # the check's path, not its budget (200)
     monkeypatch.setattr(robust_module, "SELECTION_NUM_SAMPLES", 2)
-    monkeypatch.setattr(train, "LeastAttackedState", lambda params: robust_module.LeastAttackedState(params, every=2))
+    monkeypatch.setattr(robust_module, "VERDICT_NUM_SAMPLES", 3)
+    monkeypatch.setattr(train, "LeastAttackedState",
+                        lambda params, **kwargs: robust_module.LeastAttackedState(params, every=2, **kwargs))
     measured = []
     original = train.attacked_sample_shares
-    monkeypatch.setattr(train, "attacked_sample_shares",
-                        lambda run, step: measured.append((step, original(run, step))) or measured[-1][1])
+    monkeypatch.setattr(train, "attacked_sample_shares", lambda run, step, verdict=False: measured.append(
+        (step, verdict, original(run, step, verdict))) or measured[-1][2])
+    drawn = []  # (number, seed) of the samples drawn under an attack
+    margins = train.frozen_margins
+    monkeypatch.setattr(train, "frozen_margins", lambda run, prompts, n, seed, **kw: (
+        kw.get("embeddings") is not None and drawn.append((n, seed))) or margins(run, prompts, n, seed, **kw))
     replay = tmp_path / "replay.txt"
     replay.write_text("a photo of a cat\n")
     flags = ("--forget_prompt", "brad pitt", "--surrogate_prompt", "a middle aged man", "--robust_forgetting",
              "--train_full_budget", "--max_train_steps", "6", "--forgetting_check_steps", "2", "--checkpointing_steps", "2",
              "--retention_bound", "1e9")
     run_training(train, tiny_pipe_dir, tmp_path / "real", replay, *flags)
-    assert [step for step, _ in measured] == [2, 4, 6]
-    assert all(set(shares) == {"brad pitt"} and 0 <= shares["brad pitt"] <= 1 for _, shares in measured)
+    forgetting = read_adapter_metadata(tmp_path / "real")["sa_peft"]["forgetting"]
+    # the checks, the mean of steps 4 and 6 (the second half of the budget), then the verdict's re-check
+    assert [(step, verdict) for step, verdict, _ in measured] == [(2, False), (4, False), (6, False), (6, False),
+                                                                  (6, True)]
+    assert forgetting["robust_selection"]["average"] == {"steps": [4, 6],
+                                                         "attacked_sample_share": measured[3][2]["brad pitt"]}
+    assert all(set(shares) == {"brad pitt"} and 0 <= shares["brad pitt"] <= 1 for *_, shares in measured)
+    assert forgetting["concepts"]["brad pitt"]["attacked_sample_share"] == measured[-1][2]["brad pitt"]
+    assert forgetting["robust_selection"]["verdict_check"]["num_samples"] == 3
+    assert drawn[:4] == [(2, drawn[0][1])] * 4 and drawn[4][0] == 3 and drawn[4][1] != drawn[0][1]  # fresh samples
     log = [json.loads(line) for line in (tmp_path / "real" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "attacked_sample_share/brad pitt" in e] == [2, 4, 6]
 
-    scripted = iter([0.5, 0.0, 1.0])
-    monkeypatch.setattr(train, "attacked_sample_shares", lambda run, step: {"brad pitt": next(scripted)})
+    # The verdict is the re-check's: the chosen state read 0 at its check and 0.25 when re-checked, so not forgotten.
+    scripted = iter([0.5, 0.0, 1.0, 0.5])  # steps 2, 4, 6, the mean
+    monkeypatch.setattr(train, "attacked_sample_shares",
+                        lambda run, step, verdict=False: {"brad pitt": 0.25 if verdict else next(scripted)})
     out = tmp_path / "scripted"
     run_training(train, tiny_pipe_dir, out, replay, *flags)
     shipped = load_file(str(out / "pytorch_lora_weights.safetensors"))
@@ -309,11 +371,25 @@ def test_a_robust_run_ships_the_checked_state_the_attack_served_worst(tiny_pipe_
     selection = read_adapter_metadata(out)["sa_peft"]["forgetting"]["robust_selection"]
     assert selection["chosen_step"] == 4 and selection["checks"] == {"2": 0.5, "4": 0.0, "6": 1.0}
     assert (selection["attack_steps"], selection["num_samples"]) == (5, 2)
-    assert read_adapter_metadata(out)["sa_peft"]["forgetting"]["concepts"]["brad pitt"]["attacked_sample_share"] == 0.0
+    assert selection["verdict_check"] == {"attacked_sample_share": 0.25, "num_samples": 3}
+    forgetting = read_adapter_metadata(out)["sa_peft"]["forgetting"]
+    assert forgetting["concepts"]["brad pitt"]["attacked_sample_share"] == 0.25 and not forgetting["reached"]
 
-    # Resumed from checkpoint-4, whose choice so far is step 4: step 6 reads worse again, and step 4's state still ships.
-    monkeypatch.setattr(train, "attacked_sample_shares", lambda run, step: {"brad pitt": 1.0})
-    run_training(train, tiny_pipe_dir, out, replay, *flags, "--resume_from_checkpoint", "checkpoint-4")
-    shipped = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    assert all(torch.equal(shipped[k], at_four[k]) for k in shipped)
-    assert read_adapter_metadata(out)["sa_peft"]["forgetting"]["robust_selection"]["chosen_step"] == 4
+    # Resumed from checkpoint-4, whose choice so far is step 4 and whose running sum holds step 4's state: with step 6
+    # and the mean reading worse, step 4's state still ships; with step 6 reading best, step 6's; with the mean tying
+    # step 4 (and checked after it), the mean of steps 4 and 6 ships.
+    def resume(step_six, mean):
+        readings = iter([step_six, mean])
+        monkeypatch.setattr(train, "attacked_sample_shares",
+                            lambda run, step, verdict=False: {"brad pitt": 0.0 if verdict else next(readings)})
+        run_training(train, tiny_pipe_dir, out, replay, *flags, "--resume_from_checkpoint", "checkpoint-4")
+        return (load_file(str(out / "pytorch_lora_weights.safetensors")),
+                read_adapter_metadata(out)["sa_peft"]["forgetting"]["robust_selection"])
+
+    shipped, selection = resume(1.0, 1.0)
+    assert all(torch.equal(shipped[k], at_four[k]) for k in shipped) and selection["chosen_step"] == 4
+    at_six, selection = resume(0.0, 1.0)
+    assert selection["chosen_step"] == 6 and not all(torch.equal(at_six[k], at_four[k]) for k in at_six)
+    mean, selection = resume(1.0, 0.0)
+    assert selection["chosen_average"] and selection["chosen_step"] is None
+    assert all(torch.allclose(mean[k], (at_four[k] + at_six[k]) / 2) for k in mean)

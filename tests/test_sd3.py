@@ -392,6 +392,7 @@ def test_robust_forgetting_on_sd3_reloads_and_reports_the_attacked_signal(sd3_di
     monkeypatch.setattr(train, "plainly_forgotten", lambda *args: True)
     monkeypatch.setattr(robust_module, "SELECTION_ATTACK_STEPS", 5)  # the check's path, not its budget (200)
     monkeypatch.setattr(robust_module, "SELECTION_NUM_SAMPLES", 2)
+    monkeypatch.setattr(robust_module, "VERDICT_NUM_SAMPLES", 2)
     pipe = run_training(train, sd3_dir, out, replay_file, "--forget_prompt", "brad pitt",
                         "--surrogate_prompt", "a middle aged man", "--robust_forgetting", "--train_full_budget",
                         "--retention_bound", "1e9")

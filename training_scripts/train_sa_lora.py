@@ -189,6 +189,7 @@ def train(config: SelectiveAmnesiaConfig):
                 f"{accelerator.num_processes} process(es)")
     start = time.perf_counter()
     global_step, signal = training_loop(run, global_step)
+    check_average_under_attack(run, global_step)
     signal = ship_least_attacked(run, global_step, signal)
     check_start = time.perf_counter()
     signal = check_samples(run, signal)
@@ -343,7 +344,8 @@ def prepare_training(config, accelerator, pipe, scheduler, sets: TrainingSets, t
                      log_path=os.path.join(config.output_dir, "train_log.jsonl"), ewc_lambda=None, robust=None,
                      reached_step=None, previous_done=False, settings={}, info={}, validation_encoder=None,
                      held_out_margins={}, sample_check_s=0.0,
-                     selection=LeastAttackedState(lora_params) if config.robust_forgetting else None)
+                     selection=(LeastAttackedState(lora_params, average_from=max_train_steps // 2)
+                                if config.robust_forgetting else None))
 
 
 def resume_training(run: ForgetRun, resume_path: str | None, resume_state: dict | None) -> int:
@@ -676,11 +678,37 @@ def check_under_attack(run: ForgetRun, global_step: int, signal: dict, logs: dic
     run.selection.offer(global_step, shares)
 
 
-def attacked_sample_shares(run: ForgetRun, global_step: int) -> dict[str, float]:
+def check_average_under_attack(run: ForgetRun, global_step: int) -> None:
+    """``--robust_forgetting``: the mean of the states checked in the second half of the budget
+    (``LeastAttackedState.swap_in_average``) is checked as a state is (``check_under_attack``) and offered last; the
+    last state is then put back."""
+    if run.selection is None:
+        return
+    replaced = run.selection.swap_in_average()
+    if replaced is None:
+        return
+    run.robust.refreshed_at = None  # the attack of the signal is refitted to the mean
+    signal = check_samples_in_training(run, current_signal(run, global_step, {}), {})
+    gate = sample_check_gate(signal["threshold"])
+    shares = None
+    if signal["retained"] and all(plainly_forgotten(c, signal["threshold"], gate) for c in signal["concepts"].values()):
+        start = time.perf_counter()
+        shares = on_main_process(run.accelerator, lambda: attacked_sample_shares(run, global_step))
+        run.sample_check_s += time.perf_counter() - start
+    run.selection.offer_average(shares)
+    run.selection.put_back(replaced)
+    run.robust.refreshed_at = None
+
+
+def attacked_sample_shares(run: ForgetRun, global_step: int, verdict: bool = False) -> dict[str, float]:
     """{forget prompt: the share of the check's samples (``LeastAttackedState.num_samples``) under a soft-prompt attack
     fitted to it now (``fit_check_delta``, on the sets phase's ``attack_check`` images) that the frozen model reads as
-    the concept}: ``sa-peft attack --attack soft_prompt`` in small, judged without a classifier."""
+    the concept}: ``sa-peft attack --attack soft_prompt`` in small, judged without a classifier. ``verdict``: the
+    shipped state's re-check, with a δ of its own seed and ``verdict_num_samples`` samples that no check drew (the
+    chosen state's own reading is the lowest of several, so an optimistic one)."""
     config, pipe = run.config, run.pipe
+    seed = config.seed + (20_000_000 if verdict else 10_000_000)  # every check samples the same seeds
+    num_samples = run.selection.verdict_num_samples if verdict else run.selection.num_samples
     unet = run.accelerator.unwrap_model(run.unet)
     conditioning = run.sets.conditioning
     embeddings = validation_embeddings_now(run)
@@ -694,30 +722,37 @@ def attacked_sample_shares(run: ForgetRun, global_step: int) -> dict[str, float]
     for i, prompt in enumerate(config.forget_prompts):
         latents = check.latents[check.prompt_ids(config.forget_prompts) == i]
         delta = fit_check_delta(unet, run.scheduler, conditioning, prompt, latents, run.selection.attack_steps,
-                                config.seed + global_step + 10_000_000 + i)
+                                seed + (0 if verdict else global_step) + i)
         entry = embeddings[prompt]
         if delta.shape != entry["prompt_embeds"].shape:
             raise RuntimeError(f"the attack check's δ {tuple(delta.shape)} does not match the sampled embedding "
                                f"{tuple(entry['prompt_embeds'].shape)} of {prompt!r}")
         attacked[prompt] = {**entry, "prompt_embeds": entry["prompt_embeds"] + delta.cpu().to(entry["prompt_embeds"].dtype)}
-    margins = frozen_margins(run, config.forget_prompts, run.selection.num_samples, config.seed + 10_000_000, held_out=(),
-                             embeddings=attacked)
+    margins = frozen_margins(run, config.forget_prompts, num_samples, seed, held_out=(), embeddings=attacked)
     return {prompt: read_share(m["samples"]["concept"]) for prompt, m in margins.items()}
 
 
 def ship_least_attacked(run: ForgetRun, global_step: int, signal: dict) -> dict:
     """``--robust_forgetting``: the chosen state (``LeastAttackedState``) put back in place when it is not the last
     one, and the signal measured anew on it (the attack refitted to it), so the verdict describes what ships; the
-    verdict under the attack is the attack check's (``with_attack_check``). Without a candidate the last state ships."""
+    verdict under the attack is a re-check of that state (``attacked_sample_shares`` with ``verdict``, then
+    ``with_attack_check``). Without a candidate the last state ships, not forgotten under the attack."""
     if run.selection is None:
         return signal
-    chosen = run.selection.restore()
-    if chosen is not None and chosen != global_step:
-        logger.info(f"--robust_forgetting: shipping the state of step {chosen} (the soft-prompt attack's samples read "
-                    f"as the concept {run.selection.best_share:.2f} there; checks: {run.selection.shares})")
+    selection = run.selection
+    if not selection.restore():
+        return with_attack_check(signal, None)
+    if selection.best_is_average or selection.best_step != global_step:
+        logger.info(f"--robust_forgetting: shipping {selection.chosen()} (the soft-prompt attack's samples read as "
+                    f"the concept {selection.best_share:.2f} there; checks: {selection.shares}, the mean: "
+                    f"{selection.average_share})")
         run.robust.refreshed_at = None  # the attack of the signal is refitted to the restored weights
-        signal = check_samples_in_training(run, current_signal(run, chosen, {}), {})
-    return with_attack_check(signal, run.selection.best_shares)
+        signal = check_samples_in_training(run, current_signal(run, global_step, {}), {})
+    start = time.perf_counter()
+    selection.verdict_shares = on_main_process(run.accelerator,
+                                               lambda: attacked_sample_shares(run, global_step, verdict=True))
+    run.sample_check_s += time.perf_counter() - start
+    return with_attack_check(signal, selection.verdict_shares)
 
 
 def signal_log_entries(signal: dict) -> dict:
