@@ -537,7 +537,8 @@ def forgetting_warning(forgetting: dict) -> str | None:
                 f"shipped (the least attacked one checked, --robust_forgetting), {attacked} read as the concept under "
                 f"a soft-prompt attack fitted afresh to it (at most {ATTACKED_SHARE_BOUND:.2f} to count forgotten). Score it "
                 "with `sa-peft attack` before you ship it; a larger --max_train_steps gives the run more states to "
-                "choose from (not measured: on digits the check never read three below 0.31 in 1,000 steps, seeds 0 and 1).")
+                "choose from (digits, three: 2,000 steps shipped a state the attack succeeds on 0.10 of the time, "
+                "1,000 steps one on 0.26).")
     if not forgetting["reached"]:
         attacked = any("attacked_preference" in c for c in concepts.values())
         return ("WARNING: the concept was NOT forgotten: the adapted model still prefers its own images of "
