@@ -668,14 +668,22 @@ def check_under_attack(run: ForgetRun, global_step: int, signal: dict, logs: dic
     attacked (``attacked_sample_shares``); any other is recorded as no candidate without the attack's cost."""
     if run.selection is None or not run.selection.due(global_step, last):
         return
-    gate = sample_check_gate(signal["threshold"])
-    shares = None
-    if signal["retained"] and all(plainly_forgotten(c, signal["threshold"], gate) for c in signal["concepts"].values()):
-        start = time.perf_counter()
-        shares = on_main_process(run.accelerator, lambda: attacked_sample_shares(run, global_step))
-        run.sample_check_s += time.perf_counter() - start
+    shares = shares_if_candidate(run, global_step, signal)
+    if shares is not None:
         logs.update({f"attacked_sample_share/{p}": v for p, v in shares.items()})
     run.selection.offer(global_step, shares)
+
+
+def shares_if_candidate(run: ForgetRun, global_step: int, signal: dict) -> dict[str, float] | None:
+    """``attacked_sample_shares`` of the weights in place when they are a candidate (``signal``: forgotten under the
+    plain prompt, retention inside its bound), else ``None`` without the attack's cost."""
+    gate = sample_check_gate(signal["threshold"])
+    if not (signal["retained"] and all(plainly_forgotten(c, signal["threshold"], gate) for c in signal["concepts"].values())):
+        return None
+    start = time.perf_counter()
+    shares = on_main_process(run.accelerator, lambda: attacked_sample_shares(run, global_step))
+    run.sample_check_s += time.perf_counter() - start
+    return shares
 
 
 def check_average_under_attack(run: ForgetRun, global_step: int) -> None:
@@ -689,13 +697,7 @@ def check_average_under_attack(run: ForgetRun, global_step: int) -> None:
         return
     run.robust.refreshed_at = None  # the attack of the signal is refitted to the mean
     signal = check_samples_in_training(run, current_signal(run, global_step, {}), {})
-    gate = sample_check_gate(signal["threshold"])
-    shares = None
-    if signal["retained"] and all(plainly_forgotten(c, signal["threshold"], gate) for c in signal["concepts"].values()):
-        start = time.perf_counter()
-        shares = on_main_process(run.accelerator, lambda: attacked_sample_shares(run, global_step))
-        run.sample_check_s += time.perf_counter() - start
-    run.selection.offer_average(shares)
+    run.selection.offer_average(shares_if_candidate(run, global_step, signal))
     run.selection.put_back(replaced)
     run.robust.refreshed_at = None
 
