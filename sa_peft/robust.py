@@ -116,8 +116,7 @@ class LeastAttackedState:
         self.attack_steps, self.num_samples = SELECTION_ATTACK_STEPS, SELECTION_NUM_SAMPLES  # the check's budget
         self.verdict_num_samples = VERDICT_NUM_SAMPLES
         self.shares: dict[int, float | None] = {}  # step → the attacked samples' share read as the concept (None: not eligible)
-        self.best_step: int | None = None  # None with best_is_average: the mean ships
-        self.best_is_average = False
+        self.best_step: int | None = None  # None with a chosen state: the mean ships (best_is_average)
         self.best_shares: dict[str, float] | None = None  # the chosen state's share per forget prompt
         self.best_tensors: list[torch.Tensor] | None = None
         self.last_step = 0
@@ -130,6 +129,11 @@ class LeastAttackedState:
     def best_share(self) -> float | None:
         """The chosen state's largest share (the one that decides), ``None`` without a candidate."""
         return None if self.best_shares is None else max(self.best_shares.values())
+
+    @property
+    def best_is_average(self) -> bool:
+        """Whether the mean is the chosen state (chosen, with no step)."""
+        return self.best_shares is not None and self.best_step is None
 
     def due(self, step: int, last: bool) -> bool:
         """Whether the state at ``step`` is to be checked: ``every`` steps after the last check, and the last step."""
@@ -156,7 +160,7 @@ class LeastAttackedState:
 
     def keep_best(self, step: int | None, shares: dict[str, float]) -> None:
         """The weights in place become the chosen state (``step`` None: the mean)."""
-        self.best_step, self.best_is_average, self.best_shares = step, step is None, dict(shares)
+        self.best_step, self.best_shares = step, dict(shares)
         self.best_tensors = [p.detach().clone() for p in self.params]
 
     def swap_in_average(self) -> list[torch.Tensor] | None:
@@ -211,14 +215,14 @@ class LeastAttackedState:
         tensors = {} if self.best_tensors is None else {str(i): t.cpu().contiguous() for i, t in enumerate(self.best_tensors)}
         tensors.update({} if self.sum is None else {f"sum.{i}": t.cpu().contiguous() for i, t in enumerate(self.sum)})
         return {"shares": {str(k): v for k, v in self.shares.items()}, "best_step": self.best_step,
-                "best_is_average": self.best_is_average, "best_shares": self.best_shares, "last_step": self.last_step,
+                "best_shares": self.best_shares, "last_step": self.last_step,
                 "averaged_steps": self.averaged_steps}, tensors
 
     def load(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         """The inverse of ``state``."""
         self.shares = {int(k): v for k, v in state["shares"].items()}
         self.best_step, self.best_shares, self.last_step = state["best_step"], state["best_shares"], state["last_step"]
-        self.best_is_average, self.averaged_steps = state.get("best_is_average", False), list(state.get("averaged_steps", []))
+        self.averaged_steps = list(state.get("averaged_steps", []))
         n = len(self.params)
         self.best_tensors = [tensors[str(i)] for i in range(n)] if str(0) in tensors else None
         self.sum = [tensors[f"sum.{i}"].float() for i in range(n)] if "sum.0" in tensors else None

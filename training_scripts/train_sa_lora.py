@@ -699,7 +699,6 @@ def check_average_under_attack(run: ForgetRun, global_step: int) -> None:
     signal = check_samples_in_training(run, current_signal(run, global_step, {}), {})
     run.selection.offer_average(shares_if_candidate(run, global_step, signal))
     run.selection.put_back(replaced)
-    run.robust.refreshed_at = None
 
 
 def attacked_sample_shares(run: ForgetRun, global_step: int, verdict: bool = False) -> dict[str, float]:
