@@ -315,7 +315,7 @@ def test_a_robust_verdict_is_the_attack_checks_reading_of_the_shipped_state():
                                "1000: 0.19, the mean of the states of steps 500-1000: 0.00")
 
 
-@pytest.mark.slow  # two tiny training runs and a resumed one: about 90 s
+@pytest.mark.slow  # two tiny training runs and three resumed ones: about 80 s of CPU
 def test_a_robust_run_ships_the_checked_state_the_attack_served_worst(tiny_pipe_dir, tmp_path, monkeypatch):
     """Checks at steps 2, 4 and 6 (the last): the attacked samples read as the concept 0.5, 0 and 1 of the time, so the
     state of step 4 ships, byte-equal to checkpoint-4's, and the metadata says so. The first run measures the real
@@ -330,6 +330,9 @@ def test_a_robust_run_ships_the_checked_state_the_attack_served_worst(tiny_pipe_
     monkeypatch.setattr(robust_module, "SELECTION_ATTACK_STEPS", 5)  # the check's path, not its budget (200)
     monkeypatch.setattr(robust_module, "SELECTION_NUM_SAMPLES", 2)
     monkeypatch.setattr(robust_module, "VERDICT_NUM_SAMPLES", 3)
+    # The in-loop attacker's path, not its budget (100 Adam steps at each of 36 refits: 714 s of this test's 790)
+    monkeypatch.setattr(train, "AdversarialSoftPrompt",
+                        lambda *args, **kwargs: robust_module.AdversarialSoftPrompt(*args, attack_steps=5, **kwargs))
     monkeypatch.setattr(train, "LeastAttackedState",
                         lambda params, **kwargs: robust_module.LeastAttackedState(params, every=2, **kwargs))
     measured = []
