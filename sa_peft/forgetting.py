@@ -25,6 +25,7 @@ paired and small, and the signal at step s is comparable with the one at step 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,11 @@ SAMPLE_CHECK_GATE = 0.5
 # soft-prompt attack fitted afresh for the verdict read as the concept at most this often, the robust mode's target for
 # the soft-prompt attack (success ≤ 10 %); of the verdict's 64 samples, six.
 ATTACKED_SHARE_BOUND = 0.1
+# How sure the verdict's re-check is of a share at or under the bound: the one-sided upper confidence bound at this
+# level (``share_upper_bound``). Of 64 samples only 0-2 read as the concept bound the share under 0.10 at 90 %; the
+# digits runs that counted as forgotten read 3-5 of 64, and two of them (4 and 5 of 64) let the attack through on 7 and
+# 6 of 50 samples (benchmarks/RESULTS.md section 7), so such a verdict carries a WARNING.
+VERDICT_CONFIDENCE = 0.9
 # ... and the samples must be read as the surrogate about as often as the held-out surrogate images are: no longer the
 # concept is not enough. Digits, four + seven → five + eight (seed 0): with the first condition alone the run stopped
 # with P(four) 0.008 but only 0.76 of four's samples read as five (8 of 50 as eight, the other concept's surrogate). The
@@ -480,6 +486,26 @@ def verdict_lines(forgetting: dict) -> list[str]:
     return lines
 
 
+def share_upper_bound(count: int, num_samples: int, confidence: float = VERDICT_CONFIDENCE) -> float:
+    """The one-sided (Clopper-Pearson) upper confidence bound of a share read from ``count`` of ``num_samples``
+    samples: the largest share under which ``count`` or fewer would still be drawn ``1 - confidence`` of the time."""
+    if count >= num_samples:
+        return 1.0
+    at_most = lambda p: sum(math.comb(num_samples, i) * p ** i * (1 - p) ** (num_samples - i) for i in range(count + 1))
+    low, high = count / num_samples, 1.0
+    for _ in range(50):  # bisection: at_most falls as p grows
+        middle = (low + high) / 2
+        low, high = (middle, high) if at_most(middle) > 1 - confidence else (low, middle)
+    return high
+
+
+def recheck_bound(verdict_check: dict) -> tuple[int, float]:
+    """(samples read as the concept, ``share_upper_bound``) of the verdict's re-check (``robust_selection["verdict_check"]``,
+    its largest share over the forget prompts)."""
+    count = round(verdict_check["attacked_sample_share"] * verdict_check["num_samples"])
+    return count, share_upper_bound(count, verdict_check["num_samples"])
+
+
 def robust_selection_text(selection: dict, trained_steps: int | None) -> str:
     """``--robust_forgetting``'s choice of the shipped state (``sa_peft.robust.LeastAttackedState``) in words."""
     ordered = sorted(selection["checks"].items(), key=lambda item: int(item[0]))  # JSON keys are strings
@@ -498,7 +524,8 @@ def robust_selection_text(selection: dict, trained_steps: int | None) -> str:
     verdict = selection.get("verdict_check")
     recheck = ("" if verdict is None else
                f"; re-checked for the verdict with a fresh attack and {verdict['num_samples']} fresh samples: "
-               f"{verdict['attacked_sample_share']:.2f}")
+               f"{verdict['attacked_sample_share']:.2f}, {recheck_bound(verdict)[0]} of {verdict['num_samples']}, "
+               f"at most {recheck_bound(verdict)[1]:.2f} at {VERDICT_CONFIDENCE * 100:.0f} % confidence")
     shipped = (f"{mean} of {trained_steps}" if selection.get("chosen_average")
                else f"the state of step {selection['chosen_step']} of {trained_steps}")
     return (f"robust forgetting: ships {shipped} (attacked samples read as the concept: "
@@ -550,6 +577,14 @@ def forgetting_warning(forgetting: dict) -> str | None:
         return (f"WARNING: forgotten, but the predictions on held-out replay images drifted by "
                 f"{forgetting['retention']:.2e} (bound {forgetting['retention_bound']:.2e}): other concepts may have "
                 "changed; try a higher --replay_weight or --ewc_lambda.")
+    verdict = (forgetting.get("robust_selection") or {}).get("verdict_check")
+    if verdict is not None and recheck_bound(verdict)[1] > ATTACKED_SHARE_BOUND:
+        count, bound = recheck_bound(verdict)
+        return (f"WARNING: forgotten under the soft-prompt attack by the verdict's re-check, but too close to call: "
+                f"{count} of its {verdict['num_samples']} samples read as the concept, so the share may be up to "
+                f"{bound:.2f} at {VERDICT_CONFIDENCE * 100:.0f} % confidence, over the {ATTACKED_SHARE_BOUND:.2f} that counts as "
+                "forgotten (digits: re-checks of 4 and 5 of 64 said forgotten where the attack succeeded on 7 and 6 of "
+                "50). Score it with `sa-peft attack --attack soft_prompt --num_images 200` before you ship it.")
     lenient = [p for p, c in concepts.items() if c.get("reference") == EQUAL_LOSSES and "sample_check" not in c]
     if lenient:
         return (f"WARNING: {lenient} forgotten by the signal, but {LENIENT_NOTE}; a surrogate prompt "
