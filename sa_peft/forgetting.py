@@ -522,10 +522,12 @@ def robust_selection_text(selection: dict, trained_steps: int | None) -> str:
     if selection["chosen_step"] is None and not selection.get("chosen_average"):
         return f"robust forgetting: no state checked was a candidate, so the last ships; {rule}"
     verdict = selection.get("verdict_check")
-    recheck = ("" if verdict is None else
-               f"; re-checked for the verdict with a fresh attack and {verdict['num_samples']} fresh samples: "
-               f"{verdict['attacked_sample_share']:.2f}, {recheck_bound(verdict)[0]} of {verdict['num_samples']}, "
-               f"at most {recheck_bound(verdict)[1]:.2f} at {VERDICT_CONFIDENCE * 100:.0f} % confidence")
+    recheck = ""
+    if verdict is not None:
+        count, bound = recheck_bound(verdict)
+        recheck = (f"; re-checked for the verdict with a fresh attack and {verdict['num_samples']} fresh samples: "
+                   f"{verdict['attacked_sample_share']:.2f}, {count} of {verdict['num_samples']}, at most {bound:.2f} "
+                   f"at {VERDICT_CONFIDENCE * 100:.0f} % confidence")
     shipped = (f"{mean} of {trained_steps}" if selection.get("chosen_average")
                else f"the state of step {selection['chosen_step']} of {trained_steps}")
     return (f"robust forgetting: ships {shipped} (attacked samples read as the concept: "
@@ -578,8 +580,8 @@ def forgetting_warning(forgetting: dict) -> str | None:
                 f"{forgetting['retention']:.2e} (bound {forgetting['retention_bound']:.2e}): other concepts may have "
                 "changed; try a higher --replay_weight or --ewc_lambda.")
     verdict = (forgetting.get("robust_selection") or {}).get("verdict_check")
-    if verdict is not None and recheck_bound(verdict)[1] > ATTACKED_SHARE_BOUND:
-        count, bound = recheck_bound(verdict)
+    count, bound = (0, 0.0) if verdict is None else recheck_bound(verdict)
+    if bound > ATTACKED_SHARE_BOUND:
         return (f"WARNING: forgotten under the soft-prompt attack by the verdict's re-check, but too close to call: "
                 f"{count} of its {verdict['num_samples']} samples read as the concept, so the share may be up to "
                 f"{bound:.2f} at {VERDICT_CONFIDENCE * 100:.0f} % confidence, over the {ATTACKED_SHARE_BOUND:.2f} that counts as "
